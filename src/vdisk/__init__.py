@@ -1,0 +1,63 @@
+"""vdisk: a Python virtual-disk stack.
+
+The front door: ``open()`` an image as a BlockDevice (probing its format) and ``create()`` one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .block import BlockDevice, Extent
+from .errors import VdiskError
+
+__all__ = ["BlockDevice", "Extent", "VdiskError", "create", "open", "probe_format"]
+__version__ = "0.1.0"
+
+QCOW2_MAGIC = b"QFI\xfb"
+FORMATS = ("qcow2", "raw")
+
+
+def probe_format(path: str) -> str:
+    """Return 'qcow2' or 'raw' from the file's first bytes."""
+    import builtins
+
+    from .errors import from_oserror
+
+    try:
+        with builtins.open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    return "qcow2" if magic == QCOW2_MAGIC else "raw"
+
+
+def open(
+    path: str, format: str | None = None, readonly: bool = False, **options: Any
+) -> BlockDevice:
+    """Open an image as a BlockDevice. ``format`` None probes it; options go to the format."""
+    fmt = format or probe_format(path)
+    if fmt == "qcow2":
+        from .qcow2 import Qcow2Image
+
+        return Qcow2Image.open(path, readonly=readonly, **options)
+    if fmt == "raw":
+        from .backends.raw import RawDevice
+
+        return RawDevice(path, readonly=readonly, **options)
+    raise VdiskError(f"unknown image format {fmt!r} (known: {', '.join(FORMATS)})", path=path)
+
+
+def create(path: str, size: int, format: str = "qcow2", **options: Any) -> None:
+    """Create an image file. Options are qemu-img's ``-o`` options for the format."""
+    if format == "qcow2":
+        from .qcow2 import create as create_qcow2
+
+        create_qcow2(path, size, **options)
+    elif format == "raw":
+        from .backends.raw import create_raw
+
+        create_raw(path, size, **options)
+    else:
+        raise VdiskError(
+            f"unknown image format {format!r} (known: {', '.join(FORMATS)})", path=path
+        )

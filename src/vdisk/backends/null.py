@@ -1,0 +1,36 @@
+"""A device that discards writes and reads zeros: for measuring the export path alone."""
+
+from __future__ import annotations
+
+from typing_extensions import Buffer
+
+from ..block import BlockDeviceBase, Extent
+
+
+class NullDevice(BlockDeviceBase):
+    def __init__(self, size: int, readonly: bool = False, name: str = "null") -> None:
+        super().__init__(size, readonly, name)
+
+    def readinto(self, buf: Buffer, offset: int) -> int:
+        view = memoryview(buf).cast("B")
+        self.check_request(offset, len(view))
+        view[:] = bytes(len(view))
+        return len(view)
+
+    def write(self, buf: Buffer, offset: int, fua: bool = False) -> int:
+        n = memoryview(buf).nbytes
+        self.check_request(offset, n, write=True)
+        return n
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.check_request(offset, length, write=True)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.check_request(offset, length, write=True)
+
+    def flush(self) -> None:
+        pass
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        self.check_request(offset, length)
+        return [Extent(offset, length, data=False, zero=True, present=False)]

@@ -1,0 +1,190 @@
+"""The one seam: the BlockDevice protocol every image and backend implements.
+
+Exports (convert, NBD, ublk) consume only this protocol; they never learn which format they
+serve. ``BlockDeviceBase`` gives implementations the shared bookkeeping: range checks, read-only
+and closed state, context management and a default ``pread``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, Self, runtime_checkable
+
+import numpy as np
+from typing_extensions import Buffer
+
+from .errors import ClosedError, ReadOnlyError, RequestError
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One run of a device with uniform status, as ``qemu-img map`` reports it.
+
+    ``present``: allocated somewhere in the chain (False: a hole that reads as zeros).
+    ``data``: reading returns stored data (False: reads as zeros without touching data).
+    ``zero``: known to read as zeros.
+    ``depth``: 0 for this image, 1 for its backing file, ...; for a hole, the chain length.
+    ``host_offset``: where the data lives in the file at that depth, where that is meaningful.
+    """
+
+    offset: int
+    length: int
+    data: bool
+    zero: bool
+    present: bool = True
+    depth: int = 0
+    host_offset: int | None = None
+    compressed: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def same_status(self, other: Extent) -> bool:
+        """True when two adjacent extents can merge (ignoring host offsets)."""
+        return (
+            self.data == other.data
+            and self.zero == other.zero
+            and self.present == other.present
+            and self.depth == other.depth
+            and self.compressed == other.compressed
+        )
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    """A byte-addressed block device. All offsets and lengths are in bytes.
+
+    Implementations are thread-safe: any number of threads may call any method at once.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def readonly(self) -> bool: ...
+
+    def readinto(self, buf: Buffer, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; returns len(buf). Reads past the end are an error."""
+        ...
+
+    def write(self, buf: Buffer, offset: int, fua: bool = False) -> int:
+        """Write ``buf`` at ``offset``; with ``fua`` it is durable on return. Returns len(buf)."""
+        ...
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Make the range read as zeros; ``may_unmap`` allows deallocating it."""
+        ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """Hint that the range is unused; afterwards it may read as zeros or as old data."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable."""
+        ...
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents covering [offset, offset+length), adjacent ones of equal status merged."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class BlockDeviceBase:
+    """Shared state and checks for BlockDevice implementations."""
+
+    #: Smallest unit the device tracks allocation in (used for block-status granularity).
+    granularity: int = 512
+
+    def __init__(self, size: int, readonly: bool, name: str) -> None:
+        self._size = size
+        self._readonly = readonly
+        self._closed = False
+        self.name = name
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_request(self, offset: int, length: int, write: bool = False) -> None:
+        """Raise unless [offset, offset+length) lies in the device (and it is writable)."""
+        if self._closed:
+            raise ClosedError("device is closed", path=self.name)
+        if write and self._readonly:
+            raise ReadOnlyError("device is read-only", path=self.name)
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise RequestError(
+                f"request [{offset}, {offset + length}) is outside the device (size {self._size})",
+                path=self.name,
+            )
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` into a new bytes object."""
+        buf = bytearray(length)
+        self.readinto(buf, offset)  # type: ignore[attr-defined]
+        return bytes(buf)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} size={self._size}>"
+
+
+def merge_extents(extents: Iterator[Extent] | list[Extent]) -> list[Extent]:
+    """Merge adjacent extents of equal status; host offsets merge only when contiguous."""
+    merged: list[Extent] = []
+    for ext in extents:
+        if ext.length == 0:
+            continue
+        if merged:
+            last = merged[-1]
+            contiguous_host = (last.host_offset is None and ext.host_offset is None) or (
+                last.host_offset is not None
+                and ext.host_offset is not None
+                and last.host_offset + last.length == ext.host_offset
+            )
+            if last.end == ext.offset and last.same_status(ext) and contiguous_host:
+                merged[-1] = Extent(
+                    last.offset,
+                    last.length + ext.length,
+                    last.data,
+                    last.zero,
+                    last.present,
+                    last.depth,
+                    last.host_offset,
+                    last.compressed,
+                )
+                continue
+        merged.append(ext)
+    return merged
+
+
+def is_zero(buf: Buffer) -> bool:
+    """True if every byte of ``buf`` is zero (for detect-zeroes and convert)."""
+    view = memoryview(buf).cast("B")
+    if not view:
+        return True
+    if view[0] or view[-1]:
+        return False
+    return not np.frombuffer(view, dtype=np.uint8).any()

@@ -1,0 +1,7 @@
+"""`vdisk nbd` commands (to be built)."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []
