@@ -1,0 +1,10 @@
+"""NBD: a server exporting any BlockDevice, and a small client.
+
+``vdisk.nbd.serve(device_or_exports, ...)`` is the library entry point; see server.py.
+"""
+
+from __future__ import annotations
+
+from .server import BitmapSource, Export, NbdServer, serve
+
+__all__ = ["BitmapSource", "Export", "NbdServer", "serve"]
