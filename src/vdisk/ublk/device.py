@@ -1,0 +1,548 @@
+"""A ublk device: its lifecycle, its parameters and its queues.
+
+    dev = Device.create(backend, UblkParams(queues=2))   # ADD_DEV + SET_PARAMS
+    dev.start()                                          # queues FETCH every tag, START_DEV
+    ...                                                  # /dev/ublkbN serves the backend
+    dev.stop()                                           # STOP_DEV while serving, queues drain
+    dev.close()                                          # close /dev/ublkcN, DEL_DEV
+
+``close()`` does whatever of stop/close is still needed and is idempotent, so a ``with`` block
+or a signal handler can always call it. After a crash of the server (kill -9) a device created
+with ``user_recovery`` stays, quiesced; ``Device.recover(dev_id, backend)`` reattaches it.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import logging
+import logging.handlers
+import os
+import queue as queue_mod
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Self
+
+from ..block import BlockDevice
+from ..metrics import IoMetrics, register, unregister
+from . import uapi
+from .control import Control, encoded_mode
+from .errors import UblkError
+from .queue import Queue
+
+log = logging.getLogger("vdisk.ublk")
+
+#: below 4 GiB so that a whole request still fits the kernel's 32-bit byte counts
+MAX_DISCARD_BYTES = (1 << 32) - (1 << 20)
+DEVICE_APPEAR_TIMEOUT = 10.0
+QUEUE_READY_TIMEOUT = 30.0
+QUEUE_EXIT_TIMEOUT = 30.0
+
+
+def run_dir() -> str:
+    """Where servers leave a note per device (backing file, pid) for list and recover."""
+    return os.environ.get("VDISK_UBLK_RUN_DIR", "/run/vdisk-ublk")
+
+
+def read_note(dev_id: int) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(run_dir(), f"{dev_id}.json")) as f:
+            note: dict[str, Any] = json.load(f)
+            return note
+    except (OSError, ValueError):
+        return None
+
+
+class DeviceState(enum.Enum):
+    CREATED = "created"  # added and parameterised, not serving
+    LIVE = "live"  # serving I/O
+    STOPPED = "stopped"  # stopped, queues gone, still registered with the driver
+    CLOSED = "closed"  # deleted from the driver
+    FAILED = "failed"  # a queue died; close() cleans up
+
+
+@dataclass
+class UblkParams:
+    """What the device looks like to the kernel. Sizes in bytes."""
+
+    queues: int = 1
+    depth: int = 128
+    max_io_buf_bytes: int = 512 << 10
+    logical_block_size: int = 512
+    physical_block_size: int = 4096
+    io_min: int | None = None  # defaults to the logical block size
+    io_opt: int | None = None  # defaults to the physical block size
+    max_sectors: int | None = None  # defaults to max_io_buf_bytes / 512
+    discard: bool = True
+    discard_granularity: int = 4096
+    max_discard_bytes: int = MAX_DISCARD_BYTES
+    max_write_zeroes_bytes: int = MAX_DISCARD_BYTES
+    volatile_cache: bool = True
+    fua: bool = True
+    readonly: bool | None = None  # None: as the backend
+    rotational: bool = False
+    dev_id: int = -1  # -1: the kernel picks
+    user_recovery: bool = False
+    need_get_data: bool = False
+    size: int | None = None  # None: the backend's size
+
+    def validate(self, size: int) -> None:
+        """Refuse nonsense with a one-line error before the kernel sees it."""
+
+        def bad(detail: str) -> UblkError:
+            return UblkError(errno.EINVAL, "invalid parameters", detail)
+
+        if not 1 <= self.queues <= uapi.UBLK_MAX_NR_QUEUES:
+            raise bad(f"queues must be 1..{uapi.UBLK_MAX_NR_QUEUES}, not {self.queues}")
+        if not 1 <= self.depth <= uapi.UBLK_MAX_QUEUE_DEPTH:
+            raise bad(f"depth must be 1..{uapi.UBLK_MAX_QUEUE_DEPTH}, not {self.depth}")
+        for name in ("logical_block_size", "physical_block_size"):
+            value = getattr(self, name)
+            if value < 512 or value & (value - 1) or value > 65536:
+                raise bad(f"{name} must be a power of two from 512 to 64k, not {value}")
+        if self.logical_block_size > 4096:
+            raise bad("logical_block_size above the page size (4096) is not supported")
+        if self.physical_block_size < self.logical_block_size:
+            raise bad("physical_block_size is smaller than logical_block_size")
+        buf = self.max_io_buf_bytes
+        if buf < 4096 or buf % 4096 or buf > (32 << 20):
+            raise bad(f"max_io_buf_bytes must be a multiple of 4096 up to 32M, not {buf}")
+        if self.max_sectors is not None and not 1 <= self.max_sectors <= buf >> 9:
+            raise bad(f"max_sectors must be 1..{buf >> 9} (max_io_buf_bytes/512)")
+        if size <= 0:
+            raise bad(f"device size must be positive, not {size}")
+        if size % self.logical_block_size:
+            raise bad(f"size {size} is not a multiple of the {self.logical_block_size}-byte block")
+        if self.dev_id < -1 or self.dev_id >= 1 << 20:
+            raise bad(f"device id must be 0..{(1 << 20) - 1} or -1, not {self.dev_id}")
+        if self.discard and (
+            self.discard_granularity < self.logical_block_size
+            or self.discard_granularity & (self.discard_granularity - 1)
+        ):
+            raise bad("discard_granularity must be a power of two >= the logical block size")
+
+    def to_uapi(self, size: int, readonly: bool) -> uapi.Params:
+        attrs = 0
+        if readonly:
+            attrs |= uapi.UBLK_ATTR_READ_ONLY
+        if self.rotational:
+            attrs |= uapi.UBLK_ATTR_ROTATIONAL
+        if self.volatile_cache:
+            attrs |= uapi.UBLK_ATTR_VOLATILE_CACHE
+            if self.fua:
+                attrs |= uapi.UBLK_ATTR_FUA
+        basic = uapi.ParamBasic(
+            attrs=attrs,
+            logical_bs_shift=self.logical_block_size.bit_length() - 1,
+            physical_bs_shift=self.physical_block_size.bit_length() - 1,
+            io_opt_shift=(self.io_opt or self.physical_block_size).bit_length() - 1,
+            io_min_shift=(self.io_min or self.logical_block_size).bit_length() - 1,
+            max_sectors=self.max_sectors or self.max_io_buf_bytes >> 9,
+            dev_sectors=size >> 9,
+        )
+        params = uapi.Params(types=uapi.UBLK_PARAM_TYPE_BASIC, basic=basic)
+        if self.discard and not readonly:
+            params.types |= uapi.UBLK_PARAM_TYPE_DISCARD
+            params.discard = uapi.ParamDiscard(
+                discard_alignment=0,
+                discard_granularity=self.discard_granularity,
+                max_discard_sectors=min(self.max_discard_bytes, MAX_DISCARD_BYTES) >> 9,
+                max_write_zeroes_sectors=min(self.max_write_zeroes_bytes, MAX_DISCARD_BYTES) >> 9,
+                max_discard_segments=1,
+            )
+        return params
+
+
+class _IoLogging:
+    """Route vdisk.ublk.io records through a QueueHandler so queue threads never block on a
+    slow log sink; a QueueListener thread does the writing."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _listener: logging.handlers.QueueListener | None = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            cls._users += 1
+            if cls._listener is not None:
+                return
+            logger = logging.getLogger("vdisk.ublk.io")
+            handlers = logging.getLogger().handlers
+            if not handlers:
+                return  # nothing to write to: records go to the last-resort handler
+            q: queue_mod.SimpleQueue[logging.LogRecord] = queue_mod.SimpleQueue()
+            logger.addHandler(logging.handlers.QueueHandler(q))
+            logger.propagate = False
+            cls._listener = logging.handlers.QueueListener(
+                q, *handlers, respect_handler_level=True
+            )
+            cls._listener.start()
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0 and cls._listener is not None:
+                cls._listener.stop()
+                cls._listener = None
+                logger = logging.getLogger("vdisk.ublk.io")
+                for h in list(logger.handlers):
+                    logger.removeHandler(h)
+                logger.propagate = True
+
+
+class Device:
+    """One ublk device serving a BlockDevice."""
+
+    def __init__(
+        self,
+        control: Control,
+        info: uapi.DevInfo,
+        backend: BlockDevice,
+        params: UblkParams,
+        size: int,
+        metrics: IoMetrics | None,
+        owns_control: bool,
+        note: dict[str, Any] | None,
+    ) -> None:
+        self.control = control
+        self.info = info
+        self.backend = backend
+        self.params = params
+        self.size = size
+        self.metrics = metrics
+        self.state = DeviceState.CREATED
+        self.queues: list[Queue] = []
+        self._owns_control = owns_control
+        self._note = note
+        self._cdev_fd: int | None = None
+        self._lock = threading.RLock()
+        self._exited = threading.Event()
+        self._stop_requested = threading.Event()
+        self._logging = False
+
+    # -- identity -----------------------------------------------------------------------
+
+    @property
+    def dev_id(self) -> int:
+        return self.info.dev_id
+
+    @property
+    def char_path(self) -> str:
+        return f"/dev/ublkc{self.dev_id}"
+
+    @property
+    def block_path(self) -> str:
+        return f"/dev/ublkb{self.dev_id}"
+
+    def __repr__(self) -> str:
+        return f"<Device {self.block_path} {self.state.value} size={self.size}>"
+
+    # -- creation -----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        backend: BlockDevice,
+        params: UblkParams | None = None,
+        *,
+        control: Control | None = None,
+        metrics: bool | IoMetrics = True,
+        note: dict[str, Any] | None = None,
+    ) -> Device:
+        """ADD_DEV and SET_PARAMS: the device exists (as /dev/ublkcN) but does not serve yet.
+
+        ``note`` (e.g. the backing file and type) is saved under run_dir() for ``list`` and
+        ``recover``.
+        """
+        params = params or UblkParams()
+        size = params.size if params.size is not None else backend.size
+        params.validate(size)
+        if size > backend.size:
+            raise UblkError(errno.EINVAL, "invalid parameters",
+                            f"size {size} exceeds the backend's {backend.size} bytes")
+        readonly = backend.readonly if params.readonly is None else params.readonly
+        if backend.readonly and not readonly:
+            raise UblkError(errno.EROFS, "invalid parameters",
+                            "the backend is read-only; the device must be too")
+        owns = control is None
+        ctl = control or Control()
+        flags = 0
+        if params.user_recovery:
+            flags |= uapi.UBLK_F_USER_RECOVERY
+        if params.need_get_data:
+            flags |= uapi.UBLK_F_NEED_GET_DATA
+        want = uapi.DevInfo(
+            nr_hw_queues=params.queues,
+            queue_depth=params.depth,
+            max_io_buf_bytes=params.max_io_buf_bytes,
+            dev_id=params.dev_id,
+            flags=flags,
+        )
+        try:
+            info = ctl.add_dev(want)
+        except UblkError as exc:
+            if owns:
+                ctl.close()
+            if exc.errno == errno.EEXIST:
+                raise UblkError(errno.EEXIST, "ADD_DEV", f"device {params.dev_id} already exists") from None
+            if exc.errno == errno.EINVAL:
+                raise UblkError(
+                    errno.EINVAL, "ADD_DEV",
+                    f"the kernel refused {params.queues} queue(s) of depth {params.depth} "
+                    f"(at most {os.cpu_count()} queues here)",
+                ) from None
+            raise
+        info.dev_id = info.dev_id & 0xFFFFFFFF
+        if metrics is True:
+            metrics_obj: IoMetrics | None = IoMetrics(f"ublkb{info.dev_id}")
+        elif metrics is False:
+            metrics_obj = None
+        else:
+            metrics_obj = metrics
+        dev = cls(ctl, info, backend, params, size, metrics_obj, owns, note)
+        try:
+            ctl.set_params(info.dev_id, params.to_uapi(size, readonly))
+        except BaseException:
+            dev.close()
+            raise
+        if metrics_obj is not None:
+            register(metrics_obj)
+        return dev
+
+    @classmethod
+    def recover(
+        cls,
+        dev_id: int,
+        backend: BlockDevice,
+        *,
+        control: Control | None = None,
+        metrics: bool | IoMetrics = True,
+        note: dict[str, Any] | None = None,
+        timeout: float = 30.0,
+    ) -> Device:
+        """Reattach a device whose server died (it needs UBLK_F_USER_RECOVERY); returns it live."""
+        owns = control is None
+        ctl = control or Control()
+        try:
+            info = ctl.get_dev_info(dev_id)
+            if not info.flags & uapi.UBLK_F_USER_RECOVERY:
+                raise UblkError(errno.EINVAL, f"recover ublk{dev_id}",
+                                "the device was not created with user recovery")
+            params = ctl.get_params(dev_id)
+            size = params.basic.dev_sectors << 9
+            if size > backend.size:
+                raise UblkError(errno.EINVAL, f"recover ublk{dev_id}",
+                                f"backend has {backend.size} bytes, the device {size}")
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    ctl.start_user_recovery(dev_id)
+                    break
+                except UblkError as exc:
+                    # The old server's files are still being released, or the driver has not
+                    # noticed its death yet.
+                    if exc.errno not in (errno.EBUSY, errno.EINVAL) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            info = ctl.get_dev_info(dev_id)
+        except BaseException:
+            if owns:
+                ctl.close()
+            raise
+        up = UblkParams(
+            queues=info.nr_hw_queues,
+            depth=info.queue_depth,
+            max_io_buf_bytes=info.max_io_buf_bytes,
+            dev_id=dev_id,
+            user_recovery=True,
+            need_get_data=bool(info.flags & uapi.UBLK_F_NEED_GET_DATA),
+            size=size,
+        )
+        if metrics is True:
+            metrics_obj: IoMetrics | None = IoMetrics(f"ublkb{dev_id}")
+        else:
+            metrics_obj = metrics or None
+        dev = cls(ctl, info, backend, up, size, metrics_obj, owns, note)
+        if metrics_obj is not None:
+            register(metrics_obj)
+        try:
+            dev._start_queues()
+            ctl.end_user_recovery(dev_id, os.getpid())
+        except BaseException:
+            dev.state = DeviceState.FAILED
+            dev.close()
+            raise
+        dev.state = DeviceState.LIVE
+        dev._write_note()
+        return dev
+
+    # -- serving ------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Serve: queues fetch every tag, then START_DEV. Returns the block device path."""
+        with self._lock:
+            if self.state is not DeviceState.CREATED:
+                raise UblkError(errno.EINVAL, "start", f"device is {self.state.value}")
+            try:
+                self._start_queues()
+                self.control.start_dev(self.dev_id, os.getpid())
+            except BaseException:
+                self.state = DeviceState.FAILED
+                self.close()
+                raise
+            self.state = DeviceState.LIVE
+            self._write_note()
+        _wait_for_path(self.block_path, DEVICE_APPEAR_TIMEOUT)
+        return self.block_path
+
+    def _start_queues(self) -> None:
+        _wait_for_path(self.char_path, DEVICE_APPEAR_TIMEOUT)
+        try:
+            self._cdev_fd = os.open(self.char_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UblkError(exc.errno or errno.EIO, f"open {self.char_path}") from None
+        if not self._logging:
+            _IoLogging.acquire()
+            self._logging = True
+        backing_fd = _async_fd(self.backend)
+        for q_id in range(self.info.nr_hw_queues):
+            q = Queue(q_id, self._cdev_fd, self.info, self.backend, self.metrics,
+                      bool(encoded_mode()), backing_fd, self._queue_exited)
+            self.queues.append(q)
+            q.start()
+        deadline = time.monotonic() + QUEUE_READY_TIMEOUT
+        for q in self.queues:
+            q.ready.wait(max(deadline - time.monotonic(), 0))
+            if q.error is not None:
+                raise q.error
+            if not q.ready.is_set():
+                raise UblkError(errno.ETIMEDOUT, f"queue {q.q_id} setup")
+
+    def _queue_exited(self, q: Queue) -> None:
+        if q.error is not None and self.state is DeviceState.LIVE:
+            self.state = DeviceState.FAILED
+        if all(not other.is_alive() or other is q for other in self.queues):
+            self._exited.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the device stops serving (stopped here, deleted from outside, or a queue
+        failed). Returns False on timeout."""
+        if not self.queues:
+            return True
+        return self._exited.wait(timeout)
+
+    def serve_forever(self) -> None:
+        """Serve until SIGINT/SIGTERM or until the device is stopped from outside; then close."""
+        self.install_signal_handlers()
+        try:
+            while not self._stop_requested.is_set() and not self.wait(0.5):
+                pass
+        finally:
+            self.close()
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM request an orderly close (main thread only)."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._stop_requested.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """STOP_DEV while the queues still serve (so the kernel can drain), then wait for them
+        to see every tag aborted."""
+        with self._lock:
+            if self.state in (DeviceState.LIVE, DeviceState.FAILED):
+                try:
+                    self.control.stop_dev(self.dev_id)
+                except UblkError as exc:
+                    if exc.errno != errno.ENODEV:
+                        log.warning("%s", exc)
+            self._join_queues()
+            if self.state in (DeviceState.LIVE, DeviceState.FAILED):
+                self.state = DeviceState.STOPPED
+
+    def _join_queues(self) -> None:
+        deadline = time.monotonic() + QUEUE_EXIT_TIMEOUT
+        for q in self.queues:
+            q.stopping = True
+            q.join(max(deadline - time.monotonic(), 0))
+            if q.is_alive():
+                log.warning("queue %d of %s did not exit", q.q_id, self.block_path)
+
+    def close(self) -> None:
+        """Stop if serving, close /dev/ublkcN, DEL_DEV. Idempotent."""
+        with self._lock:
+            if self.state is DeviceState.CLOSED:
+                return
+            self.stop()
+            if self._cdev_fd is not None and not any(q.is_alive() for q in self.queues):
+                os.close(self._cdev_fd)
+                self._cdev_fd = None
+            if self._cdev_fd is None:
+                try:
+                    self.control.del_dev(self.dev_id)
+                except UblkError as exc:
+                    if exc.errno != errno.ENODEV:
+                        raise
+            self.state = DeviceState.CLOSED
+            self._remove_note()
+            if self.metrics is not None:
+                unregister(self.metrics)
+            if self._logging:
+                _IoLogging.release()
+                self._logging = False
+            if self._owns_control:
+                self.control.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- notes for list/recover ---------------------------------------------------------
+
+    def _write_note(self) -> None:
+        note = dict(self._note or {})
+        note.update(dev_id=self.dev_id, pid=os.getpid(), size=self.size)
+        try:
+            os.makedirs(run_dir(), exist_ok=True)
+            path = os.path.join(run_dir(), f"{self.dev_id}.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(note, f)
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.debug("cannot write the device note: %s", exc)
+
+    def _remove_note(self) -> None:
+        try:
+            os.unlink(os.path.join(run_dir(), f"{self.dev_id}.json"))
+        except OSError:
+            pass
+
+
+def _async_fd(backend: BlockDevice) -> int | None:
+    """The fd of a raw-file backend, whose I/O the queues then run through io_uring."""
+    from ..backends.raw import RawDevice
+
+    if type(backend) is RawDevice:
+        return backend.fd
+    return None
+
+
+def _wait_for_path(path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise UblkError(errno.ENOENT, f"wait for {path}", "the device node did not appear")
+        time.sleep(0.01)
