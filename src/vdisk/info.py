@@ -1,0 +1,372 @@
+"""``qemu-img info`` data built from a device, and its two renderings (human and JSON).
+
+The data is a plain dict keyed exactly as QEMU's ``ImageInfo`` QAPI type (``virtual-size``,
+``format-specific``...), so the JSON rendering is just a dump. QEMU stores that object in a hash
+table (QDict: 512 buckets, ``tdb_hash`` of the key, newest entry first within a bucket) and both
+renderings walk it in bucket order; we sort keys the same way so that our output matches
+``qemu-img info`` byte for byte, not just field for field.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .block import BlockDevice
+from .errors import BackingChainError, VdiskError, from_oserror
+from .sizes import format_size
+
+Info = dict[str, Any]
+
+_QDICT_BUCKETS = 512
+
+#: Incompatible / compatible / autoclear feature bits the info output reports (qcow2 spec).
+_INCOMPAT_DIRTY = 1 << 0
+_INCOMPAT_CORRUPT = 1 << 1
+_INCOMPAT_EXTL2 = 1 << 4
+_COMPAT_LAZY_REFCOUNTS = 1 << 0
+_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+_COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
+
+
+def _tdb_hash(key: str) -> int:
+    """QEMU's QDict bucket hash (the old TDB hash), in 32-bit unsigned arithmetic."""
+    data = key.encode()
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, byte in enumerate(data):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qdict_order(d: dict[str, Any]) -> list[str]:
+    """Keys of ``d`` in the order QEMU iterates a QDict built by inserting them in dict order.
+
+    Within a bucket QEMU inserts at the head, so later insertions come first.
+    """
+    index = {key: i for i, key in enumerate(d)}
+    return sorted(d, key=lambda k: (_tdb_hash(k) % _QDICT_BUCKETS, -index[k]))
+
+
+def _json_string(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        cp = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\b":
+            out.append("\\b")
+        elif ch == "\f":
+            out.append("\\f")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif cp < 0x20 or cp >= 0x7F:
+            # QEMU escapes everything outside printable ASCII, as UTF-16 code units.
+            if cp >= 0x10000:
+                cp -= 0x10000
+                out.append(f"\\u{0xD800 | (cp >> 10):04X}\\u{0xDC00 | (cp & 0x3FF):04X}")
+            else:
+                out.append(f"\\u{cp:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def to_json(obj: Any, indent: int = 0) -> str:
+    """Pretty JSON as QEMU's qobject_to_json_pretty writes it (4-space indent, QDict order)."""
+    pad = " " * (4 * (indent + 1))
+    end = " " * (4 * indent)
+    if isinstance(obj, bool):
+        return "true" if obj else "false"
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, str):
+        return _json_string(obj)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{pad}{_json_string(k)}: {to_json(obj[k], indent + 1)}" for k in qdict_order(obj)]
+        return "{\n" + ",\n".join(items) + "\n" + end + "}"
+    if isinstance(obj, list):
+        if not obj:
+            return "[]"
+        items = [f"{pad}{to_json(v, indent + 1)}" for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + end + "]"
+    raise TypeError(f"cannot render {type(obj).__name__} as QEMU JSON")
+
+
+def _dump_value(value: Any, indent: int, out: list[str]) -> None:
+    if isinstance(value, dict):
+        for key in qdict_order(value):
+            _dump_entry(key.replace("-", " "), value[key], indent, out)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _dump_entry(f"[{i}]", item, indent, out)
+    elif isinstance(value, bool):
+        out.append("true" if value else "false")
+    else:
+        out.append(str(value))
+
+
+def _dump_entry(label: str, value: Any, indent: int, out: list[str]) -> None:
+    composite = isinstance(value, dict | list)
+    out.append(f"{' ' * (4 * indent)}{label}:{chr(10) if composite else ' '}")
+    _dump_value(value, indent + 1, out)
+    if not composite:
+        out.append("\n")
+
+
+def _snapshot_line(sn: Info | None) -> str:
+    if sn is None:
+        return f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+    date = datetime.datetime.fromtimestamp(sn["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
+    clock_ns = sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"]
+    secs = clock_ns // 1_000_000_000
+    clock = (
+        f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}."
+        f"{(clock_ns // 1_000_000) % 1000:03d}"
+    )
+    icount = str(sn["icount"]) if "icount" in sn else ""
+    return (
+        f"{sn['id']:<9} {sn['name']:<16} {format_size(sn['vm-state-size']):>8}"
+        f"{date:>20}{clock:>13}{icount:>11}"
+    )
+
+
+def to_human(info: Info) -> str:
+    """One image's block of ``qemu-img info`` human output (ends with a newline)."""
+    actual = info.get("actual-size")
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        f"disk size: {'unavailable' if actual is None else format_size(actual)}",
+    ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+    if "backing-filename-format" in info:
+        lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append(_snapshot_line(None))
+        lines.extend(_snapshot_line(sn) for sn in info["snapshots"])
+    text = "\n".join(lines) + "\n"
+    if "format-specific" in info:
+        out: list[str] = []
+        _dump_value(info["format-specific"]["data"], 1, out)
+        text += "Format specific information:\n" + "".join(out)
+    return text
+
+
+def render(infos: list[Info], output: str, chain: bool) -> str:
+    """The whole ``qemu-img info`` output for one image (or its chain with ``chain``)."""
+    if output == "json":
+        return to_json(infos if chain else infos[0]) + "\n"
+    return "\n".join(to_human(info) for info in infos)
+
+
+# -- building the data -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Qcow2Facts:
+    """What info needs from an open qcow2 image, gathered in one place."""
+
+    version: int
+    cluster_size: int
+    refcount_bits: int
+    incompatible: int
+    compatible: int
+    autoclear: int
+    compression_type: int
+    encrypted: bool
+    backing_file: str | None
+    backing_format: str | None
+    data_file: str | None
+    snapshots: list[Info]
+
+
+def _attr(obj: object, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+def _qcow2_facts(image: object) -> _Qcow2Facts:
+    header = _attr(image, "header")
+    if header is None:
+        raise VdiskError("qcow2 image exposes no header")
+    cluster_bits = int(_attr(header, "cluster_bits"))
+    refcount_order = int(_attr(header, "refcount_order", default=4))
+    backing = _attr(image, "backing_file", "backing_filename")
+    if backing is None:
+        backing = _attr(header, "backing_file", "backing_filename")
+    backing_fmt = _attr(image, "backing_format", "backing_fmt")
+    if backing_fmt is None:
+        backing_fmt = _attr(header, "backing_format", "backing_fmt")
+    data_file = _attr(image, "data_file_name", "external_data_file")
+    if data_file is None:
+        data_file = _attr(header, "data_file", "data_file_name", "external_data_file")
+    return _Qcow2Facts(
+        version=int(_attr(header, "version")),
+        cluster_size=1 << cluster_bits,
+        refcount_bits=1 << refcount_order,
+        incompatible=int(_attr(header, "incompatible_features", default=0)),
+        compatible=int(_attr(header, "compatible_features", default=0)),
+        autoclear=int(_attr(header, "autoclear_features", default=0)),
+        compression_type=int(_attr(header, "compression_type", default=0)),
+        encrypted=bool(_attr(header, "crypt_method", default=0)),
+        backing_file=str(backing) if backing else None,
+        backing_format=str(backing_fmt) if backing_fmt else None,
+        data_file=str(data_file) if isinstance(data_file, str) and data_file else None,
+        snapshots=[_snapshot_info(sn) for sn in _attr(image, "snapshots", default=None) or []],
+    )
+
+
+def _snapshot_info(sn: object) -> Info:
+    vm_clock_nsec = int(_attr(sn, "vm_clock_nsec", default=0))
+    entry: Info = {
+        "id": str(_attr(sn, "id_str", "id")),
+        "name": str(_attr(sn, "name")),
+        "vm-state-size": int(_attr(sn, "vm_state_size", default=0)),
+        "date-sec": int(_attr(sn, "date_sec", default=0)),
+        "date-nsec": int(_attr(sn, "date_nsec", default=0)),
+        "vm-clock-sec": vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": vm_clock_nsec % 1_000_000_000,
+    }
+    icount = _attr(sn, "icount")
+    extra = _attr(sn, "extra_data", default=b"")
+    if icount is None and isinstance(extra, bytes) and len(extra) >= 24:
+        icount = int.from_bytes(extra[16:24], "big")  # v3 extra data: vm state, disk, icount
+    if icount is not None and icount != (1 << 64) - 1 and icount >= 0:
+        entry["icount"] = int(icount)
+    return entry
+
+
+def full_backing_filename(image_path: str, backing: str) -> str:
+    """The backing file's path as QEMU resolves it: relative to the image's directory."""
+    if os.path.isabs(backing) or backing.startswith("json:") or ":" in backing.split("/")[0]:
+        return backing
+    directory = os.path.dirname(image_path)
+    return os.path.join(directory, backing) if directory else backing
+
+
+def allocated_size(path: str) -> int | None:
+    """Bytes the file occupies on the host (qemu-img's 'disk size')."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
+
+
+def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
+    """The ImageInfo of an open device (its own layer only; the chain is walked apart)."""
+    info: Info = {"virtual-size": device.size, "filename": filename, "format": fmt}
+    actual = allocated_size(filename)
+    if fmt != "qcow2":
+        if actual is not None:
+            info["actual-size"] = actual
+        info["dirty-flag"] = False
+        return info
+    facts = _qcow2_facts(device)
+    if facts.data_file is not None and actual is not None:
+        data_actual = allocated_size(full_backing_filename(filename, facts.data_file))
+        actual += data_actual or 0
+    if facts.snapshots:
+        info["snapshots"] = facts.snapshots
+    info["cluster-size"] = facts.cluster_size
+    if facts.encrypted:
+        info["encrypted"] = True
+    if actual is not None:
+        info["actual-size"] = actual
+    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(facts)}
+    if facts.backing_file is not None:
+        info["backing-filename"] = facts.backing_file
+        info["full-backing-filename"] = full_backing_filename(filename, facts.backing_file)
+        if facts.backing_format is not None:
+            info["backing-filename-format"] = facts.backing_format
+    info["dirty-flag"] = bool(facts.incompatible & _INCOMPAT_DIRTY)
+    return info
+
+
+def _qcow2_specific(facts: _Qcow2Facts) -> Info:
+    compression = _COMPRESSION_TYPES.get(facts.compression_type, str(facts.compression_type))
+    if facts.version == 2:
+        return {"compat": "0.10", "compression-type": compression, "refcount-bits": facts.refcount_bits}
+    data: Info = {
+        "compat": "1.1",
+        "compression-type": compression,
+        "lazy-refcounts": bool(facts.compatible & _COMPAT_LAZY_REFCOUNTS),
+        "refcount-bits": facts.refcount_bits,
+        "corrupt": bool(facts.incompatible & _INCOMPAT_CORRUPT),
+        "extended-l2": bool(facts.incompatible & _INCOMPAT_EXTL2),
+    }
+    if facts.data_file is not None:
+        data["data-file"] = facts.data_file
+        data["data-file-raw"] = bool(facts.autoclear & _AUTOCLEAR_DATA_FILE_RAW)
+    return data
+
+
+def open_for_info(path: str, fmt: str | None) -> tuple[BlockDevice, str]:
+    """Open ``path`` read-only without its backing chain (like qemu-img info); return it and its format."""
+    import vdisk
+
+    from . import probe_format
+
+    fmt = fmt or probe_format(path)
+    if fmt == "qcow2":
+        from .qcow2 import Qcow2Image
+
+        try:
+            return Qcow2Image.open(path, readonly=True, open_backing=False), fmt
+        except TypeError:
+            # A library without the no-backing option: open the chain too.
+            return Qcow2Image.open(path, readonly=True), fmt
+    return vdisk.open(path, format=fmt, readonly=True), fmt
+
+
+def image_info(path: str, fmt: str | None = None) -> Info:
+    """The ImageInfo of the image at ``path`` (``fmt`` None probes the format)."""
+    if not os.path.lexists(path):
+        raise from_oserror(FileNotFoundError(2, "No such file or directory", path), path)
+    device, fmt = open_for_info(path, fmt)
+    try:
+        return device_info(device, path, fmt)
+    finally:
+        device.close()
+
+
+def chain_info(path: str, fmt: str | None = None) -> Iterator[Info]:
+    """ImageInfo of ``path`` and then of each backing file, as ``--backing-chain`` lists them."""
+    seen: set[str] = set()
+    filename: str | None = path
+    while filename is not None:
+        if filename in seen:
+            raise BackingChainError(f"Backing file '{filename}' creates an infinite loop.")
+        seen.add(filename)
+        info = image_info(filename, fmt)
+        yield info
+        filename = info.get("full-backing-filename")
+        fmt = info.get("backing-filename-format")

@@ -1,0 +1,189 @@
+"""`vdisk info` against `qemu-img info` on the same files: the outputs are byte-identical.
+
+Images come from qemu-img itself (so nothing of ours decides what they contain) and from
+struct-crafted headers for states qemu-img cannot be asked to make (no backing format).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli_helpers import Run, VdiskRunner, qemu_img, qemu_io
+
+Maker = Callable[[Path], str]
+
+
+def _create(d: Path, name: str, size: str, *opts: str) -> str:
+    run = qemu_img(["create", "-q", "-f", "qcow2", *opts, name, size], d)
+    assert run.rc == 0, run.err
+    return name
+
+
+def _raw(d: Path) -> str:
+    assert qemu_img(["create", "-q", "-f", "raw", "disk.img", "10M"], d).rc == 0
+    qemu_io(["-f", "raw", "-c", "write -P 0x11 1M 64k", "disk.img"], d)
+    return "disk.img"
+
+
+def _with_data(d: Path) -> str:
+    _create(d, "data.qcow2", "64M")
+    qemu_io(["-c", "write -P 0x22 0 3M", "-c", "write -P 0x33 40M 64k", "data.qcow2"], d)
+    return "data.qcow2"
+
+
+def _chain(d: Path) -> str:
+    (d / "sub").mkdir()
+    _create(d, "sub/base.qcow2", "32M")
+    _create(d, "sub/mid.qcow2", "", "-b", "base.qcow2", "-F", "qcow2")
+    _create(d, "top.qcow2", "", "-b", "sub/mid.qcow2", "-F", "qcow2")
+    return "top.qcow2"
+
+
+def _raw_backing(d: Path) -> str:
+    _raw(d)
+    _create(d, "over.qcow2", "", "-b", "disk.img", "-F", "raw")
+    return "over.qcow2"
+
+
+def _absolute_backing(d: Path) -> str:
+    _create(d, "base.qcow2", "16M")
+    _create(d, "abs.qcow2", "", "-b", str(d / "base.qcow2"), "-F", "qcow2")
+    return "abs.qcow2"
+
+
+def _missing_backing(d: Path) -> str:
+    return _create(d, "orphan.qcow2", "8M", "-u", "-b", "gone.qcow2", "-F", "qcow2")
+
+
+def _dirty_lazy(d: Path) -> str:
+    _create(d, "lazy.qcow2", "16M", "-o", "lazy_refcounts=on")
+    # Killed mid-session, so the dirty bit stays set (qemu-io exits by SIGKILL: rc -9).
+    import subprocess
+
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x5a 0 1M", "-c", "sigraise 9", "lazy.qcow2"],
+        cwd=d,
+        capture_output=True,
+        check=False,
+    )
+    return "lazy.qcow2"
+
+
+def _corrupt_bit(d: Path) -> str:
+    _create(d, "corrupt.qcow2", "8M")
+    with open(d / "corrupt.qcow2", "r+b") as f:
+        f.seek(72)
+        (incompat,) = struct.unpack(">Q", f.read(8))
+        f.seek(72)
+        f.write(struct.pack(">Q", incompat | 2))
+    return "corrupt.qcow2"
+
+
+def _snapshots(d: Path) -> str:
+    _with_data(d)
+    for name in ("first", "a much longer snapshot name than sixteen"):
+        assert qemu_img(["snapshot", "-c", name, "data.qcow2"], d).rc == 0
+    return "data.qcow2"
+
+
+def _no_backing_format(d: Path) -> str:
+    from qcow2_craft import Craft, write
+
+    _raw(d)
+    write(str(d / "nofmt.qcow2"), Craft(backing_file=b"disk.img"))
+    return "nofmt.qcow2"
+
+
+IMAGES: dict[str, Maker] = {
+    "raw": _raw,
+    "v3-default": lambda d: _create(d, "v3.qcow2", "1G"),
+    "v2-4k": lambda d: _create(d, "v2.qcow2", "100M", "-o", "compat=0.10,cluster_size=4k"),
+    "v3-512-refcount1": lambda d: _create(
+        d, "r1.qcow2", "10M", "-o", "cluster_size=512,refcount_bits=1"
+    ),
+    "v3-2m-refcount64-lazy": lambda d: _create(
+        d, "r64.qcow2", "5G", "-o", "cluster_size=2M,refcount_bits=64,lazy_refcounts=on"
+    ),
+    "extended-l2": lambda d: _create(d, "ext.qcow2", "1G", "-o", "extended_l2=on"),
+    "zstd": lambda d: _create(d, "z.qcow2", "1G", "-o", "compression_type=zstd"),
+    "prealloc-metadata": lambda d: _create(d, "pm.qcow2", "256M", "-o", "preallocation=metadata"),
+    "odd-size": lambda d: _create(d, "odd.qcow2", "12345"),
+    "multi-tib": lambda d: _create(d, "big.qcow2", "4T"),
+    "with-data": _with_data,
+    "chain": _chain,
+    "raw-backing": _raw_backing,
+    "absolute-backing": _absolute_backing,
+    "missing-backing": _missing_backing,
+    "dirty-lazy": _dirty_lazy,
+    "corrupt-bit": _corrupt_bit,
+    "snapshots": _snapshots,
+    "no-backing-format": _no_backing_format,
+}
+
+
+def _both(vdisk_cli: VdiskRunner, args: list[str], d: Path) -> tuple[Run, Run]:
+    return vdisk_cli(["info", *args], d), qemu_img(["info", *args], d)
+
+
+@pytest.mark.parametrize("output", ["human", "json"])
+@pytest.mark.parametrize("kind", list(IMAGES))
+def test_info_matches_qemu_img(
+    kind: str, output: str, tmp_path: Path, vdisk_cli: VdiskRunner
+) -> None:
+    name = IMAGES[kind](tmp_path)
+    ours, theirs = _both(vdisk_cli, [f"--output={output}", name], tmp_path)
+    assert theirs.rc == 0, theirs.err
+    assert ours.rc == 0, ours.err
+    assert ours.out == theirs.out
+    if output == "json":
+        assert json.loads(ours.out) == json.loads(theirs.out)
+
+
+@pytest.mark.parametrize("output", ["human", "json"])
+@pytest.mark.parametrize("kind", ["chain", "raw-backing", "absolute-backing", "v3-default"])
+def test_backing_chain_matches_qemu_img(
+    kind: str, output: str, tmp_path: Path, vdisk_cli: VdiskRunner
+) -> None:
+    name = IMAGES[kind](tmp_path)
+    ours, theirs = _both(vdisk_cli, ["--backing-chain", f"--output={output}", name], tmp_path)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out), ours.err
+
+
+def test_explicit_format_and_force_share(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    name = _with_data(tmp_path)
+    for args in (["-f", "qcow2", name], ["-U", name], ["-f", "raw", name]):
+        ours, theirs = _both(vdisk_cli, args, tmp_path)
+        assert (ours.rc, ours.out) == (theirs.rc, theirs.out), args
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["does-not-exist.qcow2"],
+        ["--output=xml", "x"],
+        ["-f", "vmdk", "x"],
+        ["--backing-chain", "orphan.qcow2"],
+        [],
+    ],
+    ids=["missing-file", "bad-output", "unknown-format", "chain-missing-backing", "no-file"],
+)
+def test_info_errors_exit_1_in_one_line(
+    args: list[str], tmp_path: Path, vdisk_cli: VdiskRunner
+) -> None:
+    _missing_backing(tmp_path)
+    ours, theirs = _both(vdisk_cli, args, tmp_path)
+    assert theirs.rc == 1
+    assert ours.rc == 1
+    assert ours.out == ""
+    assert len(ours.err.splitlines()) == 1 and ours.err.startswith("vdisk: "), ours.err
+
+
+def test_info_qcow2_forced_on_raw_fails(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    name = _raw(tmp_path)
+    ours, theirs = _both(vdisk_cli, ["-f", "qcow2", name], tmp_path)
+    assert (ours.rc, theirs.rc) == (1, 1)
+    assert len(ours.err.splitlines()) == 1
