@@ -1,0 +1,75 @@
+"""QEMU's tools as oracles: check, compare and convert, with their answers parsed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HAVE_QEMU = shutil.which("qemu-img") is not None and shutil.which("qemu-io") is not None
+needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io are not installed")
+
+
+def qemu_check(path: str | Path) -> dict[str, Any]:
+    """``qemu-img check --output=json``; the parsed report plus its exit status as ``rc``."""
+    proc = subprocess.run(
+        ["qemu-img", "check", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        report: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        report = {"unparsable": proc.stdout + proc.stderr}
+    report["rc"] = proc.returncode
+    return report
+
+
+def assert_check_clean(path: str | Path) -> None:
+    report = qemu_check(path)
+    assert report["rc"] == 0, report
+    assert report.get("corruptions", 0) == 0, report
+    assert report.get("leaks", 0) == 0, report
+    assert report.get("check-errors", 0) == 0, report
+
+
+def qemu_compare(image: str | Path, raw: str | Path, fmt: str = "qcow2") -> tuple[int, str]:
+    """``qemu-img compare`` of an image against a raw file (rc 0: identical contents)."""
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-f", fmt, "-F", "raw", str(image), str(raw)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_compare_equal(image: str | Path, raw: str | Path) -> None:
+    rc, out = qemu_compare(image, raw)
+    assert rc == 0, out
+
+
+def qemu_to_raw(image: str | Path, raw: str | Path) -> bytes:
+    """The image's guest contents as QEMU reads them (``qemu-img convert -O raw``)."""
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(image), str(raw)],
+        check=True,
+        capture_output=True,
+    )
+    return Path(raw).read_bytes()
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=True)
+
+
+def qemu_io(image: str | Path, *commands: str, fmt: str = "qcow2") -> None:
+    cmd = ["qemu-io", "-f", fmt]
+    for command in commands:
+        cmd += ["-c", command]
+    subprocess.run([*cmd, str(image)], capture_output=True, check=True)
