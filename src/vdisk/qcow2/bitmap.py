@@ -69,7 +69,9 @@ class _Header:
 def _pread(fd: int, length: int, offset: int, path: str) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:
-        raise CorruptImageError(f"structure at {offset:#x} lies past the end of the file", path=path)
+        raise CorruptImageError(
+            f"structure at {offset:#x} lies past the end of the file", path=path
+        )
     return data
 
 
@@ -92,7 +94,9 @@ def _read_header(fd: int, path: str) -> _Header:
         if etype == 0:
             break
         if etype == BITMAPS_EXTENSION and elen >= _BITMAPS_EXT.size:
-            count, _, dir_size, dir_offset = _BITMAPS_EXT.unpack(_pread(fd, _BITMAPS_EXT.size, pos + 8, path))
+            count, _, dir_size, dir_offset = _BITMAPS_EXT.unpack(
+                _pread(fd, _BITMAPS_EXT.size, pos + 8, path)
+            )
             if autoclear & AUTOCLEAR_BITMAPS:
                 ext = (count, dir_size, dir_offset)
         pos += 8 + ((elen + 7) & ~7)
@@ -127,7 +131,9 @@ def _directory(fd: int, header: _Header, path: str) -> list[BitmapEntry]:
     for _ in range(count):
         if pos + _DIR_ENTRY.size > len(data):
             raise CorruptImageError("bitmap directory is truncated", path=path)
-        table_offset, table_size, flags, btype, gbits, name_size, extra = _DIR_ENTRY.unpack_from(data, pos)
+        table_offset, table_size, flags, btype, gbits, name_size, extra = _DIR_ENTRY.unpack_from(
+            data, pos
+        )
         name_at = pos + _DIR_ENTRY.size + extra
         if name_at + name_size > len(data):
             raise CorruptImageError("bitmap directory entry is truncated", path=path)
@@ -150,7 +156,9 @@ def read_bitmap(path: str, name: str) -> tuple[BitmapEntry, int, bytearray]:
         if entry.in_use:
             raise CorruptImageError(f"bitmap {name!r} is inconsistent (in use)", path=path)
         if entry.type != BT_DIRTY_TRACKING:
-            raise UnsupportedFeatureError(f"bitmap {name!r} has unknown type {entry.type}", path=path)
+            raise UnsupportedFeatureError(
+                f"bitmap {name!r} has unknown type {entry.type}", path=path
+            )
         if not 9 <= entry.granularity_bits <= 31:
             raise CorruptImageError(f"bitmap {name!r} has invalid granularity", path=path)
         cluster_size = 1 << header.cluster_bits

@@ -1,0 +1,182 @@
+"""One metadata table cache shared by L2 tables and refcount blocks.
+
+Tables are kept decoded (an ``array('Q')`` of native L2 entries, a numpy uint64 array of
+refcounts) so a hit hands back the live object: no copy, no decode. LRU eviction; a dirty
+table is written back before it leaves, after its dependencies (the owner's ``before_write``
+hook, e.g. "refcounts on disk before any L2 table that uses them").
+
+Not thread-safe by itself: the image calls it with its metadata lock held.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..backends.raw import pread_full, pwrite_full
+from ..errors import CorruptImageError
+from . import format as fmt
+
+L2 = 0
+REFBLOCK = 1
+KIND_NAMES = {L2: "L2 table", REFBLOCK: "refcount block"}
+
+_NEED_SWAP = sys.byteorder == "little"
+
+
+def decode_l2(buf: bytes | bytearray | memoryview) -> array[int]:
+    table = array("Q")
+    table.frombytes(buf)
+    if _NEED_SWAP:
+        table.byteswap()
+    return table
+
+
+def encode_l2(table: array[int]) -> bytes:
+    if not _NEED_SWAP:
+        return table.tobytes()
+    copy = array("Q", table)
+    copy.byteswap()
+    return copy.tobytes()
+
+
+class _Slot:
+    __slots__ = ("dirty", "kind", "table")
+
+    def __init__(self, kind: int, table: Any, dirty: bool) -> None:
+        self.kind = kind
+        self.table = table
+        self.dirty = dirty
+
+
+class MetadataCache:
+    """LRU cache of cluster-sized metadata tables keyed by host offset."""
+
+    def __init__(
+        self,
+        fd: int,
+        cluster_size: int,
+        refcount_order: int,
+        capacity: int,
+        before_write: Callable[[int], None],
+    ) -> None:
+        self.fd = fd
+        self.cluster_size = cluster_size
+        self.refcount_order = refcount_order
+        self.capacity = max(capacity, 4)
+        self.before_write = before_write
+        self._slots: OrderedDict[int, _Slot] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    # -- codecs ---------------------------------------------------------------------------
+    def _decode(self, kind: int, buf: bytearray) -> Any:
+        if kind == L2:
+            return decode_l2(buf)
+        return fmt.decode_refcount_block(buf, self.refcount_order)
+
+    def _encode(self, kind: int, table: Any) -> bytes:
+        if kind == L2:
+            return encode_l2(table)
+        return fmt.encode_refcount_block(table, self.refcount_order)
+
+    def empty_table(self, kind: int) -> Any:
+        if kind == L2:
+            return array("Q", bytes(self.cluster_size))
+        return np.zeros(self.cluster_size * 8 >> self.refcount_order, dtype=np.uint64)
+
+    # -- access ---------------------------------------------------------------------------
+    def get(self, offset: int, kind: int) -> Any:
+        """The live table at ``offset``, loading it on a miss."""
+        slot = self._slots.get(offset)
+        if slot is not None:
+            self._slots.move_to_end(offset)
+            self.hits += 1
+            return slot.table
+        self.misses += 1
+        buf = bytearray(self.cluster_size)
+        if pread_full(self.fd, buf, offset) < self.cluster_size:
+            raise CorruptImageError(
+                f"{KIND_NAMES[kind]} at {offset:#x} lies past the end of the file"
+            )
+        table = self._decode(kind, buf)
+        self._insert(offset, _Slot(kind, table, False))
+        return table
+
+    def peek(self, offset: int) -> Any:
+        """The table if cached (no LRU update), else None."""
+        slot = self._slots.get(offset)
+        return slot.table if slot is not None else None
+
+    def add_new(self, offset: int, kind: int, table: Any) -> None:
+        """Insert a freshly allocated table (dirty: it exists only in memory so far)."""
+        self._insert(offset, _Slot(kind, table, True))
+
+    def mark_dirty(self, offset: int) -> None:
+        self._slots[offset].dirty = True
+
+    def drop(self, offset: int) -> None:
+        """Forget a table without writing it (its cluster was freed)."""
+        self._slots.pop(offset, None)
+
+    def _insert(self, offset: int, slot: _Slot) -> None:
+        self._slots[offset] = slot
+        while len(self._slots) > self.capacity:
+            old_offset, old = next(iter(self._slots.items()))
+            if old_offset == offset:
+                break
+            if old.dirty:
+                self.before_write(old.kind)
+                pwrite_full(self.fd, self._encode(old.kind, old.table), old_offset)
+            del self._slots[old_offset]
+
+    # -- write-back -------------------------------------------------------------------------
+    def dirty_count(self, kind: int) -> int:
+        return sum(1 for s in self._slots.values() if s.dirty and s.kind == kind)
+
+    def write_back(self, kind: int) -> int:
+        """Write every dirty table of ``kind`` (in offset order). Returns how many."""
+        dirty = sorted(off for off, s in self._slots.items() if s.dirty and s.kind == kind)
+        for off in dirty:
+            slot = self._slots[off]
+            pwrite_full(self.fd, self._encode(kind, slot.table), off)
+            slot.dirty = False
+        return len(dirty)
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = max(capacity, 4)
+
+
+def default_capacity(
+    virtual_size: int,
+    cluster_bits: int,
+    l2_entry_size: int,
+    l2_cache_size: int | None,
+    refcount_cache_size: int | None = None,
+) -> int:
+    """Number of tables to cache, sized like QEMU.
+
+    QEMU (Linux) caches by default enough L2 to cover the whole disk, up to 32 MiB of L2
+    tables, and a quarter of that (at least 4 clusters) for refcount blocks.
+    """
+    cs = 1 << cluster_bits
+    if l2_cache_size is None:
+        need = (virtual_size >> cluster_bits) * l2_entry_size
+        l2_cache_size = min(max(need, 8 * cs), 32 << 20)
+    if refcount_cache_size is None:
+        refcount_cache_size = max(l2_cache_size // 4, 4 * cs)
+    return max((l2_cache_size + refcount_cache_size) // cs, 8)
+
+
+__all__ = ["L2", "REFBLOCK", "MetadataCache", "decode_l2", "default_capacity", "encode_l2"]

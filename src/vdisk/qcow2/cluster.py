@@ -1,0 +1,497 @@
+"""Guest-to-host address translation and L1/L2 updates.
+
+``ClusterMap`` owns the active L1 table (in memory) and reaches L2 tables through the shared
+cache. It turns guest ranges into segments (data at a host offset, zeros, backing, compressed),
+plans writes (in place, new cluster, or reuse of a preallocated one), allocates and copies L2
+tables, and applies zero/discard to L2 entries. Frees are returned to the caller, which
+decides when refcounts may drop (after the L2 change is durable).
+
+Not thread-safe by itself: the image calls it with its metadata lock held.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+
+import numpy as np
+
+from ..backends.raw import pread_full, pwrite_full
+from ..errors import CorruptImageError
+from . import format as fmt
+from .cache import L2, MetadataCache, decode_l2
+from .refcount import RefcountManager
+
+# Segment kinds (a segment is a list [kind, guest_offset, length, arg]).
+SEG_ZERO = 0  # arg: host offset of a preallocated zero cluster, or 0
+SEG_DATA = 1  # arg: host offset
+SEG_BACKING = 2  # arg: unused (unallocated here: read from the backing file or zeros)
+SEG_COMPRESSED = 3  # arg: the L2 entry
+
+# Write plan modes.
+IN_PLACE = 0  # cluster is ours (COPIED): write the data where it is
+NEW = 1  # allocate a new host cluster; free the old one afterwards
+REUSE = 2  # keep the host cluster (preallocated / partially allocated) but rewrite the entry
+
+_ALL_ALLOC = fmt.SUBCLUSTER_ALLOC_MASK
+
+
+class ClusterMap:
+    def __init__(
+        self,
+        fd: int,
+        header: fmt.Header,
+        cache: MetadataCache,
+        refcounts: RefcountManager,
+        metadata: set[int],
+        file_size: int,
+        path: str,
+    ) -> None:
+        self.fd = fd
+        self.header = header
+        self.cache = cache
+        self.refcounts = refcounts
+        self.metadata = metadata
+        self.path = path
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_bits = header.l2_bits
+        self.l2_mask = (1 << self.l2_bits) - 1
+        self.extended = header.extended_l2
+        self.sc_bits = self.cluster_bits - 5  # subcluster size (extended L2)
+        self.l1_dirty: set[int] = set()
+        buf = bytearray(header.l1_size * 8)
+        pread_full(fd, buf, header.l1_table_offset)
+        self.l1 = decode_l2(buf)
+        l1 = np.frombuffer(self.l1, dtype=np.uint64)
+        offsets = l1 & np.uint64(fmt.L1E_OFFSET_MASK)
+        bad = np.flatnonzero(offsets & np.uint64(self.cluster_size - 1))
+        if bad.size:
+            raise CorruptImageError(
+                f"L1 entry {int(bad[0])}: L2 table offset is not cluster aligned", path=path
+            )
+        past = np.flatnonzero(offsets + np.uint64(self.cluster_size) > np.uint64(file_size))
+        past = past[offsets[past] != 0]
+        if past.size:
+            raise CorruptImageError(
+                f"L1 entry {int(past[0])}: L2 table lies past the end of the file", path=path
+            )
+        first = header.l1_table_offset >> self.cluster_bits
+        self.metadata.update(
+            range(
+                first, first + ((header.l1_size * 8 + self.cluster_size - 1) >> self.cluster_bits)
+            )
+        )
+        self.metadata.update(int(x) >> self.cluster_bits for x in offsets[offsets != 0])
+
+    # -- lookups --------------------------------------------------------------------------
+    def l2_table(self, l1_index: int) -> array[int] | None:
+        if l1_index >= len(self.l1):
+            raise CorruptImageError(
+                f"guest offset beyond the L1 table (index {l1_index})", path=self.path
+            )
+        off = self.l1[l1_index] & fmt.L1E_OFFSET_MASK
+        if not off:
+            return None
+        table: array[int] = self.cache.get(off, L2)
+        return table
+
+    def entry(self, guest_cluster: int) -> tuple[int, int]:
+        """(L2 entry, subcluster bitmap) of a guest cluster; (0, 0) if it has no L2 table."""
+        l2 = self.l2_table(guest_cluster >> self.l2_bits)
+        if l2 is None:
+            return 0, 0
+        i = guest_cluster & self.l2_mask
+        if self.extended:
+            return l2[2 * i], l2[2 * i + 1]
+        return l2[i], 0
+
+    def _bad_entry(self, guest_cluster: int, what: str) -> CorruptImageError:
+        return CorruptImageError(
+            f"L2 entry of guest cluster {guest_cluster}: {what}", path=self.path
+        )
+
+    def map_range(
+        self, offset: int, length: int, segs: list[list[int]], status: bool = False
+    ) -> None:
+        """Append the segments of [offset, offset+length) to ``segs`` (adjacent ones merged)."""
+        cb = self.cluster_bits
+        cmask = self.cluster_size - 1
+        span_bits = cb + self.l2_bits
+        pos = offset
+        end = offset + length
+        l1 = self.l1
+        while pos < end:
+            l1_index = pos >> span_bits
+            span_end = min(end, (l1_index + 1) << span_bits)
+            if l1_index >= len(l1):
+                raise CorruptImageError(
+                    f"guest offset {pos} lies beyond the L1 table", path=self.path
+                )
+            l2_off = l1[l1_index] & fmt.L1E_OFFSET_MASK
+            if not l2_off:
+                _add(segs, SEG_BACKING, pos, span_end - pos, 0)
+                pos = span_end
+                continue
+            l2 = self.cache.get(l2_off, L2)
+            while pos < span_end:
+                gc = pos >> cb
+                i = gc & self.l2_mask
+                cend = min(span_end, (gc + 1) << cb)
+                if self.extended:
+                    self._map_extended(gc, l2[2 * i], l2[2 * i + 1], pos, cend, segs, status)
+                    pos = cend
+                    continue
+                e = l2[i]
+                if e & fmt.OFLAG_COMPRESSED:
+                    _add(segs, SEG_COMPRESSED, pos, cend - pos, e)
+                elif e & fmt.OFLAG_ZERO:
+                    host = e & fmt.L2E_OFFSET_MASK
+                    _add(
+                        segs,
+                        SEG_ZERO,
+                        pos,
+                        cend - pos,
+                        host + (pos & cmask) if (status and host) else 0,
+                    )
+                else:
+                    host = e & fmt.L2E_OFFSET_MASK
+                    if host:
+                        if host & cmask:
+                            raise self._bad_entry(
+                                gc, f"host offset {host:#x} is not cluster aligned"
+                            )
+                        _add(segs, SEG_DATA, pos, cend - pos, host + (pos & cmask))
+                    elif e & fmt.OFLAG_COPIED:
+                        raise self._bad_entry(gc, "allocated at host offset 0")
+                    else:
+                        _add(segs, SEG_BACKING, pos, cend - pos, 0)
+                pos = cend
+
+    def _map_extended(
+        self, gc: int, e: int, bitmap: int, pos: int, cend: int, segs: list[list[int]], status: bool
+    ) -> None:
+        if e & fmt.OFLAG_COMPRESSED:
+            _add(segs, SEG_COMPRESSED, pos, cend - pos, e)
+            return
+        host = e & fmt.L2E_OFFSET_MASK
+        cmask = self.cluster_size - 1
+        if host & cmask:
+            raise self._bad_entry(gc, f"host offset {host:#x} is not cluster aligned")
+        if bitmap & (bitmap >> 32) & _ALL_ALLOC:
+            raise self._bad_entry(gc, "a subcluster is both allocated and zero")
+        sb = self.sc_bits
+        while pos < cend:
+            sc = (pos & cmask) >> sb
+            send = min(cend, ((pos >> sb) + 1) << sb)
+            if (bitmap >> sc) & 1:
+                if not host:
+                    raise self._bad_entry(gc, "allocated subcluster without a host offset")
+                _add(segs, SEG_DATA, pos, send - pos, host + (pos & cmask))
+            elif (bitmap >> (32 + sc)) & 1:
+                _add(
+                    segs,
+                    SEG_ZERO,
+                    pos,
+                    send - pos,
+                    host + (pos & cmask) if (status and host) else 0,
+                )
+            else:
+                _add(segs, SEG_BACKING, pos, send - pos, 0)
+            pos = send
+
+    # -- L2 tables for writing ------------------------------------------------------------
+    def writable_l2(self, l1_index: int, frees: list[int]) -> tuple[array[int], int]:
+        """The L2 table for ``l1_index``, allocated or copied so that it is ours alone.
+
+        Returns (table, offset). Host clusters to free later are appended to ``frees``.
+        """
+        if l1_index >= len(self.l1):
+            raise CorruptImageError(
+                f"guest offset beyond the L1 table (index {l1_index})", path=self.path
+            )
+        l1e = self.l1[l1_index]
+        off = l1e & fmt.L1E_OFFSET_MASK
+        if off and l1e & fmt.OFLAG_COPIED:
+            return self.cache.get(off, L2), off
+        if off and self.refcounts.get(off >> self.cluster_bits) == 1:
+            # The flag was stale: the table is ours after all.
+            self.l1[l1_index] = off | fmt.OFLAG_COPIED
+            self.l1_dirty.add(l1_index)
+            return self.cache.get(off, L2), off
+        if off:
+            old = self.cache.get(off, L2)
+            # Shared with a snapshot: every cluster it maps is shared too, so drop COPIED.
+            new = array("Q", (x & ~fmt.OFLAG_COPIED for x in old))
+            if self.extended:
+                new = array(
+                    "Q", (x & ~fmt.OFLAG_COPIED if k % 2 == 0 else x for k, x in enumerate(old))
+                )
+            frees.append(off >> self.cluster_bits)
+        else:
+            new = self.cache.empty_table(L2)
+        c = self.refcounts.allocate(1)[0]
+        new_off = c << self.cluster_bits
+        self.metadata.add(c)
+        self.cache.add_new(new_off, L2, new)
+        self.l1[l1_index] = new_off | fmt.OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
+        return new, new_off
+
+    def plan_write(self, gc0: int, gc1: int, frees: list[int]) -> tuple[list[list[int]], int]:
+        """Decide per guest cluster how a write lands. Returns (plan, clusters to allocate).
+
+        A plan item is [guest_cluster, host_offset, mode, old_entry, old_bitmap]; for NEW
+        items the host offset is filled in by the caller after allocation.
+        """
+        plan: list[list[int]] = []
+        new_count = 0
+        cmask = self.cluster_size - 1
+        for gc in range(gc0, gc1 + 1):
+            e, bm = self.entry(gc)
+            host = e & fmt.L2E_OFFSET_MASK
+            if e & fmt.OFLAG_COMPRESSED:
+                mode = NEW
+            elif host:
+                if host & cmask:
+                    raise self._bad_entry(gc, f"host offset {host:#x} is not cluster aligned")
+                if not e & fmt.OFLAG_COPIED and self.refcounts.get(host >> self.cluster_bits) == 1:
+                    e = self._set_copied(gc, e)
+                if e & fmt.OFLAG_COPIED:
+                    if self.extended:
+                        mode = IN_PLACE if bm & _ALL_ALLOC == _ALL_ALLOC else REUSE
+                    else:
+                        mode = REUSE if e & fmt.OFLAG_ZERO else IN_PLACE
+                else:
+                    mode = NEW
+            else:
+                mode = NEW
+            if mode == NEW:
+                new_count += 1
+                host = 0
+            plan.append([gc, host, mode, e, bm])
+        # L2 tables first, so that they precede the data they map in the file.
+        last = -1
+        for item in plan:
+            if item[2] != IN_PLACE:
+                l1_index = item[0] >> self.l2_bits
+                if l1_index != last:
+                    self.writable_l2(l1_index, frees)
+                    last = l1_index
+        return plan, new_count
+
+    def _set_copied(self, gc: int, e: int) -> int:
+        l2, off = self.writable_l2(gc >> self.l2_bits, [])
+        i = gc & self.l2_mask
+        e |= fmt.OFLAG_COPIED
+        l2[2 * i if self.extended else i] = e
+        self.cache.mark_dirty(off)
+        return e
+
+    def set_entry(self, gc: int, entry: int, bitmap: int, frees: list[int]) -> int:
+        """Store a new L2 entry; returns the old one. The table is made ours first."""
+        l2, off = self.writable_l2(gc >> self.l2_bits, frees)
+        i = gc & self.l2_mask
+        if self.extended:
+            old = l2[2 * i]
+            l2[2 * i] = entry
+            l2[2 * i + 1] = bitmap
+        else:
+            old = l2[i]
+            l2[i] = entry
+        self.cache.mark_dirty(off)
+        return old
+
+    def commit_write(self, item: list[int], frees: list[int]) -> None:
+        gc, host, mode, old_e, _old_bm = item
+        entry = host | fmt.OFLAG_COPIED
+        self.set_entry(gc, entry, _ALL_ALLOC if self.extended else 0, frees)
+        if mode == NEW:
+            self.entry_frees(old_e, frees)
+
+    def entry_frees(self, e: int, frees: list[int]) -> None:
+        """Append the host clusters an L2 entry holds a reference on."""
+        if e & fmt.OFLAG_COMPRESSED:
+            frees.extend(fmt.compressed_host_clusters(e, self.cluster_bits))
+            return
+        host = e & fmt.L2E_OFFSET_MASK
+        if host:
+            frees.append(host >> self.cluster_bits)
+
+    # -- zero / discard -------------------------------------------------------------------
+    def zero_cluster(self, gc: int, may_unmap: bool, frees: list[int]) -> None:
+        """Make a whole guest cluster read as zeros with the zero flag (v3)."""
+        e, _bm = self.entry(gc)
+        host = e & fmt.L2E_OFFSET_MASK
+        compressed = bool(e & fmt.OFLAG_COMPRESSED)
+        unmap = compressed or (may_unmap and bool(host))
+        if self.extended:
+            new_e = 0 if unmap else e
+            self.set_entry(gc, new_e, fmt.SUBCLUSTER_ZERO_MASK, frees)
+        else:
+            new_e = (0 if unmap else e) | fmt.OFLAG_ZERO
+            if new_e == e:
+                return
+            self.set_entry(gc, new_e, 0, frees)
+        if unmap:
+            self.entry_frees(e, frees)
+
+    def deallocate_cluster(self, gc: int, zero: bool, frees: list[int]) -> None:
+        """Drop a guest cluster's allocation; with ``zero`` it reads as zeros afterwards."""
+        e, bm = self.entry(gc)
+        if self.extended:
+            new_e, new_bm = 0, fmt.SUBCLUSTER_ZERO_MASK if zero else 0
+            if e == new_e and bm == new_bm:
+                return
+        else:
+            new_e, new_bm = (fmt.OFLAG_ZERO if zero else 0), 0
+            if e == new_e:
+                return
+        self.set_entry(gc, new_e, new_bm, frees)
+        self.entry_frees(e, frees)
+
+    # -- write-back -----------------------------------------------------------------------
+    def write_l1(self) -> bool:
+        if not self.l1_dirty:
+            return False
+        base = self.header.l1_table_offset
+        dirty = sorted(self.l1_dirty)
+        # Write runs of adjacent entries at once.
+        start = prev = dirty[0]
+        for i in [*dirty[1:], -2]:
+            if i != prev + 1:
+                data = struct.pack(f">{prev - start + 1}Q", *self.l1[start : prev + 1])
+                pwrite_full(self.fd, data, base + start * 8)
+                start = i
+            prev = i
+        self.l1_dirty.clear()
+        return True
+
+    # -- reference counting (refcount rebuild) ---------------------------------------------
+    def count_references(self, file_size: int, extra: list[tuple[int, int]]) -> np.ndarray:
+        """References per host cluster from the header, L1/L2, snapshots and ``extra``.
+
+        ``extra`` lists (offset, length) byte ranges of other metadata (snapshot table,
+        bitmap structures, encryption header) that each hold one reference per cluster.
+        Also brings the COPIED flags of the active tables in line with the counts.
+        """
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        n = max((file_size + cs - 1) >> cb, 1)
+        counts = np.zeros(n, dtype=np.uint64)
+
+        def add_range(offset: int, length: int) -> None:
+            nonlocal counts
+            if length <= 0:
+                return
+            first, last = offset >> cb, (offset + length - 1) >> cb
+            if last >= counts.size:
+                counts = np.concatenate([counts, np.zeros(last + 1 - counts.size, dtype=np.uint64)])
+            counts[first : last + 1] += 1
+
+        add_range(0, cs)
+        for off, length in extra:
+            add_range(off, length)
+        tables = [(self.header.l1_table_offset, self.header.l1_size, self.l1)]
+        for l1_off, l1_size, l1 in tables + self._snapshot_l1s():
+            add_range(l1_off, l1_size * 8)
+            for l1e in l1:
+                l2_off = l1e & fmt.L1E_OFFSET_MASK
+                if not l2_off:
+                    continue
+                add_range(l2_off, cs)
+                buf = bytearray(cs)
+                pread_full(self.fd, buf, l2_off)
+                ent = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
+                if self.extended:
+                    ent = ent[0::2]
+                comp = (ent & np.uint64(fmt.OFLAG_COMPRESSED)) != 0
+                hosts = ent & np.uint64(fmt.L2E_OFFSET_MASK)
+                idx = (hosts[(~comp) & (hosts != 0)] >> np.uint64(cb)).astype(np.int64)
+                if idx.size:
+                    top = int(idx.max())
+                    if top >= counts.size:
+                        counts = np.concatenate(
+                            [counts, np.zeros(top + 1 - counts.size, dtype=np.uint64)]
+                        )
+                    counts += np.bincount(idx, minlength=counts.size).astype(np.uint64)
+                for e in ent[comp].tolist():
+                    for c in fmt.compressed_host_clusters(int(e), cb):
+                        add_range(c << cb, cs)
+        return counts
+
+    def fix_copied_flags(self, counts: np.ndarray) -> None:
+        """Set COPIED exactly where the active L1/L2 point at clusters with refcount 1."""
+        cb = self.cluster_bits
+        for i, l1e in enumerate(self.l1):
+            l2_off = l1e & fmt.L1E_OFFSET_MASK
+            if not l2_off:
+                continue
+            want = l2_off | (fmt.OFLAG_COPIED if counts[l2_off >> cb] == 1 else 0)
+            if want != l1e:
+                self.l1[i] = want
+                self.l1_dirty.add(i)
+            l2 = self.cache.get(l2_off, L2)
+            step = 2 if self.extended else 1
+            changed = False
+            for k in range(0, len(l2), step):
+                e = l2[k]
+                host = e & fmt.L2E_OFFSET_MASK
+                if e & fmt.OFLAG_COMPRESSED or not host:
+                    continue
+                c = host >> cb
+                new = (
+                    (e | fmt.OFLAG_COPIED)
+                    if c < counts.size and counts[c] == 1
+                    else (e & ~fmt.OFLAG_COPIED)
+                )
+                if new != e:
+                    l2[k] = new
+                    changed = True
+            if changed:
+                self.cache.mark_dirty(l2_off)
+
+    def _snapshot_l1s(self) -> list[tuple[int, int, array[int]]]:
+        out = []
+        for snap in read_snapshots(self.fd, self.header):
+            buf = bytearray(snap.l1_size * 8)
+            pread_full(self.fd, buf, snap.l1_table_offset)
+            out.append((snap.l1_table_offset, snap.l1_size, decode_l2(buf)))
+        return out
+
+
+def read_snapshots(fd: int, header: fmt.Header) -> list[fmt.SnapshotEntry]:
+    if not header.nb_snapshots:
+        return []
+    size = 0
+    chunk = 64 << 10
+    buf = bytearray()
+    # Entries have variable length; read until all decode (bounded by 64 KiB * count).
+    limit = header.nb_snapshots * (40 + 1024 + 2 * 65536 + 8)
+    while True:
+        size += chunk
+        part = bytearray(chunk)
+        got = pread_full(fd, part, header.snapshots_offset + len(buf))
+        buf += part
+        try:
+            return fmt.decode_snapshot_table(bytes(buf), header.nb_snapshots)
+        except CorruptImageError:
+            if got < chunk or size >= limit:
+                raise
+        chunk *= 2
+
+
+def _add(segs: list[list[int]], kind: int, pos: int, length: int, arg: int) -> None:
+    if segs:
+        last = segs[-1]
+        if last[0] == kind and last[1] + last[2] == pos:
+            if kind == SEG_BACKING or (kind == SEG_ZERO and not (last[3] or arg)):
+                last[2] += length
+                return
+            if kind != SEG_COMPRESSED and last[3] and last[3] + last[2] == arg:
+                last[2] += length
+                return
+    segs.append([kind, pos, length, arg])
+
+
+__all__ = ["ClusterMap", "read_snapshots"]

@@ -1,0 +1,282 @@
+"""Create QCOW2 images (v2 and v3), with qemu-img's option names and values."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..backends.raw import pwrite_full
+from ..errors import FormatError, RequestError, UnsupportedFeatureError, VdiskError, from_oserror
+from ..sizes import parse_size
+from . import format as fmt
+from .cache import encode_l2
+
+_TRUE = {"on", "true", "yes", "1"}
+_FALSE = {"off", "false", "no", "0"}
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise RequestError(f"invalid value {value!r} for {name}: expected on or off")
+
+
+def _version(compat: Any) -> int:
+    text = str(compat).lower()
+    if text in ("0.10", "v2", "2"):
+        return 2
+    if text in ("1.1", "v3", "3"):
+        return 3
+    raise RequestError(f"invalid compat {compat!r}: expected 0.10 (v2) or 1.1 (v3)")
+
+
+def create(
+    path: str,
+    size: int | str | None = None,
+    *,
+    compat: str = "1.1",
+    cluster_size: int | str = 65536,
+    refcount_bits: int | str = 16,
+    lazy_refcounts: bool | str = False,
+    preallocation: str = "off",
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    extended_l2: bool | str = False,
+    compression_type: str = "zlib",
+    **options: Any,
+) -> None:
+    """Create a QCOW2 image at ``path`` of ``size`` bytes (default: the backing file's size).
+
+    Options follow ``qemu-img create -o``: names with hyphens or underscores, values as
+    strings or Python values.
+    """
+    opts = {k.replace("-", "_"): v for k, v in options.items()}
+    compat = opts.pop("version", compat)
+    compat = opts.pop("compat", compat)
+    cluster_size = opts.pop("cluster_size", cluster_size)
+    refcount_bits = opts.pop("refcount_bits", refcount_bits)
+    lazy_refcounts = opts.pop("lazy_refcounts", lazy_refcounts)
+    preallocation = opts.pop("preallocation", preallocation)
+    backing_file = opts.pop("backing_file", backing_file)
+    backing_fmt = opts.pop("backing_fmt", backing_fmt)
+    extended_l2 = opts.pop("extended_l2", extended_l2)
+    compression_type = opts.pop("compression_type", compression_type)
+    for name in ("encryption", "encrypt_format", "encrypt.format"):
+        if opts.get(name) not in (None, False, "off", ""):
+            raise UnsupportedFeatureError("encrypted images cannot be created yet", path=path)
+        opts.pop(name, None)
+    if opts.pop("data_file", None):
+        raise UnsupportedFeatureError("external data files are not supported yet", path=path)
+    for ignored in ("nocow", "data_file_raw", "size"):
+        opts.pop(ignored, None)
+    if opts:
+        raise RequestError(f"unknown qcow2 option(s): {', '.join(sorted(opts))}", path=path)
+
+    version = _version(compat)
+    cs = parse_size(cluster_size)
+    if cs < 512 or cs > 2 << 20 or cs & (cs - 1):
+        raise RequestError("Cluster size must be a power of two between 512 and 2048k", path=path)
+    cluster_bits = cs.bit_length() - 1
+    rbits = int(refcount_bits)
+    if rbits < 1 or rbits > 64 or rbits & (rbits - 1):
+        raise RequestError(
+            "Refcount width must be a power of two and may not exceed 64 bits", path=path
+        )
+    if version == 2 and rbits != 16:
+        raise RequestError(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            path=path,
+        )
+    lazy = _bool("lazy_refcounts", lazy_refcounts)
+    if lazy and version == 2:
+        raise RequestError(
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            path=path,
+        )
+    ext_l2 = _bool("extended_l2", extended_l2)
+    if ext_l2 and version == 2:
+        raise RequestError(
+            "Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            path=path,
+        )
+    if ext_l2 and cluster_bits < 14:
+        raise RequestError(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            path=path,
+        )
+    ctype_name = str(compression_type).lower()
+    if ctype_name not in ("zlib", "zstd"):
+        raise RequestError(
+            f"compression_type {compression_type!r}: expected zlib or zstd", path=path
+        )
+    ctype = fmt.COMPRESSION_ZLIB if ctype_name == "zlib" else fmt.COMPRESSION_ZSTD
+    if ctype and version == 2:
+        raise RequestError(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            path=path,
+        )
+    prealloc = str(preallocation).lower()
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise RequestError(
+            f"preallocation {preallocation!r}: expected off, metadata, falloc or full", path=path
+        )
+    if backing_file is not None and prealloc != "off" and not ext_l2:
+        raise RequestError(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            path=path,
+        )
+
+    if backing_file is not None:
+        backing_fmt, bsize = _probe_backing(path, backing_file, backing_fmt)
+        if size is None:
+            size = bsize
+    if size is None:
+        raise RequestError("image size is required (no backing file to take it from)", path=path)
+    vsize = parse_size(size)
+    if vsize < 0:
+        raise RequestError(f"invalid size {vsize}", path=path)
+    if vsize % 512:
+        raise RequestError("Image size must be a multiple of 512 bytes", path=path)
+
+    header = fmt.Header(
+        version=version,
+        cluster_bits=cluster_bits,
+        size=vsize,
+        refcount_order=rbits.bit_length() - 1,
+        header_length=fmt.V3_HEADER_LENGTH if version == 3 else fmt.V2_HEADER_LENGTH,
+        compression_type=ctype,
+        extra_fields=b"\0" * 7 if version == 3 else b"",
+    )
+    if lazy:
+        header.compatible_features |= fmt.COMPAT_LAZY_REFCOUNTS
+    if ext_l2:
+        header.incompatible_features |= fmt.INCOMPAT_EXTL2
+    if ctype:
+        header.incompatible_features |= fmt.INCOMPAT_COMPRESSION
+    if backing_file is not None:
+        header.backing_file = backing_file
+        if backing_fmt:
+            header.set_extension(fmt.EXT_BACKING_FORMAT, backing_fmt.encode())
+    if version == 3:
+        header.set_extension(fmt.EXT_FEATURE_TABLE, fmt.default_feature_table())
+    _write_image(path, header, prealloc)
+
+
+def _probe_backing(path: str, backing_file: str, backing_fmt: str | None) -> tuple[str, int]:
+    from .. import open as vopen
+    from .. import probe_format
+
+    base = os.path.dirname(os.path.abspath(path))
+    bpath = backing_file if os.path.isabs(backing_file) else os.path.join(base, backing_file)
+    if not os.path.exists(bpath):
+        raise VdiskError(f"could not open backing file {backing_file!r}: no such file", path=path)
+    bfmt = backing_fmt or probe_format(bpath)
+    with vopen(bpath, format=bfmt, readonly=True) as dev:
+        return bfmt, dev.size
+
+
+def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
+    cs = header.cluster_size
+    cb = header.cluster_bits
+    l2_entries = 1 << header.l2_bits
+    l1_size = fmt.l1_entries_for(header.size, cb, header.l2_bits)
+    if l1_size * 8 > fmt.MAX_L1_BYTES:
+        raise RequestError(
+            f"image size {header.size} needs an L1 table over 32 MiB; use a larger cluster size",
+            path=path,
+        )
+    l1_clusters = (l1_size * 8 + cs - 1) // cs
+    data_clusters = (header.size + cs - 1) // cs if prealloc != "off" else 0
+    l2_tables = l1_size if prealloc != "off" else 0
+    rb_entries = 1 << header.refblock_bits
+    # Layout: header | refcount table | refcount blocks | L1 | L2 tables | data.
+    t_clusters, blocks = 1, 1
+    while True:
+        total = 1 + t_clusters + blocks + l1_clusters + l2_tables + data_clusters
+        b_new = (total + rb_entries - 1) // rb_entries
+        t_new = (b_new * 8 + cs - 1) // cs
+        if b_new == blocks and t_new == t_clusters:
+            break
+        blocks, t_clusters = max(blocks, b_new), max(t_clusters, t_new)
+    if t_clusters * cs > fmt.MAX_REFTABLE_BYTES:
+        raise RequestError(
+            "refcount table would exceed 8 MiB; use a larger cluster size or refcount width",
+            path=path,
+        )
+    reftable_at = 1
+    blocks_at = reftable_at + t_clusters
+    l1_at = blocks_at + blocks
+    l2_at = l1_at + l1_clusters
+    data_at = l2_at + l2_tables
+    header.l1_size = l1_size
+    header.l1_table_offset = l1_at * cs
+    header.refcount_table_offset = reftable_at * cs
+    header.refcount_table_clusters = t_clusters
+    blob = header.encode()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    try:
+        os.ftruncate(fd, total * cs)
+        pwrite_full(fd, blob, 0)
+        table = np.zeros(t_clusters * cs // 8, dtype=np.uint64)
+        table[:blocks] = (np.arange(blocks, dtype=np.uint64) + np.uint64(blocks_at)) << np.uint64(
+            cb
+        )
+        pwrite_full(fd, fmt.encode_table(table), reftable_at * cs)
+        for b in range(blocks):
+            counts = np.zeros(rb_entries, dtype=np.uint64)
+            lo = b * rb_entries
+            hi = min(lo + rb_entries, total)
+            if hi > lo:
+                counts[: hi - lo] = 1
+            pwrite_full(
+                fd, fmt.encode_refcount_block(counts, header.refcount_order), (blocks_at + b) * cs
+            )
+        if l2_tables:
+            l1 = (np.arange(l1_size, dtype=np.uint64) + np.uint64(l2_at)) << np.uint64(cb)
+            pwrite_full(fd, fmt.encode_table(l1 | np.uint64(fmt.OFLAG_COPIED)), l1_at * cs)
+            ext = header.extended_l2
+            for t in range(l2_tables):
+                first = t * l2_entries
+                n = min(l2_entries, data_clusters - first)
+                hosts = (
+                    np.arange(first, first + n, dtype=np.uint64) + np.uint64(data_at)
+                ) << np.uint64(cb)
+                hosts |= np.uint64(fmt.OFLAG_COPIED)
+                if ext:
+                    entries = np.zeros(2 * l2_entries, dtype=np.uint64)
+                    entries[0 : 2 * n : 2] = hosts
+                    entries[1 : 2 * n : 2] = (
+                        0 if header.backing_file else fmt.SUBCLUSTER_ALLOC_MASK
+                    )
+                else:
+                    entries = np.zeros(l2_entries, dtype=np.uint64)
+                    entries[:n] = hosts
+                pwrite_full(fd, fmt.encode_table(entries), (l2_at + t) * cs)
+            if prealloc == "falloc" and data_clusters:
+                os.posix_fallocate(fd, data_at * cs, data_clusters * cs)
+            elif prealloc == "full" and data_clusters:
+                chunk = bytes(1 << 20)
+                pos, end = data_at * cs, total * cs
+                while pos < end:
+                    pos += os.pwrite(fd, chunk[: min(len(chunk), end - pos)], pos)
+        os.fsync(fd)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    except FormatError as exc:
+        exc.path = path
+        raise
+    finally:
+        os.close(fd)
+
+
+__all__ = ["create", "encode_l2"]

@@ -1,0 +1,818 @@
+"""Qcow2Image: a QCOW2 file as a thread-safe BlockDevice.
+
+Lock story
+----------
+One metadata lock (``_lock``, with the condition ``_cond`` on it) protects everything that
+describes the image: the header, the L1 table, the refcount table, the metadata cache (L2
+tables and refcount blocks), the free-space index, the pending frees and the in-flight sets.
+Guest data I/O never happens under it, except the small table writes of a flush:
+
+* read: lock; translate the range into segments; take a ticket; unlock; one preadv per
+  contiguous host run; lock; return the ticket.
+* write: lock; wait until no allocating write is in flight on the same guest clusters; plan
+  each cluster (in place / new / reuse); allocate clusters; mark the allocating ones in
+  flight; take a ticket; unlock; read copy-on-write head/tail; one pwritev per contiguous host
+  run; lock; store the L2 entries; clear the in-flight marks; return the ticket.
+* write_zeroes / discard: lock; wait as a write does; update L2 entries; unlock.
+
+Clusters freed by an overwrite, a discard or a zero request are not reusable at once: they go
+to a pending list tagged with the current ticket number and their refcount drops only at a
+flush, after the L2 change is on disk, and only once every I/O that started before the free
+has finished (its ticket is returned). So a crash can only leak clusters, and a reader that
+translated an address before a discard never reads another guest cluster's data.
+
+Ordering on disk: data and refcount increases are synced before L2 tables are written; L2
+tables before the L1 entries that point at them; refcount decreases last. ``flush()`` keeps
+these promises; evicting a dirty L2 table from the cache does the same in small.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from typing import Any
+
+from typing_extensions import Buffer
+
+from ..backends.raw import pread_full
+from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents
+from ..errors import (
+    BackingChainError,
+    CorruptImageError,
+    FormatError,
+    ReadOnlyError,
+    RequestError,
+    UnsupportedFeatureError,
+    VdiskError,
+    from_oserror,
+)
+from . import format as fmt
+from .cache import L2, MetadataCache, default_capacity
+from .cluster import (
+    IN_PLACE,
+    NEW,
+    SEG_BACKING,
+    SEG_COMPRESSED,
+    SEG_DATA,
+    SEG_ZERO,
+    ClusterMap,
+    read_snapshots,
+)
+from .refcount import RefcountManager
+
+MAX_CHAIN_DEPTH = 64
+IOV_MAX = 1024
+_ZEROS = bytes(1 << 20)
+
+
+def _pwritev_full(fd: int, iov: list[Any], offset: int) -> None:
+    """pwritev that finishes short writes and splits long vectors."""
+    views = [memoryview(b).cast("B") for b in iov]
+    while views:
+        batch = views[:IOV_MAX]
+        total = sum(len(v) for v in batch)
+        done = os.pwritev(fd, batch, offset)
+        offset += done
+        if done == total:
+            views = views[IOV_MAX:]
+            continue
+        # Drop what was written and go on from the first partly written buffer.
+        while done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        views[0] = views[0][done:]
+
+
+def _norm_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_"): v for k, v in options.items()}
+
+
+class Qcow2Image(BlockDeviceBase):
+    """A QCOW2 image (v2 or v3). Open with :meth:`open`; see the module docstring for locks."""
+
+    def __init__(self) -> None:  # use Qcow2Image.open()
+        raise TypeError("use Qcow2Image.open(path, ...)")
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        readonly: bool = False,
+        l2_cache_size: int | str | None = None,
+        refcount_cache_size: int | str | None = None,
+        open_backing: bool = True,
+        **options: Any,
+    ) -> Qcow2Image:
+        """Open ``path`` as a BlockDevice.
+
+        ``l2_cache_size``/``refcount_cache_size`` (bytes or '4M') size the metadata cache like
+        QEMU's options. ``open_backing=False`` leaves the backing chain closed (``backing`` is
+        None; unallocated clusters read as zeros), as ``qemu-img info`` opens images.
+        """
+        opts = _norm_options(options)
+        chain: tuple[str, ...] = opts.pop("_chain", ())
+        l2_cache_size = opts.pop("l2_cache_size", l2_cache_size)
+        refcount_cache_size = opts.pop("refcount_cache_size", refcount_cache_size)
+        opts.pop("format", None)
+        open_backing = bool(opts.pop("backing", open_backing))
+        if opts:
+            raise RequestError(
+                f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
+            )
+        self = cls.__new__(cls)
+        self._init(
+            path,
+            readonly,
+            _size_opt(l2_cache_size),
+            _size_opt(refcount_cache_size),
+            open_backing,
+            chain,
+        )
+        return self
+
+    def _init(
+        self,
+        path: str,
+        readonly: bool,
+        l2_cache_size: int | None,
+        refcount_cache_size: int | None,
+        open_backing: bool,
+        chain: tuple[str, ...],
+    ) -> None:
+        self.path = path
+        self.backing: BlockDevice | None = None
+        self.fd = -1
+        try:
+            self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        try:
+            self._load(path, readonly, l2_cache_size, refcount_cache_size, open_backing, chain)
+        except VdiskError as exc:
+            self._abort()
+            if exc.path is None:
+                exc.path = path
+            raise
+        except OSError as exc:
+            self._abort()
+            raise from_oserror(exc, path) from None
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _load(
+        self,
+        path: str,
+        readonly: bool,
+        l2_cache_size: int | None,
+        refcount_cache_size: int | None,
+        open_backing: bool,
+        chain: tuple[str, ...],
+    ) -> None:
+        fd = self.fd
+        file_size = os.fstat(fd).st_size
+        head = bytearray(min(max(file_size, 0), 1 << 21))
+        pread_full(fd, head, 0)
+        header = fmt.Header.decode(head)
+        header.validate(file_size)
+        unknown = header.incompatible_features & ~fmt.INCOMPAT_KNOWN
+        if unknown:
+            names = [
+                header.feature_name(fmt.FEATURE_INCOMPAT, b) for b in range(64) if unknown >> b & 1
+            ]
+            raise UnsupportedFeatureError(
+                f"unsupported incompatible feature(s): {', '.join(names)}"
+            )
+        if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+            raise UnsupportedFeatureError("external data files are not supported yet")
+        if header.crypt_method:
+            raise UnsupportedFeatureError("encrypted images are not supported yet")
+        if header.corrupt and not readonly:
+            raise CorruptImageError(
+                "image is marked corrupt (incompatible bit 1); open it read-only, or repair it"
+            )
+        super().__init__(header.size, readonly, path)
+        self.header = header
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.granularity = self.cluster_size >> (5 if header.extended_l2 else 0)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self.metadata: set[int] = set()
+        capacity = default_capacity(
+            header.size,
+            header.cluster_bits,
+            header.l2_entry_size,
+            l2_cache_size,
+            refcount_cache_size,
+        )
+        self.cache = MetadataCache(
+            fd, self.cluster_size, header.refcount_order, capacity, self._before_table_write
+        )
+        self.refcounts = RefcountManager(fd, header, self.cache, file_size, self.metadata, path)
+        self.map = ClusterMap(
+            fd, header, self.cache, self.refcounts, self.metadata, file_size, path
+        )
+        self._extra_metadata = self._other_metadata()
+        for off, length in self._extra_metadata:
+            self.metadata.update(
+                range(off >> self.cluster_bits, (off + length - 1 >> self.cluster_bits) + 1)
+            )
+        self._inflight: set[int] = set()
+        self._waiters = 0
+        self._next_ticket = 0
+        self._active: set[int] = set()
+        self._pending: list[tuple[int, list[int]]] = []
+        self._unsynced = False
+        self._write_ready = False
+        self._set_dirty = False
+        self._compressed_cache: tuple[int, bytes] = (-1, b"")
+        self._zstd: Any = None
+        if header.dirty and not readonly:
+            self._repair_refcounts(file_size)
+        # Backing chain.
+        self._chain_depth = 0
+        if header.backing_file and open_backing:
+            self.backing = self._open_backing(chain)
+            self._chain_depth = getattr(self.backing, "_chain_depth", 0) + 1
+
+    def _other_metadata(self) -> list[tuple[int, int]]:
+        """(offset, length) of metadata beyond header, L1/L2 and refcounts."""
+        h = self.header
+        out: list[tuple[int, int]] = []
+        if h.nb_snapshots:
+            snaps = read_snapshots(self.fd, h)
+            length = 0
+            for s in snaps:
+                length += (
+                    40 + len(s.extra_data) + len(s.id_str.encode()) + len(s.name.encode()) + 7
+                ) & ~7
+                if s.l1_size * 8 > fmt.MAX_L1_BYTES:
+                    raise FormatError(f"snapshot {s.id_str!r}: L1 table too large")
+                out.append((s.l1_table_offset, s.l1_size * 8))
+            out.append((h.snapshots_offset, length))
+        bitmaps = h.bitmaps
+        if bitmaps is not None and h.autoclear_features & fmt.AUTOCLEAR_BITMAPS:
+            buf = bytearray(bitmaps.directory_size)
+            pread_full(self.fd, buf, bitmaps.directory_offset)
+            out.append((bitmaps.directory_offset, bitmaps.directory_size))
+            for bm in fmt.decode_bitmap_directory(bytes(buf), bitmaps.nb_bitmaps):
+                out.append((bm.bitmap_table_offset, bm.bitmap_table_size * 8))
+                tbuf = bytearray(bm.bitmap_table_size * 8)
+                pread_full(self.fd, tbuf, bm.bitmap_table_offset)
+                for e in struct.unpack(f">{bm.bitmap_table_size}Q", tbuf):
+                    if e & fmt.L2E_OFFSET_MASK:
+                        out.append((e & fmt.L2E_OFFSET_MASK, self.cluster_size))
+        crypto = h.crypto
+        if crypto is not None:
+            out.append((crypto.offset, crypto.length))
+        return [(o, n) for o, n in out if n > 0]
+
+    def _open_backing(self, chain: tuple[str, ...]) -> BlockDevice:
+        h = self.header
+        assert h.backing_file is not None
+        name = h.backing_file
+        if name.startswith("json:") or (":" in name.split("/")[0] and not os.path.exists(name)):
+            raise UnsupportedFeatureError(
+                f"backing file {name!r}: protocol backing files are not supported"
+            )
+        bpath = (
+            name
+            if os.path.isabs(name)
+            else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        )
+        real = os.path.realpath(bpath)
+        here = os.path.realpath(self.path)
+        seen = (*chain, here)
+        if real in seen:
+            raise BackingChainError(f"backing file loop: {name!r} is already in the chain")
+        if len(seen) > MAX_CHAIN_DEPTH:
+            raise BackingChainError(f"backing chain deeper than {MAX_CHAIN_DEPTH}")
+        if not os.path.exists(bpath):
+            raise BackingChainError(f"backing file {name!r} not found")
+        bfmt = h.backing_format
+        if bfmt is None:
+            from .. import probe_format
+
+            bfmt = probe_format(bpath)
+        if bfmt == "qcow2":
+            return Qcow2Image.open(bpath, readonly=True, _chain=seen)
+        if bfmt == "raw":
+            from ..backends.raw import RawDevice
+
+            return RawDevice(bpath, readonly=True)
+        raise UnsupportedFeatureError(f"backing file {name!r}: format {bfmt!r} is not supported")
+
+    def _repair_refcounts(self, file_size: int) -> None:
+        """The dirty bit is set: refcounts may be wrong. Rebuild them from the tables."""
+        counts = self.map.count_references(file_size, self._extra_metadata)
+        self.refcounts.rebuild(counts)
+        self.map.fix_copied_flags(counts)
+        self.cache.write_back(L2)
+        self.map.write_l1()
+        os.fdatasync(self.fd)
+        self._write_features(incompatible=self.header.incompatible_features & ~fmt.INCOMPAT_DIRTY)
+
+    # -- header fields ------------------------------------------------------------------
+    def _write_features(
+        self, incompatible: int | None = None, autoclear: int | None = None
+    ) -> None:
+        if self.header.version < 3:
+            return
+        if incompatible is not None:
+            os.pwrite(self.fd, struct.pack(">Q", incompatible), 72)
+            self.header.incompatible_features = incompatible
+        if autoclear is not None:
+            os.pwrite(self.fd, struct.pack(">Q", autoclear), 88)
+            self.header.autoclear_features = autoclear
+        os.fdatasync(self.fd)
+
+    def _prepare_first_write(self) -> None:
+        """Under the lock, before the first change: dirty bit, autoclear bits."""
+        h = self.header
+        if h.version >= 3:
+            if h.autoclear_features:
+                # We keep no bitmaps up to date and know no other autoclear feature.
+                self._write_features(autoclear=0)
+            if h.lazy_refcounts and not h.dirty:
+                self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
+                self._set_dirty = True
+        self._write_ready = True
+
+    def _mark_corrupt(self, message: str) -> CorruptImageError:
+        try:
+            self._write_features(
+                incompatible=self.header.incompatible_features | fmt.INCOMPAT_CORRUPT
+            )
+        except OSError:
+            pass
+        self._readonly = True
+        return CorruptImageError(f"{message}; image marked corrupt", path=self.path)
+
+    # -- tickets and pending frees ------------------------------------------------------
+    def _take_ticket(self) -> int:
+        t = self._next_ticket
+        self._next_ticket = t + 1
+        self._active.add(t)
+        return t
+
+    def _free_later(self, clusters: list[int]) -> None:
+        if clusters:
+            self._pending.append((self._next_ticket, clusters))
+
+    def _releasable(self) -> bool:
+        if not self._pending:
+            return False
+        oldest = min(self._active) if self._active else self._next_ticket
+        return self._pending[0][0] <= oldest
+
+    def _release_pending(self) -> bool:
+        oldest = min(self._active) if self._active else self._next_ticket
+        keep: list[tuple[int, list[int]]] = []
+        released = False
+        for bound, clusters in self._pending:
+            if bound <= oldest:
+                for c in clusters:
+                    self.refcounts.add(c, -1)
+                    if c in self.metadata and self.refcounts.get(c) == 0:
+                        self.metadata.discard(c)
+                        self.cache.drop(c << self.cluster_bits)
+                released = True
+            else:
+                keep.append((bound, clusters))
+        self._pending = keep
+        return released
+
+    def _wait_inflight(self, gc0: int, gc1: int) -> None:
+        while self._inflight and any(gc in self._inflight for gc in range(gc0, gc1 + 1)):
+            self._waiters += 1
+            try:
+                self._cond.wait()
+            finally:
+                self._waiters -= 1
+
+    # -- write-back ---------------------------------------------------------------------
+    def _before_table_write(self, kind: int) -> None:
+        """Cache eviction hook: a dirty L2 table may go out only after what it depends on."""
+        if kind == L2:
+            wrote = self.refcounts.write_back()
+            if wrote or self._unsynced:
+                os.fdatasync(self.fd)
+                self._unsynced = False
+
+    def _flush_locked(self) -> None:
+        self.refcounts.write_back()
+        os.fdatasync(self.fd)
+        self._unsynced = False
+        tables = self.cache.write_back(L2)
+        if tables:
+            os.fdatasync(self.fd)
+        if self.map.write_l1():
+            os.fdatasync(self.fd)
+        if self._release_pending():
+            self.refcounts.write_back()
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+        if self._readonly:
+            return
+        with self._lock:
+            try:
+                self._flush_locked()
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+
+    def _closed_error(self) -> VdiskError:
+        from ..errors import ClosedError
+
+        return ClosedError("device is closed", path=self.path)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self._readonly and self.fd >= 0:
+                with self._lock:
+                    self._active.clear()
+                    self._flush_locked()
+                    if self._pending:
+                        self._release_pending()
+                        self._flush_locked()
+                    if self._set_dirty or (self.header.dirty and self._write_ready):
+                        self._write_features(
+                            incompatible=self.header.incompatible_features & ~fmt.INCOMPAT_DIRTY
+                        )
+        finally:
+            super().close()
+            self._abort()
+
+    # -- reads --------------------------------------------------------------------------
+    def readinto(self, buf: Buffer, offset: int) -> int:
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        if self._closed or offset < 0 or offset + n > self._size:
+            self.check_request(offset, n)
+        if n:
+            self._read(view, offset)
+        return n
+
+    def _read(self, view: memoryview, offset: int) -> None:
+        segs: list[list[int]] = []
+        with self._lock:
+            self.map.map_range(offset, len(view), segs)
+            ticket = self._next_ticket
+            self._next_ticket = ticket + 1
+            self._active.add(ticket)
+        try:
+            fd = self.fd
+            for kind, g, length, arg in segs:
+                b = g - offset
+                if kind == SEG_DATA:
+                    pread_full(fd, view[b : b + length], arg)
+                elif kind == SEG_ZERO:
+                    _fill_zero(view, b, length)
+                elif kind == SEG_BACKING:
+                    self._read_backing(view[b : b + length], g)
+                else:
+                    data = self._decompress(arg)
+                    c = g & (self.cluster_size - 1)
+                    view[b : b + length] = data[c : c + length]
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+        finally:
+            with self._lock:
+                self._active.discard(ticket)
+
+    def _read_backing(self, view: memoryview, guest: int) -> None:
+        parent = self.backing
+        n = len(view)
+        if parent is None or guest >= parent.size:
+            _fill_zero(view, 0, n)
+            return
+        avail = min(n, parent.size - guest)
+        parent.readinto(view[:avail], guest)
+        if avail < n:
+            _fill_zero(view, avail, n - avail)
+
+    def _decompress(self, entry: int) -> bytes:
+        cached = self._compressed_cache
+        if cached[0] == entry:
+            return cached[1]
+        host, length = fmt.decode_compressed(entry, self.cluster_bits)
+        raw = bytearray(length)
+        pread_full(self.fd, raw, host)
+        cs = self.cluster_size
+        try:
+            if self.header.compression_type == fmt.COMPRESSION_ZSTD:
+                data = self._zstd_decompress(raw)
+            else:
+                d = zlib.decompressobj(-12)
+                data = d.decompress(bytes(raw), cs)
+        except (zlib.error, ValueError) as exc:
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x}: {exc}", path=self.path
+            ) from None
+        except Exception as exc:  # zstandard.ZstdError
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x}: {exc}", path=self.path
+            ) from None
+        if len(data) != cs:
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x} decompresses to {len(data)} bytes, not {cs}",
+                path=self.path,
+            )
+        self._compressed_cache = (entry, data)
+        return data
+
+    def _zstd_decompress(self, raw: bytearray) -> bytes:
+        import zstandard
+
+        # The compressed data may be followed by padding or the next cluster: decode one
+        # frame and stop at a cluster's worth of output.
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        out: bytes = dobj.decompress(bytes(raw))
+        return out[: self.cluster_size]
+
+    # -- writes -------------------------------------------------------------------------
+    def write(self, buf: Buffer, offset: int, fua: bool = False) -> int:
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        self.check_request(offset, n, write=True)
+        if n:
+            try:
+                self._write(view, offset)
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+        if fua:
+            self.flush()
+        return n
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        n = len(view)
+        end = offset + n
+        gc0 = offset >> cb
+        gc1 = (end - 1) >> cb
+        frees: list[int] = []
+        with self._lock:
+            if not self._write_ready:
+                self._prepare_first_write()
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            if self._inflight:
+                self._wait_inflight(gc0, gc1)
+            plan, new_count = self.map.plan_write(gc0, gc1, frees)
+            if new_count:
+                rc = self.refcounts
+                if (
+                    self._pending
+                    and not rc.free_heap
+                    and rc.scan_cursor >= rc.end_cluster
+                    and self._releasable()
+                ):
+                    # Reuse freed clusters rather than grow the file: make them free now.
+                    self._flush_locked()
+                hosts = rc.allocate(new_count)
+                k = 0
+                for item in plan:
+                    if item[2] == NEW:
+                        item[1] = hosts[k] << cb
+                        k += 1
+            meta = self.metadata
+            for item in plan:
+                if item[2] != NEW and (item[1] >> cb) in meta:
+                    self._free_later(frees)
+                    raise self._mark_corrupt(
+                        f"write to guest cluster {item[0]} would overwrite metadata at {item[1]:#x}"
+                    )
+            for item in plan:
+                if item[2] != IN_PLACE:
+                    self._inflight.add(item[0])
+            ticket = self._take_ticket()
+        ok = False
+        try:
+            # Copy-on-write for the uncovered head and tail of newly written clusters.
+            head = tail = None
+            first, last = plan[0], plan[-1]
+            if first[2] != IN_PLACE and offset & (cs - 1):
+                head = bytearray(offset & (cs - 1))
+                self._read(memoryview(head), gc0 << cb)
+            if last[2] != IN_PLACE and end & (cs - 1):
+                cend = (gc1 + 1) << cb
+                tail = bytearray(cend - end)
+                avail = min(cend, self._size) - end
+                if avail > 0:
+                    self._read(memoryview(tail)[:avail], end)
+            # Host runs: each a list of pieces, (start, end) of the request buffer or a COW
+            # buffer; adjacent buffer ranges merge so a contiguous run is one iovec entry.
+            runs: list[tuple[int, list[Any]]] = []
+            run_end = -1
+            for item in plan:
+                gc, host, mode = item[0], item[1], item[2]
+                gstart = max(offset, gc << cb)
+                gend = min(end, (gc + 1) << cb)
+                piece = (gstart - offset, gend - offset)
+                if mode == IN_PLACE:
+                    hstart = host + (gstart & (cs - 1))
+                    length = gend - gstart
+                    pre = post = None
+                else:
+                    hstart = host
+                    length = cs
+                    pre = head if gc == gc0 else None
+                    post = tail if gc == gc1 else None
+                if hstart != run_end:
+                    runs.append((hstart, []))
+                pieces = runs[-1][1]
+                if pre is not None:
+                    pieces.append(pre)
+                if pieces and isinstance(pieces[-1], tuple) and pieces[-1][1] == piece[0]:
+                    pieces[-1] = (pieces[-1][0], piece[1])
+                else:
+                    pieces.append(piece)
+                if post is not None:
+                    pieces.append(post)
+                run_end = hstart + length
+            fd = self.fd
+            for host, pieces in runs:
+                iov = [view[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces]
+                _pwritev_full(fd, iov, host)
+            ok = True
+        finally:
+            with self._lock:
+                self._active.discard(ticket)
+                if ok:
+                    self._unsynced = True
+                    for item in plan:
+                        if item[2] != IN_PLACE:
+                            self.map.commit_write(item, frees)
+                else:
+                    frees.extend(item[1] >> cb for item in plan if item[2] == NEW)
+                self._free_later(frees)
+                for item in plan:
+                    self._inflight.discard(item[0])
+                if self._waiters:
+                    self._cond.notify_all()
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.check_request(offset, length, write=True)
+        try:
+            self._zero_or_discard(offset, length, may_unmap, discard=False)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+
+    def discard(self, offset: int, length: int) -> None:
+        self.check_request(offset, length, write=True)
+        try:
+            self._zero_or_discard(offset, length, True, discard=True)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+
+    def _zero_or_discard(self, offset: int, length: int, may_unmap: bool, discard: bool) -> None:
+        if not length:
+            return
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        end = offset + length
+        # Whole clusters only; the image end counts as a cluster end.
+        a = (offset + cs - 1) & ~(cs - 1)
+        b = end & ~(cs - 1) if end < self._size else ((end + cs - 1) & ~(cs - 1))
+        if a >= b:
+            if not discard:
+                self._write_zero_data(offset, length)
+            return
+        if not discard:
+            if offset < a:
+                self._write_zero_data(offset, a - offset)
+            if min(b, self._size) < end:
+                self._write_zero_data(b, end - b)
+        gc0, gc1 = a >> cb, (b >> cb) - 1
+        v3 = self.header.version >= 3
+        has_backing = self.header.backing_file is not None
+        data_zero: list[int] = []
+        with self._lock:
+            if not self._write_ready:
+                self._prepare_first_write()
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            self._wait_inflight(gc0, gc1)
+            frees: list[int] = []
+            m = self.map
+            for gc in range(gc0, gc1 + 1):
+                if discard:
+                    e, _bm = m.entry(gc)
+                    allocated = bool(e & fmt.L2E_OFFSET_MASK or e & fmt.OFLAG_COMPRESSED)
+                    if v3 and (has_backing or allocated):
+                        m.deallocate_cluster(gc, zero=True, frees=frees)
+                    elif not v3:
+                        m.deallocate_cluster(gc, zero=False, frees=frees)
+                elif v3:
+                    m.zero_cluster(gc, may_unmap, frees)
+                else:
+                    e, _bm = m.entry(gc)
+                    allocated = bool(e & fmt.L2E_OFFSET_MASK or e & fmt.OFLAG_COMPRESSED)
+                    if has_backing or (allocated and not may_unmap):
+                        data_zero.append(gc)
+                    elif allocated:
+                        m.deallocate_cluster(gc, zero=False, frees=frees)
+            self._free_later(frees)
+        # v2 has no zero flag: where deallocating is not allowed or would expose the
+        # backing file, write zeros.
+        for gc in data_zero:
+            start = gc << cb
+            self._write_zero_data(start, min(cs, self._size - start))
+
+    def _write_zero_data(self, offset: int, length: int) -> None:
+        while length:
+            n = min(length, len(_ZEROS))
+            self._write(memoryview(_ZEROS)[:n], offset)
+            offset += n
+            length -= n
+
+    # -- block status -------------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        self.check_request(offset, length)
+        return merge_extents(self._status(offset, length))
+
+    def _status(self, offset: int, length: int) -> list[Extent]:
+        segs: list[list[int]] = []
+        with self._lock:
+            self.map.map_range(offset, length, segs, status=True)
+        out: list[Extent] = []
+        for kind, g, n, arg in segs:
+            if kind == SEG_DATA:
+                out.append(Extent(g, n, data=True, zero=False, host_offset=arg))
+            elif kind == SEG_ZERO:
+                out.append(Extent(g, n, data=False, zero=True, host_offset=arg or None))
+            elif kind == SEG_COMPRESSED:
+                out.append(Extent(g, n, data=True, zero=False, compressed=True))
+            else:
+                out.extend(self._backing_status(g, n))
+        return out
+
+    def _backing_status(self, g: int, n: int) -> list[Extent]:
+        parent = self.backing
+        out: list[Extent] = []
+        if parent is not None and g < parent.size:
+            avail = min(n, parent.size - g)
+            for e in parent.block_status(g, avail):
+                out.append(
+                    Extent(
+                        e.offset,
+                        e.length,
+                        e.data,
+                        e.zero,
+                        e.present,
+                        e.depth + 1,
+                        e.host_offset,
+                        e.compressed,
+                    )
+                )
+            g += avail
+            n -= avail
+        if n:
+            out.append(Extent(g, n, data=False, zero=True, present=False, depth=self._chain_depth))
+        return out
+
+    # -- information --------------------------------------------------------------------
+    @property
+    def snapshots(self) -> list[fmt.SnapshotEntry]:
+        """The internal snapshot table (read from disk)."""
+        with self._lock:
+            return read_snapshots(self.fd, self.header)
+
+    def allocated_clusters(self) -> int:
+        with self._lock:
+            return self.refcounts.end_cluster
+
+    def __repr__(self) -> str:
+        return f"<Qcow2Image {self.path!r} v{self.header.version} size={self._size}>"
+
+
+def _fill_zero(view: memoryview, start: int, length: int) -> None:
+    while length > 0:
+        k = min(length, len(_ZEROS))
+        view[start : start + k] = _ZEROS[:k]
+        start += k
+        length -= k
+
+
+def _size_opt(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    from ..sizes import parse_size
+
+    return parse_size(value)

@@ -1,0 +1,361 @@
+"""Refcounts: the two-level refcount structure, the free-space index and cluster allocation.
+
+The refcount table lives in memory (at most 8 MiB); refcount blocks go through the shared
+metadata cache. Free clusters are found with a scan cursor that walks the file once, block by
+block (numpy over a whole block), feeding a min-heap of free cluster indices; clusters freed
+later go straight onto the heap. Allocation is therefore amortised O(log n), never a full scan
+per request. Past the scanned area the file end is the next free cluster.
+
+Not thread-safe by itself: the image calls it with its metadata lock held.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import struct
+from array import array
+
+import numpy as np
+
+from ..backends.raw import pread_full, pwrite_full
+from ..errors import CorruptImageError, NoSpaceError
+from . import format as fmt
+from .cache import REFBLOCK, MetadataCache, decode_l2, encode_l2
+
+
+class RefcountManager:
+    def __init__(
+        self,
+        fd: int,
+        header: fmt.Header,
+        cache: MetadataCache,
+        file_size: int,
+        metadata: set[int],
+        path: str,
+        load: bool = True,
+    ) -> None:
+        self.fd = fd
+        self.header = header
+        self.cache = cache
+        self.path = path
+        self.metadata = metadata  # host cluster indices holding metadata (shared with image)
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.rb_bits = header.refblock_bits
+        self.rb_entries = 1 << self.rb_bits
+        self.max_refcount = (1 << header.refcount_bits) - 1
+        self.end_cluster = (file_size + self.cluster_size - 1) >> self.cluster_bits
+        self.scan_cursor = 0
+        self.free_heap: list[int] = []
+        self.table_dirty: set[int] = set()
+        self.table = array("Q")
+        if load:
+            self._load_table(file_size)
+
+    def _load_table(self, file_size: int) -> None:
+        h = self.header
+        size = h.refcount_table_clusters * self.cluster_size
+        buf = bytearray(size)
+        pread_full(self.fd, buf, h.refcount_table_offset)
+        self.table = decode_l2(buf)
+        entries = np.frombuffer(self.table, dtype=np.uint64)
+        bad = np.flatnonzero(entries & np.uint64(fmt.REFT_RESERVED_MASK | (self.cluster_size - 1)))
+        if bad.size:
+            raise CorruptImageError(
+                f"refcount table entry {int(bad[0])}: refcount block offset is not cluster aligned",
+                path=self.path,
+            )
+        past = np.flatnonzero(entries + np.uint64(self.cluster_size) > np.uint64(file_size))
+        past = past[entries[past] != 0]
+        if past.size:
+            raise CorruptImageError(
+                f"refcount table entry {int(past[0])}: refcount block lies past the end of the file",
+                path=self.path,
+            )
+        first = h.refcount_table_offset >> self.cluster_bits
+        self.metadata.update(range(first, first + h.refcount_table_clusters))
+        self.metadata.update(int(x) >> self.cluster_bits for x in entries[entries != 0])
+
+    # -- lookups --------------------------------------------------------------------------
+    def _block(self, block_index: int, create: bool) -> np.ndarray | None:
+        if block_index < len(self.table):
+            off = self.table[block_index]
+            if off:
+                block: np.ndarray = self.cache.get(off, REFBLOCK)
+                return block
+        if not create:
+            return None
+        if block_index >= len(self.table):
+            self.grow_table(block_index + 1)
+            return self._block(block_index, create)
+        # A new refcount block. Put it at the file end; if that lies in the range it covers,
+        # it describes itself, else its own refcount lives in another block (recursion ends
+        # because the end of the file is covered by the newest block).
+        base = block_index << self.rb_bits
+        c = self.end_cluster
+        self.end_cluster += 1
+        if self.scan_cursor == c:
+            self.scan_cursor = self.end_cluster
+        new: np.ndarray = self.cache.empty_table(REFBLOCK)
+        self.table[block_index] = c << self.cluster_bits
+        self.table_dirty.add(block_index)
+        self.cache.add_new(c << self.cluster_bits, REFBLOCK, new)
+        self.metadata.add(c)
+        if base <= c < base + self.rb_entries:
+            new[c - base] = 1
+        else:
+            self.add(c, 1)
+        return new
+
+    def get(self, cluster: int) -> int:
+        block = self._block(cluster >> self.rb_bits, create=False)
+        if block is None:
+            return 0
+        return int(block[cluster & (self.rb_entries - 1)])
+
+    def add(self, cluster: int, delta: int) -> int:
+        """Change one refcount; returns the new value. Frees the cluster at zero."""
+        block = self._block(cluster >> self.rb_bits, create=delta > 0)
+        if block is None:
+            raise CorruptImageError(
+                f"refcount of cluster {cluster} would drop below zero", path=self.path
+            )
+        i = cluster & (self.rb_entries - 1)
+        value = int(block[i]) + delta
+        if value < 0:
+            raise CorruptImageError(
+                f"refcount of cluster {cluster} would drop below zero", path=self.path
+            )
+        if value > self.max_refcount:
+            raise NoSpaceError(
+                f"refcount of cluster {cluster} would exceed {self.max_refcount} "
+                f"(refcount_bits={self.header.refcount_bits})",
+                path=self.path,
+            )
+        block[i] = value
+        self.cache.mark_dirty(self.table[cluster >> self.rb_bits])
+        if value == 0:
+            self._released(cluster)
+        return value
+
+    def _released(self, cluster: int) -> None:
+        self.metadata.discard(cluster)
+        if cluster < self.scan_cursor:
+            heapq.heappush(self.free_heap, cluster)
+
+    # -- allocation -----------------------------------------------------------------------
+    def _scan_step(self) -> None:
+        start = self.scan_cursor
+        bi = start >> self.rb_bits
+        base = bi << self.rb_bits
+        stop = min(base + self.rb_entries, self.end_cluster)
+        block = self._block(bi, create=False)
+        if block is None:
+            found = list(range(start, stop))
+        else:
+            found = (np.flatnonzero(block[start - base : stop - base] == 0) + start).tolist()
+        self.scan_cursor = stop
+        if found:
+            self.free_heap.extend(found)
+            heapq.heapify(self.free_heap)
+
+    def _take_free(self) -> int | None:
+        while True:
+            if self.free_heap:
+                return heapq.heappop(self.free_heap)
+            if self.scan_cursor >= self.end_cluster:
+                return None
+            self._scan_step()
+
+    def _take_end(self, count: int) -> int:
+        """``count`` contiguous clusters at the end of the file (refcounts still 0)."""
+        while True:
+            start = self.end_cluster
+            used = [c for c in range(start, start + count) if self.get(c)]
+            if not used:
+                break
+            # Something past the file end already has a refcount (QEMU may leave such
+            # clusters); step over it rather than hand it out twice.
+            self.end_cluster = used[-1] + 1
+            self.scan_cursor = max(self.scan_cursor, self.end_cluster)
+        if self.scan_cursor == start:
+            self.scan_cursor = start + count
+        self.end_cluster = start + count
+        return start
+
+    def allocate(self, count: int) -> list[int]:
+        """``count`` clusters (refcount 1), reusing freed ones first, contiguous at the end."""
+        out: list[int] = []
+        while len(out) < count:
+            c = self._take_free()
+            if c is None:
+                break
+            out.append(c)
+        if len(out) < count:
+            start = self._take_end(count - len(out))
+            out.extend(range(start, start + count - len(out)))
+        for c in out:
+            self.add(c, 1)
+        return out
+
+    def allocate_contiguous(self, count: int) -> int:
+        """``count`` contiguous clusters (refcount 1), from the end of the file."""
+        start = self._take_end(count)
+        for c in range(start, start + count):
+            self.add(c, 1)
+        return start
+
+    def free(self, cluster: int, count: int = 1) -> None:
+        for c in range(cluster, cluster + count):
+            self.add(c, -1)
+
+    # -- growth ---------------------------------------------------------------------------
+    def grow_table(self, min_entries: int) -> None:
+        """Move the refcount table to a larger one at the end of the file.
+
+        The new table and any refcount blocks needed to describe it (and themselves) are
+        laid out together, written and synced before the header switches to them.
+        """
+        cs = self.cluster_size
+        per_cluster = cs // 8
+        old_clusters = self.header.refcount_table_clusters
+        old_offset = self.header.refcount_table_offset
+        want = min(
+            len(self.table) + len(self.table) // 2 + per_cluster, fmt.MAX_REFTABLE_BYTES // 8
+        )
+        want = max(min_entries, want)
+        start = self._take_end(0)
+        t_clusters = (want + per_cluster - 1) // per_cluster
+        new_blocks: list[int] = []
+        while True:
+            end = start + t_clusters + len(new_blocks)
+            needed = [
+                b
+                for b in range(start >> self.rb_bits, ((end - 1) >> self.rb_bits) + 1)
+                if b >= len(self.table) or not self.table[b]
+            ]
+            entries = max(want, needed[-1] + 1 if needed else 0)
+            t_new = (entries + per_cluster - 1) // per_cluster
+            if len(needed) == len(new_blocks) and t_new == t_clusters:
+                break
+            new_blocks = needed
+            t_clusters = max(t_clusters, t_new)
+        if t_clusters * cs > fmt.MAX_REFTABLE_BYTES:
+            raise NoSpaceError(
+                "refcount table would exceed QEMU's 8 MiB limit; use larger clusters",
+                path=self.path,
+            )
+        total = t_clusters + len(new_blocks)
+        self.end_cluster = start + total
+        if self.scan_cursor == start:
+            self.scan_cursor = self.end_cluster
+        table = array("Q", self.table)
+        table.extend([0] * (t_clusters * per_cluster - len(table)))
+        block_arrays: dict[int, np.ndarray] = {}
+        for i, b in enumerate(new_blocks):
+            c = start + t_clusters + i
+            table[b] = c << self.cluster_bits
+            block_arrays[b] = self.cache.empty_table(REFBLOCK)
+        self.table = table
+        for c in range(start, start + total):
+            b = c >> self.rb_bits
+            if b in block_arrays:
+                block_arrays[b][c & (self.rb_entries - 1)] += 1
+            else:
+                self.add(c, 1)
+        for b, arr in block_arrays.items():
+            off = table[b]
+            self.cache.add_new(off, REFBLOCK, arr)
+        self.metadata.update(range(start, start + total))
+        # Order: blocks, then the table, then the header pointing at it.
+        self.cache.write_back(REFBLOCK)
+        pwrite_full(self.fd, encode_l2(self.table), start << self.cluster_bits)
+        os.fdatasync(self.fd)
+        self.table_dirty.clear()
+        self._write_header_table(start << self.cluster_bits, t_clusters)
+        # The old table is unreferenced now (the header switch is durable).
+        old_first = old_offset >> self.cluster_bits
+        for c in range(old_first, old_first + old_clusters):
+            self.metadata.discard(c)
+            self.add(c, -1)
+
+    def _write_header_table(self, offset: int, clusters: int) -> None:
+        pwrite_full(self.fd, struct.pack(">QI", offset, clusters), 48)
+        os.fdatasync(self.fd)
+        self.header.refcount_table_offset = offset
+        self.header.refcount_table_clusters = clusters
+
+    # -- write-back -----------------------------------------------------------------------
+    def has_dirty(self) -> bool:
+        return bool(self.table_dirty) or self.cache.dirty_count(REFBLOCK) > 0
+
+    def write_back(self) -> bool:
+        """Write dirty refcount blocks, then dirty refcount table entries. No sync."""
+        wrote = self.cache.write_back(REFBLOCK) > 0
+        if self.table_dirty:
+            base = self.header.refcount_table_offset
+            for i in sorted(self.table_dirty):
+                pwrite_full(self.fd, struct.pack(">Q", self.table[i]), base + i * 8)
+            self.table_dirty.clear()
+            wrote = True
+        return wrote
+
+    # -- rebuild --------------------------------------------------------------------------
+    def rebuild(self, counts: np.ndarray) -> None:
+        """Replace the refcount structure by one that holds exactly ``counts``.
+
+        ``counts[i]`` is the number of references to host cluster i from everything except
+        the refcount structure itself. The new table and blocks go to the end of the file;
+        the old ones become free clusters.
+        """
+        cs = self.cluster_size
+        if counts.size and int(counts.max()) > self.max_refcount:
+            bad = int(np.argmax(counts > self.max_refcount))
+            raise CorruptImageError(
+                f"cluster {bad} has {int(counts[bad])} references, more than "
+                f"refcount_bits={self.header.refcount_bits} can hold",
+                path=self.path,
+            )
+        start = max(int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 1, self.end_cluster)
+        blocks = t_clusters = 1
+        while True:
+            total_end = start + t_clusters + blocks
+            b_new = (total_end + self.rb_entries - 1) >> self.rb_bits
+            t_new = (b_new * 8 + cs - 1) // cs
+            if b_new == blocks and t_new == t_clusters:
+                break
+            blocks, t_clusters = max(blocks, b_new), max(t_clusters, t_new)
+        if t_clusters * cs > fmt.MAX_REFTABLE_BYTES:
+            raise NoSpaceError("rebuilt refcount table would exceed 8 MiB", path=self.path)
+        end = start + t_clusters + blocks
+        full = np.zeros(blocks * self.rb_entries, dtype=np.uint64)
+        full[: counts.size] = counts
+        full[start:end] += 1
+        table = array("Q", bytes(t_clusters * cs))
+        blob = bytearray()
+        for b in range(blocks):
+            table[b] = (start + t_clusters + b) << self.cluster_bits
+            blob += fmt.encode_refcount_block(
+                full[b * self.rb_entries : (b + 1) * self.rb_entries], self.header.refcount_order
+            )
+        pwrite_full(self.fd, blob, (start + t_clusters) << self.cluster_bits)
+        pwrite_full(self.fd, encode_l2(table), start << self.cluster_bits)
+        os.fdatasync(self.fd)
+        for b in range(len(self.table)):
+            if self.table[b]:
+                self.metadata.discard(self.table[b] >> self.cluster_bits)
+        old_first = self.header.refcount_table_offset >> self.cluster_bits
+        for c in range(old_first, old_first + self.header.refcount_table_clusters):
+            self.metadata.discard(c)
+        self._write_header_table(start << self.cluster_bits, t_clusters)
+        # Drop cached refcount blocks: they are the old structure's.
+        for b in range(len(self.table)):
+            if self.table[b]:
+                self.cache.drop(self.table[b])
+        self.table = table
+        self.table_dirty.clear()
+        self.metadata.update(range(start, end))
+        self.end_cluster = end
+        self.scan_cursor = 0
+        self.free_heap = []
