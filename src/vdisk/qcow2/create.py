@@ -133,7 +133,7 @@ def create(
             path=path,
         )
 
-    if backing_file is not None:
+    if backing_file is not None and (size is None or not backing_fmt):
         backing_fmt, bsize = _probe_backing(path, backing_file, backing_fmt)
         if size is None:
             size = bsize
@@ -142,8 +142,7 @@ def create(
     vsize = parse_size(size)
     if vsize < 0:
         raise RequestError(f"invalid size {vsize}", path=path)
-    if vsize % 512:
-        raise RequestError("Image size must be a multiple of 512 bytes", path=path)
+    vsize = (vsize + 511) & ~511  # qemu-img rounds the size up to whole sectors
 
     header = fmt.Header(
         version=version,
@@ -164,7 +163,8 @@ def create(
         header.backing_file = backing_file
         if backing_fmt:
             header.set_extension(fmt.EXT_BACKING_FORMAT, backing_fmt.encode())
-    if version == 3:
+    if version == 3 and cs >= 8192:
+        # QEMU writes the feature name table only where the first cluster has room for it.
         header.set_extension(fmt.EXT_FEATURE_TABLE, fmt.default_feature_table())
     _write_image(path, header, prealloc)
 
@@ -255,9 +255,7 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
                 if ext:
                     entries = np.zeros(2 * l2_entries, dtype=np.uint64)
                     entries[0 : 2 * n : 2] = hosts
-                    entries[1 : 2 * n : 2] = (
-                        0 if header.backing_file else fmt.SUBCLUSTER_ALLOC_MASK
-                    )
+                    entries[1 : 2 * n : 2] = 0 if header.backing_file else fmt.SUBCLUSTER_ALLOC_MASK
                 else:
                     entries = np.zeros(l2_entries, dtype=np.uint64)
                     entries[:n] = hosts

@@ -257,7 +257,9 @@ class Header:
             nb_snapshots,
             snapshots_offset,
         ) = _HEADER_V2.unpack_from(data, 0)
-        if version not in (2, 3):
+        if version < 2:
+            raise FormatError(f"version: {version} is not a qcow2 version (2 or 3)")
+        if version > 3:
             raise UnsupportedFeatureError(f"version: qcow2 version {version} is not supported")
         if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
             raise FormatError(
@@ -348,7 +350,10 @@ class Header:
                 raise FormatError(
                     "backing_file_offset: backing file name lies outside the first cluster"
                 )
-            hdr.backing_file = data[hdr.backing_file_offset : end].decode("utf-8", "replace")
+            name = data[hdr.backing_file_offset : end]
+            if b"\0" in name:
+                raise FormatError("backing_file_offset: backing file name contains a NUL byte")
+            hdr.backing_file = name.decode("utf-8", "replace")
         return hdr
 
     def encode(self) -> bytes:
