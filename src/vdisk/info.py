@@ -339,11 +339,7 @@ def open_for_info(path: str, fmt: str | None) -> tuple[BlockDevice, str]:
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image
 
-        try:
-            return Qcow2Image.open(path, readonly=True, open_backing=False), fmt
-        except TypeError:
-            # A library without the no-backing option: open the chain too.
-            return Qcow2Image.open(path, readonly=True), fmt
+        return Qcow2Image.open(path, readonly=True, open_backing=False), fmt
     return vdisk.open(path, format=fmt, readonly=True), fmt
 
 

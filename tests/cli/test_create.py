@@ -117,7 +117,7 @@ def test_create_matches_qemu_img(args: list[str], tmp_path: Path, vdisk_cli: Vdi
     assert name is not None
     assert _info_without_disk_size(name, ours_dir) == _info_without_disk_size(name, theirs_dir)
     fmt = "raw" if name.endswith(".raw") else "qcow2"
-    if fmt == "qcow2":
+    if fmt == "qcow2" and "-u" not in args:  # check opens the (missing) backing file
         check = qemu_img(["check", "--output=json", name], ours_dir)
         assert check.rc == 0, check.out + check.err
         report = json.loads(check.out)

@@ -18,7 +18,8 @@ Maker = Callable[[Path], str]
 
 
 def _create(d: Path, name: str, size: str, *opts: str) -> str:
-    run = qemu_img(["create", "-q", "-f", "qcow2", *opts, name, size], d)
+    sized = [size] if size else []  # no size: the backing file's
+    run = qemu_img(["create", "-q", "-f", "qcow2", *opts, name, *sized], d)
     assert run.rc == 0, run.err
     return name
 

@@ -88,10 +88,11 @@ def test_sixteen_threads(tmp_path: Path, cluster_size: int, refcount_bits: int) 
                             written.add(block)
                     else:
                         block = rng.randrange(shared_blocks)
-                        buf = bytearray(BLOCK)
-                        dev.readinto(buf, shared_start + block * BLOCK)
+                        # Snapshot before the read: a write still in flight may read as zeros.
                         with written_lock:
                             was_written = block in written
+                        buf = bytearray(BLOCK)
+                        dev.readinto(buf, shared_start + block * BLOCK)
                         # A block written before this read started cannot read as zeros.
                         if was_written and not _stamp_ok(bytes(buf)):
                             raise AssertionError(f"thread {tid}: shared block {block} torn")

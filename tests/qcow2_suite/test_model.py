@@ -28,7 +28,7 @@ import vdisk
 
 pytestmark = [needs_qemu, pytest.mark.timeout(300)]
 
-EXAMPLES = int(os.environ.get("VDISK_MODEL_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("VDISK_MODEL_EXAMPLES", "150"))
 
 
 @dataclass(frozen=True)
