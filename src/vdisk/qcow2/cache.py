@@ -120,8 +120,18 @@ class MetadataCache:
         """Insert a freshly allocated table (dirty: it exists only in memory so far)."""
         self._insert(offset, _Slot(kind, table, True))
 
-    def mark_dirty(self, offset: int) -> None:
-        self._slots[offset].dirty = True
+    def mark_dirty(self, offset: int, table: Any = None) -> None:
+        """Mark a table changed. If it was evicted after the caller fetched it (another
+        table was loaded meanwhile), the caller's live object is put back: it is newer than
+        what the eviction wrote."""
+        slot = self._slots.get(offset)
+        if slot is not None and (table is None or slot.table is table):
+            slot.dirty = True
+            return
+        if table is None:
+            raise KeyError(offset)
+        kind = L2 if isinstance(table, array) else REFBLOCK
+        self._insert(offset, _Slot(kind, table, True))
 
     def drop(self, offset: int) -> None:
         """Forget a table without writing it (its cluster was freed)."""

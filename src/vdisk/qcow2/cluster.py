@@ -117,7 +117,12 @@ class ClusterMap:
         """Append the segments of [offset, offset+length) to ``segs`` (adjacent ones merged)."""
         cb = self.cluster_bits
         cmask = self.cluster_size - 1
+        cs = self.cluster_size
         span_bits = cb + self.l2_bits
+        # Entry bits that make a cluster anything but plain data at an aligned offset.
+        bad = fmt.OFLAG_COMPRESSED | fmt.OFLAG_ZERO | (cmask & fmt.L2E_OFFSET_MASK)
+        omask = fmt.L2E_OFFSET_MASK
+        l2_mask = self.l2_mask
         pos = offset
         end = offset + length
         l1 = self.l1
@@ -136,13 +141,30 @@ class ClusterMap:
             l2 = self.cache.get(l2_off, L2)
             while pos < span_end:
                 gc = pos >> cb
-                i = gc & self.l2_mask
+                i = gc & l2_mask
                 cend = min(span_end, (gc + 1) << cb)
                 if self.extended:
                     self._map_extended(gc, l2[2 * i], l2[2 * i + 1], pos, cend, segs, status)
                     pos = cend
                     continue
                 e = l2[i]
+                host = e & omask
+                if host and not e & bad:
+                    # A plain data cluster: extend over the following entries while they
+                    # continue the same host run (one segment, one preadv).
+                    j = i + 1
+                    last = ((span_end - 1) >> cb) & l2_mask
+                    nxt = host + cs
+                    while j <= last:
+                        e2 = l2[j]
+                        if e2 & bad or e2 & omask != nxt:
+                            break
+                        j += 1
+                        nxt += cs
+                    run_end = min(span_end, (gc + j - i) << cb)
+                    _add(segs, SEG_DATA, pos, run_end - pos, host + (pos & cmask))
+                    pos = run_end
+                    continue
                 if e & fmt.OFLAG_COMPRESSED:
                     _add(segs, SEG_COMPRESSED, pos, cend - pos, e)
                 elif e & fmt.OFLAG_ZERO:
@@ -285,7 +307,7 @@ class ClusterMap:
         i = gc & self.l2_mask
         e |= fmt.OFLAG_COPIED
         l2[2 * i if self.extended else i] = e
-        self.cache.mark_dirty(off)
+        self.cache.mark_dirty(off, l2)
         return e
 
     def set_entry(self, gc: int, entry: int, bitmap: int, frees: list[int]) -> int:
@@ -299,7 +321,7 @@ class ClusterMap:
         else:
             old = l2[i]
             l2[i] = entry
-        self.cache.mark_dirty(off)
+        self.cache.mark_dirty(off, l2)
         return old
 
     def commit_write(self, item: list[int], frees: list[int]) -> None:
@@ -449,7 +471,7 @@ class ClusterMap:
                     l2[k] = new
                     changed = True
             if changed:
-                self.cache.mark_dirty(l2_off)
+                self.cache.mark_dirty(l2_off, l2)
 
     def _snapshot_l1s(self) -> list[tuple[int, int, array[int]]]:
         out = []

@@ -98,14 +98,14 @@ class RefcountManager:
         if self.scan_cursor == c:
             self.scan_cursor = self.end_cluster
         new: np.ndarray = self.cache.empty_table(REFBLOCK)
-        self.table[block_index] = c << self.cluster_bits
-        self.table_dirty.add(block_index)
-        self.cache.add_new(c << self.cluster_bits, REFBLOCK, new)
         self.metadata.add(c)
         if base <= c < base + self.rb_entries:
             new[c - base] = 1
         else:
-            self.add(c, 1)
+            self.add(c, 1)  # before the new block enters the cache, so it cannot evict it
+        self.table[block_index] = c << self.cluster_bits
+        self.table_dirty.add(block_index)
+        self.cache.add_new(c << self.cluster_bits, REFBLOCK, new)
         return new
 
     def get(self, cluster: int) -> int:
@@ -134,7 +134,7 @@ class RefcountManager:
                 path=self.path,
             )
         block[i] = value
-        self.cache.mark_dirty(self.table[cluster >> self.rb_bits])
+        self.cache.mark_dirty(self.table[cluster >> self.rb_bits], block)
         if value == 0:
             self._released(cluster)
         return value
