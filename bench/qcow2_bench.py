@@ -291,7 +291,9 @@ def main() -> int:
         "default `-t writeback`; vdisk's buffered file). Reads use one fully allocated "
         f"{args.image_size} image written by qemu-io; writes re-create an empty image per run "
         "(qemu-img create for qemu-img, vdisk.create for vdisk). Offsets follow qemu-img "
-        "bench's sequence (start 0, `+= step`, wrap modulo the image size) on both sides."
+        "bench's sequence (start 0, `+= step`, wrap modulo the image size) on both sides. "
+        f"Host load average at the end of the run: {os.getloadavg()[0]:.2f} (the machine is "
+        "shared with other jobs, which is why single pairs scatter; the median is the figure)."
     )
     report = table(results, meta)
     print(report)
