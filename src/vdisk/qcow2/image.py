@@ -219,6 +219,14 @@ class Qcow2Image(BlockDeviceBase):
         self.cache = MetadataCache(
             fd, self.cluster_size, header.refcount_order, capacity, self._before_table_write
         )
+        # Shortcuts for the hot read path.
+        self._slots = self.cache._slots
+        self._extended = header.extended_l2
+        self._span_bits = header.cluster_bits + header.l2_bits
+        self._l2_mask = (1 << header.l2_bits) - 1
+        self._bad_bits = (
+            fmt.OFLAG_COMPRESSED | fmt.OFLAG_ZERO | ((self.cluster_size - 1) & fmt.L2E_OFFSET_MASK)
+        )
         self.refcounts = RefcountManager(fd, header, self.cache, file_size, self.metadata, path)
         self.map = ClusterMap(
             fd, header, self.cache, self.refcounts, self.metadata, file_size, path
@@ -460,12 +468,43 @@ class Qcow2Image(BlockDeviceBase):
 
     # -- reads --------------------------------------------------------------------------
     def readinto(self, buf: Buffer, offset: int) -> int:
-        view = memoryview(buf).cast("B")
-        n = len(view)
+        view = memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = view.nbytes
         if self._closed or offset < 0 or offset + n > self._size:
             self.check_request(offset, n)
-        if n:
-            self._read(view, offset)
+        if not n:
+            return n
+        cmask = self.cluster_size - 1
+        if (offset & cmask) + n <= cmask + 1 and not self._extended:
+            # Hot path: one cluster, its L2 table cached, a plain data entry.
+            host = 0
+            with self._lock:
+                l2_off = self.map.l1[offset >> self._span_bits] & fmt.L1E_OFFSET_MASK
+                slot = self._slots.get(l2_off) if l2_off else None
+                if slot is not None:
+                    self._slots.move_to_end(l2_off)
+                    e = slot.table[(offset >> self.cluster_bits) & self._l2_mask]
+                    if not e & self._bad_bits:
+                        host = e & fmt.L2E_OFFSET_MASK
+                        if host:
+                            ticket = self._next_ticket
+                            self._next_ticket = ticket + 1
+                            self._active.add(ticket)
+            if host:
+                try:
+                    got = os.preadv(self.fd, [view], host + (offset & cmask))
+                    if got < n:
+                        pread_full(self.fd, view[got:], host + (offset & cmask) + got)
+                except OSError as exc:
+                    raise from_oserror(exc, self.path) from None
+                finally:
+                    # set.discard is a single atomic operation under the GIL; the lock
+                    # holders only read the set (min()) without running Python code.
+                    self._active.discard(ticket)
+                return n
+        self._read(view, offset)
         return n
 
     def _read(self, view: memoryview, offset: int) -> None:
@@ -492,8 +531,7 @@ class Qcow2Image(BlockDeviceBase):
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
         finally:
-            with self._lock:
-                self._active.discard(ticket)
+            self._active.discard(ticket)  # atomic under the GIL (see readinto)
 
     def _read_backing(self, view: memoryview, guest: int) -> None:
         parent = self.backing
