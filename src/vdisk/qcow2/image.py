@@ -274,7 +274,14 @@ class Qcow2Image(BlockDeviceBase):
             buf = bytearray(bitmaps.directory_size)
             pread_full(self.fd, buf, bitmaps.directory_offset)
             out.append((bitmaps.directory_offset, bitmaps.directory_size))
+            file_size = os.fstat(self.fd).st_size
             for bm in fmt.decode_bitmap_directory(bytes(buf), bitmaps.nb_bitmaps):
+                tbytes = bm.bitmap_table_size * 8
+                if tbytes > min(file_size, 64 << 20) or bm.bitmap_table_offset % self.cluster_size:
+                    raise CorruptImageError(
+                        f"bitmap {bm.name!r}: bitmap table of {bm.bitmap_table_size} entries at "
+                        f"{bm.bitmap_table_offset:#x} does not fit the file"
+                    )
                 out.append((bm.bitmap_table_offset, bm.bitmap_table_size * 8))
                 tbuf = bytearray(bm.bitmap_table_size * 8)
                 pread_full(self.fd, tbuf, bm.bitmap_table_offset)
