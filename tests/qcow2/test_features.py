@@ -226,3 +226,25 @@ def test_fua_and_flush(tmp_path: Path) -> None:
         # Without close, QEMU (sharing the file) already sees the data and the metadata.
         out = qemu_io(img, "read -P 0x64 4096 1")  # 'd'
         assert "read 1/1" in out
+
+
+def test_write_with_internal_snapshot_cows(tmp_path: Path) -> None:
+    img = tmp_path / "s.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")
+    qemu_io(img, "write -P 0x10 0 2M", "write -c -P 0x20 2M 128k")
+    run("qemu-img", "snapshot", "-c", "snap1", img)
+    snap_raw = to_raw(img, tmp_path / "before.raw")
+    expected = bytearray(snap_raw)
+    with Qcow2Image.open(str(img)) as w:
+        w.write(b"\x99" * 5000, 1000)  # shared L2 table and shared data cluster: both copied
+        expected[1000:6000] = b"\x99" * 5000
+        w.write_zeroes(1 << 20, 65536)
+        expected[1 << 20 : (1 << 20) + 65536] = bytes(65536)
+        w.discard(3 << 20, 1 << 20)  # nothing there: stays zero
+        w.write(b"\x98" * 100, (2 << 20) + 10)  # compressed + shared
+        expected[(2 << 20) + 10 : (2 << 20) + 110] = b"\x98" * 100
+        assert w.pread(len(expected), 0) == expected
+    assert_clean(img)
+    assert to_raw(img, tmp_path / "active.raw") == expected
+    run("qemu-img", "convert", "-l", "snap1", "-O", "raw", img, tmp_path / "snap.raw")
+    assert (tmp_path / "snap.raw").read_bytes() == snap_raw
