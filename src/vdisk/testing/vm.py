@@ -54,7 +54,7 @@ DEFAULT_TIMEOUT = 300.0
 _RESULTS_TAG = "vdiskres"
 _CONSOLE_TAIL_LINES = 40
 # Terminal control sequences SeaBIOS and the kernel print on the serial line.
-_ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
+_ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[@-Z\\-_c])")
 
 Status = Literal["ok", "timeout", "boot-failed"]
 
