@@ -89,11 +89,13 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
             server.listen_unix(socket_path)
         else:
             server.listen_tcp(bind or "0.0.0.0", 10809 if port is None else port)
-        if fork:
-            _daemonize()
+        ready_fd = _daemonize() if fork else None
         if pid_file:
             with open(pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
+        if ready_fd is not None:
+            os.write(ready_fd, b"x")  # the parent exits now: we are listening, pid file written
+            os.close(ready_fd)
         signal.signal(signal.SIGTERM, lambda *_: server.shutdown(timeout=0))
         try:
             server.serve_forever()
@@ -112,17 +114,23 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
     return 0
 
 
-def _daemonize() -> None:
-    """Fork into the background (sockets already listen, so clients can connect at once)."""
+def _daemonize() -> int:
+    """Fork into the background; the parent exits once the child reports ready on the fd
+    returned (sockets already listen, so clients can connect as soon as the parent is gone)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    r, w = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(w)
+        ok = os.read(r, 1)
+        os._exit(0 if ok else 1)
+    os.close(r)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
+    for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    return w
 
 
 COMMANDS: list[click.Command] = [nbd_command]

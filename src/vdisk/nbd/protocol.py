@@ -329,6 +329,8 @@ class ServerConnection:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Free space to receive into (at least one byte, usually much more)."""
+        if self._drain:
+            self._drain_some()
         start, end, cap = self._start, self._end, len(self._buf)
         if end == cap or (start and cap - end < 4096):
             self._compact()
