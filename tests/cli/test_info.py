@@ -99,6 +99,13 @@ def _no_backing_format(d: Path) -> str:
     return "nofmt.qcow2"
 
 
+def _bitmaps(d: Path) -> str:
+    _with_data(d)
+    assert qemu_img(["bitmap", "--add", "data.qcow2", "b0"], d).rc == 0
+    assert qemu_img(["bitmap", "--add", "-g", "128k", "--disable", "data.qcow2", "off"], d).rc == 0
+    return "data.qcow2"
+
+
 IMAGES: dict[str, Maker] = {
     "raw": _raw,
     "v3-default": lambda d: _create(d, "v3.qcow2", "1G"),
@@ -123,6 +130,7 @@ IMAGES: dict[str, Maker] = {
     "corrupt-bit": _corrupt_bit,
     "snapshots": _snapshots,
     "no-backing-format": _no_backing_format,
+    "bitmaps": _bitmaps,
 }
 
 
