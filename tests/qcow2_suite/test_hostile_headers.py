@@ -23,7 +23,7 @@ import vdisk
 from vdisk.cli import main as cli_main
 from vdisk.errors import BackingChainError, VdiskError
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = pytest.mark.timeout(5)
 
 #: No hostile header may make the library allocate more than this (the traced peak).
 MEMORY_LIMIT = 64 << 20
