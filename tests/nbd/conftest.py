@@ -99,7 +99,7 @@ def cli_server(sock_path: str) -> Iterator[Callable[..., subprocess.Popen[str]]]
     def start(*args: str, socket_arg: bool = True, wait: bool = True) -> subprocess.Popen[str]:
         cmd = [*VDISK, "nbd", *args]
         if socket_arg:
-            cmd[3:3] = ["-k", sock_path]
+            cmd[len(VDISK) + 1 : len(VDISK) + 1] = ["-k", sock_path]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(proc)
         if wait:
