@@ -336,7 +336,7 @@ def run(
             "-fsdev", f"local,id=res,path={results},security_model=none,multidevs=remap",
             "-device", f"virtio-9p-pci,fsdev=res,mount_tag={_RESULTS_TAG}",
             "-append",
-            "root=root rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro"
+            "root=root rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro"
             f" console=ttyS0 init={work / 'init'} panic=-1 quiet",
         ]  # fmt: skip
         start = time.monotonic()
