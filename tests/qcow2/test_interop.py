@@ -327,3 +327,37 @@ def test_qemu_writes_to_our_image(tmp_path: Path) -> None:
     expected[8192 : 8192 + 4096] = b"\x55" * 4096
     assert read_all(img) == expected
     assert_clean(img)
+
+
+INFO_OPTS = [
+    "compat=0.10",
+    "compat=1.1,lazy_refcounts=on",
+    "cluster_size=512,refcount_bits=1",
+    "cluster_size=2M,refcount_bits=64",
+    "extended_l2=on",
+    "compression_type=zstd",
+    "preallocation=metadata",
+    "preallocation=metadata,extended_l2=on",
+    "preallocation=falloc,compat=0.10",
+]
+
+
+@pytest.mark.parametrize("opts", INFO_OPTS)
+def test_create_matches_qemu_info(tmp_path: Path, opts: str) -> None:
+    theirs = tmp_path / "theirs.qcow2"
+    ours = tmp_path / "ours.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, theirs, "100M")
+    kw = dict(kv.split("=") for kv in opts.split(","))
+    create(str(ours), 100 << 20, **kw)
+    assert_clean(ours)
+
+    def info(p: Path) -> dict[str, object]:
+        data = json.loads(run("qemu-img", "info", "--output=json", p))
+        for k in ("filename", "actual-size"):
+            data.pop(k, None)
+        return data  # type: ignore[no-any-return]
+
+    assert info(ours) == info(theirs)
+    mine = [{k: v for k, v in e.items() if k != "offset"} for e in qemu_map(ours)]
+    ref = [{k: v for k, v in e.items() if k != "offset"} for e in qemu_map(theirs)]
+    assert mine == ref

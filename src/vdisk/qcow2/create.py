@@ -255,7 +255,8 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
                 if ext:
                     entries = np.zeros(2 * l2_entries, dtype=np.uint64)
                     entries[0 : 2 * n : 2] = hosts
-                    entries[1 : 2 * n : 2] = 0 if header.backing_file else fmt.SUBCLUSTER_ALLOC_MASK
+                    # Host clusters reserved, subclusters unallocated (as QEMU does).
+                    entries[1 : 2 * n : 2] = 0
                 else:
                     entries = np.zeros(l2_entries, dtype=np.uint64)
                     entries[:n] = hosts
