@@ -225,6 +225,8 @@ class Device:
         self._exited = threading.Event()
         self._stop_requested = threading.Event()
         self._logging = False
+        #: close the backend too when the device closes (the CLI's devices own theirs)
+        self.close_backend = False
 
     # -- identity -----------------------------------------------------------------------
 
@@ -462,6 +464,7 @@ class Device:
         to see every tag aborted."""
         with self._lock:
             if self.state in (DeviceState.LIVE, DeviceState.FAILED):
+                log.info("%s: STOP_DEV", self.block_path)
                 try:
                     self.control.stop_dev(self.dev_id)
                 except UblkError as exc:
@@ -489,6 +492,7 @@ class Device:
                 os.close(self._cdev_fd)
                 self._cdev_fd = None
             if self._cdev_fd is None:
+                log.info("%s: DEL_DEV", self.block_path)
                 try:
                     self.control.del_dev(self.dev_id)
                 except UblkError as exc:
@@ -503,6 +507,8 @@ class Device:
                 self._logging = False
             if self._owns_control:
                 self.control.close()
+            if self.close_backend:
+                self.backend.close()
 
     def __enter__(self) -> Self:
         return self

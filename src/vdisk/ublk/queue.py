@@ -177,7 +177,7 @@ class Queue(threading.Thread):
                         log.warning("ublk%d q%d tag %d: command failed: %s", self.dev_id,
                                     self.q_id, tag, os.strerror(-res))
                     self.active -= 1
-        # Submit nothing more: every tag is with the kernel's abort path.
+        log.info("ublk%d queue %d: every tag aborted, exiting", self.dev_id, self.q_id)
 
     # -- requests -----------------------------------------------------------------------
 

@@ -1,0 +1,167 @@
+"""Running a ublk server as a program: open a backend by type, serve it in the foreground or
+as a background daemon that reports readiness (the /dev/ublkbN path) to its parent."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..block import BlockDevice
+from ..errors import VdiskError
+from .device import Device, UblkParams
+from .errors import UblkError
+
+BACKEND_TYPES = ("qcow2", "raw", "mem", "null", "zip")
+
+log = logging.getLogger("vdisk.ublk")
+
+
+def open_backend(
+    kind: str, file: str | None, size: int | None = None, readonly: bool = False
+) -> BlockDevice:
+    """A BlockDevice for ``vdisk ublk add -t KIND -f FILE``."""
+    if kind in ("qcow2", "raw", "zip") and not file:
+        raise VdiskError(f"-t {kind} needs a file (-f FILE)")
+    if kind == "qcow2":
+        import vdisk
+
+        return vdisk.open(file or "", format="qcow2", readonly=readonly)
+    if kind == "raw":
+        from ..backends.raw import RawDevice
+
+        return RawDevice(file or "", readonly=readonly)
+    if kind == "zip":
+        from ..backends.zipmember import ZipMemberDevice, split_member
+
+        return ZipMemberDevice(*split_member(file or ""))
+    if kind in ("mem", "null"):
+        if not size:
+            raise VdiskError(f"-t {kind} needs --size")
+        if kind == "mem":
+            from ..backends.memory import MemoryDevice
+
+            return MemoryDevice(size, readonly=readonly)
+        from ..backends.null import NullDevice
+
+        return NullDevice(size, readonly=readonly)
+    raise VdiskError(f"unknown ublk target type {kind!r} (known: {', '.join(BACKEND_TYPES)})")
+
+
+Starter = Callable[[], Device]
+
+
+def run(
+    start: Starter,
+    foreground: bool,
+    announce: Callable[[str], None],
+    metrics_port: int | None = None,
+) -> int:
+    """Start a device with ``start()`` (which creates and starts it) and serve until it is
+    stopped or the process gets SIGINT/SIGTERM. In the background (``foreground`` False) the
+    process forks first; the parent returns once the device is ready (after ``announce``)."""
+    if foreground:
+        dev = start()
+        if metrics_port is not None:
+            from ..metrics import serve_prometheus
+
+            serve_prometheus(metrics_port)
+        announce(dev.block_path)
+        dev.serve_forever()
+        return 0
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("ready "):
+            announce(message[6:].strip())
+            return 0
+        os.waitpid(pid, 0)
+        raise VdiskError(message.removeprefix("error ").strip() or "the server died starting")
+    # The daemon.
+    os.close(read_fd)
+    status = 1
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(devnull, fd)
+        log_path = os.environ.get("VDISK_UBLK_LOG")
+        if log_path:
+            err_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(err_fd, 2)
+        else:
+            os.dup2(devnull, 2)
+        try:
+            dev = start()
+            if metrics_port is not None:
+                from ..metrics import serve_prometheus
+
+                serve_prometheus(metrics_port)
+        except (VdiskError, OSError) as exc:
+            os.write(write_fd, f"error {exc}".encode())
+            os.close(write_fd)
+            os._exit(1)
+        os.write(write_fd, f"ready {dev.block_path}\n".encode())
+        os.close(write_fd)
+        dev.serve_forever()
+        status = 0
+    except BaseException as exc:  # never return into the parent's code path
+        try:
+            print(f"vdisk ublk: {exc}", file=sys.stderr)
+        except Exception:
+            pass
+    finally:
+        os._exit(status)
+
+
+def describe(kind: str, file: str | None, size: int | None) -> dict[str, Any]:
+    return {"type": kind, "file": os.path.abspath(file) if file else None, "backend_size": size}
+
+
+def add(
+    kind: str, file: str | None, params: UblkParams, size: int | None, readonly: bool
+) -> Device:
+    """Open the backend, create and start the device; everything is undone on failure."""
+    backend = open_backend(kind, file, size, readonly)
+    try:
+        dev = Device.create(backend, params, note=describe(kind, file, size))
+    except BaseException:
+        backend.close()
+        raise
+    try:
+        dev.start()
+    except BaseException:
+        backend.close()
+        raise
+    _close_backend_on_close(dev)
+    return dev
+
+
+def recover(dev_id: int, kind: str | None, file: str | None) -> Device:
+    from .device import read_note
+
+    note = read_note(dev_id) or {}
+    kind = kind or note.get("type")
+    file = file or note.get("file")
+    if not kind:
+        raise UblkError(errno.EINVAL, f"recover ublk{dev_id}",
+                        "no record of its backend: give -t TYPE and -f FILE")
+    size = note.get("backend_size") or note.get("size")
+    backend = open_backend(kind, file, size)
+    try:
+        dev = Device.recover(dev_id, backend, note=describe(kind, file, size))
+    except BaseException:
+        backend.close()
+        raise
+    _close_backend_on_close(dev)
+    return dev
+
+
+def _close_backend_on_close(dev: Device) -> None:
+    dev.close_backend = True
