@@ -116,6 +116,11 @@ def test_create_matches_qemu_img(args: list[str], tmp_path: Path, vdisk_cli: Vdi
     name = _image_name(args)
     assert name is not None
     assert _info_without_disk_size(name, ours_dir) == _info_without_disk_size(name, theirs_dir)
+    # And our info of our image is qemu-img's info of it, byte for byte.
+    for output in ("human", "json"):
+        mine = vdisk_cli(["info", f"--output={output}", name], ours_dir)
+        oracle = qemu_img(["info", f"--output={output}", name], ours_dir)
+        assert (mine.rc, mine.out) == (oracle.rc, oracle.out), mine.err + oracle.err
     fmt = "raw" if name.endswith(".raw") else "qcow2"
     if fmt == "qcow2" and "-u" not in args:  # check opens the (missing) backing file
         check = qemu_img(["check", "--output=json", name], ours_dir)
