@@ -204,6 +204,7 @@ class Qcow2Image(BlockDeviceBase):
                 "image is marked corrupt (incompatible bit 1); open it read-only, or repair it"
             )
         super().__init__(header.size, readonly, path)
+        self._opened_rw = not readonly
         self.header = header
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
@@ -443,7 +444,7 @@ class Qcow2Image(BlockDeviceBase):
     def flush(self) -> None:
         if self._closed:
             raise self._closed_error()
-        if self._readonly:
+        if not self._opened_rw:
             return
         with self._lock:
             try:
@@ -460,7 +461,7 @@ class Qcow2Image(BlockDeviceBase):
         if self._closed:
             return
         try:
-            if not self._readonly and self.fd >= 0:
+            if self._opened_rw and self.fd >= 0:
                 with self._lock:
                     self._active.clear()
                     self._flush_locked()
