@@ -98,6 +98,7 @@ def test_failing_command_reports_status_and_output() -> None:
     assert r.status == "ok"
     assert r.returncode == 7
     assert "to-stdout" in r.output and "to-stderr" in r.output
+    assert "Linux version" in r.dmesg  # the kernel log comes back on failure
     assert "status 7" in r.describe()
 
 
@@ -146,7 +147,7 @@ def test_xfails():
     raise ValueError
 
 
-@pytest.mark.vm(timeout=5)
+@pytest.mark.vm(timeout=3)
 def test_hangs():
     import time
     time.sleep(60)
@@ -175,6 +176,7 @@ def test_marker_maps_guest_outcomes_to_host_tests(tmp_path: Path) -> None:
     assert "PASSED test_demo.py::test_passes" in out
     assert "FAILED test_demo.py::test_fails" in out
     assert "guest-assert-marker" in out and "guest-stdout-marker" in out
+    assert "kernel log (in the VM)" in out
     assert "guest-skip-marker" in out
     assert "XFAIL test_demo.py::test_xfails" in out
     assert "FAILED test_demo.py::test_hangs" in out and "Timeout" in out

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         "longrepr": report.longreprtext if report.longrepr is not None else "",
         "sections": [[k, v] for k, v in report.sections],
     }
+    if report.failed:
+        line["sections"].append([f"Captured kernel log {report.when}", _dmesg_tail()])
     if report.skipped and isinstance(report.longrepr, tuple):
         line["skip_reason"] = str(report.longrepr[2])
     if hasattr(report, "wasxfail"):
@@ -80,6 +83,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         f.write(json.dumps(line) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _dmesg_tail(lines: int = 30) -> str:
+    """The guest kernel's last messages: a failed ublk/io_uring test often explains itself there."""
+    try:
+        out = subprocess.run(
+            ["dmesg"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"(dmesg failed: {e})"
+    return "\n".join(out.splitlines()[-lines:]) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,12 +165,17 @@ class VMItem(pytest.Item):
             raise VMTestFailure(f"could not run the VM: {batch.error}")
         assert batch.result is not None
         lines = batch.reports.get(self.nodeid, [])
-        # Each guest phase's report carries the captures of the phases before it: show the last.
-        for name, content in lines[-1]["sections"] if lines else ():
+        # Each guest phase's report carries the captures of the phases before it: keep the last
+        # content under each name.
+        sections: dict[str, str] = {}
+        for rec in lines:
+            sections.update((name, content) for name, content in rec["sections"])
+        for name, content in sections.items():
             words = name.split()
-            if len(words) == 3 and words[0] == "Captured":
-                self.add_report_section(words[2], f"{words[1]} (in the VM)", content)
-        phases = {line["when"]: line for line in lines}
+            if len(words) >= 3 and words[0] == "Captured":
+                what = " ".join(words[1:-1])
+                self.add_report_section(words[-1], f"{what} (in the VM)", content)
+        phases = {rec["when"]: rec for rec in lines}
         for when in ("setup", "call", "teardown"):
             line = phases.get(when)
             if line is None:

@@ -91,6 +91,8 @@ class VMResult:
     argv: list[str]
     #: Files named in ``run(collect=...)``, read back from the results directory if present.
     files: dict[str, bytes] = field(default_factory=dict)
+    #: The guest kernel log, saved when the command failed (empty otherwise).
+    dmesg: str = ""
 
     @property
     def console_tail(self) -> str:
@@ -108,6 +110,9 @@ class VMResult:
         parts = [head]
         if self.output:
             parts.append("--- command output ---\n" + self.output.rstrip())
+        if self.dmesg:
+            tail = "\n".join(self.dmesg.splitlines()[-_CONSOLE_TAIL_LINES:])
+            parts.append("--- guest kernel log tail ---\n" + tail.rstrip())
         if self.status != "ok" or not self.output:
             parts.append("--- console tail ---\n" + self.console_tail.rstrip())
         return "\n".join(parts)
@@ -228,6 +233,7 @@ cd @CWD@ || cd /
 echo "vdisk-vm: running command"
 /bin/sh @DIR@/cmd.sh </dev/null >"$R/output" 2>&1
 rc=$?
+[ "$rc" = 0 ] || dmesg >"$R/dmesg" 2>&1
 echo "$rc" >"$R/status.tmp" && mv "$R/status.tmp" "$R/status"
 echo "vdisk-vm: command exited with status $rc"
 off
@@ -369,7 +375,8 @@ def run(
             status = "boot-failed"
             if proc.returncode:
                 console += f"\n[qemu exited with status {proc.returncode}]"
-        return VMResult(status, returncode, output, console, duration, argv, files)
+        dmesg = _read_text(results / "dmesg")
+        return VMResult(status, returncode, output, console, duration, argv, files, dmesg)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
