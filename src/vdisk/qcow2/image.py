@@ -744,7 +744,10 @@ class Qcow2Image(BlockDeviceBase):
                     frees.extend(item[1] >> cb for item in plan if item[2] == NEW)
                 self._free_later(frees)
                 for item in plan:
-                    self._inflight.discard(item[0])
+                    # Only our own marks: an in-place cluster may have been deallocated and
+                    # be in flight for another writer's allocation by now.
+                    if item[2] != IN_PLACE:
+                        self._inflight.discard(item[0])
                 if self._waiters:
                     self._cond.notify_all()
 
