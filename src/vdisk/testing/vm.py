@@ -105,8 +105,10 @@ class VMResult:
             head = f"VM command exited with status {self.returncode}: {cmd}"
         elif self.status == "timeout":
             head = f"VM run timed out after {self.duration:.0f}s and was killed: {cmd}"
+        elif "Kernel panic" in self.console:
+            head = f"VM kernel panicked before the command finished: {cmd}"
         else:
-            head = f"VM failed to boot or to run the command (no exit status): {cmd}"
+            head = f"VM stopped with no exit status (boot or init failure): {cmd}"
         parts = [head]
         if self.output:
             parts.append("--- command output ---\n" + self.output.rstrip())
