@@ -181,3 +181,16 @@ def test_marker_maps_guest_outcomes_to_host_tests(tmp_path: Path) -> None:
     assert "XFAIL test_demo.py::test_xfails" in out
     assert "FAILED test_demo.py::test_hangs" in out and "Timeout" in out
     assert "PASSED test_demo.py::test_after_hang_still_runs" in out
+
+
+def test_unavailable_reason_names_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VDISK_TEST_KERNEL", str(tmp_path / "no-such-bzImage"))
+    monkeypatch.delenv("VDISK_QEMU", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    reason = vm.unavailable_reason()
+    assert reason is not None
+    assert "no-such-bzImage" in reason and "qemu-system-x86_64 not found" in reason
+    with pytest.raises(vm.VMUnavailableError):
+        vm.run(["true"])
