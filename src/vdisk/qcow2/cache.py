@@ -71,6 +71,10 @@ class MetadataCache:
         self.capacity = max(capacity, 4)
         self.before_write = before_write
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
+        # Decoded refcount blocks use the narrowest dtype that holds the width.
+        self._rc_dtype = (np.uint8, np.uint8, np.uint8, np.uint8, np.uint16, np.uint32, np.uint64)[
+            refcount_order
+        ]
         self.hits = 0
         self.misses = 0
 
@@ -81,7 +85,7 @@ class MetadataCache:
     def _decode(self, kind: int, buf: bytearray) -> Any:
         if kind == L2:
             return decode_l2(buf)
-        return fmt.decode_refcount_block(buf, self.refcount_order)
+        return fmt.decode_refcount_block(buf, self.refcount_order).astype(self._rc_dtype)
 
     def _encode(self, kind: int, table: Any) -> bytes:
         if kind == L2:
@@ -91,7 +95,7 @@ class MetadataCache:
     def empty_table(self, kind: int) -> Any:
         if kind == L2:
             return array("Q", bytes(self.cluster_size))
-        return np.zeros(self.cluster_size * 8 >> self.refcount_order, dtype=np.uint64)
+        return np.zeros(self.cluster_size * 8 >> self.refcount_order, dtype=self._rc_dtype)
 
     # -- access ---------------------------------------------------------------------------
     def get(self, offset: int, kind: int) -> Any:
