@@ -71,6 +71,12 @@ _ZEROS = bytes(1 << 20)
 
 def _pwritev_full(fd: int, iov: list[Any], offset: int) -> None:
     """pwritev that finishes short writes and splits long vectors."""
+    if len(iov) == 1:
+        done = os.pwritev(fd, iov, offset)
+        if done == len(iov[0]):
+            return
+        iov = [memoryview(iov[0]).cast("B")[done:]]
+        offset += done
     views = [memoryview(b).cast("B") for b in iov]
     while views:
         batch = views[:IOV_MAX]
@@ -604,23 +610,60 @@ class Qcow2Image(BlockDeviceBase):
         if n and (offset & cmask) + n <= cmask + 1 and not self._extended and self._write_ready:
             # Hot path: a cluster that is ours (COPIED), its L2 table cached: write in place.
             host = 0
+            new = False
             cb = self.cluster_bits
             with self._lock:
                 gc = offset >> cb
                 if not self._readonly and not (self._inflight and gc in self._inflight):
-                    l2_off = self.map.l1[offset >> self._span_bits] & fmt.L1E_OFFSET_MASK
+                    l1e = self.map.l1[offset >> self._span_bits]
+                    l2_off = l1e & fmt.L1E_OFFSET_MASK
                     slot = self._slots.get(l2_off) if l2_off else None
                     if slot is not None:
                         self._slots.move_to_end(l2_off)
                         e = slot.table[gc & self._l2_mask]
                         if e & fmt.OFLAG_COPIED and not e & self._bad_bits:
                             host = e & fmt.L2E_OFFSET_MASK
-                            if host and (host >> cb) not in self.metadata:
-                                ticket = self._next_ticket
-                                self._next_ticket = ticket + 1
-                                self._active.add(ticket)
-                            else:
+                            if host and (host >> cb) in self.metadata:
                                 host = 0
+                        elif (
+                            e == 0
+                            and n == cmask + 1
+                            and l1e & fmt.OFLAG_COPIED
+                            and not self._pending
+                        ):
+                            # A whole unallocated cluster: no copy-on-write needed.
+                            c = self.refcounts.allocate_end_fast()
+                            if c is not None:
+                                host = c << cb
+                                new = True
+                                self._inflight.add(gc)
+                        if host:
+                            ticket = self._next_ticket
+                            self._next_ticket = ticket + 1
+                            self._active.add(ticket)
+            if new:
+                ok = False
+                try:
+                    _pwritev_full(self.fd, [view], host)
+                    ok = True
+                except OSError as exc:
+                    raise from_oserror(exc, self.path) from None
+                finally:
+                    with self._lock:
+                        if ok:
+                            table = self.cache.get(l2_off, L2)
+                            table[gc & self._l2_mask] = host | fmt.OFLAG_COPIED
+                            self.cache.mark_dirty(l2_off, table)
+                            self._unsynced = True
+                        else:
+                            self._free_later([host >> cb])
+                        self._inflight.discard(gc)
+                        self._active.discard(ticket)
+                        if self._waiters:
+                            self._cond.notify_all()
+                if fua:
+                    self.flush()
+                return n
             if host:
                 try:
                     _pwritev_full(self.fd, [view], host + (offset & cmask))

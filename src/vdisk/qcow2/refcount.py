@@ -50,6 +50,7 @@ class RefcountManager:
         self.free_heap: list[int] = []
         self.table_dirty: set[int] = set()
         self.table = array("Q")
+        self.tail_used = self.end_cluster
         if load:
             self._load_table(file_size)
 
@@ -75,6 +76,15 @@ class RefcountManager:
             )
         first = h.refcount_table_offset >> self.cluster_bits
         self.metadata.update(range(first, first + h.refcount_table_clusters))
+        # Clusters past the file end may still carry refcounts; find the last one so that
+        # allocation at the end only checks refcounts below it.
+        self.tail_used = self.end_cluster
+        for b in range(len(self.table) - 1, (self.end_cluster >> self.rb_bits) - 1, -1):
+            if self.table[b]:
+                nz = np.flatnonzero(self.cache.get(self.table[b], REFBLOCK))
+                if nz.size:
+                    self.tail_used = max(self.end_cluster, (b << self.rb_bits) + int(nz[-1]) + 1)
+                    break
         self.metadata.update(int(x) >> self.cluster_bits for x in entries[entries != 0])
 
     # -- lookups --------------------------------------------------------------------------
@@ -172,6 +182,8 @@ class RefcountManager:
         """``count`` contiguous clusters at the end of the file (refcounts still 0)."""
         while True:
             start = self.end_cluster
+            if start >= self.tail_used:
+                break  # nothing at or past here carries a refcount: no need to look
             used = [c for c in range(start, start + count) if self.get(c)]
             if not used:
                 break
@@ -183,6 +195,24 @@ class RefcountManager:
             self.scan_cursor = start + count
         self.end_cluster = start + count
         return start
+
+    def allocate_end_fast(self) -> int | None:
+        """One cluster at the file end when that is trivial (no free clusters to reuse, the
+        refcount block cached); None means: use :meth:`allocate`."""
+        c = self.end_cluster
+        if self.free_heap or self.scan_cursor < c or c < self.tail_used:
+            return None
+        bi = c >> self.rb_bits
+        if bi >= len(self.table):
+            return None
+        off = self.table[bi]
+        slot = self.cache._slots.get(off) if off else None
+        if slot is None:
+            return None
+        slot.table[c & (self.rb_entries - 1)] = 1
+        slot.dirty = True
+        self.end_cluster = self.scan_cursor = c + 1
+        return c
 
     def allocate(self, count: int) -> list[int]:
         """``count`` clusters (refcount 1), reusing freed ones first, contiguous at the end."""
