@@ -245,9 +245,17 @@ Reading the numbers:
   `preadv` per request (contiguous clusters coalesced) and its time per request is within about
   10% of a bare `preadv` of 1 MiB, so the ratio sits around 1.0 and single pairs scatter on
   either side of it with host load.
-- 64K allocating writes are likewise dominated by copying 64 KiB into the page cache; the
+- 64K allocating writes are likewise dominated by copying 64 KiB into the page cache; vdisk
+  issues exactly one `pwritev` per request (strace: metadata goes out at flush/close), and the
   metadata work per new cluster (refcount, L2 entry) is a small share of it. Neither side's
   close (and its flush) is timed.
+- Host load moves the two I/O-bound cases. qemu-img bench spends part of each request waiting
+  for its worker thread (latency, not CPU), vdisk spends more CPU per request in Python. On a
+  quiet host the two roughly cancel and the ratios sit around 1.0; when other jobs saturate the
+  CPUs every process gets a fraction of a CPU and CPU per request decides, against vdisk. Runs on this 2-CPU machine on
+  2026-11-21: at load ~2, 1M reads 0.95x-1.11x and allocating writes 0.92x-1.21x (three runs);
+  at load 5-9 (two TCG VMs of other jobs running), 0.70x and 0.58x. The 4K read ratios held
+  at 2.3x-2.8x in every run since the single-cluster fast path.
 """
 
 
