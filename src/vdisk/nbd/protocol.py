@@ -413,6 +413,8 @@ class ServerConnection:
 
     def next_event(self) -> Event:
         try:
+            if self.state is _TRANSMISSION:
+                return self._next_request()
             return self._next_event()
         except ProtocolError as exc:
             return self._close(str(exc))
@@ -632,6 +634,7 @@ class ServerConnection:
             self.contexts = []
         self._req_struct = EXT_REQUEST if self.extended else REQUEST
         self._req_magic = NBD_EXTENDED_REQUEST_MAGIC if self.extended else NBD_REQUEST_MAGIC
+        self._size = export.size
         return Negotiated(export, self.contexts)
 
     def _meta_context(self, option: int, data: bytes) -> None:
@@ -683,9 +686,20 @@ class ServerConnection:
             return NEED_DATA
         st = self._req_struct
         hsize = st.size
-        if self._end - self._start < hsize and not self._need(hsize):
+        start = self._start
+        if self._end - start < hsize and not self._need(hsize):
             return NEED_DATA
-        magic, flags, rtype, cookie, offset, length = st.unpack_from(self._buf, self._start)
+        start = self._start
+        magic, flags, rtype, cookie, offset, length = st.unpack_from(self._buf, start)
+        if (rtype == NBD_CMD_READ and not flags & ~NBD_CMD_FLAG_FUA and magic == self._req_magic
+                and offset + length <= self._size and length <= MAX_PAYLOAD):
+            # The common case, validated in one test.
+            start += hsize
+            if start == self._end:
+                self._start = self._end = 0
+            else:
+                self._start = start
+            return Request(cookie, rtype, flags, offset, length)
         if magic != self._req_magic:
             raise ProtocolError(f"bad request magic {magic:#x}")
         export = self.export
