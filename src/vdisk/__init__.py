@@ -35,6 +35,10 @@ def open(
     path: str, format: str | None = None, readonly: bool = False, **options: Any
 ) -> BlockDevice:
     """Open an image as a BlockDevice. ``format`` None probes it; options go to the format."""
+    if path.startswith(("nbd://", "nbd+unix://")):
+        from .nbd.client import NbdClient  # an NBD export (as raw data)
+
+        return NbdClient.from_uri(path, readonly=readonly)
     fmt = format or probe_format(path)
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image
