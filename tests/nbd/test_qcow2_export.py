@@ -118,3 +118,18 @@ def test_disconnect_mid_write_keeps_image_clean(tmp_path: Path,
 
 def struct_u32(v: int) -> bytes:
     return p.U32.pack(v)
+
+
+def test_enabled_bitmap_tracks_writes_through_nbd(serve_inproc: Callable[..., NbdServer],
+                                                  sock_path: str) -> None:
+    from vdisk.backends.memory import MemoryDevice
+    from vdisk.nbd import BitmapSource
+
+    size, g = 8 * MiB, 65536
+    bitmap = BitmapSource("live", size, g, bytearray(size // g // 8), enabled=True)
+    serve_inproc(Export(MemoryDevice(size), bitmaps=[bitmap]))
+    uri = unix_uri(sock_path)
+    run("qemu-io", "-f", "raw", "-c", "write -P 1 100k 4k", "-c", "write -z 2M 128k", uri)
+    assert nbd_map(uri, "qemu:dirty-bitmap:live") == [
+        (0, g, 0), (g, g, 1), (2 * g, 2 * MiB - 2 * g, 0), (2 * MiB, 2 * g, 1),
+        (2 * MiB + 2 * g, size - 2 * MiB - 2 * g, 0)]
