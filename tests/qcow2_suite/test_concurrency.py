@@ -1,7 +1,8 @@
 """Concurrency stress: 16 threads write and read one image at once.
 
 Each thread owns a private region and checks every read there against its own model (byte
-ranges at any offset and length, so writes share clusters and L2 tables with neighbours). All
+ranges at any offset and length, so writes share clusters and L2 tables with neighbours; some
+requests zero, with and without unmap, or discard, freeing clusters while others allocate). All
 threads also write whole 4 KiB blocks of one shared region, each block a self-describing stamp
 (thread, sequence number, checksum-like fill). Afterwards:
 - `qemu-img check` is clean (no leaked or doubly used clusters, no corruption);
@@ -41,17 +42,26 @@ def _stamp_ok(block: bytes) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("cluster_size", "refcount_bits"),
-    [(65536, 16), (4096, 16), (512, 64)],
-    ids=["c64k", "c4k", "c512-r64"],
+    ("cluster_size", "refcount_bits", "compat"),
+    [(65536, 16, "1.1"), (4096, 16, "1.1"), (512, 64, "1.1"), (4096, 16, "0.10")],
+    ids=["c64k", "c4k", "c512-r64", "c4k-v2"],
 )
-def test_sixteen_threads(tmp_path: Path, cluster_size: int, refcount_bits: int) -> None:
+def test_sixteen_threads(
+    tmp_path: Path, cluster_size: int, refcount_bits: int, compat: str
+) -> None:
     private = 1 << 20  # per thread
     shared_blocks = 512
     shared_start = THREADS * private
     size = shared_start + shared_blocks * BLOCK
     image = str(tmp_path / "stress.qcow2")
-    vdisk.create(image, size, format="qcow2", cluster_size=cluster_size, refcount_bits=refcount_bits)
+    vdisk.create(
+        image,
+        size,
+        format="qcow2",
+        cluster_size=cluster_size,
+        refcount_bits=refcount_bits,
+        compat=compat,
+    )
     models = [bytearray(private) for _ in range(THREADS)]
     written: set[int] = set()
     written_lock = threading.Lock()
@@ -68,7 +78,23 @@ def test_sixteen_threads(tmp_path: Path, cluster_size: int, refcount_bits: int) 
                 start.wait()
                 for seq in range(OPS_PER_THREAD):
                     choice = rng.random()
-                    if choice < 0.45:
+                    if choice < 0.08:
+                        # Zeroing (with and without unmap) and discard free clusters that other
+                        # threads may be allocating at the same moment.
+                        offset = rng.randrange(private)
+                        length = rng.randint(1, min(private - offset, 3 * cluster_size))
+                        if rng.random() < 0.6:
+                            dev.write_zeroes(base + offset, length, may_unmap=rng.random() < 0.5)
+                            model[offset : offset + length] = bytes(length)
+                        else:
+                            dev.discard(base + offset, length)
+                            after = bytearray(length)  # discard may leave old data or zeros
+                            dev.readinto(after, base + offset)
+                            old = model[offset : offset + length]
+                            if any(a != o and a != 0 for a, o in zip(after, old)):
+                                raise AssertionError(f"thread {tid}: discard left foreign data")
+                            model[offset : offset + length] = after
+                    elif choice < 0.45:
                         offset = rng.randrange(private)
                         length = rng.randint(1, min(private - offset, 3 * cluster_size + 100))
                         data = rng.randbytes(length)
