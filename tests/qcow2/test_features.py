@@ -248,3 +248,32 @@ def test_write_with_internal_snapshot_cows(tmp_path: Path) -> None:
     assert to_raw(img, tmp_path / "active.raw") == expected
     run("qemu-img", "convert", "-l", "snap1", "-O", "raw", img, tmp_path / "snap.raw")
     assert (tmp_path / "snap.raw").read_bytes() == snap_raw
+
+
+def test_hostile_l2_entries_give_clean_errors(tmp_path: Path) -> None:
+    img = tmp_path / "h.qcow2"
+    create(str(img), 1 << 20)
+    with Qcow2Image.open(str(img)) as w:
+        w.write(b"a" * 65536, 0)
+        w.write(b"b" * 65536, 65536)
+        l2_off = w.map.l1[0] & fmt.L1E_OFFSET_MASK
+        host1 = get_u64(img, l2_off + 8) & fmt.L2E_OFFSET_MASK
+    # Entry 0: a misaligned host offset; entry 1: a compressed descriptor over plain data.
+    set_u64(img, l2_off, (5 << 16) + 4096 | fmt.OFLAG_COPIED)
+    set_u64(img, l2_off + 8, fmt.encode_compressed(host1, 3000, 16))
+    with Qcow2Image.open(str(img), readonly=True) as r:
+        with pytest.raises(CorruptImageError, match="aligned"):
+            r.pread(10, 0)
+        with pytest.raises(CorruptImageError, match="compressed"):
+            r.pread(10, 65536)
+        assert r.pread(10, 2 * 65536) == bytes(10)  # the rest still reads
+
+
+def test_l1_pointing_past_eof_is_refused(tmp_path: Path) -> None:
+    img = tmp_path / "e.qcow2"
+    create(str(img), 1 << 20)
+    with Qcow2Image.open(str(img), readonly=True) as r:
+        l1_off = r.header.l1_table_offset
+    set_u64(img, l1_off, (1 << 40) | fmt.OFLAG_COPIED)
+    with pytest.raises(CorruptImageError, match="L1 entry 0"):
+        Qcow2Image.open(str(img), readonly=True)
