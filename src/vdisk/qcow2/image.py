@@ -718,6 +718,7 @@ class Qcow2Image(BlockDeviceBase):
             meta = self.metadata
             for item in plan:
                 if item[2] != NEW and (item[1] >> cb) in meta:
+                    frees.extend(i[1] >> cb for i in plan if i[2] == NEW)
                     self._free_later(frees)
                     raise self._mark_corrupt(
                         f"write to guest cluster {item[0]} would overwrite metadata at {item[1]:#x}"
