@@ -1,0 +1,97 @@
+"""ublk pieces that need no ublk driver: parameter checks, the zip backend, CLI errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from vdisk.backends.zipmember import ZipMemberDevice, split_member
+from vdisk.cli import main
+from vdisk.errors import FormatError, ReadOnlyError, UnsupportedFeatureError
+from vdisk.ublk import uapi
+from vdisk.ublk.device import MAX_DISCARD_BYTES, UblkParams
+from vdisk.ublk.errors import UblkError
+
+
+@pytest.mark.parametrize(
+    ("params", "size", "words"),
+    [
+        (UblkParams(queues=0), 1 << 20, "queues"),
+        (UblkParams(depth=4097), 1 << 20, "depth"),
+        (UblkParams(logical_block_size=1000), 1 << 20, "logical_block_size"),
+        (UblkParams(logical_block_size=4096, physical_block_size=512), 1 << 20, "smaller"),
+        (UblkParams(max_io_buf_bytes=1000), 1 << 20, "max_io_buf_bytes"),
+        (UblkParams(max_sectors=5000), 1 << 20, "max_sectors"),
+        (UblkParams(), 1000, "multiple"),
+        (UblkParams(), 0, "positive"),
+        (UblkParams(dev_id=-5), 1 << 20, "device id"),
+    ],
+)
+def test_invalid_params_are_one_line_errors(params: UblkParams, size: int, words: str) -> None:
+    with pytest.raises(UblkError) as info:
+        params.validate(size)
+    assert info.value.errno == errno.EINVAL
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_params_to_uapi() -> None:
+    p = UblkParams(logical_block_size=4096, physical_block_size=4096, rotational=True)
+    p.validate(1 << 30)
+    u = p.to_uapi(1 << 30, readonly=False)
+    assert u.basic.logical_bs_shift == 12 and u.basic.dev_sectors == (1 << 30) >> 9
+    assert u.basic.attrs & uapi.UBLK_ATTR_ROTATIONAL
+    assert u.basic.attrs & uapi.UBLK_ATTR_VOLATILE_CACHE and u.basic.attrs & uapi.UBLK_ATTR_FUA
+    assert u.types == uapi.UBLK_PARAM_TYPE_BASIC | uapi.UBLK_PARAM_TYPE_DISCARD
+    assert u.discard.max_discard_sectors << 9 == MAX_DISCARD_BYTES < 1 << 32
+    assert u.basic.max_sectors == p.max_io_buf_bytes >> 9
+    ro = p.to_uapi(1 << 30, readonly=True)
+    assert ro.basic.attrs & uapi.UBLK_ATTR_READ_ONLY and ro.types == uapi.UBLK_PARAM_TYPE_BASIC
+
+
+def _zip(tmp_path: Path, compression: int = zipfile.ZIP_STORED) -> tuple[Path, bytes]:
+    data = os.urandom(200_000)
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        zf.writestr("other.txt", "x" * 100)
+        zf.writestr("disk.img", data)
+    return path, data
+
+
+def test_zip_member_reads_the_stored_bytes(tmp_path: Path) -> None:
+    path, data = _zip(tmp_path)
+    with ZipMemberDevice(str(path), "disk.img") as dev:
+        assert dev.size == len(data) and dev.readonly
+        assert dev.pread(1000, 12345) == data[12345:13345]
+        assert dev.pread(len(data), 0) == data
+        with pytest.raises(ReadOnlyError):
+            dev.write(b"x", 0)
+    assert split_member(f"{path}:disk.img") == (str(path), "disk.img")
+
+
+def test_zip_member_errors(tmp_path: Path) -> None:
+    path, _ = _zip(tmp_path)
+    with pytest.raises(FormatError, match="2 members"):
+        ZipMemberDevice(str(path))
+    with pytest.raises(FormatError, match="no member"):
+        ZipMemberDevice(str(path), "nope")
+    deflated, _ = _zip(tmp_path / "..", zipfile.ZIP_DEFLATED)
+    with pytest.raises(UnsupportedFeatureError, match="compressed"):
+        ZipMemberDevice(str(deflated), "disk.img")
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(FormatError, match="not a zip"):
+        ZipMemberDevice(str(junk))
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    if os.path.exists("/dev/ublk-control"):
+        pytest.skip("this host has ublk; the error path is for hosts without it")
+    assert main(["ublk", "add", "-t", "mem", "--size", "1M", "--foreground"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ublk-control" in err
+    assert main(["ublk", "del"]) == 1
+    assert "exactly one" in capsys.readouterr().err
