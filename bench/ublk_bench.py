@@ -153,7 +153,20 @@ def write_docs(results: dict[str, Any]) -> None:
         row = results["jobs"][job]
         cells = [f"{row[t]['ratio']:.2f}" for t in TARGETS]
         lines.append(f"| {job} | " + " | ".join(cells) + f" | {row['raw']['loop_MBps']:.1f} |")
-    lines += ["", "![ublk vs loop](img/ublk_bench.png)", ""]
+    raw_qd32 = min(results["jobs"][j]["raw"]["ratio"] for j in jobs if "QD32" in j)
+    lines += [
+        "",
+        "![ublk vs loop](img/ublk_bench.png)",
+        "",
+        f"Target: ublk raw >= 0.9x loop at QD32. **Not met**: {raw_qd32:.2f}x at worst here. "
+        "Every request costs the Python queue loop a few hundred bytecodes (descriptor unpack, "
+        "dispatch, SQE pack, metrics), and under TCG each of those is emulated, while the loop "
+        "device's per-request work is native kernel code. The null column shows the export "
+        "path alone; raw and qcow2 add the backing I/O. Large sequential requests amortise the "
+        "per-request cost (0.4-0.5x). Expect much better ratios on real hardware/KVM; not "
+        "measured here.",
+        "",
+    ]
     perf = ROOT / "docs" / "performance.md"
     text = perf.read_text()
     section = "\n".join(lines)
@@ -167,7 +180,12 @@ def main() -> int:
     ap.add_argument("--in-vm", action="store_true")
     ap.add_argument("--runtime", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--from-results", default=None, help="rewrite the docs from a saved run")
     args = ap.parse_args()
+    if args.from_results:
+        text = Path(args.from_results).read_text()
+        write_docs(json.loads(re.findall(r"^RESULTS (.*)$", text, re.M)[-1]))
+        return 0
     if args.in_vm:
         print("RESULTS " + json.dumps(guest(args.runtime, args.rounds)), flush=True)
         return 0
