@@ -96,6 +96,24 @@ def _dmesg_tail(lines: int = 30) -> str:
     return "\n".join(out.splitlines()[-lines:]) + "\n"
 
 
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """In the VM batch, exit hard once the report is written: a thread or child a test left
+    behind (say, a ublk queue thread stuck in io_uring_enter) must not keep the VM up until its
+    hard timeout. The guest is thrown away anyway."""
+    if _in_vm() and os.environ.get(_REPORT_ENV) and _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[-1])
+
+
 # --------------------------------------------------------------------------------------------
 # Host side.
 
