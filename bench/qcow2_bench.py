@@ -249,13 +249,14 @@ Reading the numbers:
   issues exactly one `pwritev` per request (strace: metadata goes out at flush/close), and the
   metadata work per new cluster (refcount, L2 entry) is a small share of it. Neither side's
   close (and its flush) is timed.
-- Host load moves the two I/O-bound cases. qemu-img bench spends part of each request waiting
-  for its worker thread (latency, not CPU), vdisk spends more CPU per request in Python. On a
-  quiet host the two roughly cancel and the ratios sit around 1.0; when other jobs saturate the
-  CPUs every process gets a fraction of a CPU and CPU per request decides, against vdisk. Runs on this 2-CPU machine on
-  2026-11-21: at load ~2, 1M reads 0.95x-1.11x and allocating writes 0.92x-1.21x (three runs);
-  at load 5-9 (two TCG VMs of other jobs running), 0.70x and 0.58x. The 4K read ratios held
-  at 2.3x-2.8x in every run since the single-cluster fast path.
+- Host load moves the two I/O-bound cases, and we have no confirmed explanation for the
+  direction. CPU per request is not it: in one A/B, an allocating 64K write cost vdisk 14.5 us
+  of CPU (time.process_time) against qemu-img bench's 21-23 us (its whole run's rusage over the
+  request count, start-up included). Runs on this 2-CPU machine on 2026-11-21: at load ~2,
+  1M reads 0.95x-1.11x and allocating writes 0.92x-1.21x (three runs); at load 5-9 (other
+  jobs' TCG VMs running), 0.70x-0.92x and 0.58x-0.62x, with single pairs between 0.3x and 4x.
+  The 4K read ratios were 1.9x-2.8x in every run since the single-cluster fast path. Re-run on
+  a quiet host before drawing conclusions from the two I/O-bound rows.
 """
 
 
