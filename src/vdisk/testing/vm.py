@@ -355,8 +355,14 @@ def run(
                 stdout=console_f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
-            timed_out = _wait(proc, start + timeout, results / "output", stream)
+            try:
+                timed_out = _wait(proc, start + timeout, results / "output", stream)
+            finally:
+                # Interrupted (Ctrl-C, pytest-timeout...): never leave QEMU running.
+                if proc.poll() is None:
+                    _kill(proc)
         duration = time.monotonic() - start
         output = _read_text(results / "output")
         console = _ANSI.sub("", _read_text(console_path).replace("\r\n", "\n"))
@@ -401,14 +407,26 @@ def _wait(
             return False
         except subprocess.TimeoutExpired:
             continue
+    _kill(proc)
+    if stream is not None:
+        _pump(output, pos, stream)
+    return True
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
-    if stream is not None:
-        _pump(output, pos, stream)
-    return True
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: get SIGKILL if our parent dies, so a killed test run leaves no VM."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def _pump(path: Path, pos: int, stream: TextIO) -> int:
