@@ -236,3 +236,22 @@ def test_cli_bad_flags_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     proc = run(*VDISK, "nbd", str(tmp_path / "missing.raw"), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_cli_detect_zeroes_discard_and_cache(tmp_path: Path,
+                                             cli_server: Callable[..., object],
+                                             sock_path: str) -> None:
+    """--detect-zeroes=unmap --discard=unmap turn zero writes into holes; writethrough works."""
+    path = make_raw(tmp_path / "d.raw", 8 * MiB)
+    Path(path).write_bytes(b"\x01" * 8 * MiB)
+    cli_server("-t", "-f", "raw", "--detect-zeroes=unmap", "--discard=unmap",
+               "--cache=writethrough", path)
+    uri = unix_uri(sock_path)
+    qemu_io(uri, "write -P 0 1M 2M", "write -P 3 4M 64k", "discard 6M 1M")
+    data = Path(path).read_bytes()
+    assert data[MiB : 3 * MiB] == bytes(2 * MiB) and data[6 * MiB : 7 * MiB] == bytes(MiB)
+    assert data[4 * MiB : 4 * MiB + 65536] == b"\x03" * 65536
+    holes = [(e["offset"], e["length"]) for e in nbd_map(uri) if e["type"] & 1]
+    assert (MiB, 2 * MiB) in holes and (6 * MiB, MiB) in holes
+    proc = run(*VDISK, "nbd", "--detect-zeroes=unmap", path, check=False)
+    assert proc.returncode == 1 and "discard" in proc.stderr
