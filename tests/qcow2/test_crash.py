@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from q2util import assert_clean, check, needs_qemu
 
+from oracles import assert_check_clean, needs_qemu, qemu_check
 from vdisk.qcow2 import Qcow2Image, create
 
 pytestmark = needs_qemu
@@ -53,16 +53,16 @@ def test_kill_during_writes_only_leaks(tmp_path: Path, lazy: bool) -> None:
         time.sleep(0.3 + 0.2 * seed)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        report = check(img)
+        report = qemu_check(img)
         if lazy:
             # Dirty image: QEMU's check may repair in memory; what matters is our repair.
             with Qcow2Image.open(str(img)) as w:
                 w.write(b"after", 0)
-            assert_clean(img)
+            assert_check_clean(img)
         else:
             assert report.get("corruptions", 0) == 0, json.dumps(report)
             assert report.get("check-errors", 0) == 0, json.dumps(report)
             with Qcow2Image.open(str(img)) as w:  # still usable as is
                 w.write(b"after", 0)
-            after = check(img)
+            after = qemu_check(img)
             assert after.get("corruptions", 0) == 0, after

@@ -8,9 +8,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from q2util import assert_clean, needs_qemu, qemu_io, run, to_raw
 
 import vdisk
+from oracles import assert_check_clean, needs_qemu, qemu_io, qemu_to_raw, run
 from vdisk.errors import BackingChainError, CorruptImageError, UnsupportedFeatureError
 from vdisk.qcow2 import Qcow2Image, create
 from vdisk.qcow2 import format as fmt
@@ -74,7 +74,7 @@ def test_unknown_autoclear_bits_cleared_on_first_write(tmp_path: Path) -> None:
         assert get_u64(img, 88) == 1 << 40  # reads leave it alone
         w.write(b"x", 0)
         assert get_u64(img, 88) == 0
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 def test_lazy_refcounts_dirty_bit_lifecycle(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_lazy_refcounts_dirty_bit_lifecycle(tmp_path: Path) -> None:
     assert info["dirty-flag"] is True
     w.close()
     assert not get_u64(img, 72) & fmt.INCOMPAT_DIRTY
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 def test_rebuild_after_simulated_crash(tmp_path: Path) -> None:
@@ -106,11 +106,11 @@ def test_rebuild_after_simulated_crash(tmp_path: Path) -> None:
         f.seek(block_off)
         f.write(bytes(4096))
     set_u64(img, 72, fmt.INCOMPAT_DIRTY)
-    expected = to_raw(img, tmp_path / "r.raw")
+    expected = qemu_to_raw(img, tmp_path / "r.raw")
     with Qcow2Image.open(str(img)) as w:
         assert w.pread(1 << 20, 0) == expected[: 1 << 20]
         w.write(b"more", 5 << 20)
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 def test_backing_loop_and_depth(tmp_path: Path) -> None:
@@ -161,8 +161,8 @@ def test_read_past_backing_end_is_zero(tmp_path: Path) -> None:
         t.write(b"\x01", 4000)  # COW across the parent's end
     expected = bytearray(b"\x77" * 5000 + bytes((1 << 20) - 5000))
     expected[4000] = 1
-    assert to_raw(top, tmp_path / "t.raw") == expected
-    assert_clean(top)
+    assert qemu_to_raw(top, tmp_path / "t.raw") == expected
+    assert_check_clean(top)
 
 
 def test_overlap_check_refuses_write_onto_metadata(tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_extended_l2_subclusters_with_backing(tmp_path: Path) -> None:
     )
     # Subclusters of 2 KiB: allocate some, zero some, leave the rest to the backing file.
     qemu_io(top, "write -P 0x22 2048 2048", "write -z 8192 4096", "write -P 0x33 65536 1000")
-    expected = bytearray(to_raw(top, tmp_path / "t.raw"))
+    expected = bytearray(qemu_to_raw(top, tmp_path / "t.raw"))
     with Qcow2Image.open(str(top)) as t:
         assert t.pread(len(expected), 0) == expected
         # Partial write into a partly allocated cluster: the rest keeps its per-subcluster
@@ -214,8 +214,8 @@ def test_extended_l2_subclusters_with_backing(tmp_path: Path) -> None:
         t.write_zeroes(30000, 5000)
         expected[30000:35000] = bytes(5000)
         assert t.pread(len(expected), 0) == expected
-    assert to_raw(top, tmp_path / "t2.raw") == expected
-    assert_clean(top)
+    assert qemu_to_raw(top, tmp_path / "t2.raw") == expected
+    assert_check_clean(top)
 
 
 def test_fua_and_flush(tmp_path: Path) -> None:
@@ -233,7 +233,7 @@ def test_write_with_internal_snapshot_cows(tmp_path: Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")
     qemu_io(img, "write -P 0x10 0 2M", "write -c -P 0x20 2M 128k")
     run("qemu-img", "snapshot", "-c", "snap1", img)
-    snap_raw = to_raw(img, tmp_path / "before.raw")
+    snap_raw = qemu_to_raw(img, tmp_path / "before.raw")
     expected = bytearray(snap_raw)
     with Qcow2Image.open(str(img)) as w:
         w.write(b"\x99" * 5000, 1000)  # shared L2 table and shared data cluster: both copied
@@ -244,8 +244,8 @@ def test_write_with_internal_snapshot_cows(tmp_path: Path) -> None:
         w.write(b"\x98" * 100, (2 << 20) + 10)  # compressed + shared
         expected[(2 << 20) + 10 : (2 << 20) + 110] = b"\x98" * 100
         assert w.pread(len(expected), 0) == expected
-    assert_clean(img)
-    assert to_raw(img, tmp_path / "active.raw") == expected
+    assert_check_clean(img)
+    assert qemu_to_raw(img, tmp_path / "active.raw") == expected
     run("qemu-img", "convert", "-l", "snap1", "-O", "raw", img, tmp_path / "snap.raw")
     assert (tmp_path / "snap.raw").read_bytes() == snap_raw
 

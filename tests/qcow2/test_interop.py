@@ -9,9 +9,17 @@ import zlib
 from pathlib import Path
 
 import pytest
-from q2util import assert_clean, compare, needs_qemu, qemu_io, qemu_map, run, to_raw
 
 import vdisk
+from oracles import (
+    assert_check_clean,
+    assert_compare_equal,
+    needs_qemu,
+    qemu_io,
+    qemu_map,
+    qemu_to_raw,
+    run,
+)
 from vdisk.qcow2 import Qcow2Image, create
 
 pytestmark = needs_qemu
@@ -65,7 +73,7 @@ def test_read_qemu_images(tmp_path: Path, opts: str) -> None:
     size = 24 << 20
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, img, str(size))
     fill_with_qemu_io(img, size, seed=zlib.crc32(opts.encode()))
-    expected = to_raw(img, tmp_path / "q.raw")
+    expected = qemu_to_raw(img, tmp_path / "q.raw")
     assert read_all(img) == expected
 
 
@@ -75,7 +83,7 @@ def test_read_multi_l2_and_multi_cluster_l1(tmp_path: Path) -> None:
     size = 64 << 20
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, str(size))
     qemu_io(img, "write -P 7 30000 70000", "write -P 9 63000000 1000000")
-    assert read_all(img) == to_raw(img, tmp_path / "q.raw")
+    assert read_all(img) == qemu_to_raw(img, tmp_path / "q.raw")
 
 
 def test_read_backing_chains(tmp_path: Path) -> None:
@@ -102,7 +110,7 @@ def test_read_backing_chains(tmp_path: Path) -> None:
         str(size + (1 << 20)),
     )
     qemu_io(top, "write -P 2 4096 4096", "write -P 3 7M 1M", "discard 1M 64k")
-    expected = to_raw(top, tmp_path / "top.raw")
+    expected = qemu_to_raw(top, tmp_path / "top.raw")
     assert read_all(top) == expected
     with Qcow2Image.open(str(top), readonly=True) as t:
         assert t.backing is not None
@@ -152,7 +160,7 @@ def test_read_compressed(tmp_path: Path, ctype: str) -> None:
         w.write(b"Z" * 1000, 70000)
         data[70000:71000] = b"Z" * 1000
     assert read_all(img) == bytes(data)
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 def test_lazy_refcounts_dirty_image(tmp_path: Path) -> None:
@@ -170,7 +178,7 @@ def test_lazy_refcounts_dirty_image(tmp_path: Path) -> None:
     with Qcow2Image.open(str(img)) as w:  # read-write: refcounts rebuilt first
         assert not w.header.dirty
         w.write(b"after", 12 << 20)
-    assert_clean(img)
+    assert_check_clean(img)
     info = json.loads(run("qemu-img", "info", "--output=json", img))
     assert info["dirty-flag"] is False
 
@@ -198,7 +206,7 @@ def test_write_then_qemu_check_and_compare(tmp_path: Path, opts: dict[str, objec
     img = tmp_path / "w.qcow2"
     size = 12 << 20
     create(str(img), size, **opts)  # type: ignore[arg-type]
-    assert_clean(img)
+    assert_check_clean(img)
     rng = random.Random(str(opts))
     model = bytearray(size)
     cs = int(opts.get("cluster_size", 65536))  # type: ignore[call-overload]
@@ -224,33 +232,33 @@ def test_write_then_qemu_check_and_compare(tmp_path: Path, opts: dict[str, objec
         assert w.pread(size, 0) == model
     raw = tmp_path / "w.raw"
     raw.write_bytes(model)
-    assert_clean(img)
-    compare(img, raw)
+    assert_check_clean(img)
+    assert_compare_equal(img, raw)
 
 
 @pytest.mark.parametrize("prealloc", ["metadata", "falloc", "full"])
 def test_create_preallocation(tmp_path: Path, prealloc: str) -> None:
     img = tmp_path / "p.qcow2"
     create(str(img), 5 << 20, preallocation=prealloc)
-    assert_clean(img)
+    assert_check_clean(img)
     info = json.loads(run("qemu-img", "info", "--output=json", img))
     assert info["virtual-size"] == 5 << 20
     m = qemu_map(img)
     assert all(e["data"] for e in m)
     with Qcow2Image.open(str(img)) as w:
         w.write(b"q" * 5000, 1 << 20)
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 def test_create_huge_multi_cluster_tables(tmp_path: Path) -> None:
     img = tmp_path / "big.qcow2"
     create(str(img), 8 << 40, cluster_size=4096)  # L1 of many clusters
-    assert_clean(img)
+    assert_check_clean(img)
     with Qcow2Image.open(str(img)) as w:
         assert w.header.l1_size * 8 > 4096
         for off in (0, 3 << 40, (8 << 40) - 4096):
             w.write(b"edge" * 1024, off)
-    assert_clean(img)
+    assert_check_clean(img)
     info = json.loads(run("qemu-img", "info", "--output=json", img))
     assert info["virtual-size"] == 8 << 40
 
@@ -263,7 +271,7 @@ def test_refcount_table_growth(tmp_path: Path) -> None:
     data = os.urandom(4 << 20)
     with Qcow2Image.open(str(img)) as w:
         w.write(data, 1 << 20)
-    assert_clean(img)
+    assert_check_clean(img)
     with Qcow2Image.open(str(img), readonly=True) as r:
         assert r.pread(len(data), 1 << 20) == data
         assert r.header.refcount_table_clusters > 1
@@ -283,8 +291,8 @@ def test_backing_file_create_and_cow(tmp_path: Path) -> None:
     expected = bytearray(b"\x11" * (3 << 20))
     expected[65536 + 1000 : 65536 + 1100] = b"\x22" * 100
     expected[2 << 20 : (2 << 20) + 65536] = bytes(65536)
-    assert to_raw(top, tmp_path / "t.raw") == expected
-    assert_clean(top)
+    assert qemu_to_raw(top, tmp_path / "t.raw") == expected
+    assert_check_clean(top)
     info = json.loads(run("qemu-img", "info", "--output=json", top))
     assert info["backing-filename"] == "../base.qcow2"
     assert info["backing-filename-format"] == "qcow2"
@@ -298,8 +306,8 @@ def test_v2_zero_with_backing_writes_zeros(tmp_path: Path) -> None:
     with Qcow2Image.open(str(top)) as t:
         t.write_zeroes(0, 1 << 20, may_unmap=True)
         assert t.pread(1 << 20, 0) == bytes(1 << 20)
-    assert to_raw(top, tmp_path / "t.raw") == bytes(1 << 20)
-    assert_clean(top)
+    assert qemu_to_raw(top, tmp_path / "t.raw") == bytes(1 << 20)
+    assert_check_clean(top)
 
 
 def test_discard_reuses_clusters(tmp_path: Path) -> None:
@@ -313,7 +321,7 @@ def test_discard_reuses_clusters(tmp_path: Path) -> None:
         w.write(os.urandom(8 << 20), 32 << 20)
         w.flush()
         assert os.path.getsize(img) <= size_before
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 def test_qemu_writes_to_our_image(tmp_path: Path) -> None:
@@ -326,7 +334,7 @@ def test_qemu_writes_to_our_image(tmp_path: Path) -> None:
     expected[5000:15000] = b"\x44" * 10000
     expected[8192 : 8192 + 4096] = b"\x55" * 4096
     assert read_all(img) == expected
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 INFO_OPTS = [
@@ -349,7 +357,7 @@ def test_create_matches_qemu_info(tmp_path: Path, opts: str) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, theirs, "100M")
     kw = dict(kv.split("=") for kv in opts.split(","))
     create(str(ours), 100 << 20, **kw)
-    assert_clean(ours)
+    assert_check_clean(ours)
 
     def info(p: Path) -> dict[str, object]:
         data = json.loads(run("qemu-img", "info", "--output=json", p))

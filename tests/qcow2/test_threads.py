@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from q2util import assert_clean, compare, needs_qemu
 
+from oracles import assert_check_clean, assert_compare_equal, needs_qemu
 from vdisk.qcow2 import Qcow2Image, create
 
 pytestmark = needs_qemu
@@ -51,8 +51,8 @@ def test_threads_write_disjoint_and_shared_ranges(tmp_path: Path) -> None:
         final = dev.pread(size, 0)
     raw = tmp_path / "t.raw"
     raw.write_bytes(final)
-    assert_clean(img)
-    compare(img, raw)
+    assert_check_clean(img)
+    assert_compare_equal(img, raw)
 
 
 def test_threads_share_clusters(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_threads_share_clusters(tmp_path: Path) -> None:
         for c in range(16):
             for k in range(16):
                 assert dev.pread(1, c * 65536 + k * 7) == bytes([k + 1])
-    assert_clean(img)
+    assert_check_clean(img)
 
 
 @pytest.mark.parametrize(
@@ -129,5 +129,5 @@ def test_threads_overlapping_write_zero_discard(
     assert not errors, errors
     raw = tmp_path / "o.raw"
     raw.write_bytes(final)
-    assert_clean(img)
-    compare(img, raw)
+    assert_check_clean(img)
+    assert_compare_equal(img, raw)

@@ -68,8 +68,21 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=True)
 
 
-def qemu_io(image: str | Path, *commands: str, fmt: str = "qcow2") -> None:
-    cmd = ["qemu-io", "-f", fmt]
+def run(*args: str | Path) -> str:
+    """Run a tool that must succeed; its stdout."""
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def qemu_io(image: str | Path, *commands: str, fmt: str = "qcow2") -> str:
+    args: list[str | Path] = ["qemu-io", "-f", fmt]
     for command in commands:
-        cmd += ["-c", command]
-    subprocess.run([*cmd, str(image)], capture_output=True, check=True)
+        args += ["-c", command]
+    return run(*args, image)
+
+
+def qemu_map(path: str | Path) -> list[dict[str, Any]]:
+    """``qemu-img map --output=json``, parsed."""
+    result: list[dict[str, Any]] = json.loads(run("qemu-img", "map", "--output=json", path))
+    return result
