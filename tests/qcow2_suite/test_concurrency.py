@@ -18,9 +18,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from oracles import assert_check_clean, needs_qemu, qemu_to_raw
 
 import vdisk
+from oracles import assert_check_clean, needs_qemu, qemu_to_raw
 
 pytestmark = [needs_qemu, pytest.mark.timeout(300)]
 

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracles import assert_check_clean, assert_compare_equal, needs_qemu, qemu_io, qemu_to_raw
 
 import vdisk
+from oracles import assert_check_clean, assert_compare_equal, needs_qemu, qemu_io, qemu_to_raw
 
 pytestmark = [needs_qemu, pytest.mark.timeout(300)]
 
