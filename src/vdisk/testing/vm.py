@@ -2,7 +2,8 @@
 
 The host kernel may lack ublk, so tests that need a real kernel feature boot a small VM: the
 kernel comes from ``VDISK_TEST_KERNEL`` (a bzImage with ublk, io_uring, 9p, overlayfs... built
-in), the guest's root is the host's ``/`` shared read-only over virtio-9p, and a tmpfs-backed
+in; or, with ``VDISK_TEST_INITRD``, a modular kernel whose initramfs loads those modules and then
+mounts the same root and runs the same init, see scripts/fetch-test-kernel), the guest's root is the host's ``/`` shared read-only over virtio-9p, and a tmpfs-backed
 overlayfs on top makes it writable without hiding any host path (so a venv under /tmp or
 /var/tmp stays visible). A generated init mounts the basics, runs the one command as root with
 the project's venv first on PATH, writes its output and exit status into a second, writable
@@ -31,11 +32,14 @@ from typing import Literal, TextIO
 from vdisk.errors import VdiskError
 
 __all__ = [
+    "KernelSpec",
     "VMBootError",
     "VMError",
     "VMResult",
     "VMTimeoutError",
     "VMUnavailableError",
+    "extra_kernels",
+    "find_initrd",
     "find_kernel",
     "find_qemu",
     "project_root",
@@ -144,6 +148,53 @@ def find_kernel() -> Path | None:
     return built[-1] if built else None
 
 
+def find_initrd() -> Path | None:
+    """The initramfs for the default kernel: ``$VDISK_TEST_INITRD`` (None: boot without one)."""
+    env = os.environ.get("VDISK_TEST_INITRD")
+    return Path(env) if env else None
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A further kernel the vm tests also run on (one entry of ``$VDISK_TEST_KERNELS``)."""
+
+    #: Short name shown in test ids, e.g. ``linux-6.12``.
+    label: str
+    kernel: Path | None
+    initrd: Path | None = None
+    #: Why it cannot boot (missing files, or the reason given in the entry); None when it can.
+    unavailable: str | None = None
+
+
+def extra_kernels(value: str | None = None) -> list[KernelSpec]:
+    """Parse ``$VDISK_TEST_KERNELS``: ``;``-separated ``LABEL=KERNEL[,INITRD]`` entries, or
+    ``LABEL=!REASON`` for a kernel that was wanted but could not be had (its tests skip)."""
+    if value is None:
+        value = os.environ.get("VDISK_TEST_KERNELS", "")
+    specs = []
+    for entry in value.split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        label, sep, rest = entry.partition("=")
+        label = label.strip()
+        if not sep or not label or not rest:
+            specs.append(
+                KernelSpec(label or entry, None, None, f"bad VDISK_TEST_KERNELS entry {entry!r}")
+            )
+            continue
+        if rest.startswith("!"):
+            specs.append(KernelSpec(label, None, None, rest[1:].strip() or "unavailable"))
+            continue
+        kpath, _, ipath = rest.partition(",")
+        kernel = Path(kpath)
+        initrd = Path(ipath) if ipath else None
+        missing = [str(p) for p in (kernel, initrd) if p is not None and not p.is_file()]
+        why = f"{' and '.join(missing)} missing" if missing else None
+        specs.append(KernelSpec(label, kernel, initrd, why))
+    return specs
+
+
 def find_qemu() -> str | None:
     return os.environ.get("VDISK_QEMU") or shutil.which("qemu-system-x86_64")
 
@@ -159,6 +210,9 @@ def unavailable_reason() -> str | None:
             missing.append(
                 "no test kernel (set VDISK_TEST_KERNEL to a bzImage, or run scripts/build-test-kernel)"
             )
+    initrd = find_initrd()
+    if initrd is not None and not initrd.is_file():
+        missing.append(f"initramfs VDISK_TEST_INITRD={initrd} does not exist")
     if find_qemu() is None:
         missing.append("qemu-system-x86_64 not found (apt install qemu-system-x86)")
     return "; ".join(missing) if missing else None
@@ -242,6 +296,9 @@ off
 """
 
 
+_HOST_ONLY = frozenset({"VDISK_TEST_KERNEL", "VDISK_TEST_INITRD", "VDISK_TEST_KERNELS"})
+
+
 def _guest_env(results: Path, extra: Mapping[str, str] | None) -> dict[str, str]:
     venv = _venv_bin()
     env = {
@@ -255,9 +312,9 @@ def _guest_env(results: Path, extra: Mapping[str, str] | None) -> dict[str, str]
         IN_VM_ENV: "1",
         RESULTS_ENV: str(results),
     }
-    # Pass the host's VDISK_* knobs through (the test kernel path is meaningless inside).
+    # Pass the host's VDISK_* knobs through (the test kernel paths are meaningless inside).
     for key, value in os.environ.items():
-        if key.startswith("VDISK_") and key not in env and key != "VDISK_TEST_KERNEL":
+        if key.startswith("VDISK_") and key not in env and key not in _HOST_ONLY:
             env[key] = value
     if extra:
         env.update(extra)
@@ -280,6 +337,7 @@ def run(
     memory: str | None = None,
     cpus: int | None = None,
     kernel: str | os.PathLike[str] | None = None,
+    initrd: str | os.PathLike[str] | None = None,
     collect: Sequence[str] = (),
     stream: TextIO | None = None,
 ) -> VMResult:
@@ -289,15 +347,24 @@ def run(
     ``result.check()``. Raises `VMUnavailableError` when there is no kernel or no QEMU.
     ``collect`` names files the command may write into ``$VDISK_VM_RESULTS``; they come back in
     ``result.files``. ``stream`` receives the command's output live, as it is produced.
+    ``kernel`` and ``initrd`` default to `find_kernel` and `find_initrd`; a ``kernel`` given
+    without ``initrd`` boots without an initramfs.
     """
     argv = list(argv)
     if not argv:
         raise VMError("empty command")
     qemu = find_qemu()
-    kpath = Path(kernel) if kernel is not None else find_kernel()
+    if kernel is not None:
+        kpath: Path | None = Path(kernel)
+        ipath = Path(initrd) if initrd is not None else None
+    else:
+        kpath = find_kernel()
+        ipath = Path(initrd) if initrd is not None else find_initrd()
     if qemu is None or kpath is None or not kpath.is_file():
         reason = unavailable_reason() or f"test kernel {kpath} does not exist"
         raise VMUnavailableError(reason)
+    if ipath is not None and not ipath.is_file():
+        raise VMUnavailableError(f"initramfs {ipath} does not exist")
     memory = memory or os.environ.get("VDISK_VM_MEMORY", DEFAULT_MEMORY)
     cpus = cpus or int(os.environ.get("VDISK_VM_CPUS", DEFAULT_CPUS))
     guest_cwd = Path(cwd if cwd is not None else os.getcwd()).resolve()
@@ -334,6 +401,7 @@ def run(
             "-m", memory,
             "-smp", str(cpus),
             "-kernel", str(kpath),
+            *(["-initrd", str(ipath)] if ipath is not None else []),
             "-nographic",
             "-no-reboot",
             "-nodefaults",
@@ -469,6 +537,12 @@ def main(args: Sequence[str] | None = None) -> int:
         "scripts/build-test-kernel build)",
     )
     parser.add_argument(
+        "--initrd",
+        default=None,
+        help="initramfs for a modular kernel (default $VDISK_TEST_INITRD when --kernel is not "
+        "given; see scripts/fetch-test-kernel)",
+    )
+    parser.add_argument(
         "--console", action="store_true", help="print the whole serial console log afterwards"
     )
     parser.add_argument(
@@ -493,6 +567,7 @@ def main(args: Sequence[str] | None = None) -> int:
             memory=ns.memory,
             cpus=ns.cpus,
             kernel=ns.kernel,
+            initrd=ns.initrd,
             env=extra,
             stream=sys.stdout,
         )
