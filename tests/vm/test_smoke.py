@@ -1,4 +1,6 @@
-"""The VM test bed works: the guest has ublk and io_uring, runs the project's Python, can write.
+"""The VM test bed works: the guest has ublk and io_uring, runs the project's Python, can write,
+and the ublk server speaks the opcode form the guest kernel wants (legacy on 6.1, ioctl-encoded
+where GET_FEATURES advertises it, e.g. Debian's 6.12 run through ``VDISK_TEST_KERNELS``).
 
 The host-side tests check that a failing command, a timeout and a boot failure come back as
 clear results rather than hangs.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -92,6 +95,39 @@ def test_io_uring_nop_round_trip() -> None:
         os.close(fd)
 
 
+@pytest.mark.vm
+def test_ublk_opcode_form_follows_the_kernel() -> None:
+    """Control commands and queue commands use the ioctl-encoded opcodes exactly when the kernel
+    advertises UBLK_F_CMD_IOCTL_ENCODE in GET_FEATURES; 6.1 has no GET_FEATURES and gets legacy."""
+    from vdisk.backends.memory import MemoryDevice
+    from vdisk.ublk import control, uapi
+    from vdisk.ublk.device import Device, UblkParams
+
+    with control.Control() as ctl:
+        features = ctl.get_features()
+    encode = features is not None and bool(features & uapi.UBLK_F_CMD_IOCTL_ENCODE)
+    release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+    if release == (6, 1):
+        assert features is None
+    if release >= (6, 12):
+        assert encode, f"GET_FEATURES on {os.uname().release}: {features:#x}"
+
+    dev = Device.create(MemoryDevice(1 << 20), UblkParams(queues=2, depth=4))
+    try:
+        path = dev.start()
+        with open(path, "rb") as f:  # requests through the queues, committed with their opcode
+            assert f.read(65536) == bytes(65536)
+        assert control.encoded_mode() is encode
+        assert bool(dev.info.flags & uapi.UBLK_F_CMD_IOCTL_ENCODE) is encode
+        fetch, commit = uapi.UBLK_IO_FETCH_REQ, uapi.UBLK_IO_COMMIT_AND_FETCH_REQ
+        if encode:
+            fetch, commit = uapi.ioctl_encode_io(fetch), uapi.ioctl_encode_io(commit)
+        assert {(q.op_fetch, q.op_commit) for q in dev.queues} == {(fetch, commit)}
+    finally:
+        dev.close()
+    print(f"{os.uname().release}: {'ioctl-encoded' if encode else 'legacy'} opcodes")
+
+
 @needs_vm
 def test_failing_command_reports_status_and_output() -> None:
     r = vm.run(["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"], timeout=120)
@@ -169,7 +205,10 @@ def test_marker_maps_guest_outcomes_to_host_tests(tmp_path: Path) -> None:
         [sys.executable, "-m", "pytest", "-p", "vdisk.testing.pytest_plugin",
          "-p", "no:cacheprovider", "-rA", "test_demo.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(vm.project_root() / "src")},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "VDISK_TEST_KERNELS"},
+            "PYTHONPATH": str(vm.project_root() / "src"),
+        },
     )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 1, out
@@ -181,6 +220,48 @@ def test_marker_maps_guest_outcomes_to_host_tests(tmp_path: Path) -> None:
     assert "XFAIL test_demo.py::test_xfails" in out
     assert "FAILED test_demo.py::test_hangs" in out and "Timeout" in out
     assert "PASSED test_demo.py::test_after_hang_still_runs" in out
+
+
+def test_further_kernels_get_labelled_copies_that_skip_with_the_reason(tmp_path: Path) -> None:
+    """VDISK_TEST_KERNELS adds a copy of each vm test per kernel, selectable by its label; an
+    entry ``LABEL=!REASON`` (a kernel that could not be fetched) makes the copies skip."""
+    import subprocess
+
+    (tmp_path / "test_demo.py").write_text(_PLUGIN_DEMO)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    vm: in the VM\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(vm.project_root() / "src"),
+        "VDISK_TEST_KERNELS": "linux-x=!no network to fetch it",
+    }
+
+    def pytest(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "vdisk.testing.pytest_plugin",
+             "-p", "no:cacheprovider", *args, "test_demo.py"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+        ).stdout  # fmt: skip
+
+    ids = pytest("--collect-only", "-q").split()
+    assert "test_demo.py::test_passes" in ids and "test_demo.py::test_passes[linux-x]" in ids
+    assert "test_demo.py::test_hangs[linux-x]" in ids
+    out = pytest("-k", "linux-x", "-rs")  # no VM boots: the default kernel's tests are deselected
+    assert "6 skipped, 6 deselected" in out, out
+    assert "kernel linux-x: no network to fetch it" in out or "qemu-system-x86_64" in out, out
+
+
+def test_extra_kernels_parses_entries(tmp_path: Path) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.gz"
+    kernel.write_bytes(b"k")
+    specs = vm.extra_kernels(f"a={kernel},{initrd}; b={kernel};c=!offline;d=nonsense-path;e")
+    assert [s.label for s in specs] == ["a", "b", "c", "d", "e"]
+    assert (specs[0].kernel, specs[0].initrd) == (kernel, initrd)
+    assert "initrd.gz" in (specs[0].unavailable or "")
+    assert (specs[1].kernel, specs[1].initrd, specs[1].unavailable) == (kernel, None, None)
+    assert specs[2].unavailable == "offline"
+    assert "nonsense-path" in (specs[3].unavailable or "")
+    assert "bad VDISK_TEST_KERNELS entry" in (specs[4].unavailable or "")
+    assert vm.extra_kernels("") == []
 
 
 def test_unavailable_reason_names_what_is_missing(

@@ -10,6 +10,11 @@ qemu-system-x86_64 the vm tests skip, naming what is missing.
 
 Inside the VM the plugin only records outcomes; the tests run as ordinary tests.
 
+Further kernels: each ``LABEL=KERNEL[,INITRD]`` entry of ``VDISK_TEST_KERNELS`` (``;``-separated,
+see `vm.extra_kernels`) runs every vm test once more on that kernel, as ``test_x[LABEL]`` (or
+``test_x[param-LABEL]``), one VM per module and kernel; these items exist before ``-k``/``-m``
+selection, so ``-k LABEL`` picks them. A ``LABEL=!REASON`` entry makes them skip with REASON.
+
 Knobs: ``@pytest.mark.vm(timeout=SECS)`` or ``@pytest.mark.timeout(SECS)`` bound one test in the
 guest (default ``VDISK_VM_TEST_TIMEOUT``, 300 s); the whole VM run is bounded by a boot allowance
 plus the sum of its tests' timeouts.
@@ -123,6 +128,8 @@ class _Batch:
     """All selected vm tests of one module, run in one VM."""
 
     items: list[VMItem] = field(default_factory=list)
+    #: None: the default kernel (``VDISK_TEST_KERNEL``/``VDISK_TEST_INITRD``).
+    kernel: vm.KernelSpec | None = None
     result: vm.VMResult | None = None
     error: str | None = None
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -143,10 +150,13 @@ class _Batch:
         ]  # fmt: skip
         if config.inipath is not None:
             args += ["-c", str(config.inipath)]
-        args += [i.nodeid for i in self.items]
+        args += [i.guest_nodeid for i in self.items]
+        spec = self.kernel
         try:
             self.result = vm.run(
                 args,
+                kernel=spec.kernel if spec is not None else None,
+                initrd=spec.initrd if spec is not None else None,
                 timeout=self.budget,
                 cwd=rootdir,
                 env={_REPORT_ENV: _REPORT_NAME},
@@ -173,6 +183,10 @@ class VMItem(pytest.Item):
 
     batch: _Batch
     test_timeout: float
+    #: The test's node id in the guest (differs from ours for a further kernel's copy).
+    guest_nodeid: str
+    #: None: the default kernel; else the further kernel this copy runs on.
+    kernel: vm.KernelSpec | None = None
     _location_info: tuple[Any, int | None, str]
 
     def runtest(self) -> None:
@@ -182,7 +196,7 @@ class VMItem(pytest.Item):
         if batch.error is not None:
             raise VMTestFailure(f"could not run the VM: {batch.error}")
         assert batch.result is not None
-        lines = batch.reports.get(self.nodeid, [])
+        lines = batch.reports.get(self.guest_nodeid, [])
         # Each guest phase's report carries the captures of the phases before it: keep the last
         # content under each name.
         sections: dict[str, str] = {}
@@ -223,16 +237,74 @@ class VMItem(pytest.Item):
         return self._location_info
 
 
+def _proxy(item: pytest.Item, name: str) -> VMItem:
+    """A stand-in for ``item`` named ``name``, with its markers and location."""
+    assert item.parent is not None
+    proxy = VMItem.from_parent(item.parent, name=name)
+    fspath, lineno, domain = item.reportinfo()
+    if domain.endswith(item.name):  # the report headline shows the copy's own name
+        domain = domain[: len(domain) - len(item.name)] + name
+    proxy._location_info = (fspath, lineno, domain)
+    proxy.test_timeout = _test_timeout(item)
+    proxy.guest_nodeid = item.nodeid
+    for mark in item.own_markers:
+        proxy.own_markers.append(mark)
+        proxy.keywords[mark.name] = mark
+    return proxy
+
+
+def _labelled(name: str, label: str) -> str:
+    """``test_x`` -> ``test_x[LABEL]``, ``test_x[p]`` -> ``test_x[p-LABEL]``."""
+    if name.endswith("]") and "[" in name:
+        return f"{name[:-1]}-{label}]"
+    return f"{name}[{label}]"
+
+
 def _batches(items: list[pytest.Item]) -> Iterator[tuple[pytest.Item, int]]:
     for index, item in enumerate(items):
         if item.get_closest_marker("vm") is not None:
             yield item, index
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
+    """Host side, before selection: a copy of each vm test per further kernel, right after it."""
+    kernels = vm.extra_kernels()
+    if _in_vm() or not kernels:
+        return
+    out: list[pytest.Item] = []
+    for item in items:
+        out.append(item)
+        if isinstance(item, VMItem) or item.get_closest_marker("vm") is None:
+            continue
+        for spec in kernels:
+            proxy = _proxy(item, _labelled(item.name, spec.label))
+            proxy.kernel = spec
+            out.append(proxy)
+    items[:] = out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin(_AFTER_SELECTION):
+        config.pluginmanager.register(_AfterSelection(), _AFTER_SELECTION)
+
+
+_AFTER_SELECTION = "vdisk-vm-after-selection"
+
+
+class _AfterSelection:
+    """The swap to proxies and batches runs last, after ``-k``/``-m`` deselection."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        _swap_in_proxies(items)
+
+
+def _swap_in_proxies(items: list[pytest.Item]) -> None:
     if _in_vm():
         # pytest-timeout bounds each test in the guest; vm(timeout=...) feeds it.
         for item, _ in _batches(items):
@@ -243,21 +315,23 @@ def pytest_collection_modifyitems(
     marked = list(_batches(items))
     if not marked:
         return
-    reason = vm.unavailable_reason()
-    if reason is not None:
-        for item, _ in marked:
-            item.add_marker(pytest.mark.skip(reason=f"VM test: {reason}"))
-        return
-    batches: dict[str, _Batch] = {}
+    qemu_missing = "qemu-system-x86_64 not found" if vm.find_qemu() is None else None
+    default_reason = vm.unavailable_reason()
+    batches: dict[tuple[str, str], _Batch] = {}
     for item, index in marked:
-        assert item.parent is not None
-        proxy = VMItem.from_parent(item.parent, name=item.name)
-        proxy._location_info = item.reportinfo()
-        proxy.test_timeout = _test_timeout(item)
-        for mark in item.own_markers:
-            proxy.own_markers.append(mark)
-            proxy.keywords[mark.name] = mark
-        batch = batches.setdefault(item.nodeid.split("::")[0], _Batch())
+        spec = item.kernel if isinstance(item, VMItem) else None
+        if spec is None:
+            reason = default_reason
+        else:
+            reason = qemu_missing or spec.unavailable
+            if reason is not None:
+                reason = f"kernel {spec.label}: {reason}"
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"VM test: {reason}"))
+            continue
+        proxy = item if isinstance(item, VMItem) else _proxy(item, item.name)
+        key = (proxy.guest_nodeid.split("::")[0], spec.label if spec is not None else "")
+        batch = batches.setdefault(key, _Batch(kernel=spec))
         batch.items.append(proxy)
         proxy.batch = batch
         items[index] = proxy
