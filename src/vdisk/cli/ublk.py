@@ -164,6 +164,7 @@ def list_command(dev_id: int | None, as_json: bool) -> int:
 def del_command(dev_id: int | None, all_: bool, timeout: float) -> int:
     """Stop and delete device(s); their servers exit."""
     from ..ublk.control import Control, list_device_ids
+    from ..ublk.device import delete
     from ..ublk.errors import UblkError
 
     if (dev_id is None) == (not all_):
@@ -173,8 +174,7 @@ def del_command(dev_id: int | None, all_: bool, timeout: float) -> int:
     with Control(timeout=timeout) as ctl:
         for i in ids:
             try:
-                ctl.stop_dev(i)
-                ctl.del_dev(i)
+                delete(i, ctl, timeout)
             except UblkError as exc:
                 if exc.errno == errno.ENODEV and all_:
                     continue

@@ -228,9 +228,9 @@ def _dev_name(dev_id: int) -> str:
 
 
 def list_device_ids() -> list[int]:
-    """Device ids from /dev/ublkc* (sysfs /sys/class/ublk-char-dev as a fallback)."""
+    """Device ids from /dev/ublkc* (sysfs /sys/class/ublk-char as a fallback)."""
     ids: set[int] = set()
-    for directory, prefix in (("/dev", "ublkc"), ("/sys/class/ublk-char-dev", "ublkc")):
+    for directory, prefix in (("/dev", "ublkc"), ("/sys/class/ublk-char", "ublkc")):
         try:
             names = os.listdir(directory)
         except OSError:

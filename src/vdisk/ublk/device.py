@@ -57,6 +57,32 @@ def read_note(dev_id: int) -> dict[str, Any] | None:
         return None
 
 
+_CHAR_CLASS = "/sys/class/ublk-char"
+
+
+def device_registered(dev_id: int) -> bool:
+    """Is ublkcN still registered with the driver, i.e. has no DEL_DEV begun? DEL_DEV removes
+    the char device from sysfs first, then waits for the device's last reference. Without
+    sysfs we cannot tell and say yes."""
+    if not os.path.isdir(_CHAR_CLASS):
+        return True
+    return os.path.exists(f"{_CHAR_CLASS}/ublkc{dev_id}")
+
+
+def process_alive(pid: int) -> bool:
+    """Does process ``pid`` exist and still run (a zombie or a dying task does not count)?"""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) S ...": the state follows the last ')' (comm may itself contain parentheses).
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X", b"x")
+
+
 class DeviceState(enum.Enum):
     CREATED = "created"  # added and parameterised, not serving
     LIVE = "live"  # serving I/O
@@ -331,15 +357,28 @@ class Device:
         """Reattach a device whose server died (it needs UBLK_F_USER_RECOVERY); returns it live."""
         owns = control is None
         ctl = control or Control()
+        op = f"recover ublk{dev_id}"
         try:
-            info = ctl.get_dev_info(dev_id)
+            try:
+                info = ctl.get_dev_info(dev_id)
+            except UblkError as exc:
+                if exc.errno == errno.ENODEV:
+                    raise UblkError(errno.ENODEV, op, "no such device") from None
+                raise
             if not info.flags & uapi.UBLK_F_USER_RECOVERY:
-                raise UblkError(errno.EINVAL, f"recover ublk{dev_id}",
-                                "the device was not created with user recovery")
+                raise UblkError(errno.EINVAL, op,
+                                "the device was not created with user recovery (add -r)")
+            if info.state == uapi.UBLK_S_DEV_DEAD:
+                raise UblkError(errno.EINVAL, op,
+                                "the device is stopped, not quiesced: nothing to reattach "
+                                f"(delete it: vdisk ublk del -n {dev_id})")
+            if info.state == uapi.UBLK_S_DEV_LIVE and process_alive(info.ublksrv_pid):
+                raise UblkError(errno.EBUSY, op,
+                                f"the device is live, served by pid {info.ublksrv_pid}")
             params = ctl.get_params(dev_id)
             size = params.basic.dev_sectors << 9
             if size > backend.size:
-                raise UblkError(errno.EINVAL, f"recover ublk{dev_id}",
+                raise UblkError(errno.EINVAL, op,
                                 f"backend has {backend.size} bytes, the device {size}")
             deadline = time.monotonic() + timeout
             while True:
@@ -348,9 +387,14 @@ class Device:
                     break
                 except UblkError as exc:
                     # The old server's files are still being released, or the driver has not
-                    # noticed its death yet.
-                    if exc.errno not in (errno.EBUSY, errno.EINVAL) or time.monotonic() > deadline:
+                    # noticed its death yet (it looks every 5 s).
+                    if exc.errno not in (errno.EBUSY, errno.EINVAL):
                         raise
+                    if time.monotonic() > deadline:
+                        raise UblkError(exc.errno, op, f"START_USER_RECOVERY still refused "
+                                        f"after {timeout:g} s ({os.strerror(exc.errno)}): is the old "
+                                        "server still holding /dev/ublkc"
+                                        f"{dev_id} open?") from None
                     time.sleep(0.2)
             info = ctl.get_dev_info(dev_id)
         except BaseException:
@@ -422,7 +466,7 @@ class Device:
         for q in self.queues:
             q.ready.wait(max(deadline - time.monotonic(), 0))
             if q.error is not None:
-                raise q.error
+                raise _as_ublk_error(q.error, f"queue {q.q_id} setup")
             if not q.ready.is_set():
                 raise UblkError(errno.ETIMEDOUT, f"queue {q.q_id} setup")
 
@@ -491,13 +535,17 @@ class Device:
             if self._cdev_fd is not None and not any(q.is_alive() for q in self.queues):
                 os.close(self._cdev_fd)
                 self._cdev_fd = None
+            error: UblkError | None = None
             if self._cdev_fd is None:
-                log.info("%s: DEL_DEV", self.block_path)
                 try:
-                    self.control.del_dev(self.dev_id)
+                    self._del_dev()
                 except UblkError as exc:
-                    if exc.errno != errno.ENODEV:
-                        raise
+                    error = exc
+            else:
+                # A queue thread is stuck with the char device open: DEL_DEV would wait for it
+                # for ever. Leave the device; `vdisk ublk del` can remove it once we are gone.
+                error = UblkError(errno.EBUSY, f"DEL_DEV (device {self.dev_id})",
+                                  "a queue did not exit; the device is left stopped")
             self.state = DeviceState.CLOSED
             self._remove_note()
             if self.metrics is not None:
@@ -509,6 +557,28 @@ class Device:
                 self.control.close()
             if self.close_backend:
                 self.backend.close()
+            if error is not None:
+                raise error
+
+    def _del_dev(self) -> None:
+        """DEL_DEV, unless someone else's DEL_DEV of this device has already begun.
+
+        Linux 6.1 deadlocks on two DEL_DEVs of one device: ublk_ctrl_del_dev() holds the global
+        ublk_ctl_mutex while it waits (uninterruptibly) for the device's last reference, and the
+        second command holds a reference (taken when it looks the device up, before it asks for
+        the mutex) while it waits for that mutex. Later kernels drop the mutex before waiting.
+        So exactly one party deletes a device: its server when it has one (``delete()`` below
+        only stops a served device and lets the server finish), else ``delete()`` itself.
+        """
+        if not device_registered(self.dev_id):
+            log.info("%s: already being deleted", self.block_path)
+            return
+        log.info("%s: DEL_DEV", self.block_path)
+        try:
+            self.control.del_dev(self.dev_id)
+        except UblkError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
 
     def __enter__(self) -> Self:
         return self
@@ -535,6 +605,68 @@ class Device:
             os.unlink(os.path.join(run_dir(), f"{self.dev_id}.json"))
         except OSError:
             pass
+
+
+def delete(dev_id: int, control: Control, timeout: float = 30.0) -> None:
+    """Stop and delete device ``dev_id`` from outside its server (``vdisk ublk del``).
+
+    A device whose server still runs is only stopped here (STOP_DEV): its queues see every tag
+    aborted, the server closes /dev/ublkcN and sends the one DEL_DEV itself (see
+    Device._del_dev for why there must be only one); we wait until the device is gone. A device
+    without a running server (it died, or the device was never started) is deleted here. On
+    success /dev/ublkbN and /dev/ublkcN no longer exist.
+    """
+    op = f"del ublk{dev_id}"
+    try:
+        info = control.get_dev_info(dev_id)
+    except UblkError as exc:
+        if exc.errno == errno.ENODEV:
+            raise UblkError(errno.ENODEV, op, "no such device") from None
+        raise
+    # Read before STOP_DEV, which forgets the pid.
+    pid = info.ublksrv_pid
+    server = pid if pid != os.getpid() and process_alive(pid) else 0
+    try:
+        control.stop_dev(dev_id)
+    except UblkError as exc:
+        if exc.errno == errno.ENODEV:
+            return
+        raise
+    deadline = time.monotonic() + timeout
+    while (server and process_alive(server)) or not device_registered(dev_id):
+        # Its server (or whoever began a DEL_DEV) is finishing: wait, do not send a second one.
+        if not _device_exists(control, dev_id):
+            return
+        if time.monotonic() > deadline:
+            who = f"its server (pid {server})" if server else "a DEL_DEV already under way"
+            raise UblkError(errno.ETIMEDOUT, op, f"{who} did not delete it within {timeout:g} s")
+        time.sleep(0.05)
+    # No server (any more): ours to delete.
+    log.info("ublk%d: DEL_DEV", dev_id)
+    try:
+        control.del_dev(dev_id, timeout=max(deadline - time.monotonic(), 1.0))
+    except UblkError as exc:
+        if exc.errno != errno.ENODEV:
+            raise
+
+
+def _device_exists(control: Control, dev_id: int) -> bool:
+    try:
+        control.get_dev_info(dev_id)
+    except UblkError as exc:
+        if exc.errno == errno.ENODEV:
+            return False
+        raise
+    return True
+
+
+def _as_ublk_error(exc: BaseException, operation: str) -> BaseException:
+    """A queue's failure as a one-line UblkError (interrupts pass through unchanged)."""
+    if isinstance(exc, UblkError) or not isinstance(exc, Exception):
+        return exc
+    code = getattr(exc, "errno", None) or errno.EIO
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return UblkError(code, operation, detail)
 
 
 def _async_fd(backend: BlockDevice) -> int | None:
