@@ -46,7 +46,9 @@ def fio(path: str, rw: str, bs: str, qd: int, runtime: float) -> float:
     return float(job[side]["bw_bytes"])
 
 
-def guest(runtime: float, rounds: int) -> dict[str, Any]:
+def guest(
+    runtime: float, rounds: int, jobs: list[str], targets: list[str], queues: int
+) -> dict[str, Any]:
     import vdisk
     from vdisk.backends.memory import MemoryDevice
     from vdisk.backends.null import NullDevice
@@ -64,28 +66,31 @@ def guest(runtime: float, rounds: int) -> dict[str, Any]:
                    check=True)
     loop = subprocess.run(["losetup", "-f", "--show", str(raw_path)], check=True,
                           capture_output=True, text=True).stdout.strip()
-    backends = {
-        "raw": RawDevice(str(raw_path)),
-        "qcow2": vdisk.open(str(qcow_path)),
-        "mem": MemoryDevice(SIZE),
-        "null": NullDevice(SIZE),
+    makers = {
+        "raw": lambda: RawDevice(str(raw_path)),
+        "qcow2": lambda: vdisk.open(str(qcow_path)),
+        "mem": lambda: MemoryDevice(SIZE),
+        "null": lambda: NullDevice(SIZE),
     }
+    backends = {name: makers[name]() for name in targets}
     devices = {}
-    params = dict(queues=2, depth=64)
+    params = dict(queues=queues, depth=64)
     for name, backend in backends.items():
         dev = Device.create(backend, UblkParams(**params))  # type: ignore[arg-type]
         dev.start()
         devices[name] = dev
-    fill = os.urandom(1 << 20)
-    fd = os.open(devices["mem"].block_path, os.O_WRONLY)
-    for off in range(0, SIZE, 1 << 20):
-        os.pwrite(fd, fill, off)
-    os.close(fd)
+    if "mem" in devices:
+        fill = os.urandom(1 << 20)
+        fd = os.open(devices["mem"].block_path, os.O_WRONLY)
+        for off in range(0, SIZE, 1 << 20):
+            os.pwrite(fd, fill, off)
+        os.close(fd)
     results: dict[str, Any] = {"params": params, "size": SIZE, "runtime": runtime, "jobs": {}}
     try:
-        for job, (rw, bs, qd) in JOBS.items():
+        for job in jobs:
+            rw, bs, qd = JOBS[job]
             per_target: dict[str, Any] = {}
-            for target in TARGETS:
+            for target in targets:
                 path = devices[target].block_path
                 ublk_rates: list[float] = []
                 loop_rates: list[float] = []
@@ -180,6 +185,10 @@ def main() -> int:
     ap.add_argument("--in-vm", action="store_true")
     ap.add_argument("--runtime", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--queues", type=int, default=2)
+    ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of the jobs")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="subset of " + ",".join(TARGETS))
+    ap.add_argument("--no-docs", action="store_true", help="print the results only")
     ap.add_argument("--from-results", default=None, help="rewrite the docs from a saved run")
     args = ap.parse_args()
     if args.from_results:
@@ -187,14 +196,17 @@ def main() -> int:
         write_docs(json.loads(re.findall(r"^RESULTS (.*)$", text, re.M)[-1]))
         return 0
     if args.in_vm:
-        print("RESULTS " + json.dumps(guest(args.runtime, args.rounds)), flush=True)
+        results = guest(args.runtime, args.rounds, args.jobs.split(","), args.targets.split(","),
+                        args.queues)
+        print("RESULTS " + json.dumps(results), flush=True)
         return 0
     sys.path.insert(0, str(ROOT / "src"))
     from vdisk.testing import vm
 
     r = vm.run(
         ["python", "bench/ublk_bench.py", "--in-vm", "--runtime", str(args.runtime),
-         "--rounds", str(args.rounds)],
+         "--rounds", str(args.rounds), "--queues", str(args.queues), "--jobs", args.jobs,
+         "--targets", args.targets],
         timeout=1800, cwd=ROOT, stream=sys.stderr,
     )
     r.check()
@@ -203,7 +215,8 @@ def main() -> int:
         print(r.describe(), file=sys.stderr)
         return 1
     results = json.loads(match.group(1))
-    write_docs(results)
+    if not args.no_docs:
+        write_docs(results)
     print(json.dumps(results, indent=1))
     return 0
 

@@ -109,16 +109,21 @@ class IoMetrics:
 
     def record(self, op: str, nbytes: int, latency_ns: int, error: bool = False) -> None:
         """Count one completed request."""
+        self.record_many(op, 1, 0 if error else nbytes, latency_ns, int(error))
+
+    def record_many(
+        self, op: str, count: int, nbytes: int, latency_ns: int, errors: int = 0
+    ) -> None:
+        """Count ``count`` requests of one batch, each done within ``latency_ns``; ``errors`` of
+        them failed and ``nbytes`` is what the others moved. One lock round trip per batch."""
         c = self._counters(op)
         index = bucket_index(latency_ns)
         with c.lock:
-            c.count += 1
-            if error:
-                c.errors += 1
-            else:
-                c.bytes += nbytes
-            c.buckets[index] += 1
-            c.sum_ns += latency_ns
+            c.count += count
+            c.errors += errors
+            c.bytes += nbytes
+            c.buckets[index] += count
+            c.sum_ns += latency_ns * count
             if latency_ns > c.max_ns:
                 c.max_ns = latency_ns
 

@@ -65,6 +65,37 @@ def test_many_batches_wrap_the_rings() -> None:
         assert seen == 400
 
 
+@pytest.mark.parametrize("cqe32", [False, True])
+def test_reaping_across_the_cq_end_keeps_order(cqe32: bool) -> None:
+    # Odd batch sizes make the CQEs of one reap straddle the end of the CQ ring.
+    with Ring(8, cqe32=cqe32) as ring:
+        expected: list[int] = []
+        got: list[int] = []
+        n = 0
+        for batch in (5, 3, 7, 2, 6, 5, 4, 7, 1, 8) * 3:
+            for _ in range(batch):
+                ops.nop(ring, n)
+                expected.append(n)
+                n += 1
+            ring.submit()
+            while len(got) < len(expected):
+                got += [c[0] for c in ring.wait(1, timeout=5)]
+        assert got == expected
+
+
+def test_claimed_sqes_packed_whole() -> None:
+    with Ring(4) as ring:
+        for i in range(10):  # more than the SQ holds: claim submits when it is full
+            off = ring.claim()
+            ops.RW_SQE.pack_into(ring.sqes, off, ops.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, i,
+                                 0, 0, 0)
+        ring.submit()
+        got: list[int] = []
+        while len(got) < 10:
+            got += [c[0] for c in ring.wait(1, timeout=5)]
+        assert sorted(got) == list(range(10))
+
+
 def test_write_then_read_file(tmp_path: Path) -> None:
     path = tmp_path / "f"
     data = os.urandom(1 << 16)

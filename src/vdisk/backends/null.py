@@ -6,6 +6,8 @@ from typing_extensions import Buffer
 
 from ..block import BlockDeviceBase, Extent
 
+_ZEROS = memoryview(bytes(1 << 20))  # copied from, so reads allocate nothing
+
 
 class NullDevice(BlockDeviceBase):
     def __init__(self, size: int, readonly: bool = False, name: str = "null") -> None:
@@ -13,9 +15,12 @@ class NullDevice(BlockDeviceBase):
 
     def readinto(self, buf: Buffer, offset: int) -> int:
         view = memoryview(buf).cast("B")
-        self.check_request(offset, len(view))
-        view[:] = bytes(len(view))
-        return len(view)
+        n = len(view)
+        self.check_request(offset, n)
+        for start in range(0, n, len(_ZEROS)):
+            end = min(start + len(_ZEROS), n)
+            view[start:end] = _ZEROS[: end - start]
+        return n
 
     def write(self, buf: Buffer, offset: int, fua: bool = False) -> int:
         n = memoryview(buf).nbytes

@@ -31,6 +31,7 @@ IOSQE_FIXED_FILE = 1 << 0
 IOSQE_IO_DRAIN = 1 << 1
 IOSQE_IO_LINK = 1 << 2
 IOSQE_ASYNC = 1 << 4
+IOSQE_CQE_SKIP_SUCCESS = 1 << 6  # post a CQE only on failure (5.17+, IORING_FEAT_CQE_SKIP)
 
 IORING_FSYNC_DATASYNC = 1 << 0
 RWF_DSYNC = 0x00000002
@@ -39,6 +40,16 @@ CMD_OFFSET = 48  # where the uring_cmd payload starts in an SQE
 
 _HEAD = struct.Struct("<BBHiQQIIQH")  # opcode .. buf_index (42 bytes)
 _pack_head = _HEAD.pack_into
+
+#: A whole 64-byte SQE for READ/WRITE-like ops, zero tail included, packed in one call on hot
+#: paths (with ``Ring.claim``): opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data,
+#: buf_index, personality, file_index.
+RW_SQE = struct.Struct("<BBHiQQIIQHHi16x")
+#: A whole 64-byte URING_CMD SQE with a 16-byte payload: opcode, flags, ioprio, fd, cmd_op, pad,
+#: addr, len, op flags, user_data, buf_index, personality, file_index, then the payload as
+#: two u16, an s32 and a u64 (the shape of ublk's io_cmd).
+CMD16_SQE = struct.Struct("<BBHiIIQIIQHHiHHiQ")
+assert RW_SQE.size == CMD16_SQE.size == 64
 
 
 def nop(ring: Ring, user_data: int, flags: int = 0) -> None:

@@ -42,6 +42,7 @@ IORING_SETUP_CQE32 = 1 << 11
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_FEAT_NODROP = 1 << 1
 IORING_FEAT_EXT_ARG = 1 << 8
+IORING_FEAT_CQE_SKIP = 1 << 11
 
 # io_uring_enter flags
 IORING_ENTER_GETEVENTS = 1 << 0
@@ -63,6 +64,7 @@ IORING_UNREGISTER_FILES = 3
 _PARAMS = struct.Struct("<10I 8I Q 8I Q")
 assert _PARAMS.size == 120
 _CQE = struct.Struct("<QiI")
+_CQE32 = struct.Struct("<QiI16x")  # IORING_SETUP_CQE32: the big CQE's extra 16 bytes unused
 _GETEVENTS_ARG = struct.Struct("<QIIQ")  # sigmask, sigmask_sz, pad, ts pointer
 _TIMESPEC = struct.Struct("<qq")
 
@@ -162,6 +164,7 @@ class Ring:
         cq_head, cq_tail, cq_mask, _cq_n, cq_overflow, cq_cqes = v[19:25]
         self.sqe_size = 128 if flags & IORING_SETUP_SQE128 else 64
         self.cqe_size = 32 if flags & IORING_SETUP_CQE32 else 16
+        self._iter_cqes = (_CQE32 if self.cqe_size == 32 else _CQE).iter_unpack
         sq_len = sq_array + self.sq_entries * 4
         cq_len = cq_cqes + self.cq_entries * self.cqe_size
         prot = mmap.PROT_READ | mmap.PROT_WRITE
@@ -231,6 +234,17 @@ class Ring:
         self._local_tail = (tail + 1) & 0xFFFFFFFF
         return off
 
+    def claim(self) -> int:
+        """Claim the next SQE without zeroing it, for callers that pack all 64 bytes at once
+        (see ``ops.RW_SQE`` and ``ops.CMD16_SQE``). Submits first if the SQ is full."""
+        tail = self._local_tail
+        if (tail - self._sq32[self._sq_head]) & 0xFFFFFFFF >= self.sq_entries:
+            self.submit()
+            if (tail - self._sq32[self._sq_head]) & 0xFFFFFFFF >= self.sq_entries:
+                raise UringError(_errno.EBUSY, "io_uring submission queue full")
+        self._local_tail = (tail + 1) & 0xFFFFFFFF
+        return (tail & self.sq_mask) * self.sqe_size
+
     def _publish(self) -> int:
         n = (self._local_tail - self._submitted_tail) & 0xFFFFFFFF
         if n:
@@ -298,20 +312,21 @@ class Ring:
         cq32 = self._cq32
         head = cq32[self._cq_head]
         tail = cq32[self._cq_tail]
-        if head == tail:
+        count = (tail - head) & 0xFFFFFFFF
+        if not count:
             return []
         _fence()  # the tail before the CQEs (load-acquire)
-        mask = self.cq_mask
         size = self.cqe_size
-        base = self._cqes_off
-        buf = self._cq_buf
-        unpack = _CQE.unpack_from
-        out: list[tuple[int, int, int]] = []
-        while head != tail:
-            out.append(unpack(buf, base + (head & mask) * size))
-            head = (head + 1) & 0xFFFFFFFF
+        first = head & self.cq_mask
+        # The CQEs form at most two contiguous runs: up to the ring's end, then from its start.
+        run = min(count, self.cq_entries - first)
+        start = self._cqes_off + first * size
+        out = list(self._iter_cqes(self._cq_buf[start : start + run * size]))
+        if run < count:
+            start = self._cqes_off
+            out += self._iter_cqes(self._cq_buf[start : start + (count - run) * size])
         _fence()  # the CQEs read before the head is released
-        cq32[self._cq_head] = head
+        cq32[self._cq_head] = tail
         return out
 
     def wait(self, min_complete: int = 1, timeout: float | None = None) -> list[tuple[int, int, int]]:
