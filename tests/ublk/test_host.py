@@ -95,3 +95,36 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.count("\n") == 1 and "ublk-control" in err
     assert main(["ublk", "del"]) == 1
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_process_alive_tells_running_from_zombie_and_gone() -> None:
+    from vdisk.ublk.device import process_alive
+
+    assert process_alive(os.getpid())
+    assert not process_alive(0) and not process_alive(-1)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    # The child exits at once; until reaped it is a zombie, which is not a live server.
+    for _ in range(1000):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                break
+        os.sched_yield()
+    assert not process_alive(pid)
+    os.waitpid(pid, 0)
+    assert not process_alive(pid)
+
+
+def test_queue_failures_become_one_line_ublk_errors() -> None:
+    from vdisk.ublk.device import _as_ublk_error
+
+    err = _as_ublk_error(OSError(errno.ENOMEM, "Cannot allocate memory"), "queue 0 setup")
+    assert isinstance(err, UblkError) and err.errno == errno.ENOMEM
+    assert str(err) == "ublk queue 0 setup: Cannot allocate memory"
+    bug = _as_ublk_error(ValueError("bad"), "queue 1 setup")
+    assert isinstance(bug, UblkError) and bug.errno == errno.EIO and "bad" in str(bug)
+    same = UblkError(errno.EBUSY, "x")
+    assert _as_ublk_error(same, "queue 0 setup") is same
+    interrupt = KeyboardInterrupt()
+    assert _as_ublk_error(interrupt, "queue 0 setup") is interrupt

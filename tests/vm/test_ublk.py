@@ -204,14 +204,43 @@ def test_metrics_count_requests() -> None:
             dev.close()
 
 
+def assert_gone(dev_id: int, env: dict[str, str] | None = None) -> None:
+    """The device left no trace: no nodes, not known to the driver, not listed."""
+    import json
+
+    from vdisk.ublk.control import list_device_ids
+
+    assert not os.path.exists(f"/dev/ublkb{dev_id}")
+    assert not os.path.exists(f"/dev/ublkc{dev_id}")
+    assert dev_id not in list_device_ids()
+    if env is not None:
+        listing = sh_env(env, "vdisk", "ublk", "list", "--json")
+        assert listing.returncode == 0, listing.stderr
+        assert dev_id not in [row["dev_id"] for row in json.loads(listing.stdout)]
+
+
+def sh_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
+
+
+def one_line_error(out: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A failed CLI command: exit status 1, one line on stderr naming the problem."""
+    assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
 def test_bad_input_gives_clear_errors_and_no_stuck_device(tmp_path: Path) -> None:
     from vdisk.backends.memory import MemoryDevice
+    from vdisk.ublk import uapi
     from vdisk.ublk.control import list_device_ids
-    from vdisk.ublk.device import Device, UblkParams
+    from vdisk.ublk.device import Device, DeviceState, UblkParams
     from vdisk.ublk.errors import UblkError
 
     before = list_device_ids()
     with MemoryDevice(8 << 20) as mem:
+        # Invalid parameters: refused before ADD_DEV.
         for bad in (
             UblkParams(queues=0),
             UblkParams(depth=5000),
@@ -223,6 +252,7 @@ def test_bad_input_gives_clear_errors_and_no_stuck_device(tmp_path: Path) -> Non
                 Device.create(mem, bad)
             assert info.value.errno == errno.EINVAL
             assert "\n" not in str(info.value)
+        # Too many queues: refused (before or by ADD_DEV).
         with pytest.raises(UblkError) as info:
             Device.create(mem, UblkParams(queues=5000))
         assert "queues" in str(info.value)
@@ -233,7 +263,40 @@ def test_bad_input_gives_clear_errors_and_no_stuck_device(tmp_path: Path) -> Non
             dev.start()
         finally:
             dev.close()
-    assert list_device_ids() == before
+        assert list_device_ids() == before
+
+        # START_DEV fails after every queue has fetched its tags: the kernel dropped the
+        # parameters when SET_PARAMS refused a bad block size, and START_DEV needs them.
+        dev = Device.create(mem, UblkParams())
+        bad_params = uapi.Params(basic=uapi.ParamBasic(logical_bs_shift=20, dev_sectors=16384))
+        with pytest.raises(UblkError) as info:
+            dev.control.set_params(dev.dev_id, bad_params)
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(UblkError) as info:
+            dev.start()
+        assert info.value.operation.startswith("START_DEV") and "\n" not in str(info.value)
+        assert dev.state is DeviceState.CLOSED
+        assert list_device_ids() == before
+
+        # The server fails between FETCH_REQ and START_DEV (an interrupt, a crash in our code).
+        class Interrupted(Device):
+            def _start_queues(self) -> None:
+                super()._start_queues()
+                raise RuntimeError("injected between FETCH_REQ and START_DEV")
+
+        dev = Interrupted.create(mem, UblkParams(queues=2))
+        with pytest.raises(RuntimeError):
+            dev.start()
+        assert dev.state is DeviceState.CLOSED
+        assert list_device_ids() == before
+
+        # A queue fails to set up (its tag buffers cannot be allocated: 4096 x 32 MiB).
+        dev = Device.create(mem, UblkParams(depth=4096, max_io_buf_bytes=32 << 20))
+        with pytest.raises(UblkError) as info:
+            dev.start()
+        assert "queue" in info.value.operation and info.value.errno == errno.ENOMEM
+        assert "\n" not in str(info.value)
+        assert list_device_ids() == before
 
     # A backend that raises: the request fails with EIO, the device stays usable and closes.
     class Failing(MemoryDevice):
@@ -242,14 +305,22 @@ def test_bad_input_gives_clear_errors_and_no_stuck_device(tmp_path: Path) -> Non
                 raise OSError(errno.EIO, "injected")
             return super().readinto(buf, offset)  # type: ignore[arg-type]
 
+        def write(self, buf: object, offset: int, fua: bool = False) -> None:  # type: ignore[override]
+            if offset >= 4 << 20:
+                raise ValueError("a bug in the backend")  # not an OSError: still EIO
+            super().write(buf, offset, fua)  # type: ignore[arg-type]
+
     with Failing(8 << 20) as failing, served(failing) as path:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
         try:
             import mmap
 
             buf = mmap.mmap(-1, 4096)
             with pytest.raises(OSError) as err:
                 os.preadv(fd, [buf], 5 << 20)
+            assert err.value.errno == errno.EIO
+            with pytest.raises(OSError) as err:
+                os.pwritev(fd, [buf], 6 << 20)
             assert err.value.errno == errno.EIO
             assert os.preadv(fd, [buf], 0) == 4096
         finally:
@@ -270,11 +341,22 @@ def test_bad_input_gives_clear_errors_and_no_stuck_device(tmp_path: Path) -> Non
             os.close(fd)
     assert list_device_ids() == before
 
+    # Backends that cannot be opened: one line, no device (the daemon never creates one).
+    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
+    missing = sh_env(env, "vdisk", "ublk", "add", "-t", "raw", "-f", str(image), "-n", "12")
+    one_line_error(missing, str(image))
+    junk = tmp_path / "junk.qcow2"
+    junk.write_bytes(b"not an image" * 100)
+    not_qcow2 = sh_env(env, "vdisk", "ublk", "add", "-t", "qcow2", "-f", str(junk), "-n", "12",
+                       "--foreground")
+    one_line_error(not_qcow2)
+    assert list_device_ids() == before
 
-def _server_pid(dev_id: int) -> int:
+
+def _server_pid(dev_id: int, env: dict[str, str]) -> int:
     import json
 
-    out = sh("vdisk", "ublk", "list", "-n", str(dev_id), "--json").stdout
+    out = sh_env(env, "vdisk", "ublk", "list", "-n", str(dev_id), "--json").stdout
     return int(json.loads(out)[0]["pid"])
 
 
@@ -283,22 +365,21 @@ def test_cli_add_list_del_and_kill9_recover(tmp_path: Path) -> None:
     with open(image, "wb") as f:
         f.truncate(32 << 20)
     env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
-    out = subprocess.run(
-        ["vdisk", "ublk", "add", "-t", "raw", "-f", str(image), "-r", "-q", "2", "-n", "7"],
-        capture_output=True, text=True, env=env, timeout=120, check=True,
-    ).stdout
-    assert out.strip() == "/dev/ublkb7"
-    listing = subprocess.run(["vdisk", "ublk", "list", "-n", "7"], capture_output=True,
-                             text=True, env=env, check=True).stdout
+    out = sh_env(env, "vdisk", "ublk", "add", "-t", "raw", "-f", str(image), "-r", "-q", "2",
+                 "-n", "7")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "/dev/ublkb7"
+    listing = sh_env(env, "vdisk", "ublk", "list", "-n", "7").stdout
     assert "state LIVE" in listing and str(image) in listing
+    # Nothing to recover while the server lives.
+    one_line_error(sh_env(env, "vdisk", "ublk", "recover", "-n", "7"), "live", "pid")
     pattern = os.urandom(1 << 20)
     fd = os.open("/dev/ublkb7", os.O_WRONLY)
     os.pwrite(fd, pattern, 1 << 20)
     os.fsync(fd)
     os.close(fd)
-    os.kill(_server_pid(7), 9)
-    out = subprocess.run(["vdisk", "ublk", "recover", "-n", "7"], capture_output=True,
-                         text=True, env=env, timeout=120)
+    os.kill(_server_pid(7, env), 9)
+    out = sh_env(env, "vdisk", "ublk", "recover", "-n", "7")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "/dev/ublkb7"
     fd = os.open("/dev/ublkb7", os.O_RDWR)
@@ -309,7 +390,86 @@ def test_cli_add_list_del_and_kill9_recover(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert image.read_bytes()[:500] == b"after" * 100
-    # The recovered server serves until deleted; Linux 6.1 may not let DEL_DEV finish after a
-    # recovery (its device reference), so bound the wait and accept that outcome.
-    subprocess.run(["vdisk", "ublk", "del", "-n", "7", "--timeout", "10"], env=env,
-                   capture_output=True, timeout=60)
+    # The recovered device deletes like any other (the server sends the one DEL_DEV).
+    out = sh_env(env, "vdisk", "ublk", "del", "-n", "7")
+    assert out.returncode == 0, out.stderr
+    assert_gone(7, env)
+    one_line_error(sh_env(env, "vdisk", "ublk", "del", "-n", "7"), "no such device")
+    one_line_error(sh_env(env, "vdisk", "ublk", "recover", "-n", "7"), "no such device")
+
+
+def test_cli_del_after_kill9_without_recover(tmp_path: Path) -> None:
+    """A server killed for good: its device (quiesced with -r, dead without) is deleted by
+    `del` itself; recovery of a missing backing file fails in one line and changes nothing."""
+    image = tmp_path / "k.raw"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
+    for dev_id, flags in ((10, ["-r"]), (11, [])):
+        out = sh_env(env, "vdisk", "ublk", "add", "-t", "raw", "-f", str(image), "-n",
+                     str(dev_id), *flags)
+        assert out.returncode == 0, out.stderr
+        os.kill(_server_pid(dev_id, env), 9)
+    moved = tmp_path / "moved.raw"
+    image.rename(moved)
+    one_line_error(sh_env(env, "vdisk", "ublk", "recover", "-n", "10"), str(image))
+    one_line_error(sh_env(env, "vdisk", "ublk", "recover", "-n", "11"), "user recovery")
+    for dev_id in (10, 11):
+        out = sh_env(env, "vdisk", "ublk", "del", "-n", str(dev_id))
+        assert out.returncode == 0, out.stderr
+        assert_gone(dev_id)
+    assert_gone(10, env)
+
+
+def _wait_gone(dev_id: int, pid: int) -> None:
+    """Wait (bounded) until the server process ended and its device is gone."""
+    import time
+
+    from vdisk.ublk.device import process_alive
+
+    deadline = time.monotonic() + 120
+    while process_alive(pid) or os.path.exists(f"/dev/ublkc{dev_id}"):
+        assert time.monotonic() < deadline, f"server {pid} of ublk{dev_id} did not exit"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_foreground_server_shuts_down_cleanly_on_signal(tmp_path: Path, sig: str) -> None:
+    import signal
+
+    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
+    proc = subprocess.Popen(
+        ["vdisk", "ublk", "add", "-t", "mem", "--size", "16M", "-n", "8", "--foreground"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "/dev/ublkb8"
+        fd = os.open("/dev/ublkb8", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x" * 4096, 4096)
+            os.fsync(fd)
+            assert os.pread(fd, 4096, 4096) == b"x" * 4096
+        finally:
+            os.close(fd)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert err == "", err
+    assert_gone(8, env)
+
+
+def test_background_server_shuts_down_cleanly_on_sigterm(tmp_path: Path) -> None:
+    import signal
+
+    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
+    out = sh_env(env, "vdisk", "ublk", "add", "-t", "null", "--size", "16M", "-q", "2", "-n", "9")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "/dev/ublkb9"
+    pid = _server_pid(9, env)
+    os.kill(pid, signal.SIGTERM)
+    _wait_gone(9, pid)
+    assert_gone(9, env)

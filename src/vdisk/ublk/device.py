@@ -359,22 +359,7 @@ class Device:
         ctl = control or Control()
         op = f"recover ublk{dev_id}"
         try:
-            try:
-                info = ctl.get_dev_info(dev_id)
-            except UblkError as exc:
-                if exc.errno == errno.ENODEV:
-                    raise UblkError(errno.ENODEV, op, "no such device") from None
-                raise
-            if not info.flags & uapi.UBLK_F_USER_RECOVERY:
-                raise UblkError(errno.EINVAL, op,
-                                "the device was not created with user recovery (add -r)")
-            if info.state == uapi.UBLK_S_DEV_DEAD:
-                raise UblkError(errno.EINVAL, op,
-                                "the device is stopped, not quiesced: nothing to reattach "
-                                f"(delete it: vdisk ublk del -n {dev_id})")
-            if info.state == uapi.UBLK_S_DEV_LIVE and process_alive(info.ublksrv_pid):
-                raise UblkError(errno.EBUSY, op,
-                                f"the device is live, served by pid {info.ublksrv_pid}")
+            check_recoverable(dev_id, ctl)
             params = ctl.get_params(dev_id)
             size = params.basic.dev_sectors << 9
             if size > backend.size:
@@ -438,13 +423,13 @@ class Device:
             try:
                 self._start_queues()
                 self.control.start_dev(self.dev_id, os.getpid())
+                self.state = DeviceState.LIVE
+                _wait_for_path(self.block_path, DEVICE_APPEAR_TIMEOUT)
             except BaseException:
                 self.state = DeviceState.FAILED
                 self.close()
                 raise
-            self.state = DeviceState.LIVE
             self._write_note()
-        _wait_for_path(self.block_path, DEVICE_APPEAR_TIMEOUT)
         return self.block_path
 
     def _start_queues(self) -> None:
@@ -483,14 +468,21 @@ class Device:
             return True
         return self._exited.wait(timeout)
 
-    def serve_forever(self) -> None:
-        """Serve until SIGINT/SIGTERM or until the device is stopped from outside; then close."""
-        self.install_signal_handlers()
+    def serve_forever(self, stop: threading.Event | None = None) -> None:
+        """Serve until SIGINT/SIGTERM (or ``stop`` is set, when given: then the caller handles
+        the signals) or until the device is stopped from outside; then close."""
+        if stop is None:
+            self.install_signal_handlers()
+            stop = self._stop_requested
         try:
-            while not self._stop_requested.is_set() and not self.wait(0.5):
+            while not stop.is_set() and not self._stop_requested.is_set() and not self.wait(0.5):
                 pass
         finally:
             self.close()
+
+    def request_stop(self) -> None:
+        """Ask serve_forever() to stop, drain and close (safe from a signal handler)."""
+        self._stop_requested.set()
 
     def install_signal_handlers(self) -> None:
         """SIGINT and SIGTERM request an orderly close (main thread only)."""
@@ -605,6 +597,26 @@ class Device:
             os.unlink(os.path.join(run_dir(), f"{self.dev_id}.json"))
         except OSError:
             pass
+
+
+def check_recoverable(dev_id: int, control: Control) -> uapi.DevInfo:
+    """The device's info if USER_RECOVERY can reattach it, else a one-line UblkError saying why
+    not (missing, created without recovery, stopped, or still served)."""
+    op = f"recover ublk{dev_id}"
+    try:
+        info = control.get_dev_info(dev_id)
+    except UblkError as exc:
+        if exc.errno == errno.ENODEV:
+            raise UblkError(errno.ENODEV, op, "no such device") from None
+        raise
+    if not info.flags & uapi.UBLK_F_USER_RECOVERY:
+        raise UblkError(errno.EINVAL, op, "the device was not created with user recovery (add -r)")
+    if info.state == uapi.UBLK_S_DEV_DEAD:
+        raise UblkError(errno.EINVAL, op, "the device is stopped, not quiesced: nothing to "
+                        f"reattach (delete it: vdisk ublk del -n {dev_id})")
+    if info.state == uapi.UBLK_S_DEV_LIVE and process_alive(info.ublksrv_pid):
+        raise UblkError(errno.EBUSY, op, f"the device is live, served by pid {info.ublksrv_pid}")
+    return info
 
 
 def delete(dev_id: int, control: Control, timeout: float = 30.0) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from ..block import BlockDevice
@@ -62,15 +65,17 @@ def run(
 ) -> int:
     """Start a device with ``start()`` (which creates and starts it) and serve until it is
     stopped or the process gets SIGINT/SIGTERM. In the background (``foreground`` False) the
-    process forks first; the parent returns once the device is ready (after ``announce``)."""
-    if foreground:
-        dev = start()
-        if metrics_port is not None:
-            from ..metrics import serve_prometheus
+    process forks first; the parent returns once the device is ready (after ``announce``).
 
-            serve_prometheus(metrics_port)
-        announce(dev.block_path)
-        dev.serve_forever()
+    The server's SIGINT/SIGTERM handlers only set a flag, from before the start on: a start in
+    progress finishes (it is bounded by timeouts, and undoes itself if it fails), then the
+    device stops, drains, closes and is deleted. A signal can therefore never land between
+    START_DEV and the handlers of ``serve_forever`` and leave a device without its server."""
+    if foreground:
+        stop = _stop_on_signals()
+        dev = start()
+        _after_start(dev, metrics_port, lambda: None if stop.is_set() else announce(dev.block_path))
+        dev.serve_forever(stop)
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -87,6 +92,7 @@ def run(
     os.close(read_fd)
     status = 1
     try:
+        stop = _stop_on_signals()
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1):
@@ -97,19 +103,19 @@ def run(
             os.dup2(err_fd, 2)
         else:
             os.dup2(devnull, 2)
+
+        def ready() -> None:
+            os.write(write_fd, f"ready {dev.block_path}\n".encode())
+
         try:
             dev = start()
-            if metrics_port is not None:
-                from ..metrics import serve_prometheus
-
-                serve_prometheus(metrics_port)
+            _after_start(dev, metrics_port, ready)
         except (VdiskError, OSError) as exc:
-            os.write(write_fd, f"error {exc}".encode())
+            os.write(write_fd, f"error {_one_line(exc)}".encode())
             os.close(write_fd)
             os._exit(1)
-        os.write(write_fd, f"ready {dev.block_path}\n".encode())
         os.close(write_fd)
-        dev.serve_forever()
+        dev.serve_forever(stop)
         status = 0
     except BaseException as exc:  # never return into the parent's code path
         try:
@@ -118,6 +124,38 @@ def run(
             pass
     finally:
         os._exit(status)
+
+
+def _after_start(dev: Device, metrics_port: int | None, announce: Callable[[], None]) -> None:
+    """Metrics endpoint and announcement; the device is closed (deleted) if either fails."""
+    try:
+        if metrics_port is not None:
+            from ..metrics import serve_prometheus
+
+            serve_prometheus(metrics_port)
+        announce()
+    except BaseException:
+        dev.close()
+        raise
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGINT and SIGTERM set the returned event (main thread only)."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def _one_line(exc: VdiskError | OSError) -> str:
+    """The error as the CLI prints it (an OSError as 'FILE: reason', not '[Errno N] ...')."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def describe(kind: str, file: str | None, size: int | None) -> dict[str, Any]:
@@ -137,6 +175,7 @@ def add(
     try:
         dev.start()
     except BaseException:
+        dev.close()  # start() already did, unless it was interrupted right at its end
         backend.close()
         raise
     _close_backend_on_close(dev)
@@ -144,8 +183,12 @@ def add(
 
 
 def recover(dev_id: int, kind: str | None, file: str | None) -> Device:
-    from .device import read_note
+    from .control import Control
+    from .device import check_recoverable, read_note
 
+    # Say what is wrong with the device itself before looking at its backend.
+    with Control() as ctl:
+        check_recoverable(dev_id, ctl)
     note = read_note(dev_id) or {}
     kind = kind or note.get("type")
     file = file or note.get("file")
