@@ -513,7 +513,6 @@ class Device:
     def _join_queues(self) -> None:
         deadline = time.monotonic() + QUEUE_EXIT_TIMEOUT
         for q in self.queues:
-            q.stopping = True
             q.join(max(deadline - time.monotonic(), 0))
             if q.is_alive():
                 log.warning("queue %d of %s did not exit", q.q_id, self.block_path)
