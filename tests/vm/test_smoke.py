@@ -149,6 +149,15 @@ def test_timeout_kills_vm_and_says_so() -> None:
 
 
 @needs_vm
+def test_command_that_reports_done_ends_the_run_without_powering_off() -> None:
+    """A guest command stuck after writing its DONE file (as the vm pytest does before exiting)
+    ends the run with that status rather than at the hard timeout."""
+    r = vm.run(["sh", "-c", f'echo 3 >"${vm.RESULTS_ENV}/{vm.DONE_NAME}"; sleep 600'], timeout=240)
+    assert (r.status, r.returncode) == ("ok", 3), r.describe()
+    assert "reported done" in r.console
+
+
+@needs_vm
 def test_boot_failure_is_reported(tmp_path: Path) -> None:
     bogus = tmp_path / "bzImage"
     bogus.write_bytes(b"not a kernel" * 100)

@@ -51,6 +51,11 @@ __all__ = [
 IN_VM_ENV = "VDISK_IN_VM"
 #: The guest-side path of the writable results directory (same path as on the host).
 RESULTS_ENV = "VDISK_VM_RESULTS"
+#: A command may write its exit status into this file of the results directory once its work is
+#: done: if the guest then fails to power off (say, a process stuck in the kernel cannot exit),
+#: the run ends DONE_GRACE seconds later, with that status, instead of at its hard timeout.
+DONE_NAME = "done"
+DONE_GRACE = 20.0
 
 DEFAULT_MEMORY = "2G"
 DEFAULT_CPUS = 2
@@ -426,7 +431,7 @@ def run(
                 preexec_fn=_die_with_parent,
             )
             try:
-                timed_out = _wait(proc, start + timeout, results / "output", stream)
+                ended = _wait(proc, start + timeout, results, stream)
             finally:
                 # Interrupted (Ctrl-C, pytest-timeout...): never leave QEMU running.
                 if proc.poll() is None:
@@ -441,12 +446,19 @@ def run(
             except OSError:
                 pass
         status_text = _read_text(results / "status").strip()
+        done_text = _read_text(results / DONE_NAME).strip()
         returncode: int | None = None
         status: Status
-        if timed_out:
+        if ended == "timeout":
             status = "timeout"
         elif status_text.lstrip("-").isdigit():
             status, returncode = "ok", int(status_text)
+        elif done_text.lstrip("-").isdigit():
+            status, returncode = "ok", int(done_text)
+            console += (
+                f"\n[the command reported done (status {returncode}) but the VM did not power off"
+                f" within {DONE_GRACE:g}s: killed]"
+            )
         else:
             status = "boot-failed"
             if proc.returncode:
@@ -458,13 +470,19 @@ def run(
 
 
 def _wait(
-    proc: subprocess.Popen[bytes], deadline: float, output: Path, stream: TextIO | None
-) -> bool:
-    """Wait for QEMU until ``deadline``; kill it (and its group) then. True if it timed out."""
+    proc: subprocess.Popen[bytes], deadline: float, results: Path, stream: TextIO | None
+) -> Literal["exited", "timeout", "done"]:
+    """Wait for QEMU until ``deadline``, or until DONE_GRACE after the command wrote its
+    DONE_NAME file; kill it (and its group) then. Says how the wait ended."""
+    output, done = results / "output", results / DONE_NAME
     pos = 0
+    ending: Literal["timeout", "done"] = "timeout"
     while True:
         if stream is not None:
             pos = _pump(output, pos, stream)
+        if ending == "timeout" and done.exists():
+            ending = "done"
+            deadline = min(deadline, time.monotonic() + DONE_GRACE)
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -472,13 +490,13 @@ def _wait(
             proc.wait(timeout=min(left, 0.2 if stream is not None else 1.0))
             if stream is not None:
                 _pump(output, pos, stream)
-            return False
+            return "exited"
         except subprocess.TimeoutExpired:
             continue
     _kill(proc)
     if stream is not None:
         _pump(output, pos, stream)
-    return True
+    return ending
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
