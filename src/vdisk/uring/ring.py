@@ -71,6 +71,13 @@ _TIMESPEC = struct.Struct("<qq")
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+# io_uring_enter with a fixed prototype: ctypes converts plain ints itself, no c_uint objects
+# per call (the call sits on every ublk batch). syscall(2) takes its arguments in registers
+# whether or not it is declared variadic, so the prototype is exact on x86-64 and arm64.
+_enter = ctypes.CFUNCTYPE(
+    ctypes.c_long, ctypes.c_long, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+    ctypes.c_void_p, ctypes.c_size_t, use_errno=True,
+)(("syscall", _libc))
 
 _NEEDS_FENCE = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
 _fence_lock = threading.Lock()
@@ -207,6 +214,7 @@ class Ring:
         self._arg = bytearray(_GETEVENTS_ARG.size)
         self._arg_c = (ctypes.c_char * _GETEVENTS_ARG.size).from_buffer(self._arg)
         _GETEVENTS_ARG.pack_into(self._arg, 0, 0, 8, 0, ctypes.addressof(self._ts_c))
+        self._arg_addr = ctypes.addressof(self._arg_c)
         self._registered_buffers: list[object] = []
 
     # -- submission ---------------------------------------------------------------------
@@ -257,28 +265,20 @@ class Ring:
         self, to_submit: int, min_complete: int = 0, flags: int = 0, timeout: float | None = None
     ) -> int:
         """io_uring_enter(2), retrying on EINTR. With a timeout, -ETIME is returned as 0."""
-        argp: object = None
+        argp: int | None = None
         argsz = 0
         if timeout is not None and min_complete:
             if not self.features & IORING_FEAT_EXT_ARG:
                 raise UringError(_errno.EOPNOTSUPP, "io_uring_enter timeout (kernel < 5.11)")
             sec = int(timeout)
             _TIMESPEC.pack_into(self._ts, 0, sec, int((timeout - sec) * 1e9))
-            argp = self._arg_c
+            argp = self._arg_addr
             argsz = _GETEVENTS_ARG.size
             flags |= IORING_ENTER_EXT_ARG
         if min_complete:
             flags |= IORING_ENTER_GETEVENTS
         while True:
-            ret = _syscall(
-                ctypes.c_long(SYS_io_uring_enter),
-                ctypes.c_uint(self.fd),
-                ctypes.c_uint(to_submit),
-                ctypes.c_uint(min_complete),
-                ctypes.c_uint(flags),
-                argp,
-                ctypes.c_size_t(argsz),
-            )
+            ret = _enter(SYS_io_uring_enter, self.fd, to_submit, min_complete, flags, argp, argsz)
             if ret >= 0:
                 return int(ret)
             err = ctypes.get_errno()
