@@ -123,7 +123,6 @@ class Queue(threading.Thread):
             self.op_get_data = uapi.UBLK_IO_NEED_GET_DATA
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.stopping = False
         #: per op code: READ/WRITE go to the backing file through the ring, linked to the commit
         self.linked = [False, False]
         self.linked_writes = 0
