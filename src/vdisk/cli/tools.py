@@ -1,0 +1,453 @@
+"""qemu-img-compatible inspection tools: ``map``, ``compare`` and ``check``.
+
+``map`` walks the backing chain one image at a time (each opened without its backing file), so
+that depth, presence and file names come out exactly as qemu-img's ``get_block_status`` reports
+them, then merges entries with qemu-img's rules. ``compare`` skips what both sides know to be
+zero and compares the rest in large chunks, reporting the first differing 512-byte sector.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import click
+import numpy as np
+
+from ..block import BlockDevice
+from ..errors import RequestError, UnsupportedFeatureError, VdiskError
+from ..sizes import parse_size
+
+_FORMATS = ("qcow2", "raw")
+_PROBE = 1 << 30  # qemu-img map probes up to 1 GiB at a time
+SECTOR = 512
+
+
+def _check_format(fmt: str | None, path: str) -> None:
+    if fmt is not None and fmt not in _FORMATS:
+        raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", path=path)
+
+
+def _path_combine(base: str, name: str) -> str:
+    """A backing file name as QEMU resolves it: relative to the overlay's directory as spelled."""
+    if os.path.isabs(name):
+        return name
+    cut = base.rfind("/")
+    return base[: cut + 1] + name if cut >= 0 else name
+
+
+# -- map -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One ``qemu-img map`` entry."""
+
+    start: int
+    length: int
+    data: bool
+    zero: bool
+    present: bool
+    depth: int
+    offset: int | None = None  # host offset, when QEMU has one (BDRV_BLOCK_OFFSET_VALID)
+    filename: str | None = None
+
+
+class _Level:
+    """One image of a backing chain, opened without its own backing file."""
+
+    def __init__(self, dev: BlockDevice, name: str, raw: bool) -> None:
+        self.dev = dev
+        self.name = name
+        self.raw = raw  # raw files have a host offset everywhere, holes included
+
+
+def open_chain(path: str, fmt: str | None) -> list[_Level]:
+    """Open ``path`` and each backing file separately, top first."""
+    import vdisk
+
+    from ..qcow2 import Qcow2Image
+
+    levels: list[_Level] = []
+    name, cur_fmt = path, fmt
+    try:
+        while True:
+            if len(levels) > 64:
+                raise VdiskError("backing chain deeper than 64", path=path)
+            kind = cur_fmt or vdisk.probe_format(name)
+            _check_format(kind, name)
+            if kind == "qcow2":
+                img = Qcow2Image.open(name, readonly=True, open_backing=False)
+                levels.append(_Level(img, name, raw=False))
+                backing = img.header.backing_file
+                if not backing:
+                    break
+                name, cur_fmt = _path_combine(name, backing), img.header.backing_format
+            else:
+                levels.append(_Level(vdisk.open(name, format="raw", readonly=True), name, True))
+                break
+    except BaseException:
+        for level in levels:
+            level.dev.close()
+        raise
+    return levels
+
+
+def _chain_entries(levels: list[_Level], d: int, offset: int, length: int) -> Iterator[MapEntry]:
+    """Entries of [offset, offset+length) as seen from level ``d`` down."""
+    level = levels[d]
+    below = levels[d + 1].dev if d + 1 < len(levels) else None
+    for e in level.dev.block_status(offset, length):
+        if e.present:
+            if level.raw:
+                host: int | None = e.offset
+            else:
+                host = e.host_offset
+            yield MapEntry(
+                e.offset,
+                e.length,
+                e.data,
+                e.zero,
+                True,
+                d,
+                host,
+                level.name if host is not None else None,
+            )
+            continue
+        inside = 0 if below is None else max(0, min(e.end, below.size) - e.offset)
+        if inside:
+            yield from _chain_entries(levels, d + 1, e.offset, inside)
+        if e.length > inside:
+            yield MapEntry(e.offset + inside, e.length - inside, False, True, False, d)
+
+
+def _mergeable(cur: MapEntry, nxt: MapEntry) -> bool:
+    if cur.length == 0:
+        return False
+    if (cur.zero, cur.data, cur.depth, cur.present, cur.filename, cur.offset is None) != (
+        nxt.zero,
+        nxt.data,
+        nxt.depth,
+        nxt.present,
+        nxt.filename,
+        nxt.offset is None,
+    ):
+        return False
+    return cur.offset is None or nxt.offset == cur.offset + cur.length
+
+
+def _hex(n: int) -> str:
+    return "0" if n == 0 else f"{n:#x}"  # C's %#x prints a bare 0
+
+
+def _json_entry(e: MapEntry) -> str:
+    def b(v: bool) -> str:
+        return "true" if v else "false"
+
+    text = (
+        f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth},'
+        f' "present": {b(e.present)}, "zero": {b(e.zero)}, "data": {b(e.data)}'
+    )
+    if e.offset is not None:
+        text += f', "offset": {e.offset}'
+    return text + "}"
+
+
+def _parse_offset(text: str, what: str) -> int:
+    try:
+        value = parse_size(text)
+    except VdiskError:
+        raise RequestError(f"Invalid {what} specified") from None
+    return value
+
+
+@click.command("map")
+@click.option("-f", "fmt", metavar="FMT", help="Image format (default: probe).")
+@click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
+@click.option("-s", "--start-offset", "start_offset", metavar="N", help="First byte to map.")
+@click.option("-l", "--max-length", "max_length", metavar="N", help="Bytes to map at most.")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.argument("file")
+def map_cmd(
+    fmt: str | None,
+    output: str,
+    start_offset: str | None,
+    max_length: str | None,
+    force_share: bool,
+    file: str,
+) -> int:
+    """Print the allocation map of FILE (and its backing chain), like qemu-img map."""
+    if output not in ("human", "json"):
+        raise click.UsageError("--output must be used with human or json as argument.")
+    start = 0 if start_offset is None else _parse_offset(start_offset, "start offset")
+    limit = None if max_length is None else _parse_offset(max_length, "max length")
+    _check_format(fmt, file)
+    levels = open_chain(file, fmt)
+    try:
+        return _run_map(levels, output, start, limit)
+    finally:
+        for level in levels:
+            level.dev.close()
+
+
+def _run_map(levels: list[_Level], output: str, start: int, limit: int | None) -> int:
+    length = levels[0].dev.size
+    if limit is not None:
+        length = min(start + limit, length)
+    human = output == "human"
+    out: list[str] = []
+
+    def flush() -> None:
+        if out:
+            click.echo("".join(out), nl=False)
+            out.clear()
+
+    def dump(e: MapEntry, nxt: MapEntry | None) -> MapEntry | None:
+        """Emit ``e``; returns ``nxt`` as the caller must continue with it."""
+        if human:
+            if e.data and e.offset is None:
+                flush()
+                raise VdiskError("File contains external, encrypted or compressed clusters.")
+            if e.data and not e.zero:
+                out.append(
+                    f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}"
+                    f"{e.filename or ''}\n"
+                )
+            # The human format does not tell zero from unallocated: fold them for coalescing.
+            if nxt is not None and (not nxt.data or nxt.zero):
+                nxt = replace(nxt, data=False, zero=True)
+        else:
+            out.append(_json_entry(e) + (",\n" if nxt is not None else ""))
+        if len(out) > 4096:
+            flush()
+        return nxt
+
+    out.append(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n" if human else "[")
+    cur = MapEntry(start, 0, False, False, False, 0)
+    pos = start
+    while pos < length:
+        n = min(_PROBE, length - pos)
+        for nxt in _chain_entries(levels, 0, pos, n):
+            if _mergeable(cur, nxt):
+                cur = replace(cur, length=cur.length + nxt.length)
+                continue
+            if cur.length > 0:
+                folded = dump(cur, nxt)
+                assert folded is not None
+                nxt = folded
+            cur = nxt
+        pos += n
+    dump(cur, None)
+    if not human:
+        out.append("]\n")
+    flush()
+    return 0
+
+
+# -- compare ---------------------------------------------------------------------------------
+
+_CHUNK = 4 << 20  # bytes compared per read
+
+
+class _CompareExit(Exception):
+    """Ends ``compare`` with qemu-img's exit status after printing its message."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _zero_map(dev: BlockDevice, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """(start, end, known_zero) runs of [offset, offset+length)."""
+    runs: list[tuple[int, int, bool]] = []
+    for e in dev.block_status(offset, length):
+        z = e.zero and not e.data
+        if runs and runs[-1][2] == z and runs[-1][1] == e.offset:
+            runs[-1] = (runs[-1][0], e.end, z)
+        else:
+            runs.append((e.offset, e.end, z))
+    return runs
+
+
+def _first_diff(a: np.ndarray, b: np.ndarray | None) -> int:
+    """Index of the first differing byte (``b`` None: the first nonzero one), or -1."""
+    mask = a != b if b is not None else a != 0
+    if not mask.any():
+        return -1
+    return int(np.argmax(mask))
+
+
+def _sector_of(chunk_start: int, index: int) -> int:
+    return chunk_start + index // SECTOR * SECTOR
+
+
+@click.command("compare")
+@click.option("-f", "fmt1", metavar="FMT", help="Format of the first image.")
+@click.option("-F", "fmt2", metavar="FMT", help="Format of the second image.")
+@click.option("-s", "strict", is_flag=True, help="Strict mode: sizes and allocation must match.")
+@click.option("-q", "quiet", is_flag=True, help="Quiet: print nothing, only set the exit status.")
+@click.option("-p", "progress", is_flag=True, help="Accepted (no progress bar).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.argument("file1")
+@click.argument("file2")
+def compare_cmd(
+    fmt1: str | None,
+    fmt2: str | None,
+    strict: bool,
+    quiet: bool,
+    progress: bool,
+    force_share: bool,
+    file1: str,
+    file2: str,
+) -> int:
+    """Compare the contents of FILE1 and FILE2, like qemu-img compare (0 same, 1 differ)."""
+    import vdisk
+
+    def say(text: str) -> None:
+        if not quiet:
+            click.echo(text)
+
+    devs: list[BlockDevice] = []
+    try:
+        try:
+            for path, fmt in ((file1, fmt1), (file2, fmt2)):
+                _check_format(fmt, path)
+                devs.append(vdisk.open(path, format=fmt, readonly=True))
+        except (VdiskError, OSError) as exc:
+            click.echo(f"vdisk: {exc}", err=True)
+            return 2
+        return _compare(devs[0], devs[1], file1, file2, strict, say)
+    except _CompareExit as done:
+        return done.status
+    finally:
+        for dev in devs:
+            dev.close()
+
+
+def _compare(
+    a: BlockDevice,
+    b: BlockDevice,
+    name1: str,
+    name2: str,
+    strict: bool,
+    say: Callable[[str], None],
+) -> int:
+    size1, size2 = a.size, b.size
+    if strict and size1 != size2:
+        say("Strict mode: Image size mismatch!")
+        return 1
+    common = min(size1, size2)
+    buf1 = bytearray(_CHUNK)
+    buf2 = bytearray(_CHUNK)
+
+    def status(dev: BlockDevice, name: str, off: int, n: int) -> list[tuple[int, int, bool]]:
+        try:
+            return _zero_map(dev, off, n)
+        except VdiskError as exc:
+            click.echo(f"vdisk: Sector allocation test failed for {name}: {exc}", err=True)
+            raise _CompareExit(3) from None
+
+    def read(dev: BlockDevice, name: str, buf: bytearray, off: int, n: int) -> np.ndarray:
+        view = memoryview(buf)[:n]
+        try:
+            dev.readinto(view, off)
+        except VdiskError as exc:
+            click.echo(f"vdisk: Error while reading offset {off} of {name}: {exc}", err=True)
+            raise _CompareExit(4) from None
+        return np.frombuffer(view, dtype=np.uint8)
+
+    if strict:
+        mismatch = _strict_mismatch(a, b, common)
+        if mismatch is not None:
+            say(f"Strict mode: Offset {mismatch} block status mismatch!")
+            return 1
+    pos = 0
+    while pos < common:
+        window = min(_PROBE, common - pos)
+        runs1 = status(a, name1, pos, window)
+        runs2 = status(b, name2, pos, window)
+        i = j = 0
+        while pos < runs1[-1][1]:
+            while runs1[i][1] <= pos:
+                i += 1
+            while runs2[j][1] <= pos:
+                j += 1
+            end = min(runs1[i][1], runs2[j][1])
+            z1, z2 = runs1[i][2], runs2[j][2]
+            if z1 and z2:
+                pos = end
+                continue
+            while pos < end:
+                n = min(_CHUNK, end - pos)
+                d1 = None if z1 else read(a, name1, buf1, pos, n)
+                d2 = None if z2 else read(b, name2, buf2, pos, n)
+                if d1 is None:
+                    assert d2 is not None
+                    idx = _first_diff(d2, None)
+                else:
+                    idx = _first_diff(d1, d2)
+                if idx >= 0:
+                    say(f"Content mismatch at offset {_sector_of(pos, idx)}!")
+                    return 1
+                pos += n
+    if size1 != size2:
+        say("Warning: Image size mismatch!")
+        over, name = (a, name1) if size1 > size2 else (b, name2)
+        while pos < over.size:
+            window = min(_PROBE, over.size - pos)
+            for start, end, z in status(over, name, pos, window):
+                if z:
+                    continue
+                off = start
+                while off < end:
+                    n = min(_CHUNK, end - off)
+                    idx = _first_diff(read(over, name, buf1, off, n), None)
+                    if idx >= 0:
+                        say(f"Content mismatch at offset {_sector_of(off, idx)}!")
+                        return 1
+                    off += n
+            pos += window
+    say("Images are identical.")
+    return 0
+
+
+def _flags(dev: BlockDevice, start: int, end: int, ext_zero: bool, ext_data: bool,
+           present: bool, has_offset: bool) -> tuple[bool, ...]:  # fmt: skip
+    return (ext_zero, ext_data, present, has_offset, end == dev.size)
+
+
+def _strict_mismatch(a: BlockDevice, b: BlockDevice, common: int) -> int | None:
+    """First offset where the two images' block status flags differ (qemu-img compare -s)."""
+
+    def runs(dev: BlockDevice, off: int, n: int) -> list[tuple[int, int, tuple[bool, ...]]]:
+        from ..backends.raw import RawDevice
+
+        raw = isinstance(dev, RawDevice)
+        out = []
+        for e in dev.block_status(off, n):
+            has_offset = raw or e.host_offset is not None
+            zero = e.zero or (not e.present and not e.data)
+            out.append(
+                (e.offset, e.end, _flags(dev, e.offset, e.end, zero, e.data, e.present, has_offset))
+            )
+        return out
+
+    pos = 0
+    while pos < common:
+        window = min(_PROBE, common - pos)
+        r1, r2 = runs(a, pos, window), runs(b, pos, window)
+        i = j = 0
+        while i < len(r1) and j < len(r2):
+            if r1[i][2] != r2[j][2]:
+                return pos
+            end = min(r1[i][1], r2[j][1])
+            pos = end
+            if r1[i][1] == end:
+                i += 1
+            if r2[j][1] == end:
+                j += 1
+    return None
+
+
+COMMANDS: tuple[click.Command, ...] = (map_cmd, compare_cmd)
