@@ -100,7 +100,7 @@ class Control:
                 forms = [True, False]
             else:
                 forms = [mode]
-            first_error = 0
+            error = 0
             for encoded in forms:
                 op = uapi.ioctl_encode_ctrl(nr) if encoded else nr
                 res = self._submit(op, dev_id, buf, data, queue_id, timeout, name)
@@ -109,11 +109,13 @@ class Control:
                         with _mode_lock:
                             _encoded_mode = encoded
                     return res
-                if not first_error:
-                    first_error = res
-                if not _refused(res, nr):
+                refused = _refused(res, nr)
+                # A real answer (EEXIST...) beats the other form's "unknown opcode".
+                if not error or not refused:
+                    error = res
+                if not refused:
                     break
-            err = -first_error
+            err = -error
             if err == ENOTSUPP:
                 err = errno.EOPNOTSUPP
             raise UblkError(err, f"{name} (device {_dev_name(dev_id)})")
