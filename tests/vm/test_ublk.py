@@ -371,6 +371,8 @@ def test_cli_add_list_del_and_kill9_recover(tmp_path: Path) -> None:
     assert out.stdout.strip() == "/dev/ublkb7"
     listing = sh_env(env, "vdisk", "ublk", "list", "-n", "7").stdout
     assert "state LIVE" in listing and str(image) in listing
+    one_line_error(sh_env(env, "vdisk", "ublk", "add", "-t", "null", "--size", "1M", "-n", "7"),
+                   "already exists")
     # Nothing to recover while the server lives.
     one_line_error(sh_env(env, "vdisk", "ublk", "recover", "-n", "7"), "live", "pid")
     pattern = os.urandom(1 << 20)
@@ -396,6 +398,7 @@ def test_cli_add_list_del_and_kill9_recover(tmp_path: Path) -> None:
     assert_gone(7, env)
     one_line_error(sh_env(env, "vdisk", "ublk", "del", "-n", "7"), "no such device")
     one_line_error(sh_env(env, "vdisk", "ublk", "recover", "-n", "7"), "no such device")
+    one_line_error(sh_env(env, "vdisk", "ublk", "list", "-n", "7"), "no such device")
 
 
 def test_cli_del_after_kill9_without_recover(tmp_path: Path) -> None:
@@ -473,3 +476,21 @@ def test_background_server_shuts_down_cleanly_on_sigterm(tmp_path: Path) -> None
     os.kill(pid, signal.SIGTERM)
     _wait_gone(9, pid)
     assert_gone(9, env)
+
+
+def test_del_waits_for_an_opener_and_says_so(tmp_path: Path) -> None:
+    """DEL_DEV cannot finish while /dev/ublkbN is open: `del` gives up after its --timeout with
+    one line naming the server; once the opener closes, the server finishes the deletion."""
+    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
+    out = sh_env(env, "vdisk", "ublk", "add", "-t", "mem", "--size", "8M", "-n", "13")
+    assert out.returncode == 0, out.stderr
+    pid = _server_pid(13, env)
+    fd = os.open("/dev/ublkb13", os.O_RDONLY)
+    try:
+        out = sh_env(env, "vdisk", "ublk", "del", "-n", "13", "--timeout", "3")
+        one_line_error(out, f"pid {pid}", "did not delete")
+        assert not os.path.exists("/dev/ublkb13")  # stopped: the disk is gone already
+    finally:
+        os.close(fd)
+    _wait_gone(13, pid)
+    assert_gone(13, env)

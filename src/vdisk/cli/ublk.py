@@ -117,9 +117,11 @@ def list_command(dev_id: int | None, as_json: bool) -> int:
             try:
                 info = ctl.get_dev_info(i)
             except UblkError as exc:
-                if exc.errno == errno.ENODEV and dev_id is None:
-                    continue
-                raise
+                if exc.errno != errno.ENODEV:
+                    raise
+                if dev_id is None:
+                    continue  # deleted while we looked
+                raise UblkError(errno.ENODEV, f"list ublk{i}", "no such device") from None
             try:
                 params: uapi.Params | None = ctl.get_params(i)
             except UblkError:
