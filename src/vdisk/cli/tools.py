@@ -569,4 +569,133 @@ def check_cmd(
     return 3 if final.leaks else 0
 
 
-COMMANDS: tuple[click.Command, ...] = (map_cmd, compare_cmd, check_cmd)
+# -- convert ---------------------------------------------------------------------------------
+
+_MAX_SPARSE = 32768 * SECTOR  # qemu-img's limit for -S (16 MiB)
+_MAX_WORKERS = 16  # qemu-img's limit for -m
+_CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def _progress_printer() -> Callable[[int, int], None]:
+    shown = [-1.0]
+
+    def show(done: int, total: int) -> None:
+        pct = 100.0 if total == 0 else done * 100.0 / total
+        if pct - shown[0] >= 1.0 or (pct == 100.0 and shown[0] != 100.0):
+            shown[0] = pct
+            click.echo(f"    ({pct:.2f}/100%)\r", nl=False)
+
+    return show
+
+
+@click.command("convert")
+@click.option("-f", "fmt", metavar="FMT", help="Source format (default: probe).")
+@click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Output format (raw, qcow2).")
+@click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Output creation options.")
+@click.option("-n", "skip_create", is_flag=True, help="Write into an existing target.")
+@click.option("-S", "sparse", default="4k", metavar="SIZE", help="Zero run that stays sparse.")
+@click.option("-W", "out_of_order", is_flag=True, help="Allow out-of-order writes.")
+@click.option("-m", "workers", default="8", metavar="N", help="Parallel requests (1-16).")
+@click.option("-p", "progress", is_flag=True, help="Show progress.")
+@click.option("-q", "quiet", is_flag=True, help="Quiet.")
+@click.option("-c", "compress", is_flag=True, help="Compress (not supported).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
+@click.option("-T", "src_cache", metavar="CACHE", help="Accepted (source cache mode).")
+@click.argument("files", nargs=-1)
+def convert_cmd(
+    fmt: str | None,
+    out_fmt: str,
+    options: tuple[str, ...],
+    skip_create: bool,
+    sparse: str,
+    out_of_order: bool,
+    workers: str,
+    progress: bool,
+    quiet: bool,
+    compress: bool,
+    force_share: bool,
+    cache: str,
+    src_cache: str | None,
+    files: tuple[str, ...],
+) -> int:
+    """Convert SRC... (concatenated) into DST, like qemu-img convert."""
+    import vdisk
+
+    from .. import convert as conv
+    from .image import create_opts, parse_opts
+
+    if compress:
+        raise UnsupportedFeatureError("compression (-c) is not supported yet")
+    try:
+        sparse_size = parse_size(sparse)
+    except VdiskError:
+        sparse_size = -1
+    if sparse_size < 0 or sparse_size % SECTOR or sparse_size > _MAX_SPARSE:
+        raise RequestError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+            "up to 16777216. Select 0 to disable sparse detection (fully allocates output)."
+        )
+    try:
+        nworkers = int(workers)
+    except ValueError:
+        nworkers = 0
+    if not 1 <= nworkers <= _MAX_WORKERS:
+        raise RequestError(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
+        )
+    if len(files) < 2:
+        raise RequestError("Must specify image file name")
+    *srcs, dst = files
+    _check_format(fmt, srcs[0])
+    _check_format(out_fmt, dst)
+    if skip_create and options:
+        raise RequestError("-o has no effect when skipping image creation")
+    if cache not in _CACHE_MODES:
+        raise RequestError(f"Invalid cache option: {cache}")
+    sources: list[BlockDevice] = []
+    target: BlockDevice | None = None
+    try:
+        for src in srcs:
+            sources.append(vdisk.open(src, format=fmt, readonly=True))
+        total = sum(s.size for s in sources)
+        if not skip_create:
+            opts = parse_opts(out_fmt, list(options), dst)
+            kwargs = {
+                d.kwarg: opts[d.name].value
+                for d in create_opts(out_fmt)
+                if d.kwarg is not None and d.name in opts
+            }
+            vdisk.create(dst, total, format=out_fmt, **kwargs)
+            if out_fmt == "raw" and total:
+                # QEMU writes the first block of every raw file it creates (for its alignment
+                # probing); do the same so that the output's allocation matches qemu-img's.
+                with vdisk.open(dst, format="raw") as fresh:
+                    fresh.write(bytes(min(fresh.size, 512 if total < 4096 else 4096)), 0)
+        target = vdisk.open(dst, format=out_fmt, readonly=False)
+        if target.size < total:
+            raise RequestError("output file is smaller than input file", path=dst)
+        show = _progress_printer() if progress and not quiet else None
+        if show is not None:
+            show(0, total)
+        conv.convert(
+            sources,
+            target,
+            target_is_zero=not skip_create,
+            sparse_size=sparse_size,
+            workers=nworkers,
+            out_of_order=out_of_order,
+            progress=show,
+            flush=cache != "unsafe",  # qemu-img convert's default: no flush at the end
+        )
+        if show is not None:
+            click.echo("")
+    finally:
+        for dev in sources:
+            dev.close()
+        if target is not None:
+            target.close()
+    return 0
+
+
+COMMANDS: tuple[click.Command, ...] = (map_cmd, compare_cmd, check_cmd, convert_cmd)

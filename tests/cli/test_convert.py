@@ -1,0 +1,137 @@
+"""`vdisk convert` checked with QEMU's tools: `qemu-img compare` says the target holds the
+source's contents, `qemu-img check` says a qcow2 target is clean, and the target's allocation
+(`qemu-img map`) is the one `qemu-img convert` produces from the same source.
+
+Sources come from qemu-img / qemu-io: data, zero clusters, holes, compressed clusters, a
+backing chain, raw files; several sources are concatenated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import Run, VdiskRunner, qemu_img, qemu_io
+
+
+def _ok(run: Run) -> Run:
+    assert run.rc == 0, run
+    return run
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    d = tmp_path
+    _ok(qemu_img(["create", "-q", "-f", "qcow2", "base.qcow2", "8M"], d))
+    qemu_io(
+        ["-c", "write -P 1 0 1M", "-c", "write -P 2 3M 64k", "-c", "write -z 4M 64k",
+         "-c", "write -P 0 5M 64k", "base.qcow2"],
+        d,
+    )  # fmt: skip
+    _ok(qemu_img(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                  "top.qcow2", "12M"], d))  # fmt: skip
+    qemu_io(
+        ["-c", "write -P 3 64k 64k", "-c", "write -z 3M 64k", "-c", "write -c -P 4 9M 128k",
+         "-c", "write -P 5 11M 4k", "-c", "write -P 6 6M 3k", "top.qcow2"],
+        d,
+    )  # fmt: skip
+    _ok(qemu_img(["create", "-q", "-f", "raw", "disk.img", "3M"], d))
+    qemu_io(["-f", "raw", "-c", "write -P 7 1M 8k", "disk.img"], d)
+    return d
+
+
+def _map(path: Path, fmt: str) -> list[dict[str, object]]:
+    out = _ok(qemu_img(["map", "-f", fmt, "--output=json", path.name], path.parent)).out
+    result: list[dict[str, object]] = json.loads(out)
+    return result
+
+
+def _same_as_qemu(
+    d: Path, vdisk_cli: VdiskRunner, args: list[str], fmt: str, same_map: bool = True
+) -> None:
+    """Run ``convert ARGS ours.FMT`` and qemu-img's ``convert ARGS theirs.FMT``; compare."""
+    ours = vdisk_cli(["convert", *args, f"ours.{fmt}"], d)
+    assert (ours.rc, ours.out, ours.err) == (0, "", ""), ours
+    _ok(qemu_img(["convert", *args, f"theirs.{fmt}"], d))
+    _ok(qemu_img(["compare", "-f", fmt, "-F", fmt, f"ours.{fmt}", f"theirs.{fmt}"], d))
+    if fmt == "qcow2":
+        check = _ok(qemu_img(["check", f"ours.{fmt}"], d))
+        assert check.out.startswith("No errors were found on the image.")
+    # Same allocation: sparse where qemu-img's output is sparse, and (written in order) the
+    # same host layout in a qcow2 target.
+    if same_map:
+        assert _map(d / f"ours.{fmt}", fmt) == _map(d / f"theirs.{fmt}", fmt)
+    for name in (f"ours.{fmt}", f"theirs.{fmt}"):
+        (d / name).unlink()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_convert_like_qemu(src: Path, vdisk_cli: VdiskRunner, fmt: str) -> None:
+    for args in (
+        ["-O", fmt, "top.qcow2"],
+        ["-O", fmt, "base.qcow2"],
+        ["-f", "raw", "-O", fmt, "disk.img"],
+        ["-O", fmt, "top.qcow2", "disk.img", "base.qcow2"],  # concatenated
+        ["-O", fmt, "-S", "64k", "top.qcow2"],
+        ["-O", fmt, "-S", "0", "top.qcow2"],  # fully allocated
+        ["-O", fmt, "-m", "1", "top.qcow2"],
+        ["-O", fmt, "-m", "16", "-t", "writeback", "top.qcow2"],
+    ):
+        _same_as_qemu(src, vdisk_cli, args, fmt)
+
+
+def test_convert_qcow2_options(src: Path, vdisk_cli: VdiskRunner) -> None:
+    for opts in ("cluster_size=4k", "compat=0.10"):
+        _same_as_qemu(src, vdisk_cli, ["-O", "qcow2", "-o", opts, "top.qcow2"], "qcow2")
+    # The library allocates every subcluster of a cluster it writes to (qemu only those
+    # written), so only the contents are compared here.
+    args = ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "top.qcow2"]
+    _same_as_qemu(src, vdisk_cli, args, "qcow2", same_map=False)
+
+
+def test_convert_out_of_order(src: Path, vdisk_cli: VdiskRunner) -> None:
+    for fmt in ("raw", "qcow2"):
+        run = vdisk_cli(["convert", "-W", "-m", "4", "-O", fmt, "top.qcow2", f"w.{fmt}"], src)
+        assert run.rc == 0, run
+        _ok(qemu_img(["compare", "-F", fmt, "top.qcow2", f"w.{fmt}"], src))
+    _ok(qemu_img(["check", "w.qcow2"], src))
+
+
+def test_convert_into_existing(src: Path, vdisk_cli: VdiskRunner) -> None:
+    """-n writes zeros where the source reads as zeros: old target data must go."""
+    for fmt in ("raw", "qcow2"):
+        _ok(qemu_img(["create", "-q", "-f", fmt, f"old.{fmt}", "12M"], src))
+        qemu_io(["-f", fmt, "-c", "write -P 0xee 0 12M", f"old.{fmt}"], src)
+        run = vdisk_cli(["convert", "-n", "-O", fmt, "top.qcow2", f"old.{fmt}"], src)
+        assert run.rc == 0, run
+        _ok(qemu_img(["compare", "-F", fmt, "top.qcow2", f"old.{fmt}"], src))
+
+
+def test_convert_progress(src: Path, vdisk_cli: VdiskRunner) -> None:
+    run = vdisk_cli(["convert", "-p", "-O", "raw", "top.qcow2", "p.raw"], src)
+    assert run.rc == 0
+    assert run.out.startswith("    (0.00/100%)\r") and run.out.endswith("    (100.00/100%)\r\n")
+
+
+def test_convert_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
+    cases = [
+        ["-c", "-O", "qcow2", "top.qcow2", "c.qcow2"],  # compression: not supported yet
+        ["-m", "17", "top.qcow2", "x.raw"],
+        ["-m", "0", "top.qcow2", "x.raw"],
+        ["-S", "1000", "top.qcow2", "x.raw"],
+        ["-t", "bogus", "top.qcow2", "x.raw"],
+        ["top.qcow2"],
+        ["missing.qcow2", "x.raw"],
+        ["-n", "top.qcow2", "missing.raw"],
+        ["-n", "top.qcow2", "disk.img"],  # smaller than the source
+        ["-n", "-o", "cluster_size=4k", "top.qcow2", "disk.img"],
+        ["-O", "vmdk2", "top.qcow2", "x.raw"],
+    ]
+    for args in cases:
+        ours = vdisk_cli(["convert", *args], src)
+        assert ours.rc == 1 and ours.out == "" and ours.err.count("\n") == 1, (args, ours)
+        assert not (src / "x.raw").exists(), args
+        if args[0] != "-c":
+            assert qemu_img(["convert", *args], src).rc == 1, args
+            (src / "x.raw").unlink(missing_ok=True)  # qemu-img creates it before some checks
