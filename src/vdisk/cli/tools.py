@@ -11,14 +11,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from ..block import BlockDevice
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
-from ..qcow2.check import CheckFailed, CheckResult
 from ..sizes import parse_size
+
+if TYPE_CHECKING:
+    from ..qcow2.check import CheckResult
 
 _FORMATS = ("qcow2", "raw")
 _PROBE = 1 << 30  # qemu-img map probes up to 1 GiB at a time
@@ -526,7 +529,7 @@ def check_cmd(
     """Check a qcow2 image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 1 failed)."""
     import vdisk
 
-    from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, check_and_repair
+    from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, check_and_repair
 
     if output not in ("human", "json"):
         raise click.UsageError("--output must be used with human or json as argument.")
