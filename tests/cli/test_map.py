@@ -80,7 +80,39 @@ def _raw(d: Path) -> str:
     return "disk.img"
 
 
+def _extended(d: Path) -> str:
+    """Extended L2: subclusters of an allocated cluster that are not written keep an offset."""
+    _qcow2(d, "ext.qcow2", "16M", "-o", "extended_l2=on,cluster_size=128k")
+    _io(
+        d,
+        "ext.qcow2",
+        "write -P 1 0 4k",
+        "write -P 2 1M 200k",
+        "write -z 3M 128k",
+        "write -P 3 5M 64k",
+        "write -z 5M 4k",
+    )
+    return "ext.qcow2"
+
+
+def _prealloc_metadata(d: Path) -> str:
+    """preallocation=metadata: QEMU asks the file system which data clusters are holes."""
+    _qcow2(d, "pre.qcow2", "2M", "-o", "preallocation=metadata,cluster_size=4k")
+    _io(d, "pre.qcow2", "write -P 1 0 4k", "write -P 2 2044k 4k", "write -P 3 1M 6k")
+    _qcow2(d, "pre-top.qcow2", "", "-b", "pre.qcow2", "-F", "qcow2")
+    _io(d, "pre-top.qcow2", "write -P 4 512k 6k")
+    return "pre-top.qcow2"
+
+
+def _prealloc_falloc(d: Path) -> str:
+    _qcow2(d, "falloc.qcow2", "4M", "-o", "preallocation=falloc")
+    return "falloc.qcow2"
+
+
 MAKERS: dict[str, Maker] = {
+    "extended-l2": _extended,
+    "prealloc-metadata": _prealloc_metadata,
+    "prealloc-falloc": _prealloc_falloc,
     "empty": _empty,
     "mixed": _mixed,
     "chain": _chain,

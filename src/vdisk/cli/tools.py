@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from ..block import BlockDevice
+from ..block import BlockDevice, Extent
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
 
@@ -65,6 +65,92 @@ class _Level:
         self.dev = dev
         self.name = name
         self.raw = raw  # raw files have a host offset everywhere, holes included
+        self.host: BlockDevice | None = None  # the qcow2 file itself, for host-level holes
+        if not raw:
+            self.host = _metadata_preallocated(dev, name)
+
+    def close(self) -> None:
+        self.dev.close()
+        if self.host is not None:
+            self.host.close()
+
+
+def _metadata_preallocated(dev: BlockDevice, name: str) -> BlockDevice | None:
+    """The image file as a raw device if QEMU would take the image for metadata-preallocated.
+
+    QEMU's test: more clusters carry a refcount than the file has blocks allocated (by a
+    margin of 10%, at least 2). For such images it asks the file system which data clusters
+    are holes and reports those as zero."""
+    from ..backends.raw import RawDevice
+    from ..qcow2 import Qcow2Image
+
+    assert isinstance(dev, Qcow2Image)
+    st = os.fstat(dev.fd)
+    cs = dev.cluster_size
+    real = st.st_blocks * 512 // cs
+    threshold = max(real * 10 // 9, real + 2)
+    end = (st.st_size + cs - 1) // cs
+    used = 0
+    for cluster in range(end):
+        used += dev.refcounts.get(cluster) > 0
+        if used > threshold:
+            return RawDevice(name, readonly=True)
+    return None
+
+
+def _split_by_host(level: _Level, e: Extent) -> list[Extent]:
+    """A data extent of a metadata-preallocated image, split where the host file has holes."""
+    host = level.host
+    assert host is not None and e.host_offset is not None
+    out: list[Extent] = []
+    pos, end = e.host_offset, e.host_offset + e.length
+    inside = max(0, min(end, host.size) - pos)
+    if inside:
+        for h in host.block_status(pos, inside):
+            zero = h.zero and not h.data
+            start = e.offset + h.offset - e.host_offset
+            out.append(replace(e, offset=start, length=h.length, zero=zero, host_offset=h.offset))
+    if inside < e.length:  # past the end of the file: reads as zeros
+        out.append(
+            replace(
+                e,
+                offset=e.offset + inside,
+                length=e.length - inside,
+                zero=True,
+                host_offset=pos + inside,
+            )
+        )
+    return out
+
+
+def _unallocated_offsets(dev: BlockDevice, e: Extent) -> list[tuple[int, int, int | None]]:
+    """(start, length, host offset or None) pieces of an unallocated range of an extended-L2
+    image: subclusters of a cluster that has a host cluster keep an offset in QEMU's map."""
+    from ..qcow2 import Qcow2Image
+    from ..qcow2 import format as qfmt
+
+    assert isinstance(dev, Qcow2Image)
+    cs, cb = dev.cluster_size, dev.cluster_bits
+    l2_bits = dev.header.l2_bits
+    out: list[tuple[int, int, int | None]] = []
+    pos = e.offset
+    while pos < e.end:
+        gc = pos >> cb
+        table = dev.map.l2_table(gc >> l2_bits)
+        if table is None:
+            stop = min(e.end, ((gc >> l2_bits) + 1) << (l2_bits + cb))
+            out.append((pos, stop - pos, None))
+            pos = stop
+            continue
+        stop = min(e.end, (gc + 1) << cb)
+        entry = table[2 * (gc & ((1 << l2_bits) - 1))]
+        host = entry & qfmt.L2E_OFFSET_MASK
+        if entry & qfmt.OFLAG_COMPRESSED or not host:
+            out.append((pos, stop - pos, None))
+        else:
+            out.append((pos, stop - pos, host + (pos & (cs - 1))))
+        pos = stop
+    return out
 
 
 def open_chain(path: str, fmt: str | None) -> list[_Level]:
@@ -93,7 +179,7 @@ def open_chain(path: str, fmt: str | None) -> list[_Level]:
                 break
     except BaseException:
         for level in levels:
-            level.dev.close()
+            level.close()
         raise
     return levels
 
@@ -104,26 +190,25 @@ def _chain_entries(levels: list[_Level], d: int, offset: int, length: int) -> It
     below = levels[d + 1].dev if d + 1 < len(levels) else None
     for e in level.dev.block_status(offset, length):
         if e.present:
-            if level.raw:
-                host: int | None = e.offset
-            else:
-                host = e.host_offset
-            yield MapEntry(
-                e.offset,
-                e.length,
-                e.data,
-                e.zero,
-                True,
-                d,
-                host,
-                level.name if host is not None else None,
-            )
+            parts = [e]
+            if level.host is not None and e.data and not e.zero and e.host_offset is not None:
+                parts = _split_by_host(level, e)
+            for p in parts:
+                host = p.offset if level.raw else p.host_offset
+                name = level.name if host is not None else None
+                yield MapEntry(p.offset, p.length, p.data, p.zero, True, d, host, name)
             continue
         inside = 0 if below is None else max(0, min(e.end, below.size) - e.offset)
         if inside:
             yield from _chain_entries(levels, d + 1, e.offset, inside)
         if e.length > inside:
-            yield MapEntry(e.offset + inside, e.length - inside, False, True, False, d)
+            rest = replace(e, offset=e.offset + inside, length=e.length - inside)
+            pieces: list[tuple[int, int, int | None]] = [(rest.offset, rest.length, None)]
+            if not level.raw and getattr(level.dev, "_extended", False):
+                pieces = _unallocated_offsets(level.dev, rest)
+            for start, n, host_off in pieces:
+                name = level.name if host_off is not None else None
+                yield MapEntry(start, n, False, True, False, d, host_off, name)
 
 
 def _mergeable(cur: MapEntry, nxt: MapEntry) -> bool:
@@ -192,7 +277,7 @@ def map_cmd(
         return _run_map(levels, output, start, limit)
     finally:
         for level in levels:
-            level.dev.close()
+            level.close()
 
 
 def _run_map(levels: list[_Level], output: str, start: int, limit: int | None) -> int:
@@ -416,11 +501,6 @@ def _compare(
     return 0
 
 
-def _flags(dev: BlockDevice, start: int, end: int, ext_zero: bool, ext_data: bool,
-           present: bool, has_offset: bool) -> tuple[bool, ...]:  # fmt: skip
-    return (ext_zero, ext_data, present, has_offset, end == dev.size)
-
-
 def _strict_mismatch(a: BlockDevice, b: BlockDevice, common: int) -> int | None:
     """First offset where the two images' block status flags differ (qemu-img compare -s)."""
 
@@ -428,13 +508,12 @@ def _strict_mismatch(a: BlockDevice, b: BlockDevice, common: int) -> int | None:
         from ..backends.raw import RawDevice
 
         raw = isinstance(dev, RawDevice)
-        out = []
+        out: list[tuple[int, int, tuple[bool, ...]]] = []
         for e in dev.block_status(off, n):
             has_offset = raw or e.host_offset is not None
             zero = e.zero or (not e.present and not e.data)
-            out.append(
-                (e.offset, e.end, _flags(dev, e.offset, e.end, zero, e.data, e.present, has_offset))
-            )
+            at_eof = e.end == dev.size
+            out.append((e.offset, e.end, (zero, e.data, e.present, has_offset, at_eof)))
         return out
 
     pos = 0
