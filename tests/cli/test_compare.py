@@ -100,3 +100,37 @@ def test_compare_large_sparse(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
         args = ["compare", *pair]
         ours, theirs = vdisk_cli(args, d), qemu_img(args, d)
         assert (ours.rc, ours.out) == (theirs.rc, theirs.out), (pair, ours, theirs)
+
+
+def test_compare_strict_allocation(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    """-s: the first offset where allocation status differs, even with equal contents."""
+    d = tmp_path
+    for name, cmds in (
+        ("sa.qcow2", []),
+        ("sb.qcow2", ["write -z 1M 64k"]),
+        ("sc.qcow2", ["write -P 0 1M 64k"]),
+        ("sd.qcow2", ["write -P 0 1M 64k", "write -P 0 3M 1M"]),
+    ):
+        assert qemu_img(["create", "-q", "-f", "qcow2", name, "4M"], d).rc == 0
+        if cmds:
+            qemu_io([arg for c in cmds for arg in ("-c", c)] + [name], d)
+    assert qemu_img(["create", "-q", "-f", "qcow2", "-b", "sc.qcow2", "-F", "qcow2",
+                     "se.qcow2"], d).rc == 0  # fmt: skip
+    for name, at in (("sr1.raw", 63), ("sr2.raw", 16)):
+        with (d / name).open("wb") as f:
+            f.truncate(4 << 20)
+            f.seek(at << 16)
+            f.write(bytes(64 << 10))
+    for pair in (
+        ["sa.qcow2", "sb.qcow2"],
+        ["sa.qcow2", "sc.qcow2"],
+        ["sc.qcow2", "sd.qcow2"],
+        ["sd.qcow2", "sc.qcow2"],
+        ["sr1.raw", "sr2.raw"],
+        ["sa.qcow2", "sr1.raw"],
+        ["sc.qcow2", "se.qcow2"],
+        ["sd.qcow2", "sr1.raw"],
+    ):
+        args = ["compare", "-s", *pair]
+        ours, theirs = vdisk_cli(args, d), qemu_img(args, d)
+        assert (ours.rc, ours.out) == (theirs.rc, theirs.out), (pair, ours, theirs)
