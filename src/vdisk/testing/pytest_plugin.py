@@ -26,7 +26,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,42 +274,37 @@ def _batches(items: list[pytest.Item]) -> Iterator[tuple[pytest.Item, int]]:
             yield item, index
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """Host side: a copy of each collected vm test per further kernel, right after it (so that
+    pytest counts and selects the copies like any test)."""
+    report: pytest.CollectReport = yield
+    kernels = vm.extra_kernels()
+    if _in_vm() or not kernels or not report.passed:
+        return report
+    out: list[pytest.Item | pytest.Collector] = []
+    for node in report.result:
+        out.append(node)
+        if not isinstance(node, pytest.Item) or isinstance(node, VMItem):
+            continue
+        if node.get_closest_marker("vm") is None:
+            continue
+        for spec in kernels:
+            proxy = _proxy(node, _labelled(node.name, spec.label))
+            proxy.kernel = spec
+            out.append(proxy)
+    report.result = out
+    return report
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    """Host side, before selection: a copy of each vm test per further kernel, right after it."""
-    kernels = vm.extra_kernels()
-    if _in_vm() or not kernels:
-        return
-    out: list[pytest.Item] = []
-    for item in items:
-        out.append(item)
-        if isinstance(item, VMItem) or item.get_closest_marker("vm") is None:
-            continue
-        for spec in kernels:
-            proxy = _proxy(item, _labelled(item.name, spec.label))
-            proxy.kernel = spec
-            out.append(proxy)
-    items[:] = out
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not config.pluginmanager.has_plugin(_AFTER_SELECTION):
-        config.pluginmanager.register(_AfterSelection(), _AFTER_SELECTION)
-
-
-_AFTER_SELECTION = "vdisk-vm-after-selection"
-
-
-class _AfterSelection:
-    """The swap to proxies and batches runs last, after ``-k``/``-m`` deselection."""
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(
-        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-    ) -> None:
-        _swap_in_proxies(items)
+    """After selection (-k, -m): vm tests become proxies, batched per module and kernel."""
+    _swap_in_proxies(items)
 
 
 def _swap_in_proxies(items: list[pytest.Item]) -> None:
