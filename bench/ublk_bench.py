@@ -225,7 +225,7 @@ def main() -> int:
     ap.add_argument("--in-vm", action="store_true")
     ap.add_argument("--runtime", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--queues", type=int, default=1)
+    ap.add_argument("--queues", type=int, default=2)
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of the jobs")
     ap.add_argument("--targets", default=",".join(TARGETS), help="subset of " + ",".join(TARGETS))
     ap.add_argument("--no-docs", action="store_true", help="print the results only")

@@ -133,3 +133,34 @@ def test_parameters_reach_the_kernel() -> None:
                 os.pwritev(fd, [mmap.mmap(-1, 4096)], 0)
         finally:
             os.close(fd)
+
+
+def cpu_set(text: str) -> set[int]:
+    """Parse a CPU list such as "0, 2-3"."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def test_queue_threads_run_on_their_blk_mq_cpus() -> None:
+    from vdisk.backends.null import NullDevice
+    from vdisk.ublk.device import Device, UblkParams
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("the guest has one CPU: nothing to pin")
+    with NullDevice(8 << 20) as null:
+        dev = Device.create(null, UblkParams(queues=len(cpus), depth=8))
+        try:
+            dev.start()
+            pinned = []
+            for q in dev.queues:
+                allowed = os.sched_getaffinity(q.native_id or 0)
+                mq = sysfs(dev.block_path, f"mq/{q.q_id}/cpu_list")
+                assert allowed == cpu_set(mq), (q.q_id, allowed, mq)
+                pinned.append(allowed)
+            assert set().union(*pinned) == set(cpus)
+        finally:
+            dev.close()

@@ -444,7 +444,8 @@ class Device:
         backing_fd = _async_fd(self.backend)
         for q_id in range(self.info.nr_hw_queues):
             q = Queue(q_id, self._cdev_fd, self.info, self.backend, self.metrics,
-                      bool(encoded_mode()), backing_fd, self._queue_exited)
+                      bool(encoded_mode()), backing_fd, self._queue_exited,
+                      self._queue_cpus(q_id))
             self.queues.append(q)
             q.start()
         deadline = time.monotonic() + QUEUE_READY_TIMEOUT
@@ -454,6 +455,15 @@ class Device:
                 raise _as_ublk_error(q.error, f"queue {q.q_id} setup")
             if not q.ready.is_set():
                 raise UblkError(errno.ETIMEDOUT, f"queue {q.q_id} setup")
+
+    def _queue_cpus(self, q_id: int) -> set[int] | None:
+        """The CPUs queue ``q_id`` serves (None: all of them, or unknown)."""
+        try:
+            cpus = self.control.get_queue_affinity(self.dev_id, q_id)
+        except UblkError as exc:
+            log.info("GET_QUEUE_AFFINITY of queue %d: %s", q_id, exc)
+            return None
+        return cpus if cpus and cpus != os.sched_getaffinity(0) else None
 
     def _queue_exited(self, q: Queue) -> None:
         if q.error is not None and self.state is DeviceState.LIVE:

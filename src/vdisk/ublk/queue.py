@@ -102,6 +102,7 @@ class Queue(threading.Thread):
         encoded: bool,
         backing_fd: int | None = None,
         on_exit: Callable[[Queue], None] | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         super().__init__(name=f"ublk{info.dev_id}-q{q_id}", daemon=True)
         self.q_id = q_id
@@ -113,6 +114,7 @@ class Queue(threading.Thread):
         self.metrics = metrics
         self.backing_fd = backing_fd
         self.on_exit = on_exit
+        self.cpus = cpus
         if encoded:
             self.op_fetch = uapi.ioctl_encode_io(uapi.UBLK_IO_FETCH_REQ)
             self.op_commit = uapi.ioctl_encode_io(uapi.UBLK_IO_COMMIT_AND_FETCH_REQ)
@@ -150,6 +152,14 @@ class Queue(threading.Thread):
                 self.on_exit(self)
 
     def _setup(self) -> None:
+        if self.cpus:
+            # Run where blk-mq submits this queue's requests (as ublksrv does): the kernel then
+            # hands each request over on the same CPU, without waking another one.
+            try:
+                os.sched_setaffinity(0, self.cpus)
+            except OSError as exc:  # e.g. a cpuset that excludes them: serve unpinned
+                log.info("ublk%d q%d: cannot pin to CPUs %s: %s", self.dev_id, self.q_id,
+                         sorted(self.cpus), exc)
         depth = self.depth
         # Two SQEs per tag (a backing op and its commit) fit between two submits.
         entries = 1 << max(2 * depth - 1, 1).bit_length()
