@@ -153,6 +153,10 @@ SCENARIOS: dict[str, Callable[[Path], Path]] = {
     "extended-l2": _variant("extended_l2=on", "cluster_size=128k"),
     "small-clusters": _variant("cluster_size=4k"),
     "refcount-bits-1": _refcount1,
+    "refcount-bits-64": _variant("refcount_bits=64"),
+    "zstd-refcount-bits-8": _variant("refcount_bits=8", "compression_type=zstd"),
+    "corrupt-bit": _damaged(_plain, lambda i: i.write_u64(72, 2)),
+    "snapshots-reftable-zeroed": _damaged(_snapshots, lambda i: i.write_u64(i.rt_offset, 0)),
     "lazy-dirty": _lazy_dirty,
     "leak-refcount": _damaged(_plain, lambda i: i.set_refcount(3, 2)),
     "leak-l2-zeroed": _damaged(_plain, lambda i: i.write_u64(i.l2_entry_offset(5), 0)),
@@ -244,6 +248,19 @@ def test_repaired_lazy_image_reads_back(tmp_path: Path, vdisk_cli: VdiskRunner) 
     assert struct.unpack(">Q", head)[0] & 1 == 0  # dirty bit cleared
     with vdisk.open(str(image), readonly=True) as disk:
         assert disk.pread(4096, 4 << 20) == b"\x02" * 4096  # type: ignore[attr-defined]
+
+
+def test_repair_clears_corrupt_bit(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    image = _damaged(_plain, lambda i: i.write_u64(72, 2))(tmp_path)
+    assert '"corrupt": true' in _ok_info(tmp_path, image)
+    assert vdisk_cli(["check", "-r", "all", image.name], tmp_path).rc == 0
+    assert '"corrupt": false' in _ok_info(tmp_path, image)
+
+
+def _ok_info(d: Path, image: Path) -> str:
+    run = qemu_img(["info", "--output=json", image.name], d)
+    assert run.rc == 0, run
+    return run.out
 
 
 def test_check_errors(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
