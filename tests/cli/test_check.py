@@ -182,6 +182,8 @@ SCENARIOS: dict[str, Callable[[Path], Path]] = {
         _plain, lambda i: i.write_u64(i.rt_offset, i.read_u64(i.rt_offset) + 512)
     ),
     "reftable-reserved": _damaged(_plain, lambda i: _or_bits(i, i.rt_offset, 1)),
+    "refblock-past-eof": _damaged(_plain, lambda i: i.write_u64(i.rt_offset + 8, 200 << 16)),
+    "only-refblock-past-eof": _damaged(_plain, lambda i: i.write_u64(i.rt_offset, 200 << 16)),
 }
 
 # qemu-img 7.2 gives up on these repairs (its overlap checks mark the image corrupt while it

@@ -43,6 +43,7 @@ BME_FLAG_ALL_ONES = 1
 # Header field offsets (the on-disk layout of the fixed header).
 _HDR_REFTABLE = 48  # refcount_table_offset (u64) then refcount_table_clusters (u32)
 _HDR_INCOMPAT = 72
+_MAX_GROW_CLUSTERS = 1 << 24  # how far past the end a refcount block may pull the file (repair)
 
 
 class CheckFailed(VdiskError):
@@ -382,11 +383,22 @@ class _Checker:
                 continue
             c = off >> self.cb
             if c >= counts.size:
-                # QEMU grows the file to cover it; a fresh structure does the same job.
+                if self.fix & FIX_ERRORS and c < counts.size + _MAX_GROW_CLUSTERS:
+                    # As QEMU: grow the file so that the block lies inside it.
+                    self._say(f"Repairing refcount block {i} is outside image")
+                    os.ftruncate(self.fd, off + self.cs)
+                    self.file_size = off + self.cs
+                    self.file_clusters = c + 1
+                    counts = np.concatenate(
+                        [counts, np.zeros(c + 1 - counts.size, dtype=np.uint64)]
+                    )
+                    counts[c] += 1
+                    self.res.corruptions_fixed += 1
+                    continue
                 self._say(f"ERROR refcount block {i} is outside image")
                 self.res.corruptions += 1
                 if self.fix & FIX_ERRORS:
-                    self.rebuild = True
+                    self.rebuild = True  # too far out to grow the file: rebuild instead
                 continue
             extra.append(c)
             counts[c] += 1
