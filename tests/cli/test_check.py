@@ -173,6 +173,10 @@ SCENARIOS: dict[str, Callable[[Path], Path]] = {
     "l2-misaligned": _damaged(
         _plain, lambda i: i.write_u64(i.l2_entry_offset(4), i.read_u64(i.l2_entry_offset(4)) + 512)
     ),
+    "prealloc-misaligned": _damaged(
+        _plain, lambda i: i.write_u64(i.l2_entry_offset(4), i.read_u64(i.l2_entry_offset(4)) + 513)
+    ),
+    "l2-table-in-header": _damaged(_plain, lambda i: i.write_u64(i.l1_offset, COPIED)),
     "compressed-copied": _damaged(_plain, lambda i: _or_bits(i, i.l2_entry_offset(32), COPIED)),
     "reftable-zeroed": _damaged(_plain, lambda i: i.write_u64(i.rt_offset, 0)),
     "refblock-twice": _damaged(
