@@ -127,11 +127,12 @@ def test_convert_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
         ["-n", "top.qcow2", "disk.img"],  # smaller than the source
         ["-n", "-o", "cluster_size=4k", "top.qcow2", "disk.img"],
         ["-O", "vmdk2", "top.qcow2", "x.raw"],
+        ["-O", "qcow2", "-o", "backing_file=base.qcow2", "top.qcow2", "x.raw"],
     ]
     for args in cases:
         ours = vdisk_cli(["convert", *args], src)
         assert ours.rc == 1 and ours.out == "" and ours.err.count("\n") == 1, (args, ours)
         assert not (src / "x.raw").exists(), args
-        if args[0] != "-c":
+        if args[0] != "-c" and "backing_file=base.qcow2" not in args:
             assert qemu_img(["convert", *args], src).rc == 1, args
             (src / "x.raw").unlink(missing_ok=True)  # qemu-img creates it before some checks

@@ -743,6 +743,12 @@ def convert_cmd(
         total = sum(s.size for s in sources)
         if not skip_create:
             opts = parse_opts(out_fmt, list(options), dst)
+            if "backing_file" in opts or "backing_fmt" in opts:
+                # qemu-img would then copy only what differs from the backing file.
+                raise UnsupportedFeatureError(
+                    "a backing file for the target (-B, -o backing_file) is not supported yet",
+                    path=dst,
+                )
             kwargs = {
                 d.kwarg: opts[d.name].value
                 for d in create_opts(out_fmt)
