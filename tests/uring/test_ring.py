@@ -217,3 +217,18 @@ def test_close_is_idempotent() -> None:
     ring.close()
     ring.close()
     assert ring.closed
+
+
+def test_push_submits_fixed_slots_in_the_given_order() -> None:
+    with Ring(8) as ring:
+        order = [5, 2, 7, 0, 3]
+        for slot in order:
+            ops.RW_SQE.pack_into(ring.sqes, slot * ring.sqe_size, ops.IORING_OP_NOP, 0, 0, -1,
+                                 0, 0, 0, 0, 100 + slot, 0, 0, 0)
+        ring.push(order)
+        got: list[int] = []
+        while len(got) < len(order):
+            got += [c[0] for c in ring.wait(1, timeout=5)]
+        assert got == [100 + slot for slot in order]
+        with pytest.raises(UringError):
+            ring.push(list(range(ring.sq_entries + 1)))

@@ -130,6 +130,8 @@ class Queue(threading.Thread):
         self.linked_writes = 0
         self.punted_writes = 0
         self.inline_writes = False
+        #: SQE slots filled since the last push, in submission order (see _build_templates)
+        self.slots: list[int] = []
         # Per-batch metric tallies, indexed by op code.
         self._counts = [0] * (_LAST_OP + 1)
         self._bytes = [0] * (_LAST_OP + 1)
@@ -164,6 +166,8 @@ class Queue(threading.Thread):
         # Two SQEs per tag (a backing op and its commit) fit between two submits.
         entries = 1 << max(2 * depth - 1, 1).bit_length()
         self.ring = Ring(entries)
+        if self.ring.sq_entries < 2 * depth or self.ring.sqe_size != 64:
+            raise UblkError(errno.EINVAL, f"queue {self.q_id}: io_uring too small for depth {depth}")
         files = [self.cdev_fd] + ([self.backing_fd] if self.backing_fd is not None else [])
         self.ring.register_files(files)
         if self.backing_fd is not None and self.ring.features & IORING_FEAT_CQE_SKIP:
@@ -191,35 +195,29 @@ class Queue(threading.Thread):
         self._build_templates()
         for tag in range(depth):
             self._queue_cmd(self.op_fetch, tag, -1)
+        self.ring.push(self.slots)
+        self.slots.clear()
         self.ring.submit()
         self.active = depth
 
     def _queue_cmd(self, op: int, tag: int, result: int, kind: int = _CMD) -> None:
+        """Queue a command of ``tag`` (FETCH, COMMIT_AND_FETCH, NEED_GET_DATA) in its slot."""
         ops.CMD16_SQE.pack_into(
-            self.ring.sqes,
-            self.ring.claim(),
-            ops.IORING_OP_URING_CMD,
-            ops.IOSQE_FIXED_FILE,
-            0,
-            _CDEV_SLOT,
-            op,
-            0,
-            0,
-            0,
-            0,
-            kind << _KIND_SHIFT | tag,
-            0,
-            0,
-            0,
-            self.q_id,
-            tag,
-            result,
-            self.buf_addr[tag],
+            self.ring.sqes, (2 * tag + 1) * 64, ops.IORING_OP_URING_CMD, ops.IOSQE_FIXED_FILE, 0,
+            _CDEV_SLOT, op, 0, 0, 0, 0, kind << _KIND_SHIFT | tag, 0, 0, 0, self.q_id, tag,
+            result, self.buf_addr[tag],
         )
+        self.slots.append(2 * tag + 1)
 
     def _build_templates(self) -> None:
         """Per-tag SQE images, so that the fast loop copies 64 bytes and patches a few fields
-        instead of packing every field of every SQE."""
+        instead of packing every field of every SQE.
+
+        Each tag owns two SQE slots: 2*tag for its backing op, 2*tag+1 for its command. Linux
+        6.12 reads a URING_CMD's SQE when it issues the command, not when it is submitted, and
+        a linked commit is issued only after its backing op completes: by then a slot handed
+        out round-robin may hold another command. A tag rewrites its own slots only after its
+        next request arrived, which proves the kernel has issued what they held."""
         cmd, rw = ops.CMD16_SQE, ops.RW_SQE
         self.commit_sqe = [
             cmd.pack(ops.IORING_OP_URING_CMD, ops.IOSQE_FIXED_FILE, 0, _CDEV_SLOT, self.op_commit,
@@ -236,7 +234,8 @@ class Queue(threading.Thread):
     def _serve(self) -> None:
         ring = self.ring
         sqes = ring.sqes
-        claim = ring.claim
+        slots = self.slots
+        queue_slot = slots.append
         unpack_desc = uapi.IO_DESC.unpack_from
         set_io = _SQE_IO.pack_into
         set_result = _SQE_RESULT.pack_into
@@ -252,6 +251,9 @@ class Queue(threading.Thread):
         fua = uapi.UBLK_IO_F_FUA
         while self.active > 0:
             try:
+                if slots:
+                    ring.push(slots)
+                    slots.clear()
                 cqes = ring.wait(1, timeout=1.0)
             except UringError as exc:
                 raise UblkError(exc.errno, f"queue {self.q_id}: io_uring_enter") from None
@@ -265,10 +267,11 @@ class Queue(threading.Thread):
                 op = op_flags & 0xFF
                 res = nr_sectors << 9
                 if op <= _WRITE and linked[op]:
-                    off = claim()
+                    off = tag << 7  # slot 2 * tag
                     sqes[off : off + 64] = linked_sqe[op][tag]
                     set_io(sqes, off + 8, start_sector << 9, addrs[tag], res,
                            ops.RWF_DSYNC if op_flags & fua else 0)
+                    queue_slot(tag << 1)
                     if op:
                         self.linked_writes += 1
                 else:
@@ -281,9 +284,10 @@ class Queue(threading.Thread):
                     nbytes[op] += nr_sectors << 9
                 else:
                     errors[op] += 1
-                off = claim()
+                off = (tag << 7) + 64  # slot 2 * tag + 1
                 sqes[off : off + 64] = commit_sqe[tag]
                 set_result(sqes, off + _RESULT_OFFSET, res)
+                queue_slot((tag << 1) + 1)
             if self.metrics is not None:
                 self._flush_metrics(clock() - t0)
 
@@ -389,21 +393,10 @@ class Queue(threading.Thread):
         this)."""
         rw_flags = ops.RWF_DSYNC if op_flags & uapi.UBLK_IO_F_FUA else 0
         ops.RW_SQE.pack_into(
-            self.ring.sqes,
-            self.ring.claim(),
-            _RW_OPCODE[op],
-            _LINKED,
-            0,
-            _BACKING_SLOT,
-            offset,
-            self.buf_addr[tag],
-            length,
-            rw_flags,
-            _LINKED_BACKING << _KIND_SHIFT | tag,
-            0,
-            0,
-            0,
+            self.ring.sqes, 2 * tag * 64, _RW_OPCODE[op], _LINKED, 0, _BACKING_SLOT, offset,
+            self.buf_addr[tag], length, rw_flags, _LINKED_BACKING << _KIND_SHIFT | tag, 0, 0, 0,
         )
+        self.slots.append(2 * tag)
         if op == _WRITE:
             self.linked_writes += 1
         self._commit(tag, op, length, length)
@@ -438,28 +431,17 @@ class Queue(threading.Thread):
     def _submit_backing(self, tag: int, op: int, op_flags: int, offset: int, length: int) -> None:
         """An unlinked backing op: its CQE always comes, and the commit follows it."""
         user_data = _BACKING << _KIND_SHIFT | tag
+        sqes, off = self.ring.sqes, 2 * tag * 64
         if op == _FLUSH:
-            ops.fsync(
-                self.ring, _BACKING_SLOT, user_data, datasync=True, flags=ops.IOSQE_FIXED_FILE
-            )
-            return
-        rw_flags = ops.RWF_DSYNC if op_flags & uapi.UBLK_IO_F_FUA else 0
-        ops.RW_SQE.pack_into(
-            self.ring.sqes,
-            self.ring.claim(),
-            _RW_OPCODE[op],
-            ops.IOSQE_FIXED_FILE,
-            0,
-            _BACKING_SLOT,
-            offset,
-            self.buf_addr[tag],
-            length,
-            rw_flags,
-            user_data,
-            0,
-            0,
-            0,
-        )
+            ops.RW_SQE.pack_into(sqes, off, ops.IORING_OP_FSYNC, ops.IOSQE_FIXED_FILE, 0,
+                                 _BACKING_SLOT, 0, 0, 0, ops.IORING_FSYNC_DATASYNC, user_data,
+                                 0, 0, 0)
+        else:
+            rw_flags = ops.RWF_DSYNC if op_flags & uapi.UBLK_IO_F_FUA else 0
+            ops.RW_SQE.pack_into(sqes, off, _RW_OPCODE[op], ops.IOSQE_FIXED_FILE, 0,
+                                 _BACKING_SLOT, offset, self.buf_addr[tag], length, rw_flags,
+                                 user_data, 0, 0, 0)
+        self.slots.append(2 * tag)
 
     def _backing_done(self, tag: int, res: int, linked: bool) -> None:
         """The CQE of an unlinked backing op, or of a linked one that failed or came up short

@@ -204,6 +204,7 @@ class Ring:
         self.sqes = memoryview(self._sqe_map)
         # Identity map the SQ index array once: SQE i always sits in slot i.
         base = sq_array // 4
+        self._sq_array = base
         for i in range(self.sq_entries):
             sq32[base + i] = i
         self._local_tail: int = sq32[self._sq_tail]
@@ -252,6 +253,24 @@ class Ring:
                 raise UringError(_errno.EBUSY, "io_uring submission queue full")
         self._local_tail = (tail + 1) & 0xFFFFFFFF
         return (tail & self.sq_mask) * self.sqe_size
+
+    def push(self, slots: Sequence[int]) -> None:
+        """Queue the SQEs in these slots (``sqes[slot * sqe_size:]``, filled by the caller),
+        in this order, for the next submit. For owners that keep each SQE in a fixed slot
+        instead of claiming the next free one: a slot is only rewritten once the kernel has
+        issued what it held (which ``claim`` cannot know, see ublk's queue). Do not mix with
+        ``sqe``/``claim`` on one ring."""
+        need = len(slots)
+        if need > self.sq_space:
+            self.submit()
+            if need > self.sq_space:
+                raise UringError(_errno.EBUSY, "io_uring submission queue full")
+        sq32, base, mask = self._sq32, self._sq_array, self.sq_mask
+        tail = self._local_tail
+        for slot in slots:
+            sq32[base + (tail & mask)] = slot
+            tail = (tail + 1) & 0xFFFFFFFF
+        self._local_tail = tail
 
     def _publish(self) -> int:
         n = (self._local_tail - self._submitted_tail) & 0xFFFFFFFF
