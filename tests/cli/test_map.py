@@ -109,7 +109,24 @@ def _prealloc_falloc(d: Path) -> str:
     return "falloc.qcow2"
 
 
+def _odd_raw(d: Path) -> str:
+    """A raw file that ends mid-sector (QEMU rounds its size up), as a backing file too."""
+    with (d / "odd.img").open("wb") as f:
+        f.truncate(70000)
+        f.seek(69000)
+        f.write(b"x")
+    _qcow2(d, "odd-top.qcow2", "100k", "-b", "odd.img", "-F", "raw")
+    return "odd-top.qcow2"
+
+
+def _odd_raw_alone(d: Path) -> str:
+    (d / "short.img").write_bytes(b"hello" + bytes(995))
+    return "short.img"
+
+
 MAKERS: dict[str, Maker] = {
+    "odd-raw-backing": _odd_raw,
+    "odd-raw": _odd_raw_alone,
     "extended-l2": _extended,
     "prealloc-metadata": _prealloc_metadata,
     "prealloc-falloc": _prealloc_falloc,

@@ -65,6 +65,8 @@ class _Level:
         self.dev = dev
         self.name = name
         self.raw = raw  # raw files have a host offset everywhere, holes included
+        # QEMU sees a raw file's size rounded up to whole sectors (the tail reads as zeros).
+        self.size = -(-dev.size // SECTOR) * SECTOR if raw else dev.size
         self.host: BlockDevice | None = None  # the qcow2 file itself, for host-level holes
         if not raw:
             self.host = _metadata_preallocated(dev, name)
@@ -187,7 +189,14 @@ def open_chain(path: str, fmt: str | None) -> list[_Level]:
 def _chain_entries(levels: list[_Level], d: int, offset: int, length: int) -> Iterator[MapEntry]:
     """Entries of [offset, offset+length) as seen from level ``d`` down."""
     level = levels[d]
-    below = levels[d + 1].dev if d + 1 < len(levels) else None
+    below = levels[d + 1] if d + 1 < len(levels) else None
+    real = max(0, min(length, level.dev.size - offset))
+    if real < length:  # a raw file's partial last sector: zeros, with a host offset
+        tail = offset + real
+        if real:
+            yield from _chain_entries(levels, d, offset, real)
+        yield MapEntry(tail, length - real, False, True, True, d, tail, level.name)
+        return
     for e in level.dev.block_status(offset, length):
         if e.present:
             parts = [e]
@@ -281,7 +290,7 @@ def map_cmd(
 
 
 def _run_map(levels: list[_Level], output: str, start: int, limit: int | None) -> int:
-    length = levels[0].dev.size
+    length = levels[0].size
     if limit is not None:
         length = min(start + limit, length)
     human = output == "human"
