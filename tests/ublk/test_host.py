@@ -106,11 +106,14 @@ def test_process_alive_tells_running_from_zombie_and_gone() -> None:
     if pid == 0:
         os._exit(0)
     # The child exits at once; until reaped it is a zombie, which is not a live server.
-    for _ in range(1000):
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         with open(f"/proc/{pid}/stat", "rb") as f:
             if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
                 break
-        os.sched_yield()
+        time.sleep(0.01)
     assert not process_alive(pid)
     os.waitpid(pid, 0)
     assert not process_alive(pid)
@@ -128,3 +131,20 @@ def test_queue_failures_become_one_line_ublk_errors() -> None:
     assert _as_ublk_error(same, "queue 0 setup") is same
     interrupt = KeyboardInterrupt()
     assert _as_ublk_error(interrupt, "queue 0 setup") is interrupt
+
+
+def test_fds_open_on_finds_our_descriptors_even_after_unlink(tmp_path: Path) -> None:
+    from vdisk.ublk.device import fds_open_on
+
+    path = tmp_path / "node"
+    path.write_bytes(b"x")
+    other = str(tmp_path / "node1")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert fds_open_on(str(path), other) == [(fd, str(path))]
+        path.unlink()
+        assert fds_open_on(str(path)) == [(fd, str(path))]
+        assert fds_open_on(other) == []
+    finally:
+        os.close(fd)
+    assert fds_open_on(str(path)) == []

@@ -494,3 +494,26 @@ def test_del_waits_for_an_opener_and_says_so(tmp_path: Path) -> None:
         os.close(fd)
     _wait_gone(13, pid)
     assert_gone(13, env)
+
+
+def test_close_refuses_to_wait_for_its_own_opener() -> None:
+    """DEL_DEV from a process that still has /dev/ublkbN open would wait for itself for ever
+    (unkillably); close() says so instead, and `delete` finishes once the fd is closed."""
+    from vdisk.backends.memory import MemoryDevice
+    from vdisk.ublk.control import Control
+    from vdisk.ublk.device import Device, UblkParams, delete
+    from vdisk.ublk.errors import UblkError
+
+    with MemoryDevice(8 << 20) as mem:
+        dev = Device.create(mem, UblkParams())
+        path = dev.start()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(UblkError) as info:
+                dev.close()
+            assert info.value.errno == errno.EBUSY and f"fd {fd}" in str(info.value)
+        finally:
+            os.close(fd)
+        with Control() as ctl:
+            delete(dev.dev_id, ctl)
+        assert_gone(dev.dev_id)

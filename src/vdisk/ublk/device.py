@@ -83,6 +83,24 @@ def process_alive(pid: int) -> bool:
     return state not in (b"Z", b"X", b"x")
 
 
+def fds_open_on(*paths: str) -> list[tuple[int, str]]:
+    """This process's descriptors open on any of ``paths`` (also after the node was deleted)."""
+    found = []
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    for name in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        path = target.removesuffix(" (deleted)")
+        if path in paths:
+            found.append((int(name), path))
+    return found
+
+
 class DeviceState(enum.Enum):
     CREATED = "created"  # added and parameterised, not serving
     LIVE = "live"  # serving I/O
@@ -574,6 +592,13 @@ class Device:
         if not device_registered(self.dev_id):
             log.info("%s: already being deleted", self.block_path)
             return
+        # DEL_DEV waits for every opener, and a process cannot finish exiting while its own
+        # DEL_DEV waits (io_uring cancels it first, the wait is uninterruptible): refuse instead
+        # of hanging for ever on our own descriptor.
+        for fd, path in fds_open_on(self.block_path, self.char_path):
+            raise UblkError(errno.EBUSY, f"DEL_DEV (device {self.dev_id})",
+                            f"this process still has {path} open (fd {fd}); close it, then "
+                            f"vdisk ublk del -n {self.dev_id}")
         log.info("%s: DEL_DEV", self.block_path)
         try:
             self.control.del_dev(self.dev_id)
