@@ -134,3 +134,22 @@ def test_compare_strict_allocation(tmp_path: Path, vdisk_cli: VdiskRunner) -> No
         args = ["compare", "-s", *pair]
         ours, theirs = vdisk_cli(args, d), qemu_img(args, d)
         assert (ours.rc, ours.out) == (theirs.rc, theirs.out), (pair, ours, theirs)
+
+
+def test_compare_odd_sized_raw(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    """QEMU sees a raw file's size rounded up to whole sectors, the tail as zeros."""
+    d = tmp_path
+    (d / "z1000.raw").write_bytes(bytes(1000))
+    (d / "z1024.raw").write_bytes(bytes(1024))
+    (d / "a3.raw").write_bytes(b"abc")
+    (d / "b3.raw").write_bytes(b"abd")
+    for pair in (
+        ["z1000.raw", "z1024.raw"],
+        ["-s", "z1000.raw", "z1024.raw"],
+        ["a3.raw", "b3.raw"],
+        ["a3.raw", "z1000.raw"],
+        ["-s", "a3.raw", "a3.raw"],
+    ):
+        args = ["compare", *pair]
+        ours, theirs = vdisk_cli(args, d), qemu_img(args, d)
+        assert (ours.rc, ours.out) == (theirs.rc, theirs.out), (pair, ours, theirs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import click
 import numpy as np
@@ -356,7 +356,42 @@ class _CompareExit(Exception):
         self.status = status
 
 
-def _zero_map(dev: BlockDevice, offset: int, length: int) -> list[tuple[int, int, bool]]:
+class _Source(Protocol):
+    """What compare needs of an image."""
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, buf: memoryview, offset: int) -> int: ...
+
+    def block_status(self, offset: int, length: int) -> list[Extent]: ...
+
+
+class _SectorPadded:
+    """A raw file as QEMU sizes it: rounded up to whole sectors, the tail reading as zeros."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+        self.size = -(-dev.size // SECTOR) * SECTOR
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        view = memoryview(buf).cast("B")
+        real = max(0, min(len(view), self.dev.size - offset))
+        if real:
+            self.dev.readinto(view[:real], offset)
+        view[real:] = bytes(len(view) - real)
+        return len(view)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        real = max(0, min(length, self.dev.size - offset))
+        out = self.dev.block_status(offset, real) if real else []
+        if real < length:
+            tail = offset + real
+            out.append(Extent(tail, length - real, data=False, zero=True, host_offset=tail))
+        return out
+
+
+def _zero_map(dev: _Source, offset: int, length: int) -> list[tuple[int, int, bool]]:
     """(start, end, known_zero) runs of [offset, offset+length)."""
     runs: list[tuple[int, int, bool]] = []
     for e in dev.block_status(offset, length):
@@ -415,7 +450,10 @@ def compare_cmd(
         except (VdiskError, OSError) as exc:
             click.echo(f"vdisk: {exc}", err=True)
             return 2
-        return _compare(devs[0], devs[1], file1, file2, strict, say)
+        from ..backends.raw import RawDevice
+
+        a, b = (_SectorPadded(d) if isinstance(d, RawDevice) else d for d in devs)
+        return _compare(a, b, file1, file2, strict, say)
     except _CompareExit as done:
         return done.status
     finally:
@@ -424,8 +462,8 @@ def compare_cmd(
 
 
 def _compare(
-    a: BlockDevice,
-    b: BlockDevice,
+    a: _Source,
+    b: _Source,
     name1: str,
     name2: str,
     strict: bool,
@@ -439,14 +477,14 @@ def _compare(
     buf1 = bytearray(_CHUNK)
     buf2 = bytearray(_CHUNK)
 
-    def status(dev: BlockDevice, name: str, off: int, n: int) -> list[tuple[int, int, bool]]:
+    def status(dev: _Source, name: str, off: int, n: int) -> list[tuple[int, int, bool]]:
         try:
             return _zero_map(dev, off, n)
         except VdiskError as exc:
             click.echo(f"vdisk: Sector allocation test failed for {name}: {exc}", err=True)
             raise _CompareExit(3) from None
 
-    def read(dev: BlockDevice, name: str, buf: bytearray, off: int, n: int) -> np.ndarray:
+    def read(dev: _Source, name: str, buf: bytearray, off: int, n: int) -> np.ndarray:
         view = memoryview(buf)[:n]
         try:
             dev.readinto(view, off)
@@ -510,13 +548,11 @@ def _compare(
     return 0
 
 
-def _strict_mismatch(a: BlockDevice, b: BlockDevice, common: int) -> int | None:
+def _strict_mismatch(a: _Source, b: _Source, common: int) -> int | None:
     """First offset where the two images' block status flags differ (qemu-img compare -s)."""
 
-    def runs(dev: BlockDevice, off: int, n: int) -> list[tuple[int, int, tuple[bool, ...]]]:
-        from ..backends.raw import RawDevice
-
-        raw = isinstance(dev, RawDevice)
+    def runs(dev: _Source, off: int, n: int) -> list[tuple[int, int, tuple[bool, ...]]]:
+        raw = isinstance(dev, _SectorPadded)
         out: list[tuple[int, int, tuple[bool, ...]]] = []
         for e in dev.block_status(off, n):
             has_offset = raw or e.host_offset is not None
