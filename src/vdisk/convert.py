@@ -18,10 +18,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from .block import BlockDevice
+from .block import BlockDevice, Extent
 from .errors import RequestError
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
@@ -30,9 +31,20 @@ _PROBE = 1 << 30  # block status window
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
+class Source(Protocol):
+    """What convert needs of a source (every BlockDevice is one)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, buf: memoryview, offset: int) -> int: ...
+
+    def block_status(self, offset: int, length: int) -> list[Extent]: ...
+
+
 @dataclass(frozen=True)
 class _Copy:
-    source: BlockDevice
+    source: Source
     src_offset: int
     dst_offset: int
     length: int
@@ -73,7 +85,7 @@ def zero_runs(buf: memoryview, dst_offset: int, block: int) -> list[tuple[int, i
     ]
 
 
-def plan(sources: Sequence[BlockDevice], sparse: bool, chunk: int = CHUNK) -> list[_Step]:
+def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> list[_Step]:
     """The copy steps in target order: chunked data copies and zero ranges (``sparse``: zero
     ranges are steps of their own; otherwise everything is copied, holes included)."""
     steps: list[_Step] = []
@@ -102,7 +114,7 @@ def plan(sources: Sequence[BlockDevice], sparse: bool, chunk: int = CHUNK) -> li
 
 
 def convert(
-    sources: Sequence[BlockDevice],
+    sources: Sequence[Source],
     target: BlockDevice,
     *,
     target_is_zero: bool,
@@ -195,4 +207,4 @@ def convert(
         target.flush()
 
 
-__all__ = ["CHUNK", "convert", "plan", "zero_runs"]
+__all__ = ["CHUNK", "Source", "convert", "plan", "zero_runs"]

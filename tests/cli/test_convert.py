@@ -38,6 +38,10 @@ def src(tmp_path: Path) -> Path:
     )  # fmt: skip
     _ok(qemu_img(["create", "-q", "-f", "raw", "disk.img", "3M"], d))
     qemu_io(["-f", "raw", "-c", "write -P 7 1M 8k", "disk.img"], d)
+    with (d / "odd.img").open("wb") as f:  # ends mid-sector: QEMU rounds its size up
+        f.truncate(70000)
+        f.seek(69000)
+        f.write(b"odd")
     return d
 
 
@@ -72,6 +76,7 @@ def test_convert_like_qemu(src: Path, vdisk_cli: VdiskRunner, fmt: str) -> None:
         ["-O", fmt, "top.qcow2"],
         ["-O", fmt, "base.qcow2"],
         ["-f", "raw", "-O", fmt, "disk.img"],
+        ["-f", "raw", "-O", fmt, "odd.img", "disk.img"],
         ["-O", fmt, "top.qcow2", "disk.img", "base.qcow2"],  # concatenated
         ["-O", fmt, "-S", "64k", "top.qcow2"],
         ["-O", fmt, "-S", "0", "top.qcow2"],  # fully allocated

@@ -783,9 +783,13 @@ def convert_cmd(
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
     try:
+        from ..backends.raw import RawDevice
+
         for src in srcs:
             sources.append(vdisk.open(src, format=fmt, readonly=True))
-        total = sum(s.size for s in sources)
+        # Raw sources as QEMU sizes them (whole sectors).
+        inputs = [_SectorPadded(s) if isinstance(s, RawDevice) else s for s in sources]
+        total = sum(s.size for s in inputs)
         if not skip_create:
             opts = parse_opts(out_fmt, list(options), dst)
             if "backing_file" in opts or "backing_fmt" in opts:
@@ -812,7 +816,7 @@ def convert_cmd(
         if show is not None:
             show(0, total)
         conv.convert(
-            sources,
+            inputs,
             target,
             target_is_zero=not skip_create,
             sparse_size=sparse_size,
