@@ -1,9 +1,11 @@
-"""qemu-img-compatible inspection tools: ``map``, ``compare`` and ``check``.
+"""qemu-img-compatible image tools: ``map``, ``compare``, ``check`` and ``convert``.
 
 ``map`` walks the backing chain one image at a time (each opened without its backing file), so
 that depth, presence and file names come out exactly as qemu-img's ``get_block_status`` reports
 them, then merges entries with qemu-img's rules. ``compare`` skips what both sides know to be
 zero and compares the rest in large chunks, reporting the first differing 512-byte sector.
+``check`` and ``convert`` parse flags and print; the work is in ``vdisk.qcow2.check`` and
+``vdisk.convert``. Raw files are sized as QEMU sees them: rounded up to whole sectors.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from ..block import BlockDevice, Extent
+from ..convert import Source as _Source
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
 
@@ -354,17 +357,6 @@ class _CompareExit(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
-
-
-class _Source(Protocol):
-    """What compare needs of an image."""
-
-    @property
-    def size(self) -> int: ...
-
-    def readinto(self, buf: memoryview, offset: int) -> int: ...
-
-    def block_status(self, offset: int, length: int) -> list[Extent]: ...
 
 
 class _SectorPadded:
