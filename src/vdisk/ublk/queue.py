@@ -5,8 +5,9 @@ every command of the queue is submitted from it. The loop: wait for completions;
 request read the tag's descriptor, serve it and queue a COMMIT_AND_FETCH_REQ with the result;
 submit the whole batch with one io_uring_enter.
 
-Per request, Python does as little as it can: one descriptor unpack and one or two 64-byte SQE
-packs. Metrics are counted in local lists and handed over once per batch.
+Per request, Python does as little as it can: one descriptor unpack, and one or two 64-byte SQEs
+copied from per-tag templates with a few fields patched. Metrics are counted in local lists and
+handed over once per batch.
 
 Raw-file backends run READ and WRITE on the same ring, linked to their commit
 (READ -> COMMIT_AND_FETCH, the READ's success CQE skipped), so the kernel does the I/O and the
@@ -15,11 +16,13 @@ shape this:
 
 - A failed or short READ/WRITE cancels the linked commit and posts its own CQE; the commit is
   then issued on its own with the finished result.
-- Linux before 6.x refuses (EINVAL) a ublk command run by an io_uring worker thread, which is
-  where a linked commit lands when the kernel punts the I/O to a worker (6.1 punts every
-  buffered write). The commit is then re-issued from this thread. When most writes get punted
-  the worker hop costs more than the copy, so the queue switches its writes to inline
-  ``pwrite`` calls, which is what the loop driver does too.
+- Linux 6.1 refuses (EINVAL) a ublk command run by an io_uring worker thread, which is where a
+  linked commit lands when the kernel punts the I/O to a worker (6.1 punts every buffered
+  write). The commit is then re-issued from this thread. When most writes get punted the
+  worker hop costs more than the copy, so the queue switches its writes to inline ``pwrite``
+  calls, which is what the loop driver does too.
+- Linux 6.12 reads a URING_CMD's SQE only when it issues the command, so every tag keeps its
+  SQEs in two fixed slots (see ``_build_templates``).
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ _LINKED_BACKING = 3  # READ or WRITE linked to its commit: a CQE only on failure
 _READ = uapi.UBLK_IO_OP_READ
 _WRITE = uapi.UBLK_IO_OP_WRITE
 _FLUSH = uapi.UBLK_IO_OP_FLUSH
-_LAST_OP = uapi.UBLK_IO_OP_WRITE_ZEROES
 _OP_NAMES = {
     _READ: "read",
     _WRITE: "write",
@@ -132,10 +134,10 @@ class Queue(threading.Thread):
         self.inline_writes = False
         #: SQE slots filled since the last push, in submission order (see _build_templates)
         self.slots: list[int] = []
-        # Per-batch metric tallies, indexed by op code.
-        self._counts = [0] * (_LAST_OP + 1)
-        self._bytes = [0] * (_LAST_OP + 1)
-        self._errors = [0] * (_LAST_OP + 1)
+        # Per-batch metric tallies, indexed by op code (any u8: unknown ops fail, but count).
+        self._counts = [0] * 256
+        self._bytes = [0] * 256
+        self._errors = [0] * 256
 
     # -- thread body --------------------------------------------------------------------
 
@@ -331,7 +333,9 @@ class Queue(threading.Thread):
                 backend.write_zeroes(
                     offset, length, may_unmap=not op_flags & uapi.UBLK_IO_F_NOUNMAP
                 )
-            else:
+            else:  # no such op in the UAPI we speak: fail it, count it as "other"
+                if self.metrics is not None:
+                    self.metrics.record("other", length, 0, error=True)
                 return -errno.EOPNOTSUPP
             return 0
         except Exception as exc:
@@ -341,12 +345,11 @@ class Queue(threading.Thread):
             return -_errno_of(exc)
 
     def _commit(self, tag: int, op: int, length: int, res: int, kind: int = _CMD) -> None:
-        if op <= _LAST_OP:
-            self._counts[op] += 1
-            if res >= 0:
-                self._bytes[op] += length
-            else:
-                self._errors[op] += 1
+        self._counts[op] += 1
+        if res >= 0:
+            self._bytes[op] += length
+        else:
+            self._errors[op] += 1
         self._queue_cmd(self.op_commit, tag, res, kind)
 
     def _other_cqe(self, kind: int, tag: int, res: int) -> None:
