@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -85,10 +85,10 @@ def zero_runs(buf: memoryview, dst_offset: int, block: int) -> list[tuple[int, i
     ]
 
 
-def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> list[_Step]:
-    """The copy steps in target order: chunked data copies and zero ranges (``sparse``: zero
-    ranges are steps of their own; otherwise everything is copied, holes included)."""
-    steps: list[_Step] = []
+def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> Iterator[_Step]:
+    """The copy steps in target order, generated as the copy goes (memory stays bounded):
+    chunked data copies and, with ``sparse``, zero ranges (otherwise holes are copied too)."""
+    zero: _Zero | None = None  # a zero range still growing
     base = 0
     for src in sources:
         pos = 0
@@ -96,21 +96,26 @@ def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> list[_S
             window = min(_PROBE, src.size - pos)
             for e in src.block_status(pos, window):
                 if sparse and e.zero and not e.data:
-                    last = steps[-1] if steps else None
-                    if isinstance(last, _Zero) and last.dst_offset + last.length == base + e.offset:
-                        steps[-1] = _Zero(last.dst_offset, last.length + e.length)
+                    if zero is not None and zero.dst_offset + zero.length == base + e.offset:
+                        zero = _Zero(zero.dst_offset, zero.length + e.length)
                     else:
-                        steps.append(_Zero(base + e.offset, e.length))
+                        if zero is not None:
+                            yield zero
+                        zero = _Zero(base + e.offset, e.length)
                     continue
+                if zero is not None:
+                    yield zero
+                    zero = None
                 off = e.offset
                 while off < e.end:
                     # Chunk boundaries aligned in the target, so reads stay cluster aligned.
                     n = min(e.end - off, chunk - (base + off) % chunk)
-                    steps.append(_Copy(src, off, base + off, n))
+                    yield _Copy(src, off, base + off, n)
                     off += n
             pos += window
         base += src.size
-    return steps
+    if zero is not None:
+        yield zero
 
 
 def convert(
@@ -132,14 +137,25 @@ def convert(
     if workers < 1:
         raise RequestError("need at least one worker")
     sparse = sparse_size > 0
-    steps = plan(sources, sparse)
     limit = 2 * workers  # steps in flight: they bound the memory held
-    # Reused read buffers (a fresh 2 MiB buffer costs a page fault per 4 KiB each time).
+    # Reused read buffers (a fresh 2 MiB buffer costs a page fault per 4 KiB each time);
+    # at most ``limit`` exist, as at most ``limit`` steps are in flight.
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    for _ in range(min(limit, sum(isinstance(s, _Copy) for s in steps))):
-        free.put(bytearray(CHUNK))
+    made = 0
     done = 0
     lock = threading.Lock()
+
+    def take_buffer() -> bytearray:
+        nonlocal made
+        try:
+            return free.get_nowait()
+        except queue.Empty:
+            pass
+        with lock:
+            if made < limit:
+                made += 1
+                return bytearray(CHUNK)
+        return free.get()
 
     def advance(n: int) -> None:
         nonlocal done
@@ -153,7 +169,7 @@ def convert(
         """Read a step's data (in a worker); what to write for it."""
         if isinstance(step, _Zero):
             return None, [] if target_is_zero else [(step.dst_offset, None, step.length)]
-        buf = free.get()
+        buf = take_buffer()
         view = memoryview(buf)[: step.length]
         try:
             step.source.readinto(view, step.src_offset)
@@ -194,7 +210,7 @@ def convert(
                 write(step, buf, items)  # in guest order, as qemu-img without -W
 
         try:
-            for step in steps:
+            for step in plan(sources, sparse):
                 pending.append((step, pool.submit(task, step)))
                 while len(pending) >= limit:
                     finish()
