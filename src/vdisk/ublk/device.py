@@ -9,6 +9,9 @@
 ``close()`` does whatever of stop/close is still needed and is idempotent, so a ``with`` block
 or a signal handler can always call it. After a crash of the server (kill -9) a device created
 with ``user_recovery`` stays, quiesced; ``Device.recover(dev_id, backend)`` reattaches it.
+``delete(dev_id, control)`` removes a device from outside its server (``vdisk ublk del``); it
+never sends a second DEL_DEV while the server sends its own (Linux 6.1 deadlocks on that, see
+``Device._del_dev`` and the ublk section of docs/architecture.md).
 """
 
 from __future__ import annotations
