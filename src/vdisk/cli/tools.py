@@ -738,7 +738,7 @@ def convert_cmd(
     src_cache: str | None,
     files: tuple[str, ...],
 ) -> int:
-    """Convert SRC... (concatenated) into DST, like qemu-img convert."""
+    """Convert the source images (concatenated) into DST, like qemu-img convert."""
     import vdisk
 
     from .. import convert as conv
