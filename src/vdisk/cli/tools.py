@@ -19,11 +19,11 @@ import click
 import numpy as np
 
 from ..block import BlockDevice, Extent
-from ..convert import Source as _Source
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
 
 if TYPE_CHECKING:
+    from ..convert import Source as _Source
     from ..qcow2.check import CheckResult
 
 _FORMATS = ("qcow2", "raw")
