@@ -474,7 +474,6 @@ class _Checker:
         counts = self._count()
         # Refcount blocks: each must be referenced exactly once.
         table = _Stored(self.fd, h).table
-        extra: list[int] = []
         for i in np.flatnonzero(table).tolist():
             entry = int(table[i])
             off = entry & fmt.REFT_OFFSET_MASK
@@ -510,13 +509,11 @@ class _Checker:
                 if self.fix & FIX_ERRORS:
                     self.rebuild = True  # too far out to grow the file: rebuild instead
                 continue
-            extra.append(c)
             counts[c] += 1
             if counts[c] != 1:
                 self._say(f"ERROR refcount block {i} refcount={int(counts[c])}")
                 self.res.corruptions += 1
                 self.rebuild = True
-        self.refblocks = extra
         over = np.flatnonzero(counts > np.uint64(self.max_refcount))
         for c in over.tolist():
             excess = int(counts[c]) - self.max_refcount
