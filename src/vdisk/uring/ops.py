@@ -42,7 +42,7 @@ _HEAD = struct.Struct("<BBHiQQIIQH")  # opcode .. buf_index (42 bytes)
 _pack_head = _HEAD.pack_into
 
 #: A whole 64-byte SQE for READ/WRITE-like ops, zero tail included, packed in one call on hot
-#: paths (with ``Ring.claim``): opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data,
+#: paths (with ``Ring.push``): opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data,
 #: buf_index, personality, file_index.
 RW_SQE = struct.Struct("<BBHiQQIIQHHi16x")
 #: A whole 64-byte URING_CMD SQE with a 16-byte payload: opcode, flags, ioprio, fd, cmd_op, pad,

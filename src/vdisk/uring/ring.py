@@ -243,23 +243,12 @@ class Ring:
         self._local_tail = (tail + 1) & 0xFFFFFFFF
         return off
 
-    def claim(self) -> int:
-        """Claim the next SQE without zeroing it, for callers that pack all 64 bytes at once
-        (see ``ops.RW_SQE`` and ``ops.CMD16_SQE``). Submits first if the SQ is full."""
-        tail = self._local_tail
-        if (tail - self._sq32[self._sq_head]) & 0xFFFFFFFF >= self.sq_entries:
-            self.submit()
-            if (tail - self._sq32[self._sq_head]) & 0xFFFFFFFF >= self.sq_entries:
-                raise UringError(_errno.EBUSY, "io_uring submission queue full")
-        self._local_tail = (tail + 1) & 0xFFFFFFFF
-        return (tail & self.sq_mask) * self.sqe_size
-
     def push(self, slots: Sequence[int]) -> None:
         """Queue the SQEs in these slots (``sqes[slot * sqe_size:]``, filled by the caller),
         in this order, for the next submit. For owners that keep each SQE in a fixed slot
         instead of claiming the next free one: a slot is only rewritten once the kernel has
-        issued what it held (which ``claim`` cannot know, see ublk's queue). Do not mix with
-        ``sqe``/``claim`` on one ring."""
+        issued what it held (which ``sqe`` cannot know, see ublk's queue). Do not mix with
+        ``sqe`` on one ring."""
         need = len(slots)
         if need > self.sq_space:
             self.submit()
