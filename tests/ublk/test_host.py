@@ -148,3 +148,17 @@ def test_fds_open_on_finds_our_descriptors_even_after_unlink(tmp_path: Path) -> 
     finally:
         os.close(fd)
     assert fds_open_on(str(path)) == []
+
+
+def test_holds_sees_a_process_descriptor(tmp_path: Path) -> None:
+    from vdisk.ublk.device import _holds
+
+    path = tmp_path / "node"
+    path.write_bytes(b"x")
+    assert not _holds(os.getpid(), str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _holds(os.getpid(), str(path))
+    finally:
+        os.close(fd)
+    assert not _holds(2**22 + 1, str(path))  # no such process

@@ -674,7 +674,13 @@ def delete(dev_id: int, control: Control, timeout: float = 30.0) -> None:
         raise
     # Read before STOP_DEV, which forgets the pid.
     pid = info.ublksrv_pid
-    server = pid if pid != os.getpid() and process_alive(pid) else 0
+    char_path = f"/dev/ublkc{dev_id}"
+    if pid == os.getpid() or fds_open_on(f"/dev/ublkb{dev_id}", char_path):
+        # Our own DEL_DEV would wait for our own descriptors, unkillably.
+        raise UblkError(errno.EBUSY, op, "this process serves or holds the device: close it "
+                        "(Device.close()) instead")
+    # A live server holds the char device; a recycled pid of a dead one does not.
+    server = pid if process_alive(pid) and _holds(pid, char_path) else 0
     try:
         control.stop_dev(dev_id)
     except UblkError as exc:
@@ -697,6 +703,23 @@ def delete(dev_id: int, control: Control, timeout: float = 30.0) -> None:
     except UblkError as exc:
         if exc.errno != errno.ENODEV:
             raise
+
+
+def _holds(pid: int, path: str) -> bool:
+    """Has process ``pid`` a descriptor open on ``path``? (Yes when we may not look.)"""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    for name in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}").removesuffix(" (deleted)") == path:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _device_exists(control: Control, dev_id: int) -> bool:
