@@ -636,16 +636,21 @@ class Device:
             pass
 
 
-def check_recoverable(dev_id: int, control: Control) -> uapi.DevInfo:
-    """The device's info if USER_RECOVERY can reattach it, else a one-line UblkError saying why
-    not (missing, created without recovery, stopped, or still served)."""
-    op = f"recover ublk{dev_id}"
+def _dev_info(control: Control, dev_id: int, op: str) -> uapi.DevInfo:
+    """GET_DEV_INFO, with a missing device as one line naming ``op``."""
     try:
-        info = control.get_dev_info(dev_id)
+        return control.get_dev_info(dev_id)
     except UblkError as exc:
         if exc.errno == errno.ENODEV:
             raise UblkError(errno.ENODEV, op, "no such device") from None
         raise
+
+
+def check_recoverable(dev_id: int, control: Control) -> uapi.DevInfo:
+    """The device's info if USER_RECOVERY can reattach it, else a one-line UblkError saying why
+    not (missing, created without recovery, stopped, or still served)."""
+    op = f"recover ublk{dev_id}"
+    info = _dev_info(control, dev_id, op)
     if not info.flags & uapi.UBLK_F_USER_RECOVERY:
         raise UblkError(errno.EINVAL, op, "the device was not created with user recovery (add -r)")
     if info.state == uapi.UBLK_S_DEV_DEAD:
@@ -666,12 +671,7 @@ def delete(dev_id: int, control: Control, timeout: float = 30.0) -> None:
     success /dev/ublkbN and /dev/ublkcN no longer exist.
     """
     op = f"del ublk{dev_id}"
-    try:
-        info = control.get_dev_info(dev_id)
-    except UblkError as exc:
-        if exc.errno == errno.ENODEV:
-            raise UblkError(errno.ENODEV, op, "no such device") from None
-        raise
+    info = _dev_info(control, dev_id, op)
     # Read before STOP_DEV, which forgets the pid.
     pid = info.ublksrv_pid
     char_path = f"/dev/ublkc{dev_id}"
