@@ -8,24 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from test_ublk import served  # the main ublk tests' device context (same directory)
 
 pytestmark = pytest.mark.vm
-
-
-@contextmanager
-def served(backend: object, **params: object) -> Iterator[str]:
-    from vdisk.ublk.device import Device, UblkParams
-
-    dev = Device.create(backend, UblkParams(**params))  # type: ignore[arg-type]
-    try:
-        yield dev.start()
-    finally:
-        dev.close()
 
 
 def fio_verify(path: str, *extra: str) -> None:
