@@ -176,7 +176,7 @@ class Queue(threading.Thread):
                 log.info("ublk%d q%d: cannot pin to CPUs %s: %s", self.dev_id, self.q_id,
                          sorted(self.cpus), exc)
         depth = self.depth
-        # Two SQEs per tag (a backing op and its commit) fit between two submits.
+        # Each tag owns two SQE slots (see _build_templates).
         entries = 1 << max(2 * depth - 1, 1).bit_length()
         self.ring = Ring(entries)
         if self.ring.sq_entries < 2 * depth or self.ring.sqe_size != 64:
