@@ -1,0 +1,114 @@
+"""``dd``: copy an image into a new one, dd(1)-style operands, exactly as ``qemu-img dd``.
+
+qemu-img's quirks kept on purpose: ``count`` limits the input size *before* ``skip`` is taken
+off it (so ``count=2 skip=1`` copies one block), a ``skip`` past the end only warns and leaves
+an empty output (exit status 0), and new images are sized in whole 512-byte sectors, as QEMU
+creates them. Raw inputs are sized as QEMU sees them: rounded up to whole sectors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from ..block import BlockDevice
+from ..errors import RequestError, UnsupportedFeatureError
+from .tools import SECTOR, _SectorPadded
+
+_FORMATS = ("qcow2", "raw")
+_INT_MAX = (1 << 31) - 1
+_INT64_MAX = (1 << 63) - 1
+_CHUNK = 1 << 20  # copy in large pieces: the bytes written are the same as bs-sized ones
+_SHIFTS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+# qemu_strtosz: decimal (a fraction only with a suffix above bytes) or hex, one suffix letter.
+_NUM_RE = re.compile(r"^\s*(?:(0x[0-9a-f]+)|(\d+(?:\.\d*)?|\.\d+))([bkmgtpe]?)$", re.IGNORECASE)
+
+
+def cvtnum(name: str, text: str, low: int = 0, high: int = _INT64_MAX) -> int:
+    """A size operand as qemu-img's cvtnum_full parses it, with its error messages."""
+    m = _NUM_RE.match(text)
+    value: int | None = None
+    if m is not None:
+        hexa, dec, suffix = m.groups()
+        shift = _SHIFTS[suffix.lower()] if suffix else 0
+        if hexa is not None:
+            value = int(hexa, 16) << shift
+        elif "." not in dec:
+            value = int(dec) << shift
+        elif shift:  # qemu truncates the fractional bytes
+            whole, _, frac = dec.partition(".")
+            value = (int(whole or "0") << shift) + int(float("0." + (frac or "0")) * (1 << shift))
+    if value is None:
+        raise RequestError(
+            f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        )
+    if not low <= value <= high:
+        raise RequestError(f"Invalid {name} specified. Must be between {low} and {high}.")
+    return value
+
+
+@click.command("dd", context_settings={"ignore_unknown_options": False})
+@click.option("-f", "fmt", metavar="FMT", help="Input format (default: probe).")
+@click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Output format (raw, qcow2).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.argument("operands", nargs=-1, metavar="[bs=N] [count=N] [skip=N] if=IN of=OUT")
+def dd_cmd(fmt: str | None, out_fmt: str, force_share: bool, operands: tuple[str, ...]) -> int:
+    """Copy IN into a new image OUT (of format -O), like qemu-img dd."""
+    import vdisk
+
+    bs, count, skip = 512, None, None
+    src = dst = None
+    for operand in operands:
+        key, eq, value = operand.partition("=")
+        if not eq or key not in ("bs", "count", "if", "of", "skip"):
+            raise RequestError(f"unrecognized operand {key}")
+        if key == "bs":
+            bs = cvtnum("bs", value, 1, _INT_MAX)
+        elif key == "count":
+            count = cvtnum("count", value)
+        elif key == "skip":
+            skip = cvtnum("skip", value)
+        elif key == "if":
+            src = value
+        else:
+            dst = value
+    if src is None or dst is None:
+        raise RequestError("Must specify both input and output files")
+    if fmt is not None and fmt not in _FORMATS:
+        raise UnsupportedFeatureError(f"Could not open '{src}': Unknown driver '{fmt}'")
+    source = vdisk.open(src, format=fmt, readonly=True)
+    try:
+        from ..backends.raw import RawDevice
+
+        inp: BlockDevice | _SectorPadded = source
+        if isinstance(source, RawDevice):
+            inp = _SectorPadded(source)
+        if out_fmt not in _FORMATS:
+            raise UnsupportedFeatureError("Unknown file format")
+        size = inp.size
+        if count is not None and count <= _INT64_MAX // bs and count * bs < size:
+            size = count * bs
+        beyond = skip is not None and (skip > _INT64_MAX // bs or size < skip * bs)
+        start = size if beyond else (skip or 0) * bs
+        out_size = size - start
+        vdisk.create(dst, -(-out_size // SECTOR) * SECTOR, format=out_fmt)
+        with vdisk.open(dst, format=out_fmt) as target:
+            if beyond:  # like dd(1): a warning and an empty output, not a failure
+                click.echo(f"vdisk: {src}: cannot skip to specified offset", err=True)
+            buf = bytearray(min(_CHUNK, max(out_size, 1)))
+            pos = start
+            while pos < size:
+                n = min(len(buf), size - pos)
+                view = memoryview(buf)[:n]
+                inp.readinto(view, pos)
+                target.write(view, pos - start)
+                pos += n
+            target.flush()
+    finally:
+        source.close()
+    return 0
+
+
+COMMANDS = [dd_cmd]
