@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..errors import VdiskError
-from . import dd, image, nbd, tools, ublk
+from . import dd, image, nbd, resize, tools, ublk
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +20,8 @@ def cli() -> None:
     """vdisk: QCOW2 and raw images, exported over ublk and NBD."""
 
 
-for command in (*image.COMMANDS, *nbd.COMMANDS, *ublk.COMMANDS, *tools.COMMANDS, *dd.COMMANDS):
+for command in (*image.COMMANDS, *nbd.COMMANDS, *ublk.COMMANDS, *tools.COMMANDS, *dd.COMMANDS,
+                *resize.COMMANDS):
     cli.add_command(command)
 
 

@@ -1,0 +1,126 @@
+"""qemu-img-compatible ``resize`` and ``measure``.
+
+``resize`` takes its size as the last argument even when it starts with '-' (a relative
+shrink), as qemu-img does; raw files are resized in place, qcow2 images through
+``vdisk.qcow2.resize``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import RequestError, UnsupportedFeatureError, VdiskError
+from ..sizes import parse_size
+
+_FORMATS = ("qcow2", "raw")
+_PREALLOC = ("off", "metadata", "falloc", "full")
+_QCOW2_MAGIC = b"QFI\xfb"
+_SIZE_HELP = (
+    "Parameter 'size' expects a non-negative number below 2^64\n"
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+    "and exabytes, respectively."
+)
+_SHRINK_WARNING = (
+    "warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+    "Before performing such an operation, make sure there is no important data there."
+)
+
+
+def _probe(path: str) -> str:
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == _QCOW2_MAGIC else "raw"
+
+
+def _new_size(text: str, current: int) -> int:
+    sign = text[:1] if text[:1] in "+-" else ""
+    try:
+        value = parse_size(text[1:] if sign else text)
+    except VdiskError:
+        raise RequestError(_SIZE_HELP) from None
+    if value >= 1 << 64:
+        raise RequestError(_SIZE_HELP)
+    size = current + value if sign == "+" else current - value if sign == "-" else value
+    if size <= 0:
+        raise RequestError("New image size must be positive")
+    return size
+
+
+def _resize_raw(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
+    if prealloc == "metadata":
+        raise UnsupportedFeatureError("Unsupported preallocation mode: metadata", path=path)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        current = os.fstat(fd).st_size
+        size = _new_size(size_text, current)
+        if size < current and not shrink:
+            click.echo(f"vdisk: {_SHRINK_WARNING}", err=True)
+            raise RequestError("Use the --shrink option to perform a shrink operation.")
+        if prealloc != "off" and size < current:
+            raise RequestError("Preallocation can only be used for growing images", path=path)
+        if prealloc == "falloc" and size > current:
+            os.posix_fallocate(fd, current, size - current)
+        elif prealloc == "full" and size > current:
+            chunk = bytes(1 << 20)
+            pos = current
+            while pos < size:
+                n = min(len(chunk), size - pos)
+                os.pwrite(fd, chunk[:n], pos)
+                pos += n
+            os.fsync(fd)
+        else:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _resize_qcow2(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
+    from ..qcow2.image import Qcow2Image
+    from ..qcow2.resize import resize
+
+    img = Qcow2Image.open(path, open_backing=False)
+    try:
+        size = _new_size(size_text, img.size)
+        if size < img.size and not shrink:
+            click.echo(f"vdisk: {_SHRINK_WARNING}", err=True)
+            raise RequestError("Use the --shrink option to perform a shrink operation.")
+        resize(img, size, prealloc)
+    finally:
+        img.close()
+
+
+@click.command(
+    "resize",
+    context_settings={"ignore_unknown_options": True},
+)
+@click.option("-f", "fmt", metavar="FMT", help="Image format (default: probe).")
+@click.option("--shrink", is_flag=True, help="Allow shrinking (data past the end is lost).")
+@click.option(
+    "--preallocation", "prealloc", default="off", metavar="MODE",
+    help="off, metadata (qcow2), falloc or full: how to allocate the new area.",
+)
+@click.option("-q", "quiet", is_flag=True, help="Quiet: print no success line.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def resize_cmd(
+    fmt: str | None, shrink: bool, prealloc: str, quiet: bool, args: tuple[str, ...]
+) -> int:
+    """Resize FILE to SIZE, or by +SIZE / -SIZE, like qemu-img resize."""
+    if len(args) != 2:
+        raise click.UsageError("Expecting image file name and size")
+    path, size_text = args
+    if prealloc not in _PREALLOC:
+        raise RequestError(f"Invalid preallocation mode '{prealloc}'")
+    if fmt is not None and fmt not in _FORMATS:
+        raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", path=path)
+    kind = fmt or _probe(path)
+    if kind == "raw":
+        _resize_raw(path, size_text, shrink, prealloc)
+    else:
+        _resize_qcow2(path, size_text, shrink, prealloc)
+    if not quiet:
+        click.echo("Image resized.")
+    return 0
+
+
+COMMANDS: list[click.Command] = [resize_cmd]

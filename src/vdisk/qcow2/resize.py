@@ -1,0 +1,146 @@
+"""Change a QCOW2 image's virtual size (``qemu-img resize``).
+
+Growing only rewrites the header's size, unless the L1 table is too small: then a new, larger L1
+table is written at the end of the file (with its refcounts) and synced before one header write
+switches size, ``l1_size`` and ``l1_table_offset`` together; the old table is freed afterwards.
+A crash leaves either the old image or the new one, at worst with a leaked cluster.
+
+Shrinking drops every guest cluster past the new end (whole L2 tables past it are unlinked from
+L1 and freed), syncs, and only then writes the smaller size into the header.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+
+from ..errors import RequestError, UnsupportedFeatureError, from_oserror
+from . import format as fmt
+from .cache import encode_l2
+from .image import Qcow2Image
+
+_CHUNK = 1 << 20
+
+
+def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
+    """Resize an image opened read-write. ``preallocation`` other than off writes zeros to
+    the new area, so that every new cluster is allocated (metadata, falloc and full alike)."""
+    if new_size % 512:
+        raise RequestError("The new size must be a multiple of 512", path=img.path)
+    header = img.header
+    if img.snapshots and header.version < 3:
+        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots", path=img.path)
+    if header.bitmaps is not None:
+        raise UnsupportedFeatureError(
+            "resizing an image with persistent bitmaps is not supported", path=img.path
+        )
+    old_size = img.size
+    if preallocation != "off" and new_size < old_size:
+        raise RequestError("Preallocation can only be used for growing images", path=img.path)
+    try:
+        with img._lock:
+            if img._readonly:
+                raise RequestError("image is read-only", path=img.path)
+            if not img._write_ready:
+                img._prepare_first_write()
+            img._flush_locked()  # the cache is clean and everything is on disk
+            if new_size > old_size:
+                _grow(img, new_size)
+            elif new_size < old_size:
+                _shrink(img, new_size)
+            img._size = new_size
+        if preallocation != "off" and new_size > old_size:
+            zeros = bytes(_CHUNK)
+            pos = old_size
+            while pos < new_size:
+                n = min(_CHUNK, new_size - pos)
+                img.write(zeros[:n], pos)
+                pos += n
+            img.flush()
+    except OSError as exc:
+        raise from_oserror(exc, img.path) from None
+
+
+def _write_header(img: Qcow2Image, size: int, l1_size: int, l1_offset: int) -> None:
+    # size (24), crypt_method (32), l1_size (36) and l1_table_offset (40) are adjacent: one
+    # write inside the first sector switches them together.
+    h = img.header
+    data = struct.pack(">QIIQ", size, h.crypt_method, l1_size, l1_offset)
+    os.pwrite(img.fd, data, 24)
+    os.fdatasync(img.fd)
+    h.size = size
+    h.l1_size = l1_size
+    h.l1_table_offset = l1_offset
+
+
+def _grow(img: Qcow2Image, new_size: int) -> None:
+    h = img.header
+    m = img.map
+    need = fmt.l1_entries_for(new_size, h.cluster_bits, h.l2_bits)
+    if need <= len(m.l1):
+        _write_header(img, new_size, h.l1_size, h.l1_table_offset)
+        return
+    if need * 8 > fmt.MAX_L1_BYTES:
+        raise RequestError("The new size is too large for this image's cluster size", path=img.path)
+    cb = img.cluster_bits
+    cs = img.cluster_size
+    clusters = (need * 8 + cs - 1) // cs
+    new_l1: array[int] = array("Q", m.l1)
+    new_l1.extend([0] * (need - len(new_l1)))
+    start = img.refcounts.allocate_contiguous(clusters)
+    img.metadata.update(range(start, start + clusters))
+    data = encode_l2(new_l1)
+    data += bytes(clusters * cs - len(data))
+    os.pwrite(img.fd, data, start << cb)
+    img.refcounts.write_back()
+    os.fdatasync(img.fd)
+    old_offset, old_entries = h.l1_table_offset, h.l1_size
+    _write_header(img, new_size, need, start << cb)
+    m.l1 = new_l1
+    m.l1_dirty.clear()
+    # The header switch is durable: the old table is garbage now.
+    old_first = old_offset >> cb
+    old_clusters = (old_entries * 8 + cs - 1) // cs
+    if old_entries:
+        for c in range(old_first, old_first + old_clusters):
+            img.metadata.discard(c)
+        img.refcounts.free(old_first, old_clusters)
+    img.refcounts.write_back()
+    os.fdatasync(img.fd)
+
+
+def _shrink(img: Qcow2Image, new_size: int) -> None:
+    h = img.header
+    m = img.map
+    cb = img.cluster_bits
+    l2_bits = h.l2_bits
+    first_gc = (new_size + img.cluster_size - 1) >> cb
+    frees: list[int] = []
+    # The L2 table that straddles the new end: drop its entries past the end one by one.
+    if first_gc & ((1 << l2_bits) - 1):
+        i = first_gc >> l2_bits
+        if i < len(m.l1) and m.l1[i] & fmt.L1E_OFFSET_MASK:
+            for gc in range(first_gc, (i + 1) << l2_bits):
+                e, bm = m.entry(gc)
+                if e or bm:
+                    m.deallocate_cluster(gc, zero=False, frees=frees)
+        first_l1 = i + 1
+    else:
+        first_l1 = first_gc >> l2_bits
+    # Whole L2 tables past the end: unlink from L1, then free the table and its clusters.
+    for i in range(first_l1, len(m.l1)):
+        off = m.l1[i] & fmt.L1E_OFFSET_MASK
+        if not off:
+            continue
+        for gc in range(i << l2_bits, (i + 1) << l2_bits):
+            e, _bm = m.entry(gc)
+            if e:
+                m.entry_frees(e, frees)
+        frees.append(off >> cb)
+        m.l1[i] = 0
+        m.l1_dirty.add(i)
+    img._free_later(frees)
+    # L2 and L1 changes reach the disk before any refcount drops.
+    img._flush_locked()
+    _write_header(img, new_size, h.l1_size, h.l1_table_offset)
