@@ -57,8 +57,16 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: " ".join(t) or "default")
 @pytest.mark.parametrize(
     "source",
-    [["--size", "1G"], ["--size", "1001"], ["--size", "100G"], ["base.qcow2"], ["top.qcow2"],
-     ["-f", "qcow2", "bm.qcow2"], ["sparse.raw"], ["-f", "raw", "small.raw"]],
+    [
+        ["--size", "1G"],
+        ["--size", "1001"],
+        ["--size", "100G"],
+        ["base.qcow2"],
+        ["top.qcow2"],
+        ["-f", "qcow2", "bm.qcow2"],
+        ["sparse.raw"],
+        ["-f", "raw", "small.raw"],
+    ],
     ids=lambda s: " ".join(s),
 )
 @pytest.mark.parametrize("output", ["human", "json"])

@@ -152,7 +152,9 @@ def test_resize_messages_match_qemu(
 
 def test_resize_v2_with_snapshots_refused(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
     d = tmp_path
-    assert qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "a.qcow2", "1M"], d).rc == 0
+    assert (
+        qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "a.qcow2", "1M"], d).rc == 0
+    )
     assert qemu_img(["snapshot", "-c", "s", "a.qcow2"], d).rc == 0
     ref = qemu_img(["resize", "a.qcow2", "2M"], d)
     run = vdisk_cli(["resize", "a.qcow2", "2M"], d)

@@ -20,8 +20,14 @@ def cli() -> None:
     """vdisk: QCOW2 and raw images, exported over ublk and NBD."""
 
 
-for command in (*image.COMMANDS, *nbd.COMMANDS, *ublk.COMMANDS, *tools.COMMANDS, *dd.COMMANDS,
-                *resize.COMMANDS):
+for command in (
+    *image.COMMANDS,
+    *nbd.COMMANDS,
+    *ublk.COMMANDS,
+    *tools.COMMANDS,
+    *dd.COMMANDS,
+    *resize.COMMANDS,
+):
     cli.add_command(command)
 
 

@@ -97,7 +97,10 @@ def _resize_qcow2(path: str, size_text: str, shrink: bool, prealloc: str) -> Non
 @click.option("-f", "fmt", metavar="FMT", help="Image format (default: probe).")
 @click.option("--shrink", is_flag=True, help="Allow shrinking (data past the end is lost).")
 @click.option(
-    "--preallocation", "prealloc", default="off", metavar="MODE",
+    "--preallocation",
+    "prealloc",
+    default="off",
+    metavar="MODE",
     help="off, metadata (qcow2), falloc or full: how to allocate the new area.",
 )
 @click.option("-q", "quiet", is_flag=True, help="Quiet: print no success line.")
@@ -167,7 +170,9 @@ def _source_bitmaps(path: str) -> list[tuple[str, int]]:
 @click.command("measure")
 @click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
 @click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Target format (default: raw).")
-@click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Target options key=value,...")
+@click.option(
+    "-o", "options", multiple=True, metavar="OPTIONS", help="Target options key=value,..."
+)
 @click.option("--size", "size_text", metavar="SIZE", help="Measure a new image of SIZE bytes.")
 @click.option("-f", "fmt", metavar="FMT", help="Input format (default: probe).")
 @click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")

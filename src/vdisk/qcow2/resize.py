@@ -15,6 +15,8 @@ import os
 import struct
 from array import array
 
+import numpy as np
+
 from ..errors import RequestError, UnsupportedFeatureError, from_oserror
 from . import format as fmt
 from .cache import encode_l2
@@ -133,10 +135,13 @@ def _shrink(img: Qcow2Image, new_size: int) -> None:
         off = m.l1[i] & fmt.L1E_OFFSET_MASK
         if not off:
             continue
-        for gc in range(i << l2_bits, (i + 1) << l2_bits):
-            e, _bm = m.entry(gc)
-            if e:
-                m.entry_frees(e, frees)
+        table = m.l2_table(i)
+        assert table is not None
+        entries = np.frombuffer(table, dtype=np.uint64)
+        if m.extended:
+            entries = entries[0::2]  # (entry, subcluster bitmap) pairs
+        for e in entries[entries != 0].tolist():
+            m.entry_frees(e, frees)
         frees.append(off >> cb)
         m.l1[i] = 0
         m.l1_dirty.add(i)
