@@ -26,8 +26,12 @@ _CHUNK = 1 << 20
 
 
 def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
-    """Resize an image opened read-write. ``preallocation`` other than off writes zeros to
-    the new area, so that every new cluster is allocated (metadata, falloc and full alike)."""
+    """Resize an image opened read-write.
+
+    ``preallocation`` (growing only), as QEMU does it: metadata maps every new cluster to a
+    fresh host cluster past the end of the file (reading as zeros, left sparse), falloc also
+    allocates those in the file system, full writes zeros through the image.
+    """
     if new_size % 512:
         raise RequestError("The new size must be a multiple of 512", path=img.path)
     header = img.header
@@ -52,7 +56,15 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
             elif new_size < old_size:
                 _shrink(img, new_size)
             img._size = new_size
-        if preallocation != "off" and new_size > old_size:
+            # With extended L2 entries QEMU leaves even fully preallocated subclusters
+            # unallocated (zeros written to the host clusters only).
+            by_map = preallocation in ("metadata", "falloc") or (
+                preallocation == "full" and header.extended_l2
+            )
+            if by_map and new_size > old_size:
+                _preallocate(img, old_size, new_size, preallocation)
+                img._flush_locked()
+        if preallocation == "full" and not header.extended_l2 and new_size > old_size:
             zeros = bytes(_CHUNK)
             pos = old_size
             while pos < new_size:
@@ -110,6 +122,60 @@ def _grow(img: Qcow2Image, new_size: int) -> None:
         img.refcounts.free(old_first, old_clusters)
     img.refcounts.write_back()
     os.fdatasync(img.fd)
+
+
+def _preallocate(img: Qcow2Image, old_size: int, new_size: int, mode: str) -> None:
+    """Map every unallocated cluster from the one holding ``old_size`` on to new host clusters."""
+    m = img.map
+    cb = img.cluster_bits
+    cs = img.cluster_size
+    l2_bits = img.header.l2_bits
+    end_gc = (new_size + cs - 1) >> cb
+    gc = old_size >> cb
+    frees: list[int] = []
+    tail = old_size & (cs - 1)
+    if tail and not m.extended:
+        # The old last cluster is already mapped: zero its bytes past the old end, as QEMU
+        # does, so that nothing left there earlier shows through.
+        e, _bm = m.entry(gc)
+        host = e & fmt.L2E_OFFSET_MASK
+        if host and not e & fmt.OFLAG_COMPRESSED and not e & fmt.OFLAG_ZERO:
+            os.pwrite(img.fd, bytes(cs - tail), host + tail)
+    while gc < end_gc:
+        # One L2 table at a time: memory stays bounded for any size.
+        stop = min(end_gc, ((gc >> l2_bits) + 1) << l2_bits)
+        todo = []
+        for g in range(gc, stop):
+            e, _bm = m.entry(g)
+            if not (e & fmt.L2E_OFFSET_MASK or e & fmt.OFLAG_COMPRESSED):
+                todo.append(g)
+        gc = stop
+        if not todo:
+            continue
+        l2, l2_off = m.writable_l2(todo[0] >> l2_bits, frees)
+        file_size = os.fstat(img.fd).st_size
+        start = img.refcounts.allocate_contiguous(len(todo))
+        lo, hi = start << cb, (start + len(todo)) << cb
+        # full: zeros everywhere; otherwise only where a former owner left data behind.
+        zero_end = hi if mode == "full" else min(hi, file_size)
+        if lo < zero_end:
+            zeros = bytes(min(_CHUNK, zero_end - lo))
+            for pos in range(lo, zero_end, len(zeros)):
+                os.pwrite(img.fd, zeros[: min(len(zeros), zero_end - pos)], pos)
+        if mode == "falloc":
+            os.posix_fallocate(img.fd, lo, hi - lo)
+        elif os.fstat(img.fd).st_size < hi:
+            os.ftruncate(img.fd, hi)
+        for k, g in enumerate(todo):
+            i = g & ((1 << l2_bits) - 1)
+            entry = ((start + k) << cb) | fmt.OFLAG_COPIED
+            if m.extended:
+                l2[2 * i] = entry
+                l2[2 * i + 1] = 0  # subclusters unallocated: they read as zeros
+            else:
+                l2[i] = entry
+        img.cache.mark_dirty(l2_off, l2)
+    img._free_later(frees)
 
 
 def _shrink(img: Qcow2Image, new_size: int) -> None:
