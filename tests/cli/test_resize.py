@@ -199,3 +199,37 @@ def test_resize_raw_modes(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
     assert data[:1001] == b"\x05" * 1001
     assert data[1001:] == bytes(len(data) - 1001)
     assert vdisk_cli(["resize", "nope.raw", "1M"], d).rc == 1
+
+
+@pytest.mark.parametrize(
+    "opts", ["cluster_size=65536", "cluster_size=4096", "cluster_size=16384,extended_l2=on"]
+)
+def test_resize_overlay_hides_longer_backing(
+    tmp_path: Path, vdisk_cli: VdiskRunner, opts: str
+) -> None:
+    d = tmp_path
+    assert qemu_img(["create", "-q", "-f", "qcow2", "base.qcow2", "4M"], d).rc == 0
+    qemu_io(["-c", "write -P 5 0 4M", "base.qcow2"], d)
+    create = ["create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.qcow2", "-F", "qcow2"]
+    assert qemu_img([*create, "a.qcow2", "1000k"], d).rc == 0
+    qemu_io(["-c", "write -P 7 900k 50k", "a.qcow2"], d)
+    (d / "b.qcow2").write_bytes((d / "a.qcow2").read_bytes())
+    run = vdisk_cli(["resize", "a.qcow2", "3M"], d)
+    assert run.rc == 0, run.err
+    assert qemu_img(["resize", "-q", "b.qcow2", "3M"], d).rc == 0
+    assert_check_clean(d / "a.qcow2")
+    assert qemu_img(["compare", "a.qcow2", "b.qcow2"], d).rc == 0
+    qemu_io(["-c", "read -P 0 1000k 2072k", "-c", "read -P 5 0 900k", "a.qcow2"], d)
+
+
+def test_resize_v2_overlay_refused(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    d = tmp_path
+    assert qemu_img(["create", "-q", "-f", "qcow2", "base.qcow2", "4M"], d).rc == 0
+    create = ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F"]
+    assert qemu_img([*create, "qcow2", "a.qcow2", "1M"], d).rc == 0
+    (d / "b.qcow2").write_bytes((d / "a.qcow2").read_bytes())
+    ref = qemu_img(["resize", "b.qcow2", "3M"], d)
+    run = vdisk_cli(["resize", "a.qcow2", "3M"], d)
+    assert run.rc == ref.rc == 1
+    assert _last_line(ref, "qemu-img") in run.err
+    assert _virtual_size(d / "a.qcow2") == _virtual_size(d / "b.qcow2") == 1 << 20

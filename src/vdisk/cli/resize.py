@@ -79,7 +79,7 @@ def _resize_qcow2(path: str, size_text: str, shrink: bool, prealloc: str) -> Non
     from ..qcow2.image import Qcow2Image
     from ..qcow2.resize import resize
 
-    img = Qcow2Image.open(path, open_backing=False)
+    img = Qcow2Image.open(path)  # with its backing file, which the new area must hide
     try:
         size = _new_size(size_text, img.size)
         if size < img.size and not shrink:

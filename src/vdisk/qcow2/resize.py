@@ -44,6 +44,13 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
     old_size = img.size
     if preallocation != "off" and new_size < old_size:
         raise RequestError("Preallocation can only be used for growing images", path=img.path)
+    # A backing file longer than the old size would show through the new area: QEMU zeroes
+    # it, which needs zero clusters (v3).
+    zero_new = img.backing is not None and img.backing.size > old_size and new_size > old_size
+    if zero_new and header.version < 3:
+        raise UnsupportedFeatureError(
+            "Failed to zero out new clusters: Operation not supported", path=img.path
+        )
     try:
         with img._lock:
             if img._readonly:
@@ -64,6 +71,9 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
             if by_map and new_size > old_size:
                 _preallocate(img, old_size, new_size, preallocation)
                 img._flush_locked()
+        if zero_new:
+            img.write_zeroes(old_size, new_size - old_size)
+            img.flush()
         if preallocation == "full" and not header.extended_l2 and new_size > old_size:
             zeros = bytes(_CHUNK)
             pos = old_size
