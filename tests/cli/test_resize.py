@@ -233,3 +233,16 @@ def test_resize_v2_overlay_refused(tmp_path: Path, vdisk_cli: VdiskRunner) -> No
     assert run.rc == ref.rc == 1
     assert _last_line(ref, "qemu-img") in run.err
     assert _virtual_size(d / "a.qcow2") == _virtual_size(d / "b.qcow2") == 1 << 20
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=4096,refcount_bits=8"])
+def test_shrink_trims_the_file(tmp_path: Path, vdisk_cli: VdiskRunner, opts: str) -> None:
+    d = tmp_path
+    assert qemu_img(["create", "-q", "-f", "qcow2", "-o", opts, "a.qcow2", "40M"], d).rc == 0
+    qemu_io(["-c", "write -P 1 0 40M", "a.qcow2"], d)
+    (d / "b.qcow2").write_bytes((d / "a.qcow2").read_bytes())
+    assert vdisk_cli(["resize", "-q", "--shrink", "a.qcow2", "5M"], d).rc == 0
+    assert qemu_img(["resize", "-q", "--shrink", "b.qcow2", "5M"], d).rc == 0
+    assert_check_clean(d / "a.qcow2")
+    assert (d / "a.qcow2").stat().st_size == (d / "b.qcow2").stat().st_size
+    assert qemu_img(["compare", "a.qcow2", "b.qcow2"], d).rc == 0

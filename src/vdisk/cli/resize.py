@@ -77,17 +77,20 @@ def _resize_raw(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
 
 def _resize_qcow2(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
     from ..qcow2.image import Qcow2Image
-    from ..qcow2.resize import resize
+    from ..qcow2.resize import resize, trim_file
 
     img = Qcow2Image.open(path)  # with its backing file, which the new area must hide
     try:
-        size = _new_size(size_text, img.size)
-        if size < img.size and not shrink:
+        old = img.size
+        size = _new_size(size_text, old)
+        if size < old and not shrink:
             click.echo(f"vdisk: {_SHRINK_WARNING}", err=True)
             raise RequestError("Use the --shrink option to perform a shrink operation.")
         resize(img, size, prealloc)
     finally:
         img.close()
+    if size < old:
+        trim_file(path)
 
 
 @click.command(

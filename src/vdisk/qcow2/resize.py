@@ -225,3 +225,69 @@ def _shrink(img: Qcow2Image, new_size: int) -> None:
     # L2 and L1 changes reach the disk before any refcount drops.
     img._flush_locked()
     _write_header(img, new_size, h.l1_size, h.l1_table_offset)
+
+
+def _drop_idle_refblocks(path: str) -> None:
+    """Unlink refcount blocks that count nothing but themselves (QEMU's reftable shrink)."""
+    from .cache import REFBLOCK
+
+    img = Qcow2Image.open(path, open_backing=False)
+    try:
+        if img.header.dirty:
+            return
+        rc = img.refcounts
+        cb = img.cluster_bits
+        with img._lock:
+            img._flush_locked()
+            idle: list[tuple[int, int, bool]] = []  # (table index, cluster, counts itself)
+            for b in range(len(rc.table)):
+                off = rc.table[b]
+                if not off:
+                    continue
+                block = img.cache.get(off, REFBLOCK)
+                nz = np.flatnonzero(block)
+                own = off >> cb
+                base = b << rc.rb_bits
+                self_count = base <= own < base + rc.rb_entries
+                if nz.size == 0 or (self_count and nz.size == 1 and base + int(nz[0]) == own):
+                    idle.append((b, own, self_count))
+            if not idle:
+                return
+            # Unlink first (durably), then drop the blocks' own references.
+            base_off = img.header.refcount_table_offset
+            for b, _own, _self in idle:
+                os.pwrite(img.fd, bytes(8), base_off + b * 8)
+                rc.table[b] = 0
+            os.fdatasync(img.fd)
+            for _b, own, self_count in idle:
+                img.cache.drop(own << cb)
+                img.metadata.discard(own)
+                if not self_count:
+                    rc.add(own, -1)
+            img._flush_locked()
+    finally:
+        img.close()
+
+
+def trim_file(path: str) -> None:
+    """Cut the file after its last cluster with a nonzero refcount, as QEMU does after a
+    shrink. Call it with the image closed everywhere; only unreferenced clusters go."""
+    from .cache import REFBLOCK
+
+    _drop_idle_refblocks(path)
+    img = Qcow2Image.open(path, readonly=True, open_backing=False)
+    try:
+        if img.header.dirty:
+            return  # refcounts may be stale (lazy refcounts): leave the file alone
+        rc = img.refcounts
+        end = 0
+        for b in range(len(rc.table) - 1, -1, -1):
+            if rc.table[b]:
+                nz = np.flatnonzero(img.cache.get(rc.table[b], REFBLOCK))
+                if nz.size:
+                    end = ((b << rc.rb_bits) + int(nz[-1]) + 1) << img.cluster_bits
+                    break
+    finally:
+        img.close()
+    if end and end < os.stat(path).st_size:
+        os.truncate(path, end)
