@@ -342,9 +342,29 @@ class Queue(threading.Thread):
     ) -> int | None:
         """Run a request against the backend in this thread and return its result, or start a
         raw file's FLUSH through the ring (an FSYNC) and return None."""
-        if self.backing_fd is not None and op == _FLUSH:
-            self._submit_backing(tag, op, op_flags, offset, length)
-            return None
+        fd = self.backing_fd
+        if fd is not None:
+            if op == _FLUSH:
+                self._submit_backing(tag, op, op_flags, offset, length)
+                return None
+            if op <= _WRITE and not self.backend.readonly:
+                # A READ/WRITE the kernel would punt to a worker (see _probe_punts): one
+                # syscall here, without the backend's per-call checks (the kernel only sends
+                # requests inside the device).
+                view = self.buf_view[tag][:length]
+                try:
+                    done = os.preadv(fd, [view], offset) if op == _READ else os.pwritev(
+                        fd, [view], offset)
+                    fua = bool(op_flags & uapi.UBLK_IO_F_FUA)
+                    if done < length:
+                        return self._complete_short(tag, op, offset, length, done, fua)
+                    if fua and op == _WRITE:
+                        os.fdatasync(fd)
+                    return length
+                except OSError as exc:
+                    log.warning("ublk%d %s [%d, +%d): %s", self.dev_id, _OP_NAMES[op], offset,
+                                length, exc)
+                    return -(exc.errno or errno.EIO)
         backend = self.backend
         try:
             if op == _READ:
@@ -482,12 +502,15 @@ class Queue(threading.Thread):
         elif op == _FLUSH:
             res = 0
         elif res < length:
-            res = self._complete_short(tag, op, offset, length, res)
+            res = self._complete_short(tag, op, offset, length, res,
+                                       bool(op_flags & uapi.UBLK_IO_F_FUA))
         else:
             res = length
         self._commit(tag, op, length, res)
 
-    def _complete_short(self, tag: int, op: int, offset: int, length: int, done: int) -> int:
+    def _complete_short(
+        self, tag: int, op: int, offset: int, length: int, done: int, fua: bool
+    ) -> int:
         """Finish a short READ/WRITE synchronously (rare: EOF or a signal)."""
         from ..backends.raw import pread_full, pwrite_full
 
@@ -498,6 +521,8 @@ class Queue(threading.Thread):
                 pread_full(self.backing_fd, view, offset + done)
             else:
                 pwrite_full(self.backing_fd, view, offset + done)
+                if fua:
+                    os.fdatasync(self.backing_fd)
         except OSError as exc:
             return -(exc.errno or errno.EIO)
         return length
