@@ -218,15 +218,28 @@ def write_docs(results: dict[str, Any]) -> None:
             "this VM than natively, so the figures above are a worst case for a Python data plane.",
             "",
         ]
+    pinned = [results["jobs"][j]["raw-pinned"]["ratio"] / max(results["jobs"][j]["raw"]["ratio"],
+               1e-9) for j in jobs if "raw-pinned" in results["jobs"][j]]
+    slower = sum(r < 1 for r in pinned)
+    spread = max(
+        max(row[t]["loop_MBps"] for t in row) / max(min(row[t]["loop_MBps"] for t in row), 1e-9)
+        for row in results["jobs"].values()
+    )
+    pinned_verdict = (
+        f"slower than one unpinned queue in {slower} of {len(pinned)} jobs here: with a single "
+        "fio job, pinning puts fio and the server thread on the same vCPU"
+        if slower * 2 > len(pinned) else
+        f"faster than one unpinned queue in {len(pinned) - slower} of {len(pinned)} jobs here"
+    )
     lines += [
         "What the data plane does about it: one io_uring_enter per batch that both submits and",
         "waits; the raw backend's READ/WRITE linked to its commit, so the kernel runs both in",
         "that one enter and Python sees one CQE per request; SQEs copied from per-tag templates;",
         "metrics tallied per batch; raw READs/WRITEs the kernel would hand to a worker thread",
         "done inline instead; and each queue thread pinned to the CPUs blk-mq maps to its queue",
-        "(GET_QUEUE_AFFINITY, as ublksrv does; the raw-pinned column). Run-to-run spread under",
-        "TCG on this shared host is large (loop itself varied 5x between runs of one job), so",
-        "differences of less than about 1.5x between cells are noise.",
+        "(GET_QUEUE_AFFINITY, as ublksrv does; the raw-pinned column, " + pinned_verdict + ").",
+        f"Run-to-run spread: loop's own median varied up to {spread:.1f}x between the targets'",
+        "runs of one job in this run (other runs on this shared host, under load, saw 5x).",
         "With 1 MiB requests the null column shows the export path itself keeping up with loop.",
         "On real hardware or KVM the ratios",
         "should be far better (go-ublk reports 85-91% of loop there); there is no KVM on these",
