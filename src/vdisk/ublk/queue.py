@@ -59,7 +59,7 @@ _KIND_SHIFT = 16
 _TAG_MASK = 0xFFFF
 _CMD = 0  # FETCH_REQ, COMMIT_AND_FETCH_REQ or NEED_GET_DATA of a tag
 _RETRY = 1  # a commit re-issued from this thread after the kernel refused its linked twin
-_BACKING = 2  # READ, WRITE or FSYNC on the backing file, its commit queued after its CQE
+_BACKING = 2  # an FSYNC on the backing file (its commit follows its CQE), or the start-up probe
 _LINKED_BACKING = 3  # READ or WRITE linked to its commit: a CQE only on failure or short I/O
 
 _READ = uapi.UBLK_IO_OP_READ
@@ -345,7 +345,7 @@ class Queue(threading.Thread):
         fd = self.backing_fd
         if fd is not None:
             if op == _FLUSH:
-                self._submit_backing(tag, op, op_flags, offset, length)
+                self._submit_fsync(tag)
                 return None
             if op <= _WRITE and not self.backend.readonly:
                 # A READ/WRITE the kernel would punt to a worker (see _probe_punts): one
@@ -462,23 +462,15 @@ class Queue(threading.Thread):
 
     # -- the backing file through the ring ----------------------------------------------
 
-    def _submit_backing(self, tag: int, op: int, op_flags: int, offset: int, length: int) -> None:
-        """An unlinked backing op: its CQE always comes, and the commit follows it."""
-        user_data = _BACKING << _KIND_SHIFT | tag
-        sqes, off = self.ring.sqes, 2 * tag * 64
-        if op == _FLUSH:
-            ops.RW_SQE.pack_into(sqes, off, ops.IORING_OP_FSYNC, ops.IOSQE_FIXED_FILE, 0,
-                                 _BACKING_SLOT, 0, 0, 0, ops.IORING_FSYNC_DATASYNC, user_data,
-                                 0, 0, 0)
-        else:
-            rw_flags = ops.RWF_DSYNC if op_flags & uapi.UBLK_IO_F_FUA else 0
-            ops.RW_SQE.pack_into(sqes, off, _RW_OPCODE[op], ops.IOSQE_FIXED_FILE, 0,
-                                 _BACKING_SLOT, offset, self.buf_addr[tag], length, rw_flags,
-                                 user_data, 0, 0, 0)
+    def _submit_fsync(self, tag: int) -> None:
+        """A FLUSH as an unlinked FSYNC: its CQE always comes, and the commit follows it."""
+        ops.RW_SQE.pack_into(self.ring.sqes, 2 * tag * 64, ops.IORING_OP_FSYNC,
+                             ops.IOSQE_FIXED_FILE, 0, _BACKING_SLOT, 0, 0, 0,
+                             ops.IORING_FSYNC_DATASYNC, _BACKING << _KIND_SHIFT | tag, 0, 0, 0)
         self.slots.append(2 * tag)
 
     def _backing_done(self, tag: int, res: int, linked: bool) -> None:
-        """The CQE of an unlinked backing op, or of a linked one that failed or came up short
+        """The CQE of a FLUSH's FSYNC, or of a linked READ/WRITE that failed or came up short
         (its commit was cancelled): finish the request and commit it."""
         op_flags, nr_sectors, start_sector, _addr = uapi.IO_DESC.unpack_from(
             self.desc_view, tag * uapi.IO_DESC.size
@@ -501,11 +493,9 @@ class Queue(threading.Thread):
             )
         elif op == _FLUSH:
             res = 0
-        elif res < length:
+        else:  # short: finish the rest here
             res = self._complete_short(tag, op, offset, length, res,
                                        bool(op_flags & uapi.UBLK_IO_F_FUA))
-        else:
-            res = length
         self._commit(tag, op, length, res)
 
     def _complete_short(
