@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -94,6 +95,10 @@ SUBCLUSTER_ZERO_MASK = 0xFFFFFFFF << 32
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 _HEADER_V3 = struct.Struct(">QQQII")
 _EXT_HEAD = struct.Struct(">II")
+# Extensions that may appear once only.
+_UNIQUE_EXTENSIONS = frozenset(
+    (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE)
+)
 
 
 def _align8(n: int) -> int:
@@ -238,8 +243,21 @@ class Header:
         ``buf`` should hold at least the first cluster (or the whole file if smaller).
         """
         data = bytes(buf)
+        hdr = cls._decode_v2_fields(data)
+        if hdr.version >= 3:
+            hdr._decode_v3_fields(data)
+        if hdr.refcount_order > MAX_REFCOUNT_ORDER:
+            raise FormatError(f"refcount_order: {hdr.refcount_order} exceeds {MAX_REFCOUNT_ORDER}")
+        hdr._decode_extensions(data)
+        if hdr.backing_file_offset:
+            hdr.backing_file = hdr._decode_backing_name(data)
+        return hdr
+
+    @classmethod
+    def _decode_v2_fields(cls, data: bytes) -> Header:
+        """The fields every version has (the first 72 bytes), checked for a usable header."""
         if len(data) < V2_HEADER_LENGTH and (data[:4] == MAGIC or not data):
-            raise FormatError(f"header truncated: {len(data)} bytes, need 72")
+            raise FormatError(f"header truncated: {len(data)} bytes, need {V2_HEADER_LENGTH}")
         if data[:4] != MAGIC:
             raise FormatError("bad magic: not a qcow2 image")
         (
@@ -261,10 +279,6 @@ class Header:
             raise FormatError(f"version: {version} is not a qcow2 version (2 or 3)")
         if version > 3:
             raise UnsupportedFeatureError(f"version: qcow2 version {version} is not supported")
-        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
-            raise FormatError(
-                f"cluster_bits: {cluster_bits} is outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}"
-            )
         hdr = cls(
             version=version,
             backing_file_offset=backing_file_offset,
@@ -280,81 +294,78 @@ class Header:
             snapshots_offset=snapshots_offset,
             extra_fields=b"",
         )
-        cluster_size = 1 << cluster_bits
+        if not MIN_CLUSTER_BITS <= hdr.cluster_bits <= MAX_CLUSTER_BITS:
+            raise FormatError(
+                f"cluster_bits: {hdr.cluster_bits} is outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}"
+            )
         if version == 2:
-            hdr.incompatible_features = hdr.compatible_features = hdr.autoclear_features = 0
             hdr.refcount_order = 4
             hdr.header_length = V2_HEADER_LENGTH
-            hdr.compression_type = 0
-        else:
-            if len(data) < V3_MIN_HEADER_LENGTH:
-                raise FormatError(f"header truncated: {len(data)} bytes, need 104 for version 3")
-            (
-                hdr.incompatible_features,
-                hdr.compatible_features,
-                hdr.autoclear_features,
-                hdr.refcount_order,
-                hdr.header_length,
-            ) = _HEADER_V3.unpack_from(data, 72)
-            if hdr.header_length < V3_MIN_HEADER_LENGTH or hdr.header_length % 8:
-                raise FormatError(
-                    f"header_length: {hdr.header_length} is not a multiple of 8 >= 104"
-                )
-            if hdr.header_length > min(cluster_size, len(data)):
-                raise FormatError(f"header_length: {hdr.header_length} exceeds the first cluster")
-            if hdr.header_length > 104:
-                hdr.compression_type = data[104]
-                hdr.extra_fields = data[105 : hdr.header_length]
-            else:
-                hdr.compression_type = 0
-                hdr.extra_fields = b""
-        if hdr.refcount_order > MAX_REFCOUNT_ORDER:
-            raise FormatError(f"refcount_order: {hdr.refcount_order} exceeds {MAX_REFCOUNT_ORDER}")
-        # Header extensions follow the header, within the first cluster.
-        pos = hdr.header_length
-        limit = min(cluster_size, len(data))
-        if hdr.backing_file_offset and hdr.backing_file_offset < limit:
-            limit = max(min(limit, hdr.backing_file_offset), pos)
+        return hdr
+
+    def _decode_v3_fields(self, data: bytes) -> None:
+        """Feature bits, refcount_order, header_length and the optional compression type."""
+        if len(data) < V3_MIN_HEADER_LENGTH:
+            raise FormatError(
+                f"header truncated: {len(data)} bytes, need {V3_MIN_HEADER_LENGTH} for version 3"
+            )
+        (
+            self.incompatible_features,
+            self.compatible_features,
+            self.autoclear_features,
+            self.refcount_order,
+            self.header_length,
+        ) = _HEADER_V3.unpack_from(data, V2_HEADER_LENGTH)
+        if self.header_length < V3_MIN_HEADER_LENGTH or self.header_length % 8:
+            raise FormatError(
+                f"header_length: {self.header_length} is not a multiple of 8 >= "
+                f"{V3_MIN_HEADER_LENGTH}"
+            )
+        if self.header_length > min(self.cluster_size, len(data)):
+            raise FormatError(f"header_length: {self.header_length} exceeds the first cluster")
+        if self.header_length > V3_MIN_HEADER_LENGTH:
+            self.compression_type = data[V3_MIN_HEADER_LENGTH]
+            self.extra_fields = data[V3_MIN_HEADER_LENGTH + 1 : self.header_length]
+
+    def _decode_extensions(self, data: bytes) -> None:
+        """Header extensions: after the header, up to the end marker, within the first cluster
+        and before the backing file name."""
+        pos = self.header_length
+        limit = min(self.cluster_size, len(data))
+        if self.backing_file_offset and self.backing_file_offset < limit:
+            limit = max(min(limit, self.backing_file_offset), pos)
         seen: set[int] = set()
-        while True:
-            if pos + 8 > limit:
-                # No end marker before the limit: QEMU accepts a header without extensions
-                # only when there is no room; be lenient like it.
-                break
+        # No end marker before the limit: QEMU accepts a header without extensions only when
+        # there is no room; be lenient like it.
+        while pos + _EXT_HEAD.size <= limit:
             ext_type, ext_len = _EXT_HEAD.unpack_from(data, pos)
-            pos += 8
+            pos += _EXT_HEAD.size
             if ext_type == EXT_END:
                 break
             if pos + ext_len > limit:
                 raise FormatError(
                     f"header extension 0x{ext_type:08x}: length {ext_len} overruns the first cluster"
                 )
-            if ext_type in seen and ext_type in (
-                EXT_BACKING_FORMAT,
-                EXT_FEATURE_TABLE,
-                EXT_BITMAPS,
-                EXT_CRYPTO,
-                EXT_DATA_FILE,
-            ):
+            if ext_type in seen and ext_type in _UNIQUE_EXTENSIONS:
                 raise FormatError(f"header extension 0x{ext_type:08x} appears twice")
             seen.add(ext_type)
-            hdr.extensions.append(HeaderExtension(ext_type, data[pos : pos + ext_len]))
+            self.extensions.append(HeaderExtension(ext_type, data[pos : pos + ext_len]))
             pos += _align8(ext_len)
-        if hdr.backing_file_offset:
-            if hdr.backing_file_size > MAX_BACKING_FILE_NAME:
-                raise FormatError(
-                    f"backing_file_size: {hdr.backing_file_size} exceeds {MAX_BACKING_FILE_NAME}"
-                )
-            end = hdr.backing_file_offset + hdr.backing_file_size
-            if end > cluster_size or end > len(data):
-                raise FormatError(
-                    "backing_file_offset: backing file name lies outside the first cluster"
-                )
-            name = data[hdr.backing_file_offset : end]
-            if b"\0" in name:
-                raise FormatError("backing_file_offset: backing file name contains a NUL byte")
-            hdr.backing_file = name.decode("utf-8", "replace")
-        return hdr
+
+    def _decode_backing_name(self, data: bytes) -> str:
+        if self.backing_file_size > MAX_BACKING_FILE_NAME:
+            raise FormatError(
+                f"backing_file_size: {self.backing_file_size} exceeds {MAX_BACKING_FILE_NAME}"
+            )
+        end = self.backing_file_offset + self.backing_file_size
+        if end > self.cluster_size or end > len(data):
+            raise FormatError(
+                "backing_file_offset: backing file name lies outside the first cluster"
+            )
+        name = data[self.backing_file_offset : end]
+        if b"\0" in name:
+            raise FormatError("backing_file_offset: backing file name contains a NUL byte")
+        return name.decode("utf-8", "replace")
 
     def encode(self) -> bytes:
         """Header, extensions, end marker and backing file name (at the recorded offset).
@@ -625,6 +636,13 @@ def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotEntry]:
 _BITMAP_DIR_HEAD = struct.Struct(">QIIBBHI")
 
 
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BITMAP_TYPE_DIRTY_TRACKING = 1
+BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_ALL_ONES = 1 << 0
+
+
 @dataclass(slots=True)
 class BitmapDirectoryEntry:
     bitmap_table_offset: int
@@ -634,6 +652,19 @@ class BitmapDirectoryEntry:
     granularity_bits: int
     name: str
     extra_data: bytes
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.flags & BME_FLAG_IN_USE)
+
+    @property
+    def enabled(self) -> bool:
+        """qcow2's 'auto' flag: the bitmap tracks writes."""
+        return bool(self.flags & BME_FLAG_AUTO)
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
 
 
 def decode_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirectoryEntry]:
@@ -655,6 +686,21 @@ def decode_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirectoryEntry
         out.append(BitmapDirectoryEntry(toff, tsize, flags, btype, gbits, name, extra))
         pos += _align8(p - pos)
     return out
+
+
+class BitmapTableEntry(NamedTuple):
+    """One bitmap table entry: the data cluster holding its bits, or none (then every bit
+    reads as ``all_ones``)."""
+
+    host_offset: int
+    all_ones: bool
+
+
+def decode_bitmap_table(buf: bytes | bytearray | memoryview, count: int) -> list[BitmapTableEntry]:
+    return [
+        BitmapTableEntry(e & BME_TABLE_OFFSET_MASK, bool(e & BME_TABLE_ALL_ONES))
+        for e in struct.unpack_from(f">{count}Q", buf)
+    ]
 
 
 # -- L1 / L2 entries ----------------------------------------------------------------------
