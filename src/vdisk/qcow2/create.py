@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,19 @@ def _version(compat: Any) -> int:
     raise RequestError(f"invalid compat {compat!r}: expected 0.10 (v2) or 1.1 (v3)")
 
 
+@dataclass(frozen=True)
+class _Options:
+    """qemu-img's qcow2 creation options, parsed and checked against each other."""
+
+    version: int
+    cluster_bits: int
+    refcount_order: int
+    lazy_refcounts: bool
+    extended_l2: bool
+    compression_type: int
+    preallocation: str
+
+
 def create(
     path: str,
     size: int | str | None = None,
@@ -68,6 +82,38 @@ def create(
     backing_fmt = opts.pop("backing_fmt", backing_fmt)
     extended_l2 = opts.pop("extended_l2", extended_l2)
     compression_type = opts.pop("compression_type", compression_type)
+    _refuse_unsupported(opts, path)
+    o = _parse_options(
+        path,
+        compat,
+        cluster_size,
+        refcount_bits,
+        lazy_refcounts,
+        extended_l2,
+        compression_type,
+        preallocation,
+    )
+    if backing_file is not None and o.preallocation != "off" and not o.extended_l2:
+        raise RequestError(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            path=path,
+        )
+    if backing_file is not None and (size is None or not backing_fmt):
+        backing_fmt, bsize = _probe_backing(path, backing_file, backing_fmt)
+        if size is None:
+            size = bsize
+    if size is None:
+        raise RequestError("image size is required (no backing file to take it from)", path=path)
+    vsize = parse_size(size)
+    if vsize < 0:
+        raise RequestError(f"invalid size {vsize}", path=path)
+    vsize = (vsize + 511) & ~511  # qemu-img rounds the size up to whole sectors
+    header = _new_header(o, vsize, backing_file, backing_fmt)
+    _write_image(path, header, o.preallocation)
+
+
+def _refuse_unsupported(opts: dict[str, Any], path: str) -> None:
+    """What is left of the options after the known ones: refuse the unsupported and unknown."""
     for name in ("encryption", "encrypt_format", "encrypt.format"):
         if opts.get(name) not in (None, False, "off", ""):
             raise UnsupportedFeatureError("encrypted images cannot be created yet", path=path)
@@ -79,6 +125,21 @@ def create(
     if opts:
         raise RequestError(f"unknown qcow2 option(s): {', '.join(sorted(opts))}", path=path)
 
+
+_V3_ONLY = "only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
+
+
+def _parse_options(
+    path: str,
+    compat: Any,
+    cluster_size: Any,
+    refcount_bits: Any,
+    lazy_refcounts: Any,
+    extended_l2: Any,
+    compression_type: Any,
+    preallocation: Any,
+) -> _Options:
+    """Each option's value, with qemu-img's messages for bad values and bad combinations."""
     version = _version(compat)
     cs = parse_size(cluster_size)
     if cs < 512 or cs > 2 << 20 or cs & (cs - 1):
@@ -96,16 +157,10 @@ def create(
         )
     lazy = _bool("lazy_refcounts", lazy_refcounts)
     if lazy and version == 2:
-        raise RequestError(
-            "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            path=path,
-        )
+        raise RequestError(f"Lazy refcounts {_V3_ONLY}", path=path)
     ext_l2 = _bool("extended_l2", extended_l2)
     if ext_l2 and version == 2:
-        raise RequestError(
-            "Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            path=path,
-        )
+        raise RequestError(f"Extended L2 entries are {_V3_ONLY}", path=path)
     if ext_l2 and cluster_bits < 14:
         raise RequestError(
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
@@ -118,55 +173,42 @@ def create(
         )
     ctype = fmt.COMPRESSION_ZLIB if ctype_name == "zlib" else fmt.COMPRESSION_ZSTD
     if ctype and version == 2:
-        raise RequestError(
-            "Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            path=path,
-        )
+        raise RequestError(f"Non-zlib compression type is {_V3_ONLY}", path=path)
     prealloc = str(preallocation).lower()
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise RequestError(
             f"preallocation {preallocation!r}: expected off, metadata, falloc or full", path=path
         )
-    if backing_file is not None and prealloc != "off" and not ext_l2:
-        raise RequestError(
-            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
-            path=path,
-        )
+    return _Options(version, cluster_bits, rbits.bit_length() - 1, lazy, ext_l2, ctype, prealloc)
 
-    if backing_file is not None and (size is None or not backing_fmt):
-        backing_fmt, bsize = _probe_backing(path, backing_file, backing_fmt)
-        if size is None:
-            size = bsize
-    if size is None:
-        raise RequestError("image size is required (no backing file to take it from)", path=path)
-    vsize = parse_size(size)
-    if vsize < 0:
-        raise RequestError(f"invalid size {vsize}", path=path)
-    vsize = (vsize + 511) & ~511  # qemu-img rounds the size up to whole sectors
 
+def _new_header(
+    o: _Options, size: int, backing_file: str | None, backing_fmt: str | None
+) -> fmt.Header:
+    """The header of a new image; its table offsets are filled in by the layout."""
     header = fmt.Header(
-        version=version,
-        cluster_bits=cluster_bits,
-        size=vsize,
-        refcount_order=rbits.bit_length() - 1,
-        header_length=fmt.V3_HEADER_LENGTH if version == 3 else fmt.V2_HEADER_LENGTH,
-        compression_type=ctype,
-        extra_fields=b"\0" * 7 if version == 3 else b"",
+        version=o.version,
+        cluster_bits=o.cluster_bits,
+        size=size,
+        refcount_order=o.refcount_order,
+        header_length=fmt.V3_HEADER_LENGTH if o.version == 3 else fmt.V2_HEADER_LENGTH,
+        compression_type=o.compression_type,
+        extra_fields=b"\0" * 7 if o.version == 3 else b"",
     )
-    if lazy:
+    if o.lazy_refcounts:
         header.compatible_features |= fmt.COMPAT_LAZY_REFCOUNTS
-    if ext_l2:
+    if o.extended_l2:
         header.incompatible_features |= fmt.INCOMPAT_EXTL2
-    if ctype:
+    if o.compression_type:
         header.incompatible_features |= fmt.INCOMPAT_COMPRESSION
     if backing_file is not None:
         header.backing_file = backing_file
         if backing_fmt:
             header.set_extension(fmt.EXT_BACKING_FORMAT, backing_fmt.encode())
-    if version == 3 and cs >= 8192:
+    if o.version == 3 and o.cluster_bits >= 13:
         # QEMU writes the feature name table only where the first cluster has room for it.
         header.set_extension(fmt.EXT_FEATURE_TABLE, fmt.default_feature_table())
-    _write_image(path, header, prealloc)
+    return header
 
 
 def _probe_backing(path: str, backing_file: str, backing_fmt: str | None) -> tuple[str, int]:
@@ -182,11 +224,26 @@ def _probe_backing(path: str, backing_file: str, backing_fmt: str | None) -> tup
         return bfmt, dev.size
 
 
-def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
+class _Layout(NamedTuple):
+    """Where a new image's structures go, in clusters: header | refcount table | refcount
+    blocks | L1 | L2 tables | data."""
+
+    reftable_at: int
+    reftable_clusters: int
+    blocks_at: int
+    blocks: int
+    l1_at: int
+    l1_size: int
+    l2_at: int
+    l2_tables: int
+    data_at: int
+    data_clusters: int
+    total: int
+
+
+def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
     cs = header.cluster_size
-    cb = header.cluster_bits
-    l2_entries = 1 << header.l2_bits
-    l1_size = fmt.l1_entries_for(header.size, cb, header.l2_bits)
+    l1_size = fmt.l1_entries_for(header.size, header.cluster_bits, header.l2_bits)
     if l1_size * 8 > fmt.MAX_L1_BYTES:
         raise RequestError(
             f"image size {header.size} needs an L1 table over 32 MiB; use a larger cluster size",
@@ -196,7 +253,7 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
     data_clusters = (header.size + cs - 1) // cs if prealloc != "off" else 0
     l2_tables = l1_size if prealloc != "off" else 0
     rb_entries = 1 << header.refblock_bits
-    # Layout: header | refcount table | refcount blocks | L1 | L2 tables | data.
+    # The refcount blocks count every cluster, themselves and the table included.
     t_clusters, blocks = 1, 1
     while True:
         total = 1 + t_clusters + blocks + l1_clusters + l2_tables + data_clusters
@@ -210,62 +267,48 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
             "refcount table would exceed 8 MiB; use a larger cluster size or refcount width",
             path=path,
         )
-    reftable_at = 1
-    blocks_at = reftable_at + t_clusters
+    blocks_at = 1 + t_clusters
     l1_at = blocks_at + blocks
     l2_at = l1_at + l1_clusters
     data_at = l2_at + l2_tables
-    header.l1_size = l1_size
-    header.l1_table_offset = l1_at * cs
-    header.refcount_table_offset = reftable_at * cs
-    header.refcount_table_clusters = t_clusters
+    return _Layout(
+        1,
+        t_clusters,
+        blocks_at,
+        blocks,
+        l1_at,
+        l1_size,
+        l2_at,
+        l2_tables,
+        data_at,
+        data_clusters,
+        total,
+    )
+
+
+def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
+    cs = header.cluster_size
+    lay = _layout(header, prealloc, path)
+    header.l1_size = lay.l1_size
+    header.l1_table_offset = lay.l1_at * cs
+    header.refcount_table_offset = lay.reftable_at * cs
+    header.refcount_table_clusters = lay.reftable_clusters
     blob = header.encode()
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise from_oserror(exc, path) from None
     try:
-        os.ftruncate(fd, total * cs)
+        os.ftruncate(fd, lay.total * cs)
         pwrite_full(fd, blob, 0)
-        table = np.zeros(t_clusters * cs // 8, dtype=np.uint64)
-        table[:blocks] = (np.arange(blocks, dtype=np.uint64) + np.uint64(blocks_at)) << np.uint64(
-            cb
-        )
-        pwrite_full(fd, fmt.encode_table(table), reftable_at * cs)
-        for b in range(blocks):
-            counts = np.zeros(rb_entries, dtype=np.uint64)
-            lo = b * rb_entries
-            hi = min(lo + rb_entries, total)
-            if hi > lo:
-                counts[: hi - lo] = 1
-            pwrite_full(
-                fd, fmt.encode_refcount_block(counts, header.refcount_order), (blocks_at + b) * cs
-            )
-        if l2_tables:
-            l1 = (np.arange(l1_size, dtype=np.uint64) + np.uint64(l2_at)) << np.uint64(cb)
-            pwrite_full(fd, fmt.encode_table(l1 | np.uint64(fmt.OFLAG_COPIED)), l1_at * cs)
-            ext = header.extended_l2
-            for t in range(l2_tables):
-                first = t * l2_entries
-                n = min(l2_entries, data_clusters - first)
-                hosts = (
-                    np.arange(first, first + n, dtype=np.uint64) + np.uint64(data_at)
-                ) << np.uint64(cb)
-                hosts |= np.uint64(fmt.OFLAG_COPIED)
-                if ext:
-                    entries = np.zeros(2 * l2_entries, dtype=np.uint64)
-                    entries[0 : 2 * n : 2] = hosts
-                    # Host clusters reserved, subclusters unallocated (as QEMU does).
-                    entries[1 : 2 * n : 2] = 0
-                else:
-                    entries = np.zeros(l2_entries, dtype=np.uint64)
-                    entries[:n] = hosts
-                pwrite_full(fd, fmt.encode_table(entries), (l2_at + t) * cs)
-            if prealloc == "falloc" and data_clusters:
-                os.posix_fallocate(fd, data_at * cs, data_clusters * cs)
-            elif prealloc == "full" and data_clusters:
+        _write_refcounts(fd, header, lay)
+        if lay.l2_tables:
+            _write_preallocated_tables(fd, header, lay)
+            if prealloc == "falloc" and lay.data_clusters:
+                os.posix_fallocate(fd, lay.data_at * cs, lay.data_clusters * cs)
+            elif prealloc == "full" and lay.data_clusters:
                 chunk = bytes(1 << 20)
-                pos, end = data_at * cs, total * cs
+                pos, end = lay.data_at * cs, lay.total * cs
                 while pos < end:
                     pos += os.pwrite(fd, chunk[: min(len(chunk), end - pos)], pos)
         os.fsync(fd)
@@ -276,6 +319,46 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def _write_refcounts(fd: int, header: fmt.Header, lay: _Layout) -> None:
+    """The refcount table and blocks: refcount 1 for every cluster of the layout."""
+    cs = header.cluster_size
+    cb = np.uint64(header.cluster_bits)
+    table = np.zeros(lay.reftable_clusters * cs // 8, dtype=np.uint64)
+    table[: lay.blocks] = (np.arange(lay.blocks, dtype=np.uint64) + np.uint64(lay.blocks_at)) << cb
+    pwrite_full(fd, fmt.encode_table(table), lay.reftable_at * cs)
+    rb_entries = 1 << header.refblock_bits
+    for b in range(lay.blocks):
+        counts = np.zeros(rb_entries, dtype=np.uint64)
+        lo = b * rb_entries
+        hi = min(lo + rb_entries, lay.total)
+        if hi > lo:
+            counts[: hi - lo] = 1
+        block = fmt.encode_refcount_block(counts, header.refcount_order)
+        pwrite_full(fd, block, (lay.blocks_at + b) * cs)
+
+
+def _write_preallocated_tables(fd: int, header: fmt.Header, lay: _Layout) -> None:
+    """L1 and every L2 table, mapping each guest cluster to its data cluster in order."""
+    cs = header.cluster_size
+    cb = np.uint64(header.cluster_bits)
+    l2_entries = 1 << header.l2_bits
+    l1 = (np.arange(lay.l1_size, dtype=np.uint64) + np.uint64(lay.l2_at)) << cb
+    pwrite_full(fd, fmt.encode_table(l1 | np.uint64(fmt.OFLAG_COPIED)), lay.l1_at * cs)
+    for t in range(lay.l2_tables):
+        first = t * l2_entries
+        n = min(l2_entries, lay.data_clusters - first)
+        hosts = (np.arange(first, first + n, dtype=np.uint64) + np.uint64(lay.data_at)) << cb
+        hosts |= np.uint64(fmt.OFLAG_COPIED)
+        if header.extended_l2:
+            # Host clusters reserved, subclusters unallocated (as QEMU does): bitmaps stay 0.
+            entries = np.zeros(2 * l2_entries, dtype=np.uint64)
+            entries[0 : 2 * n : 2] = hosts
+        else:
+            entries = np.zeros(l2_entries, dtype=np.uint64)
+            entries[:n] = hosts
+        pwrite_full(fd, fmt.encode_table(entries), (lay.l2_at + t) * cs)
 
 
 __all__ = ["create", "encode_l2"]
