@@ -50,5 +50,5 @@ def make_vdisk_runner(capsys: pytest.CaptureFixture[str]) -> VdiskRunner:
     return run
 
 
-# The struct-crafting helpers live with the qcow2 suite.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "qcow2_suite"))
+# The struct-crafting helpers live with the qcow2 tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "qcow2"))
