@@ -380,46 +380,9 @@ def run(
     try:
         results = work / "results"
         results.mkdir()
-        env_sh = "".join(
-            f"export {k}={shlex.quote(v)}\n" for k, v in _guest_env(results, env).items()
-        )
-        (work / "env.sh").write_text(env_sh)
-        (work / "cmd.sh").write_text("exec " + shlex.join(argv) + "\n")
-        subst = {
-            "@STAGE2@": shlex.quote(str(work / "stage2")),
-            "@RESULTS@": shlex.quote(str(results)),
-            "@DIR@": shlex.quote(str(work)),
-            "@CWD@": shlex.quote(str(guest_cwd)),
-            "@TAG@": _RESULTS_TAG,
-            "@PYTHON@": shlex.quote(str(_venv_bin() / "python")),
-        }
-        for name, text in (("init", _STAGE1), ("stage2", _STAGE2)):
-            for key, value in subst.items():
-                text = text.replace(key, value)
-            (work / name).write_text(text)
-            (work / name).chmod(0o755)
+        _write_boot_files(work, results, argv, env, guest_cwd)
+        cmd = _qemu_command(qemu, memory, cpus, kpath, ipath, work, results)
         console_path = work / "console.log"
-        cmd = [
-            qemu,
-            "-accel", "tcg",
-            "-cpu", "max",
-            "-m", memory,
-            "-smp", str(cpus),
-            "-kernel", str(kpath),
-            *(["-initrd", str(ipath)] if ipath is not None else []),
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial", "stdio",
-            "-net", "none",
-            "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
-            "-device", "virtio-9p-pci,fsdev=root,mount_tag=root",
-            "-fsdev", f"local,id=res,path={results},security_model=none,multidevs=remap",
-            "-device", f"virtio-9p-pci,fsdev=res,mount_tag={_RESULTS_TAG}",
-            "-append",
-            "root=root rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro"
-            f" console=ttyS0 init={work / 'init'} panic=-1 quiet",
-        ]  # fmt: skip
         start = time.monotonic()
         with open(console_path, "wb") as console_f:
             proc = subprocess.Popen(
@@ -437,36 +400,100 @@ def run(
                 if proc.poll() is None:
                     _kill(proc)
         duration = time.monotonic() - start
-        output = _read_text(results / "output")
         console = _ANSI.sub("", _read_text(console_path).replace("\r\n", "\n"))
+        status, returncode, note = _outcome(ended, proc.returncode, results)
         files = {}
         for name in collect:
             try:
                 files[name] = (results / name).read_bytes()
             except OSError:
                 pass
-        status_text = _read_text(results / "status").strip()
-        done_text = _read_text(results / DONE_NAME).strip()
-        returncode: int | None = None
-        status: Status
-        if ended == "timeout":
-            status = "timeout"
-        elif status_text.lstrip("-").isdigit():
-            status, returncode = "ok", int(status_text)
-        elif done_text.lstrip("-").isdigit():
-            status, returncode = "ok", int(done_text)
-            console += (
-                f"\n[the command reported done (status {returncode}) but the VM did not power off"
-                f" within {DONE_GRACE:g}s: killed]"
-            )
-        else:
-            status = "boot-failed"
-            if proc.returncode:
-                console += f"\n[qemu exited with status {proc.returncode}]"
-        dmesg = _read_text(results / "dmesg")
-        return VMResult(status, returncode, output, console, duration, argv, files, dmesg)
+        return VMResult(
+            status,
+            returncode,
+            _read_text(results / "output"),
+            console + note,
+            duration,
+            argv,
+            files,
+            _read_text(results / "dmesg"),
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_boot_files(
+    work: Path, results: Path, argv: list[str], env: Mapping[str, str] | None, guest_cwd: Path
+) -> None:
+    """The guest's environment, command and both init stages, in the run's temp dir."""
+    env_sh = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in _guest_env(results, env).items())
+    (work / "env.sh").write_text(env_sh)
+    (work / "cmd.sh").write_text("exec " + shlex.join(argv) + "\n")
+    subst = {
+        "@STAGE2@": shlex.quote(str(work / "stage2")),
+        "@RESULTS@": shlex.quote(str(results)),
+        "@DIR@": shlex.quote(str(work)),
+        "@CWD@": shlex.quote(str(guest_cwd)),
+        "@TAG@": _RESULTS_TAG,
+        "@PYTHON@": shlex.quote(str(_venv_bin() / "python")),
+    }
+    for name, text in (("init", _STAGE1), ("stage2", _STAGE2)):
+        for key, value in subst.items():
+            text = text.replace(key, value)
+        (work / name).write_text(text)
+        (work / name).chmod(0o755)
+
+
+def _qemu_command(
+    qemu: str,
+    memory: str,
+    cpus: int,
+    kernel: Path,
+    initrd: Path | None,
+    work: Path,
+    results: Path,
+) -> list[str]:
+    """TCG, a serial console, the host's / read-only over 9p as root and the results share."""
+    return [
+        qemu,
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-m", memory,
+        "-smp", str(cpus),
+        "-kernel", str(kernel),
+        *(["-initrd", str(initrd)] if initrd is not None else []),
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial", "stdio",
+        "-net", "none",
+        "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=root,mount_tag=root",
+        "-fsdev", f"local,id=res,path={results},security_model=none,multidevs=remap",
+        "-device", f"virtio-9p-pci,fsdev=res,mount_tag={_RESULTS_TAG}",
+        "-append",
+        "root=root rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro"
+        f" console=ttyS0 init={work / 'init'} panic=-1 quiet",
+    ]  # fmt: skip
+
+
+def _outcome(ended: str, qemu_status: int | None, results: Path) -> tuple[Status, int | None, str]:
+    """(status, the command's exit status, a note for the console log) from the results."""
+    status_text = _read_text(results / "status").strip()
+    done_text = _read_text(results / DONE_NAME).strip()
+    if ended == "timeout":
+        return "timeout", None, ""
+    if status_text.lstrip("-").isdigit():
+        return "ok", int(status_text), ""
+    if done_text.lstrip("-").isdigit():
+        returncode = int(done_text)
+        return (
+            "ok",
+            returncode,
+            f"\n[the command reported done (status {returncode}) but the VM did not power off"
+            f" within {DONE_GRACE:g}s: killed]",
+        )
+    return "boot-failed", None, f"\n[qemu exited with status {qemu_status}]" if qemu_status else ""
 
 
 def _wait(
