@@ -13,7 +13,6 @@ from .errors import VdiskError
 __all__ = ["BlockDevice", "Extent", "VdiskError", "create", "open", "probe_format"]
 __version__ = "0.1.0"
 
-QCOW2_MAGIC = b"QFI\xfb"
 FORMATS = ("qcow2", "raw")
 
 
@@ -22,13 +21,14 @@ def probe_format(path: str) -> str:
     import builtins
 
     from .errors import from_oserror
+    from .qcow2.format import MAGIC
 
     try:
         with builtins.open(path, "rb") as f:
             magic = f.read(4)
     except OSError as exc:
         raise from_oserror(exc, path) from None
-    return "qcow2" if magic == QCOW2_MAGIC else "raw"
+    return "qcow2" if magic == MAGIC else "raw"
 
 
 def open(

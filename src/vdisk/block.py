@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
 
-import numpy as np
 from typing_extensions import Buffer
 
 from .errors import ClosedError, ReadOnlyError, RequestError
@@ -187,4 +186,6 @@ def is_zero(buf: Buffer) -> bool:
         return True
     if view[0] or view[-1]:
         return False
+    import numpy as np  # here, not at the top: the CLI's import path stays free of numpy
+
     return not np.frombuffer(view, dtype=np.uint8).any()

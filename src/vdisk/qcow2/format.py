@@ -2,18 +2,20 @@
 
 Everything here turns bytes into values and back, and validates values against the spec
 (QEMU docs/interop/qcow2.rst) and QEMU's implementation limits. Callers do the I/O.
-All numbers on disk are big-endian.
+All numbers on disk are big-endian. numpy (for whole tables) is imported by the functions that
+use it, so that probing and decoding a header stay cheap.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import CorruptImageError, FormatError, UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72
@@ -779,10 +781,14 @@ def compressed_host_clusters(entry: int, cluster_bits: int) -> range:
 # -- tables ---------------------------------------------------------------------------------
 def decode_table(buf: bytes | bytearray | memoryview) -> np.ndarray:
     """A table of big-endian 64-bit entries (L1, L2, refcount table) as native uint64."""
+    import numpy as np
+
     return np.frombuffer(buf, dtype=">u8").astype(np.uint64)
 
 
 def encode_table(entries: np.ndarray) -> bytes:
+    import numpy as np
+
     return np.asarray(entries, dtype=np.uint64).astype(">u8").tobytes()
 
 
@@ -791,6 +797,8 @@ _RC_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
 
 def decode_refcount_block(buf: bytes | bytearray | memoryview, refcount_order: int) -> np.ndarray:
     """All entries of a refcount block as a native uint64 array."""
+    import numpy as np
+
     if refcount_order >= 3:
         return np.frombuffer(buf, dtype=_RC_DTYPES[refcount_order]).astype(np.uint64)
     bits = 1 << refcount_order
@@ -803,6 +811,8 @@ def decode_refcount_block(buf: bytes | bytearray | memoryview, refcount_order: i
 
 
 def encode_refcount_block(entries: np.ndarray, refcount_order: int) -> bytes:
+    import numpy as np
+
     if refcount_order >= 3:
         return np.asarray(entries).astype(_RC_DTYPES[refcount_order]).tobytes()
     bits = 1 << refcount_order
