@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.raw import pwrite_full
 from ..errors import FormatError, RequestError, UnsupportedFeatureError, VdiskError, from_oserror
+from ..fileio import pwrite_full
 from ..sizes import parse_size
 from . import format as fmt
 from .cache import encode_l2

@@ -38,7 +38,6 @@ from typing import Any
 
 from typing_extensions import Buffer
 
-from ..backends.raw import pread_full
 from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents
 from ..errors import (
     BackingChainError,
@@ -50,6 +49,7 @@ from ..errors import (
     VdiskError,
     from_oserror,
 )
+from ..fileio import pread_full, pwritev_full
 from . import format as fmt
 from .cache import L2, MetadataCache, default_capacity
 from .cluster import (
@@ -65,32 +65,7 @@ from .cluster import (
 from .refcount import RefcountManager
 
 MAX_CHAIN_DEPTH = 64
-IOV_MAX = 1024
 _ZEROS = bytes(1 << 20)
-
-
-def _pwritev_full(fd: int, iov: list[Any], offset: int) -> None:
-    """pwritev that finishes short writes and splits long vectors."""
-    if len(iov) == 1:
-        done = os.pwritev(fd, iov, offset)
-        if done == len(iov[0]):
-            return
-        iov = [memoryview(iov[0]).cast("B")[done:]]
-        offset += done
-    views = [memoryview(b).cast("B") for b in iov]
-    while views:
-        batch = views[:IOV_MAX]
-        total = sum(len(v) for v in batch)
-        done = os.pwritev(fd, batch, offset)
-        offset += done
-        if done == total:
-            views = views[IOV_MAX:]
-            continue
-        # Drop what was written and go on from the first partly written buffer.
-        while done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
-        views[0] = views[0][done:]
 
 
 def _norm_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -644,7 +619,7 @@ class Qcow2Image(BlockDeviceBase):
             if new:
                 ok = False
                 try:
-                    _pwritev_full(self.fd, [view], host)
+                    pwritev_full(self.fd, [view], host)
                     ok = True
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
@@ -666,7 +641,7 @@ class Qcow2Image(BlockDeviceBase):
                 return n
             if host:
                 try:
-                    _pwritev_full(self.fd, [view], host + (offset & cmask))
+                    pwritev_full(self.fd, [view], host + (offset & cmask))
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
                 finally:
@@ -774,7 +749,7 @@ class Qcow2Image(BlockDeviceBase):
             fd = self.fd
             for host, pieces in runs:
                 iov = [view[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces]
-                _pwritev_full(fd, iov, host)
+                pwritev_full(fd, iov, host)
             ok = True
         finally:
             with self._lock:
