@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .block import BlockDevice
+from .block import BlockDevice, resolve_backing
 from .errors import BackingChainError, VdiskError, from_oserror
 from .sizes import format_size
 
@@ -292,14 +292,6 @@ def _snapshot_info(sn: object) -> Info:
     return entry
 
 
-def full_backing_filename(image_path: str, backing: str) -> str:
-    """The backing file's path as QEMU resolves it: relative to the image's directory."""
-    if os.path.isabs(backing) or backing.startswith("json:") or ":" in backing.split("/")[0]:
-        return backing
-    directory = os.path.dirname(image_path)
-    return os.path.join(directory, backing) if directory else backing
-
-
 def allocated_size(path: str) -> int | None:
     """Bytes the file occupies on the host (qemu-img's 'disk size')."""
     try:
@@ -319,7 +311,7 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
         return info
     facts = _qcow2_facts(device)
     if facts.data_file is not None and actual is not None:
-        data_actual = allocated_size(full_backing_filename(filename, facts.data_file))
+        data_actual = allocated_size(resolve_backing(filename, facts.data_file))
         actual += data_actual or 0
     if facts.snapshots:
         info["snapshots"] = facts.snapshots
@@ -331,7 +323,7 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
     info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(facts)}
     if facts.backing_file is not None:
         info["backing-filename"] = facts.backing_file
-        info["full-backing-filename"] = full_backing_filename(filename, facts.backing_file)
+        info["full-backing-filename"] = resolve_backing(filename, facts.backing_file)
         if facts.backing_format is not None:
             info["backing-filename-format"] = facts.backing_format
     info["dirty-flag"] = bool(facts.incompatible & _INCOMPAT_DIRTY)

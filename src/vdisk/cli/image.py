@@ -8,12 +8,12 @@ table followed by the host file's), with QEMU's defaults filled in.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
+from ..block import resolve_backing
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
 
@@ -209,17 +209,11 @@ def _validate_values(fmt: str, opts: dict[str, ParsedOpt], path: str) -> None:
         )
 
 
-def _resolve_backing(path: str, backing: str) -> str:
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(path), backing)
-
-
 def _backing_size(path: str, backing: str, backing_fmt: str) -> int:
     """Open the backing file as the new image will see it; its size (QEMU checks it opens)."""
     import vdisk
 
-    resolved = _resolve_backing(path, backing)
+    resolved = resolve_backing(path, backing)
     try:
         with vdisk.open(resolved, format=backing_fmt, readonly=True) as parent:
             return parent.size

@@ -38,7 +38,7 @@ from typing import Any
 
 from typing_extensions import Buffer
 
-from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents
+from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents, resolve_backing
 from ..errors import (
     BackingChainError,
     CorruptImageError,
@@ -285,11 +285,7 @@ class Qcow2Image(BlockDeviceBase):
             raise UnsupportedFeatureError(
                 f"backing file {name!r}: protocol backing files are not supported"
             )
-        bpath = (
-            name
-            if os.path.isabs(name)
-            else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
-        )
+        bpath = resolve_backing(self.path, name)
         real = os.path.realpath(bpath)
         here = os.path.realpath(self.path)
         seen = (*chain, here)
