@@ -900,6 +900,28 @@ class Qcow2Image(BlockDeviceBase):
     def __repr__(self) -> str:
         return f"<Qcow2Image {self.path!r} v{self.header.version} size={self._size}>"
 
+    def specific_info(self) -> dict[str, Any]:
+        """What ``qemu-img info`` prints under "Format specific information" (QAPI keys)."""
+        from .queries import specific_info
+
+        with self._lock:
+            return specific_info(self)
+
+    def metadata_preallocated(self) -> bool:
+        """True if QEMU would take this image for metadata-preallocated (qcow2-refcount.c)."""
+        from .queries import metadata_preallocated
+
+        with self._lock:
+            return metadata_preallocated(self)
+
+    def reserved_host_runs(self, offset: int, length: int) -> list[tuple[int, int, int | None]]:
+        """(guest offset, length, host offset or None) of an unallocated range: extended L2
+        entries keep their host cluster's offset for unallocated subclusters."""
+        from .queries import reserved_host_runs
+
+        with self._lock:
+            return reserved_host_runs(self, offset, length)
+
 
 def _fill_zero(view: memoryview, start: int, length: int) -> None:
     while length > 0:
