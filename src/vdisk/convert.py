@@ -8,12 +8,19 @@ sparse (``sparse_size=0`` turns all of that off and fully allocates the target, 
 
 Reads (and zero detection) run in the pool; writes happen in guest order on the calling thread
 unless ``out_of_order`` (``-W``) lets each worker write its own chunk at once.
+
+A long copy flushes the target every ``flush_interval`` seconds, so that a copy killed outright
+leaves a target whose metadata describes most of what was written. A ``stop`` event (set by a
+signal handler) ends the copy between chunks: the writes in flight finish, the target is
+flushed and ``ConvertInterrupted`` is raised; the target keeps what was copied, as qemu-img's.
 """
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,12 +30,20 @@ from typing import Protocol
 import numpy as np
 
 from .block import BlockDevice, Extent
-from .errors import RequestError
+from .errors import RequestError, VdiskError
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
 _PROBE = 1 << 30  # block status window
 
+FLUSH_INTERVAL = 10.0  # seconds between flushes of a long copy
+
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class ConvertInterrupted(VdiskError):
+    """The copy was stopped (``stop`` was set); the target holds what was copied, flushed."""
+
+    errno = errno.EINTR
 
 
 class Source(Protocol):
@@ -128,9 +143,12 @@ def convert(
     out_of_order: bool = False,
     progress: Progress | None = None,
     flush: bool = True,
+    stop: threading.Event | None = None,
+    flush_interval: float | None = FLUSH_INTERVAL,
 ) -> None:
     """Copy the concatenation of ``sources`` to the start of ``target``; ``flush`` it after
-    (qemu-img convert's default cache mode, ``unsafe``, does not)."""
+    (qemu-img convert's default cache mode, ``unsafe``, does not). ``stop`` ends the copy
+    early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way."""
     total = sum(s.size for s in sources)
     if total > target.size:
         raise RequestError("output file is smaller than input file")
@@ -159,11 +177,10 @@ def convert(
 
     def advance(n: int) -> None:
         nonlocal done
-        if progress is None:
-            return
         with lock:
             done += n
-            progress(done, total)
+            if progress is not None:
+                progress(done, total)
 
     def read(step: _Step) -> tuple[bytearray | None, _Writes]:
         """Read a step's data (in a worker); what to write for it."""
@@ -209,18 +226,36 @@ def convert(
             if not out_of_order:
                 write(step, buf, items)  # in guest order, as qemu-img without -W
 
+        last_flush = time.monotonic()
+
+        def flush_now_and_then() -> None:
+            nonlocal last_flush
+            if flush_interval is not None and time.monotonic() - last_flush >= flush_interval:
+                target.flush()
+                last_flush = time.monotonic()
+
+        stopped = False
         try:
             for step in plan(sources, sparse):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
                 pending.append((step, pool.submit(task, step)))
                 while len(pending) >= limit:
                     finish()
+                flush_now_and_then()
             while pending:
                 finish()
         finally:
             for _, fut in pending:
                 fut.cancel()
+    if stopped:
+        target.flush()
+        raise ConvertInterrupted(
+            f"convert interrupted after {done} of {total} bytes; the target keeps what was copied"
+        )
     if flush:
         target.flush()
 
 
-__all__ = ["CHUNK", "Source", "convert", "plan", "zero_runs"]
+__all__ = ["CHUNK", "ConvertInterrupted", "Source", "convert", "plan", "zero_runs"]
