@@ -8,9 +8,7 @@ import click
 from ..block import round_up_to_sector
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
-from .options import parse_opts
-
-_PREALLOC = ("off", "metadata", "falloc", "full")
+from .options import QCOW2_PREALLOC, parse_opts
 
 
 def _measure_opts(out_fmt: str, options: tuple[str, ...]) -> dict[str, object]:
@@ -38,7 +36,7 @@ def _measure_opts(out_fmt: str, options: tuple[str, ...]) -> dict[str, object]:
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
         )
     prealloc = opts.get("preallocation", "off")
-    if prealloc not in _PREALLOC:
+    if prealloc not in QCOW2_PREALLOC:
         raise RequestError(f"invalid parameter value: {prealloc}")
     return opts
 

@@ -75,7 +75,7 @@ _TYPE_NAMES = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "st
 _BOOL_VALUES = {"on": True, "yes": True, "true": True, "y": True,
                 "off": False, "no": False, "false": False, "n": False}  # fmt: skip
 _COMPAT_VALUES = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
-_QCOW2_PREALLOC = ("off", "metadata", "falloc", "full")
+QCOW2_PREALLOC = ("off", "metadata", "falloc", "full")
 _RAW_PREALLOC = ("off", "falloc", "full")
 _COMPRESSION_TYPES = ("zlib", "zstd")
 
@@ -201,7 +201,7 @@ def validate_values(fmt: str, opts: dict[str, ParsedOpt], path: str) -> None:
         raise RequestError(
             f"Parameter 'version' does not accept value '{opts['compat'].raw}'", path=path
         )
-    allowed_prealloc = _QCOW2_PREALLOC if fmt == "qcow2" else _RAW_PREALLOC
+    allowed_prealloc = QCOW2_PREALLOC if fmt == "qcow2" else _RAW_PREALLOC
     if "preallocation" in opts and opts["preallocation"].raw not in allowed_prealloc:
         raise RequestError(
             f"Parameter 'preallocation' does not accept value '{opts['preallocation'].raw}'",

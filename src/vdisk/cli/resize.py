@@ -1,8 +1,7 @@
 """``vdisk resize``, as ``qemu-img resize``.
 
-The size is its size as the last argument even when it starts with '-' (a relative
-shrink), as qemu-img does; raw files are resized in place, qcow2 images through
-``vdisk.qcow2.resize``.
+The size is taken as the last argument even when it starts with '-' (a relative shrink), as
+qemu-img does; raw files are resized in place, qcow2 images through ``vdisk.qcow2.resize``.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ import click
 
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
+from .options import QCOW2_PREALLOC
 
-_PREALLOC = ("off", "metadata", "falloc", "full")
 _SIZE_HELP = (
     "Parameter 'size' expects a non-negative number below 2^64\n"
     "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
@@ -110,7 +109,7 @@ def resize_cmd(
     if len(args) != 2:
         raise click.UsageError("Expecting image file name and size")
     path, size_text = args
-    if prealloc not in _PREALLOC:
+    if prealloc not in QCOW2_PREALLOC:
         raise RequestError(f"Invalid preallocation mode '{prealloc}'")
     vdisk.check_format(fmt, path)
     kind = fmt or vdisk.probe_format(path)
