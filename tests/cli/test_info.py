@@ -218,3 +218,17 @@ def test_relative_backing_resolves_as_qemu_img_does(
         assert theirs.rc == 0, theirs.err
         assert (ours.rc, ours.out) == (0, theirs.out), ours.err
     assert "base.qcow2" in theirs.out  # the map names the backing file it read from
+
+
+@pytest.mark.parametrize("backing", ["nbd+unix:///x?socket=/nonexistent", "d/a:b.qcow2"])
+def test_protocol_backing_name_left_alone(
+    backing: str, tmp_path: Path, vdisk_cli: VdiskRunner
+) -> None:
+    """A colon before any slash makes a protocol name, kept as is; after a slash it does not."""
+    (tmp_path / "sub").mkdir()
+    fmt = "raw" if backing.startswith("nbd") else "qcow2"
+    _create(tmp_path, "sub/o.qcow2", "1M", "-u", "-b", backing, "-F", fmt)
+    for output in ("human", "json"):
+        ours, theirs = _both(vdisk_cli, [f"--output={output}", "sub/o.qcow2"], tmp_path)
+        assert theirs.rc == 0, theirs.err
+        assert (ours.rc, ours.out) == (0, theirs.out), ours.err
