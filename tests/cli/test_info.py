@@ -218,6 +218,10 @@ def test_relative_backing_resolves_as_qemu_img_does(
         assert theirs.rc == 0, theirs.err
         assert (ours.rc, ours.out) == (0, theirs.out), ours.err
     assert "base.qcow2" in theirs.out  # the map names the backing file it read from
+    # Reading through the chain (the image opens its own backing file) gives qemu's bytes.
+    assert qemu_img(["convert", "-O", "raw", name, "flat.raw"], tmp_path).rc == 0
+    same = vdisk_cli(["compare", name, "flat.raw"], tmp_path)
+    assert (same.rc, same.out) == (0, "Images are identical.\n"), same.err
 
 
 @pytest.mark.parametrize("backing", ["nbd+unix:///x?socket=/nonexistent", "d/a:b.qcow2"])
