@@ -49,7 +49,8 @@ from ..errors import (
     VdiskError,
     from_oserror,
 )
-from ..fileio import pread_full, pwritev_full
+from ..fileio import pread_full
+from ..fileio import pwritev_full as _pwritev_full  # the old name: the write path keeps it
 from . import format as fmt
 from .cache import L2, MetadataCache, default_capacity
 from .cluster import (
@@ -615,7 +616,7 @@ class Qcow2Image(BlockDeviceBase):
             if new:
                 ok = False
                 try:
-                    pwritev_full(self.fd, [view], host)
+                    _pwritev_full(self.fd, [view], host)
                     ok = True
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
@@ -637,7 +638,7 @@ class Qcow2Image(BlockDeviceBase):
                 return n
             if host:
                 try:
-                    pwritev_full(self.fd, [view], host + (offset & cmask))
+                    _pwritev_full(self.fd, [view], host + (offset & cmask))
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
                 finally:
@@ -745,7 +746,7 @@ class Qcow2Image(BlockDeviceBase):
             fd = self.fd
             for host, pieces in runs:
                 iov = [view[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces]
-                pwritev_full(fd, iov, host)
+                _pwritev_full(fd, iov, host)
             ok = True
         finally:
             with self._lock:
