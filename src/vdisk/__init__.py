@@ -10,10 +10,26 @@ from typing import Any
 from .block import BlockDevice, Extent
 from .errors import VdiskError
 
-__all__ = ["BlockDevice", "Extent", "VdiskError", "create", "open", "probe_format"]
+__all__ = [
+    "BlockDevice",
+    "Extent",
+    "VdiskError",
+    "check_format",
+    "create",
+    "open",
+    "probe_format",
+]
 __version__ = "0.1.0"
 
 FORMATS = ("qcow2", "raw")
+
+
+def check_format(fmt: str | None, path: str | None = None) -> None:
+    """Refuse a format name vdisk does not know, with qemu-img's message."""
+    if fmt is not None and fmt not in FORMATS:
+        from .errors import UnsupportedFeatureError
+
+        raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", path=path)
 
 
 def probe_format(path: str) -> str:

@@ -3,10 +3,15 @@
 Exports (convert, NBD, ublk) consume only this protocol; they never learn which format they
 serve. ``BlockDeviceBase`` gives implementations the shared bookkeeping: range checks, read-only
 and closed state, context management and a default ``pread``.
+
+Also here, because every consumer of a device needs them the same way: ``SectorPadded`` (a raw
+file sized as QEMU sizes it, in whole 512-byte sectors) and ``resolve_backing`` (where a backing
+file name points, by QEMU's rule).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
@@ -189,3 +194,58 @@ def is_zero(buf: Buffer) -> bool:
     import numpy as np  # here, not at the top: the CLI's import path stays free of numpy
 
     return not np.frombuffer(view, dtype=np.uint8).any()
+
+
+SECTOR_SIZE = 512
+
+
+def round_up_to_sector(size: int) -> int:
+    """``size`` rounded up to whole 512-byte sectors (how QEMU sizes raw files and new images)."""
+    return -(-size // SECTOR_SIZE) * SECTOR_SIZE
+
+
+class SectorPadded:
+    """A raw file as QEMU sees it: rounded up to whole sectors, the tail reading as zeros.
+
+    Only what readers need (``size``, ``readinto``, ``block_status``); the wrapped device stays
+    the caller's to close."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+        self.size = round_up_to_sector(dev.size)
+
+    def readinto(self, buf: Buffer, offset: int) -> int:
+        view = memoryview(buf).cast("B")
+        real = max(0, min(len(view), self.dev.size - offset))
+        if real:
+            self.dev.readinto(view[:real], offset)
+        view[real:] = bytes(len(view) - real)
+        return len(view)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        real = max(0, min(length, self.dev.size - offset))
+        out = self.dev.block_status(offset, real) if real else []
+        if real < length:
+            tail = offset + real
+            out.append(Extent(tail, length - real, data=False, zero=True, host_offset=tail))
+        return out
+
+
+def has_protocol(name: str) -> bool:
+    """True for names like ``nbd:...`` or ``json:{...}``: a colon before any slash (as QEMU)."""
+    colon = name.find(":")
+    slash = name.find("/")
+    return colon >= 0 and (slash < 0 or colon < slash)
+
+
+def resolve_backing(image_path: str, backing_name: str) -> str:
+    """Where the backing file ``backing_name`` of the image at ``image_path`` is, as QEMU says.
+
+    An absolute name or a protocol name stands as it is; a relative one is taken relative to
+    the directory of the image, as the image's path is spelled (not made absolute), so
+    ``sub/top.qcow2`` with backing ``base.qcow2`` gives ``sub/base.qcow2`` from any cwd."""
+    if os.path.isabs(backing_name) or has_protocol(backing_name):
+        return backing_name
+    # Keep the image path's protocol prefix or directory, whichever ends later.
+    prefix = max(image_path.find(":") + 1, image_path.rfind("/") + 1)
+    return image_path[:prefix] + backing_name

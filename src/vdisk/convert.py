@@ -8,12 +8,19 @@ sparse (``sparse_size=0`` turns all of that off and fully allocates the target, 
 
 Reads (and zero detection) run in the pool; writes happen in guest order on the calling thread
 unless ``out_of_order`` (``-W``) lets each worker write its own chunk at once.
+
+A long copy flushes the target every ``flush_interval`` seconds, so that a copy killed outright
+leaves a target whose metadata describes most of what was written. A ``stop`` event (set by a
+signal handler) ends the copy between chunks: the writes in flight finish, the target is
+flushed and ``ConvertInterrupted`` is raised; the target keeps what was copied, as qemu-img's.
 """
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,12 +30,20 @@ from typing import Protocol
 import numpy as np
 
 from .block import BlockDevice, Extent
-from .errors import RequestError
+from .errors import RequestError, VdiskError
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
 _PROBE = 1 << 30  # block status window
 
+FLUSH_INTERVAL = 10.0  # seconds between flushes of a long copy
+
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class ConvertInterrupted(VdiskError):
+    """The copy was stopped (``stop`` was set); the target holds what was copied, flushed."""
+
+    errno = errno.EINTR
 
 
 class Source(Protocol):
@@ -118,6 +133,107 @@ def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> Iterato
         yield zero
 
 
+class _Buffers:
+    """Reused read buffers (a fresh 2 MiB buffer costs a page fault per 4 KiB each time); at
+    most ``limit`` exist, as at most ``limit`` steps are in flight."""
+
+    def __init__(self, limit: int) -> None:
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.limit = limit
+        self.made = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            pass
+        with self.lock:
+            if self.made < self.limit:
+                self.made += 1
+                return bytearray(CHUNK)
+        return self.free.get()
+
+    def give_back(self, buf: bytearray) -> None:
+        self.free.put(buf)
+
+
+class _Copier:
+    """One copy's shared state: what each step reads and writes, and how far it has got."""
+
+    def __init__(
+        self,
+        target: BlockDevice,
+        target_is_zero: bool,
+        sparse_size: int,
+        out_of_order: bool,
+        limit: int,
+        progress: Progress | None,
+        total: int,
+    ) -> None:
+        self.target = target
+        self.target_is_zero = target_is_zero
+        self.sparse_size = sparse_size
+        self.out_of_order = out_of_order
+        self.buffers = _Buffers(limit)
+        self.progress = progress
+        self.total = total
+        self.done = 0
+        self.lock = threading.Lock()
+
+    def read(self, step: _Step) -> tuple[bytearray | None, _Writes]:
+        """Read a step's data (in a worker); what to write for it."""
+        if isinstance(step, _Zero):
+            return None, [] if self.target_is_zero else [(step.dst_offset, None, step.length)]
+        buf = self.buffers.take()
+        view = memoryview(buf)[: step.length]
+        try:
+            step.source.readinto(view, step.src_offset)
+        except BaseException:
+            self.buffers.give_back(buf)
+            raise
+        if not self.sparse_size:
+            return buf, [(step.dst_offset, view, step.length)]
+        runs = zero_runs(view, step.dst_offset, self.sparse_size)
+        return buf, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
+
+    def write(self, step: _Step, buf: bytearray | None, items: _Writes) -> None:
+        try:
+            for off, data, n in items:
+                if data is not None:
+                    self.target.write(data, off)
+                elif not self.target_is_zero:
+                    self.target.write_zeroes(off, n, may_unmap=True)
+        finally:
+            if buf is not None:
+                self.buffers.give_back(buf)
+        with self.lock:
+            self.done += step.length
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+
+    def task(self, step: _Step) -> tuple[bytearray | None, _Writes]:
+        buf, items = self.read(step)
+        if self.out_of_order:
+            self.write(step, buf, items)
+            return None, []
+        return buf, items
+
+
+class _FlushClock:
+    """Flushes the target when ``interval`` seconds have passed since the last flush."""
+
+    def __init__(self, target: BlockDevice, interval: float | None) -> None:
+        self.target = target
+        self.interval = interval
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        if self.interval is not None and time.monotonic() - self.last >= self.interval:
+            self.target.flush()
+            self.last = time.monotonic()
+
+
 def convert(
     sources: Sequence[Source],
     target: BlockDevice,
@@ -128,78 +244,21 @@ def convert(
     out_of_order: bool = False,
     progress: Progress | None = None,
     flush: bool = True,
+    stop: threading.Event | None = None,
+    flush_interval: float | None = FLUSH_INTERVAL,
 ) -> None:
     """Copy the concatenation of ``sources`` to the start of ``target``; ``flush`` it after
-    (qemu-img convert's default cache mode, ``unsafe``, does not)."""
+    (qemu-img convert's default cache mode, ``unsafe``, does not). ``stop`` ends the copy
+    early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way."""
     total = sum(s.size for s in sources)
     if total > target.size:
         raise RequestError("output file is smaller than input file")
     if workers < 1:
         raise RequestError("need at least one worker")
-    sparse = sparse_size > 0
     limit = 2 * workers  # steps in flight: they bound the memory held
-    # Reused read buffers (a fresh 2 MiB buffer costs a page fault per 4 KiB each time);
-    # at most ``limit`` exist, as at most ``limit`` steps are in flight.
-    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    made = 0
-    done = 0
-    lock = threading.Lock()
-
-    def take_buffer() -> bytearray:
-        nonlocal made
-        try:
-            return free.get_nowait()
-        except queue.Empty:
-            pass
-        with lock:
-            if made < limit:
-                made += 1
-                return bytearray(CHUNK)
-        return free.get()
-
-    def advance(n: int) -> None:
-        nonlocal done
-        if progress is None:
-            return
-        with lock:
-            done += n
-            progress(done, total)
-
-    def read(step: _Step) -> tuple[bytearray | None, _Writes]:
-        """Read a step's data (in a worker); what to write for it."""
-        if isinstance(step, _Zero):
-            return None, [] if target_is_zero else [(step.dst_offset, None, step.length)]
-        buf = take_buffer()
-        view = memoryview(buf)[: step.length]
-        try:
-            step.source.readinto(view, step.src_offset)
-        except BaseException:
-            free.put(buf)
-            raise
-        if not sparse:
-            return buf, [(step.dst_offset, view, step.length)]
-        runs = zero_runs(view, step.dst_offset, sparse_size)
-        return buf, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
-
-    def write(step: _Step, buf: bytearray | None, items: _Writes) -> None:
-        try:
-            for off, data, n in items:
-                if data is not None:
-                    target.write(data, off)
-                elif not target_is_zero:
-                    target.write_zeroes(off, n, may_unmap=True)
-        finally:
-            if buf is not None:
-                free.put(buf)
-        advance(step.length)
-
-    def task(step: _Step) -> tuple[bytearray | None, _Writes]:
-        buf, items = read(step)
-        if out_of_order:
-            write(step, buf, items)
-            return None, []
-        return buf, items
-
+    copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total)
+    clock = _FlushClock(target, flush_interval)
+    stopped = False
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vdisk-convert") as pool:
         pending: deque[tuple[_Step, Future[tuple[bytearray | None, _Writes]]]] = deque()
 
@@ -207,20 +266,30 @@ def convert(
             step, fut = pending.popleft()
             buf, items = fut.result()
             if not out_of_order:
-                write(step, buf, items)  # in guest order, as qemu-img without -W
+                copier.write(step, buf, items)  # in guest order, as qemu-img without -W
 
         try:
-            for step in plan(sources, sparse):
-                pending.append((step, pool.submit(task, step)))
+            for step in plan(sources, sparse_size > 0):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+                pending.append((step, pool.submit(copier.task, step)))
                 while len(pending) >= limit:
                     finish()
+                clock.tick()
             while pending:
                 finish()
         finally:
             for _, fut in pending:
                 fut.cancel()
+    if stopped:
+        target.flush()
+        raise ConvertInterrupted(
+            f"convert interrupted after {copier.done} of {total} bytes; "
+            "the target keeps what was copied"
+        )
     if flush:
         target.flush()
 
 
-__all__ = ["CHUNK", "Source", "convert", "plan", "zero_runs"]
+__all__ = ["CHUNK", "ConvertInterrupted", "Source", "convert", "plan", "zero_runs"]

@@ -12,24 +12,18 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .block import BlockDevice
+from .block import BlockDevice, resolve_backing
 from .errors import BackingChainError, VdiskError, from_oserror
 from .sizes import format_size
+
+if TYPE_CHECKING:
+    from .qcow2.format import SnapshotEntry
 
 Info = dict[str, Any]
 
 _QDICT_BUCKETS = 512
-
-#: Incompatible / compatible / autoclear feature bits the info output reports (qcow2 spec).
-_INCOMPAT_DIRTY = 1 << 0
-_INCOMPAT_CORRUPT = 1 << 1
-_INCOMPAT_EXTL2 = 1 << 4
-_COMPAT_LAZY_REFCOUNTS = 1 << 0
-_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
-_COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 
 
 def _tdb_hash(key: str) -> int:
@@ -189,115 +183,19 @@ def render(infos: list[Info], output: str, chain: bool) -> str:
 # -- building the data -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Qcow2Facts:
-    """What info needs from an open qcow2 image, gathered in one place."""
-
-    version: int
-    cluster_size: int
-    refcount_bits: int
-    incompatible: int
-    compatible: int
-    autoclear: int
-    compression_type: int
-    encrypted: bool
-    backing_file: str | None
-    backing_format: str | None
-    data_file: str | None
-    snapshots: list[Info]
-    bitmaps: list[Info]
-
-
-def _attr(obj: object, *names: str, default: Any = None) -> Any:
-    for name in names:
-        if hasattr(obj, name):
-            return getattr(obj, name)
-    return default
-
-
-def _qcow2_facts(image: object) -> _Qcow2Facts:
-    header = _attr(image, "header")
-    if header is None:
-        raise VdiskError("qcow2 image exposes no header")
-    cluster_bits = int(_attr(header, "cluster_bits"))
-    refcount_order = int(_attr(header, "refcount_order", default=4))
-    backing = _attr(image, "backing_file", "backing_filename")
-    if backing is None:
-        backing = _attr(header, "backing_file", "backing_filename")
-    backing_fmt = _attr(image, "backing_format", "backing_fmt")
-    if backing_fmt is None:
-        backing_fmt = _attr(header, "backing_format", "backing_fmt")
-    data_file = _attr(image, "data_file_name", "external_data_file")
-    if data_file is None:
-        data_file = _attr(header, "data_file", "data_file_name", "external_data_file")
-    return _Qcow2Facts(
-        version=int(_attr(header, "version")),
-        cluster_size=1 << cluster_bits,
-        refcount_bits=1 << refcount_order,
-        incompatible=int(_attr(header, "incompatible_features", default=0)),
-        compatible=int(_attr(header, "compatible_features", default=0)),
-        autoclear=int(_attr(header, "autoclear_features", default=0)),
-        compression_type=int(_attr(header, "compression_type", default=0)),
-        encrypted=bool(_attr(header, "crypt_method", default=0)),
-        backing_file=str(backing) if backing else None,
-        backing_format=str(backing_fmt) if backing_fmt else None,
-        data_file=str(data_file) if isinstance(data_file, str) and data_file else None,
-        snapshots=[_snapshot_info(sn) for sn in _attr(image, "snapshots", default=None) or []],
-        bitmaps=_bitmaps_info(image, header),
-    )
-
-
-_BME_FLAG_IN_USE = 1 << 0
-_BME_FLAG_AUTO = 1 << 1
-_AUTOCLEAR_BITMAPS = 1 << 0
-
-
-def _bitmaps_info(image: object, header: Any) -> list[Info]:
-    """The persistent dirty bitmaps as QEMU lists them (only with the autoclear bit set)."""
-    ext = _attr(header, "bitmaps")
-    fd = _attr(image, "fd")
-    if ext is None or fd is None or not _attr(header, "autoclear_features", default=0) & _AUTOCLEAR_BITMAPS:
-        return []
-    from .qcow2 import format as qcow2_format
-
-    directory = os.pread(fd, ext.directory_size, ext.directory_offset)
-    out: list[Info] = []
-    for entry in qcow2_format.decode_bitmap_directory(directory, ext.nb_bitmaps):
-        flags = []
-        if entry.flags & _BME_FLAG_IN_USE:
-            flags.append("in-use")
-        if entry.flags & _BME_FLAG_AUTO:
-            flags.append("auto")
-        out.append({"flags": flags, "name": entry.name, "granularity": 1 << entry.granularity_bits})
-    return out
-
-
-def _snapshot_info(sn: object) -> Info:
-    vm_clock_nsec = int(_attr(sn, "vm_clock_nsec", default=0))
+def _snapshot_info(sn: SnapshotEntry) -> Info:
     entry: Info = {
-        "id": str(_attr(sn, "id_str", "id")),
-        "name": str(_attr(sn, "name")),
-        "vm-state-size": int(_attr(sn, "vm_state_size", default=0)),
-        "date-sec": int(_attr(sn, "date_sec", default=0)),
-        "date-nsec": int(_attr(sn, "date_nsec", default=0)),
-        "vm-clock-sec": vm_clock_nsec // 1_000_000_000,
-        "vm-clock-nsec": vm_clock_nsec % 1_000_000_000,
+        "id": sn.id_str,
+        "name": sn.name,
+        "vm-state-size": sn.vm_state_size,
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
     }
-    icount = _attr(sn, "icount")
-    extra = _attr(sn, "extra_data", default=b"")
-    if icount is None and isinstance(extra, bytes) and len(extra) >= 24:
-        icount = int.from_bytes(extra[16:24], "big")  # v3 extra data: vm state, disk, icount
-    if icount is not None and icount != (1 << 64) - 1 and icount >= 0:
-        entry["icount"] = int(icount)
+    if sn.icount is not None and sn.icount >= 0:  # -1: no icount recorded
+        entry["icount"] = sn.icount
     return entry
-
-
-def full_backing_filename(image_path: str, backing: str) -> str:
-    """The backing file's path as QEMU resolves it: relative to the image's directory."""
-    if os.path.isabs(backing) or backing.startswith("json:") or ":" in backing.split("/")[0]:
-        return backing
-    directory = os.path.dirname(image_path)
-    return os.path.join(directory, backing) if directory else backing
 
 
 def allocated_size(path: str) -> int | None:
@@ -317,45 +215,31 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
             info["actual-size"] = actual
         info["dirty-flag"] = False
         return info
-    facts = _qcow2_facts(device)
-    if facts.data_file is not None and actual is not None:
-        data_actual = allocated_size(full_backing_filename(filename, facts.data_file))
-        actual += data_actual or 0
-    if facts.snapshots:
-        info["snapshots"] = facts.snapshots
-    info["cluster-size"] = facts.cluster_size
-    if facts.encrypted:
+    from .qcow2 import Qcow2Image
+
+    if not isinstance(device, Qcow2Image):
+        raise VdiskError("not a qcow2 image", path=filename)
+    header = device.header
+    specific = device.specific_info()
+    data_file = specific.get("data-file")
+    if data_file is not None and actual is not None:
+        actual += allocated_size(resolve_backing(filename, data_file)) or 0
+    snapshots = device.snapshots
+    if snapshots:
+        info["snapshots"] = [_snapshot_info(sn) for sn in snapshots]
+    info["cluster-size"] = device.cluster_size
+    if header.crypt_method:
         info["encrypted"] = True
     if actual is not None:
         info["actual-size"] = actual
-    info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(facts)}
-    if facts.backing_file is not None:
-        info["backing-filename"] = facts.backing_file
-        info["full-backing-filename"] = full_backing_filename(filename, facts.backing_file)
-        if facts.backing_format is not None:
-            info["backing-filename-format"] = facts.backing_format
-    info["dirty-flag"] = bool(facts.incompatible & _INCOMPAT_DIRTY)
+    info["format-specific"] = {"type": "qcow2", "data": specific}
+    if header.backing_file:
+        info["backing-filename"] = header.backing_file
+        info["full-backing-filename"] = resolve_backing(filename, header.backing_file)
+        if header.backing_format:
+            info["backing-filename-format"] = header.backing_format
+    info["dirty-flag"] = header.dirty
     return info
-
-
-def _qcow2_specific(facts: _Qcow2Facts) -> Info:
-    compression = _COMPRESSION_TYPES.get(facts.compression_type, str(facts.compression_type))
-    if facts.version == 2:
-        return {"compat": "0.10", "compression-type": compression, "refcount-bits": facts.refcount_bits}
-    data: Info = {
-        "compat": "1.1",
-        "compression-type": compression,
-        "lazy-refcounts": bool(facts.compatible & _COMPAT_LAZY_REFCOUNTS),
-        "refcount-bits": facts.refcount_bits,
-        "corrupt": bool(facts.incompatible & _INCOMPAT_CORRUPT),
-        "extended-l2": bool(facts.incompatible & _INCOMPAT_EXTL2),
-    }
-    if facts.bitmaps:
-        data["bitmaps"] = facts.bitmaps
-    if facts.data_file is not None:
-        data["data-file"] = facts.data_file
-        data["data-file-raw"] = bool(facts.autoclear & _AUTOCLEAR_DATA_FILE_RAW)
-    return data
 
 
 def open_for_info(path: str, fmt: str | None) -> tuple[BlockDevice, str]:

@@ -15,7 +15,7 @@ import pytest
 from cli_helpers import Run, VdiskRunner, qemu_img, qemu_io
 
 from oracles import assert_check_clean
-from vdisk.cli.dd import cvtnum
+from vdisk.cli.options import cvtnum
 from vdisk.errors import RequestError
 
 

@@ -196,3 +196,43 @@ def test_info_qcow2_forced_on_raw_fails(tmp_path: Path, vdisk_cli: VdiskRunner) 
     ours, theirs = _both(vdisk_cli, ["-f", "qcow2", name], tmp_path)
     assert (ours.rc, theirs.rc) == (1, 1)
     assert len(ours.err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "spelling", ["d/sub/top.qcow2", "./d/sub/top.qcow2", "d/sub//top.qcow2", "absolute"]
+)
+def test_relative_backing_resolves_as_qemu_img_does(
+    spelling: str, tmp_path: Path, vdisk_cli: VdiskRunner
+) -> None:
+    """A relative backing name is taken from the overlay's directory as the path spells it,
+    whatever the cwd: `info --backing-chain` and `map` name the same files as qemu-img's."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    _create(d, "sub/base.qcow2", "8M")
+    qemu_io(["-c", "write -P 0x44 1M 128k", "sub/base.qcow2"], d)
+    _create(d, "sub/top.qcow2", "", "-b", "base.qcow2", "-F", "qcow2")
+    qemu_io(["-c", "write -P 0x55 3M 64k", "sub/top.qcow2"], d)
+    name = str(d / "sub" / "top.qcow2") if spelling == "absolute" else spelling
+    for args in (["info", "--backing-chain", name], ["map", name]):
+        ours, theirs = vdisk_cli(args, tmp_path), qemu_img(args, tmp_path)
+        assert theirs.rc == 0, theirs.err
+        assert (ours.rc, ours.out) == (0, theirs.out), ours.err
+    assert "base.qcow2" in theirs.out  # the map names the backing file it read from
+    # Reading through the chain (the image opens its own backing file) gives qemu's bytes.
+    assert qemu_img(["convert", "-O", "raw", name, "flat.raw"], tmp_path).rc == 0
+    same = vdisk_cli(["compare", name, "flat.raw"], tmp_path)
+    assert (same.rc, same.out) == (0, "Images are identical.\n"), same.err
+
+
+@pytest.mark.parametrize("backing", ["nbd+unix:///x?socket=/nonexistent", "d/a:b.qcow2"])
+def test_protocol_backing_name_left_alone(
+    backing: str, tmp_path: Path, vdisk_cli: VdiskRunner
+) -> None:
+    """A colon before any slash makes a protocol name, kept as is; after a slash it does not."""
+    (tmp_path / "sub").mkdir()
+    fmt = "raw" if backing.startswith("nbd") else "qcow2"
+    _create(tmp_path, "sub/o.qcow2", "1M", "-u", "-b", backing, "-F", fmt)
+    for output in ("human", "json"):
+        ours, theirs = _both(vdisk_cli, [f"--output={output}", "sub/o.qcow2"], tmp_path)
+        assert theirs.rc == 0, theirs.err
+        assert (ours.rc, ours.out) == (0, theirs.out), ours.err

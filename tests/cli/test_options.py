@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vdisk.cli.image import formatting_line, parse_opts, split_opts
+from vdisk.cli.options import formatting_line, parse_opts, split_opts
 from vdisk.errors import RequestError
 
 

@@ -10,6 +10,18 @@ from typing_extensions import Buffer
 
 from ..block import BlockDeviceBase, Extent
 from ..errors import VdiskError, from_oserror
+from ..fileio import pread_full, pwrite_full
+
+# Re-exported for ublk/queue.py (owned elsewhere), which still imports them from here.
+__all__ = [
+    "RawDevice",
+    "create_raw",
+    "fallocate",
+    "pread_full",
+    "punch_hole",
+    "pwrite_full",
+    "write_zeroes_fd",
+]
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -57,26 +69,6 @@ def write_zeroes_fd(fd: int, offset: int, length: int, may_unmap: bool) -> None:
         n = os.pwrite(fd, memoryview(chunk)[: min(length, len(chunk))], offset)
         offset += n
         length -= n
-
-
-def pread_full(fd: int, buf: Buffer, offset: int) -> int:
-    """Fill ``buf`` from ``offset``; bytes past EOF read as zeros. Returns bytes from the file."""
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            view[done:] = bytes(len(view) - done)
-            break
-        done += n
-    return done
-
-
-def pwrite_full(fd: int, buf: Buffer, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwritev(fd, [view[done:]], offset + done)
 
 
 class RawDevice(BlockDeviceBase):

@@ -14,7 +14,7 @@ from typing_extensions import Buffer
 
 from ..block import BlockDeviceBase, Extent
 from ..errors import FormatError, UnsupportedFeatureError, from_oserror
-from .raw import pread_full
+from ..fileio import pread_full
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_MAGIC = b"PK\x03\x04"

@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..errors import VdiskError
-from . import dd, image, nbd, resize, tools, ublk
+from . import bench, check, compare, convert, create, dd, info, map, measure, nbd, resize, ublk
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,15 +20,9 @@ def cli() -> None:
     """vdisk: QCOW2 and raw images, exported over ublk and NBD."""
 
 
-for command in (
-    *image.COMMANDS,
-    *nbd.COMMANDS,
-    *ublk.COMMANDS,
-    *tools.COMMANDS,
-    *dd.COMMANDS,
-    *resize.COMMANDS,
-):
-    cli.add_command(command)
+for module in (create, info, nbd, ublk, map, compare, check, convert, dd, bench, resize, measure):
+    for command in module.COMMANDS:
+        cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:

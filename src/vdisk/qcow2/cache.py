@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.raw import pread_full, pwrite_full
 from ..errors import CorruptImageError
+from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 
 L2 = 0

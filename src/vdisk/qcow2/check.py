@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends.raw import pread_full, pwrite_full
 from ..errors import CorruptImageError, UnsupportedFeatureError, VdiskError, from_oserror
+from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cluster import read_snapshots
 

@@ -16,8 +16,8 @@ from array import array
 
 import numpy as np
 
-from ..backends.raw import pread_full, pwrite_full
 from ..errors import CorruptImageError
+from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cache import L2, MetadataCache, decode_l2
 from .refcount import RefcountManager

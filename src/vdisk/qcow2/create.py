@@ -8,8 +8,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..backends.raw import pwrite_full
+from ..block import resolve_backing
 from ..errors import FormatError, RequestError, UnsupportedFeatureError, VdiskError, from_oserror
+from ..fileio import pwrite_full
 from ..sizes import parse_size
 from . import format as fmt
 from .cache import encode_l2
@@ -215,8 +216,7 @@ def _probe_backing(path: str, backing_file: str, backing_fmt: str | None) -> tup
     from .. import open as vopen
     from .. import probe_format
 
-    base = os.path.dirname(os.path.abspath(path))
-    bpath = backing_file if os.path.isabs(backing_file) else os.path.join(base, backing_file)
+    bpath = resolve_backing(path, backing_file)
     if not os.path.exists(bpath):
         raise VdiskError(f"could not open backing file {backing_file!r}: no such file", path=path)
     bfmt = backing_fmt or probe_format(bpath)

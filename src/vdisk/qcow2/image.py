@@ -38,8 +38,7 @@ from typing import Any
 
 from typing_extensions import Buffer
 
-from ..backends.raw import pread_full
-from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents
+from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents, resolve_backing
 from ..errors import (
     BackingChainError,
     CorruptImageError,
@@ -50,6 +49,8 @@ from ..errors import (
     VdiskError,
     from_oserror,
 )
+from ..fileio import pread_full
+from ..fileio import pwritev_full as _pwritev_full  # the old name: the write path keeps it
 from . import format as fmt
 from .cache import L2, MetadataCache, default_capacity
 from .cluster import (
@@ -65,32 +66,7 @@ from .cluster import (
 from .refcount import RefcountManager
 
 MAX_CHAIN_DEPTH = 64
-IOV_MAX = 1024
 _ZEROS = bytes(1 << 20)
-
-
-def _pwritev_full(fd: int, iov: list[Any], offset: int) -> None:
-    """pwritev that finishes short writes and splits long vectors."""
-    if len(iov) == 1:
-        done = os.pwritev(fd, iov, offset)
-        if done == len(iov[0]):
-            return
-        iov = [memoryview(iov[0]).cast("B")[done:]]
-        offset += done
-    views = [memoryview(b).cast("B") for b in iov]
-    while views:
-        batch = views[:IOV_MAX]
-        total = sum(len(v) for v in batch)
-        done = os.pwritev(fd, batch, offset)
-        offset += done
-        if done == total:
-            views = views[IOV_MAX:]
-            continue
-        # Drop what was written and go on from the first partly written buffer.
-        while done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
-        views[0] = views[0][done:]
 
 
 def _norm_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -310,11 +286,7 @@ class Qcow2Image(BlockDeviceBase):
             raise UnsupportedFeatureError(
                 f"backing file {name!r}: protocol backing files are not supported"
             )
-        bpath = (
-            name
-            if os.path.isabs(name)
-            else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
-        )
+        bpath = resolve_backing(self.path, name)
         real = os.path.realpath(bpath)
         here = os.path.realpath(self.path)
         seen = (*chain, here)
@@ -928,6 +900,28 @@ class Qcow2Image(BlockDeviceBase):
 
     def __repr__(self) -> str:
         return f"<Qcow2Image {self.path!r} v{self.header.version} size={self._size}>"
+
+    def specific_info(self) -> dict[str, Any]:
+        """What ``qemu-img info`` prints under "Format specific information" (QAPI keys)."""
+        from .queries import specific_info
+
+        with self._lock:
+            return specific_info(self)
+
+    def metadata_preallocated(self) -> bool:
+        """True if QEMU would take this image for metadata-preallocated (qcow2-refcount.c)."""
+        from .queries import metadata_preallocated
+
+        with self._lock:
+            return metadata_preallocated(self)
+
+    def reserved_host_runs(self, offset: int, length: int) -> list[tuple[int, int, int | None]]:
+        """(guest offset, length, host offset or None) of an unallocated range: extended L2
+        entries keep their host cluster's offset for unallocated subclusters."""
+        from .queries import reserved_host_runs
+
+        with self._lock:
+            return reserved_host_runs(self, offset, length)
 
 
 def _fill_zero(view: memoryview, start: int, length: int) -> None:

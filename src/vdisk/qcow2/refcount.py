@@ -18,8 +18,8 @@ from array import array
 
 import numpy as np
 
-from ..backends.raw import pread_full, pwrite_full
 from ..errors import CorruptImageError, NoSpaceError
+from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cache import REFBLOCK, MetadataCache, decode_l2, encode_l2
 

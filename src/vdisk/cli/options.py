@@ -1,20 +1,21 @@
-"""qemu-img-compatible image commands: ``create`` and ``info``.
+"""Option parsing shared by the commands, as qemu-img spells and checks it.
 
-Option syntax follows qemu-img: ``-o`` takes comma-separated ``key=value`` pairs (``,,`` is a
-literal comma), may repeat (later values win), and ``-o help`` / ``-o ?`` lists the options.
-The ``Formatting ...`` line lists options in QEMU's own order (the order of the format's option
-table followed by the host file's), with QEMU's defaults filled in.
+``-o`` takes comma-separated ``key=value`` pairs (``,,`` is a literal comma), may repeat (later
+values win), and ``-o help`` / ``-o ?`` lists the options. The ``Formatting ...`` line lists
+options in QEMU's own order (the order of the format's option table followed by the host
+file's), with QEMU's defaults filled in. Also here: ``cvtnum`` (qemu-img's size operands), the
+``--output`` check and offset operands.
 """
 
 from __future__ import annotations
 
-import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from ..errors import RequestError, UnsupportedFeatureError, VdiskError
+from ..errors import RequestError, VdiskError
 from ..sizes import parse_size
 
 # -- option tables -------------------------------------------------------------------------------
@@ -53,7 +54,9 @@ _QCOW2_OPTS = (
     OptDesc("backing_file", "str", "File name of a base image", None, "backing_file"),
     OptDesc("backing_fmt", "str", "Image format of the base image", None, "backing_fmt"),
     OptDesc("lazy_refcounts", "bool", "Postpone refcount updates", "off", "lazy_refcounts"),
-    OptDesc("refcount_bits", "num", "Width of a reference count entry in bits", "16", "refcount_bits"),
+    OptDesc(
+        "refcount_bits", "num", "Width of a reference count entry in bits", "16", "refcount_bits"
+    ),
 )
 _RAW_OPTS = (OptDesc("size", "size", "Virtual disk size"),)
 # The host file's own options (QEMU's "file" protocol driver), appended after the format's.
@@ -66,20 +69,20 @@ _FILE_OPTS = (
         "preallocation",
     ),
 )
-_FORMAT_OPTS = {"qcow2": _QCOW2_OPTS, "raw": _RAW_OPTS}
+FORMAT_OPTS = {"qcow2": _QCOW2_OPTS, "raw": _RAW_OPTS}
 
 _TYPE_NAMES = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "str"}
 _BOOL_VALUES = {"on": True, "yes": True, "true": True, "y": True,
                 "off": False, "no": False, "false": False, "n": False}  # fmt: skip
 _COMPAT_VALUES = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
-_QCOW2_PREALLOC = ("off", "metadata", "falloc", "full")
+QCOW2_PREALLOC = ("off", "metadata", "falloc", "full")
 _RAW_PREALLOC = ("off", "falloc", "full")
 _COMPRESSION_TYPES = ("zlib", "zstd")
 
 
 def create_opts(fmt: str) -> tuple[OptDesc, ...]:
     """The merged option table for ``fmt``: the format's, then the host file's (no duplicates)."""
-    table = list(_FORMAT_OPTS[fmt])
+    table = list(FORMAT_OPTS[fmt])
     names = {d.name for d in table}
     table.extend(d for d in _FILE_OPTS if d.name not in names)
     return tuple(table)
@@ -112,7 +115,7 @@ def wants_help(options: list[str]) -> bool:
 
 def options_help(fmt: str, with_protocol: bool) -> str:
     """``-o help`` text: the format's options, plus the host file's when a file is named."""
-    table = create_opts(fmt) if with_protocol else _FORMAT_OPTS[fmt]
+    table = create_opts(fmt) if with_protocol else FORMAT_OPTS[fmt]
     lines = []
     for desc in sorted(table, key=lambda d: f"{d.name}=<{_TYPE_NAMES[d.type]}>"):
         text = f"  {desc.name}=<{_TYPE_NAMES[desc.type]}>"
@@ -192,11 +195,13 @@ def formatting_line(path: str, fmt: str, opts: dict[str, ParsedOpt]) -> str:
     return " ".join(parts)
 
 
-def _validate_values(fmt: str, opts: dict[str, ParsedOpt], path: str) -> None:
+def validate_values(fmt: str, opts: dict[str, ParsedOpt], path: str) -> None:
     """Enumerated string options, rejected with QEMU's wording (after the Formatting line)."""
     if "compat" in opts and opts["compat"].raw not in _COMPAT_VALUES:
-        raise RequestError(f"Parameter 'version' does not accept value '{opts['compat'].raw}'", path=path)
-    allowed_prealloc = _QCOW2_PREALLOC if fmt == "qcow2" else _RAW_PREALLOC
+        raise RequestError(
+            f"Parameter 'version' does not accept value '{opts['compat'].raw}'", path=path
+        )
+    allowed_prealloc = QCOW2_PREALLOC if fmt == "qcow2" else _RAW_PREALLOC
     if "preallocation" in opts and opts["preallocation"].raw not in allowed_prealloc:
         raise RequestError(
             f"Parameter 'preallocation' does not accept value '{opts['preallocation'].raw}'",
@@ -209,120 +214,47 @@ def _validate_values(fmt: str, opts: dict[str, ParsedOpt], path: str) -> None:
         )
 
 
-def _resolve_backing(path: str, backing: str) -> str:
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(path), backing)
+# -- other operands ------------------------------------------------------------------------------
+
+_INT64_MAX = (1 << 63) - 1
+_SHIFTS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+# qemu_strtosz: decimal (a fraction only with a suffix above bytes) or hex, one suffix letter.
+_NUM_RE = re.compile(r"^\s*(?:(0x[0-9a-f]+)|(\d+(?:\.\d*)?|\.\d+))([bkmgtpe]?)$", re.IGNORECASE)
 
 
-def _backing_size(path: str, backing: str, backing_fmt: str) -> int:
-    """Open the backing file as the new image will see it; its size (QEMU checks it opens)."""
-    import vdisk
-
-    resolved = _resolve_backing(path, backing)
-    try:
-        with vdisk.open(resolved, format=backing_fmt, readonly=True) as parent:
-            return parent.size
-    except VdiskError as exc:
-        raise type(exc)(f"{exc}; Could not open backing image.", path=path) from None
-
-
-# -- commands ------------------------------------------------------------------------------------
-
-
-@click.command("create", context_settings={"ignore_unknown_options": False})
-@click.option("-f", "fmt", default="raw", metavar="FMT", help="Image format (default: raw).")
-@click.option("-o", "options", multiple=True, metavar="OPTIONS", help="key=value[,...] (-o help).")
-@click.option("-b", "backing", metavar="BACKING", help="Backing file.")
-@click.option("-F", "backing_fmt", metavar="FMT", help="Backing file format.")
-@click.option("-u", "unsafe", is_flag=True, help="Do not open the backing file.")
-@click.option("-q", "quiet", is_flag=True, help="Quiet: print no success line.")
-@click.argument("args", nargs=-1)
-def create_cmd(
-    fmt: str,
-    options: tuple[str, ...],
-    backing: str | None,
-    backing_fmt: str | None,
-    unsafe: bool,
-    quiet: bool,
-    args: tuple[str, ...],
-) -> int:
-    """Create an image FILE of SIZE bytes (suffixes k, M, G, T, P, E)."""
-    import vdisk
-
-    if fmt not in _FORMAT_OPTS:
-        raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", path=args[0] if args else None)
-    if wants_help(list(options)):
-        click.echo(options_help(fmt, with_protocol=bool(args)), nl=False)
-        return 0
-    if not args:
-        raise click.UsageError("Expecting image file name")
-    if len(args) > 2:
-        raise click.UsageError(f"Unexpected argument: {args[2]}")
-    path = args[0]
-    opts = parse_opts(fmt, list(options), path)
-    if len(args) == 2:
-        if "size" in opts:
-            raise RequestError("The image size must be specified only once", path=path)
-        try:
-            size = parse_size(args[1])
-        except VdiskError:
-            raise RequestError(
-                "Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
-                "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
-            ) from None
-        opts["size"] = ParsedOpt(args[1], size)
-    if backing is not None:
-        if fmt != "qcow2":
-            raise UnsupportedFeatureError(
-                f"Backing file not supported for file format '{fmt}'", path=path
-            )
-        opts["backing_file"] = ParsedOpt(backing, backing)
-    if backing_fmt is not None:
-        if fmt != "qcow2":
-            raise UnsupportedFeatureError(
-                f"Backing file not supported for file format '{fmt}'", path=path
-            )
-        opts["backing_fmt"] = ParsedOpt(backing_fmt, backing_fmt)
-    backing_file = opts["backing_file"].value if "backing_file" in opts else None
-    if backing_file is not None:
-        if "backing_fmt" not in opts:
-            raise RequestError("Backing file specified without backing format", path=path)
-        if not unsafe:
-            parent_size = _backing_size(path, backing_file, opts["backing_fmt"].value)
-            if "size" not in opts:
-                opts["size"] = ParsedOpt(str(parent_size), parent_size)
-    if "size" not in opts:
-        raise RequestError("Image creation needs a size parameter", path=path)
-    if not quiet:
-        click.echo(formatting_line(path, fmt, opts))
-    _validate_values(fmt, opts, path)
-    kwargs = {
-        desc.kwarg: opts[desc.name].value
-        for desc in create_opts(fmt)
-        if desc.kwarg is not None and desc.name in opts
-    }
-    vdisk.create(path, opts["size"].value, format=fmt, **kwargs)
-    return 0
+def cvtnum(name: str, text: str, low: int = 0, high: int = _INT64_MAX) -> int:
+    """A size operand as qemu-img's cvtnum_full parses it, with its error messages."""
+    m = _NUM_RE.match(text)
+    value: int | None = None
+    if m is not None:
+        hexa, dec, suffix = m.groups()
+        shift = _SHIFTS[suffix.lower()] if suffix else 0
+        if hexa is not None:
+            value = int(hexa, 16) << shift
+        elif "." not in dec:
+            value = int(dec) << shift
+        elif shift:  # qemu truncates the fractional bytes
+            whole, _, frac = dec.partition(".")
+            value = (int(whole or "0") << shift) + int(float("0." + (frac or "0")) * (1 << shift))
+    if value is None:
+        raise RequestError(
+            f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        )
+    if not low <= value <= high:
+        raise RequestError(f"Invalid {name} specified. Must be between {low} and {high}.")
+    return value
 
 
-@click.command("info")
-@click.option("-f", "fmt", metavar="FMT", help="Image format (default: probe).")
-@click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
-@click.option("--backing-chain", "chain", is_flag=True, help="Show every image of the chain.")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
-@click.argument("file")
-def info_cmd(fmt: str | None, output: str, chain: bool, force_share: bool, file: str) -> int:
-    """Show information about the image FILE, like qemu-img info."""
-    from .. import info
-
+def check_output(output: str) -> None:
+    """``--output`` takes human or json."""
     if output not in ("human", "json"):
         raise click.UsageError("--output must be used with human or json as argument.")
-    if fmt is not None and fmt not in _FORMAT_OPTS:
-        raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", path=file)
-    infos = list(info.chain_info(file, fmt)) if chain else [info.image_info(file, fmt)]
-    click.echo(info.render(infos, output, chain), nl=False)
-    return 0
 
 
-COMMANDS: list[click.Command] = [create_cmd, info_cmd]
+def parse_offset(text: str, what: str) -> int:
+    """An offset or length operand (``map -s/-l``), with qemu-img's message."""
+    try:
+        return parse_size(text)
+    except VdiskError:
+        raise RequestError(f"Invalid {what} specified") from None

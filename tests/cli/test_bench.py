@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import Run, VdiskRunner, qemu_img, qemu_io
 
 from oracles import assert_check_clean
-from vdisk.cli.dd import strtoul
+from vdisk.cli.bench import strtoul
 
 _SECONDS = re.compile(r"Run completed in \d+\.\d{3} seconds\.")
 

@@ -1,0 +1,60 @@
+"""``vdisk compare``: qemu-img compare's flags, messages and exit statuses (0 same, 1 differ,
+2 an image failed to open, 3 block status failed, 4 a read failed); the work is
+``vdisk.compare``."""
+
+from __future__ import annotations
+
+import click
+
+from ..block import BlockDevice, SectorPadded
+from ..errors import VdiskError
+
+
+@click.command("compare")
+@click.option("-f", "fmt1", metavar="FMT", help="Format of the first image.")
+@click.option("-F", "fmt2", metavar="FMT", help="Format of the second image.")
+@click.option("-s", "strict", is_flag=True, help="Strict mode: sizes and allocation must match.")
+@click.option("-q", "quiet", is_flag=True, help="Quiet: print nothing, only set the exit status.")
+@click.option("-p", "progress", is_flag=True, help="Accepted (no progress bar).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.argument("file1")
+@click.argument("file2")
+def compare_cmd(
+    fmt1: str | None,
+    fmt2: str | None,
+    strict: bool,
+    quiet: bool,
+    progress: bool,
+    force_share: bool,
+    file1: str,
+    file2: str,
+) -> int:
+    """Compare the contents of FILE1 and FILE2, like qemu-img compare (0 same, 1 differ)."""
+    import vdisk
+
+    from ..backends.raw import RawDevice
+    from ..compare import compare
+
+    devs: list[BlockDevice] = []
+    try:
+        try:
+            for path, fmt in ((file1, fmt1), (file2, fmt2)):
+                vdisk.check_format(fmt, path)
+                devs.append(vdisk.open(path, format=fmt, readonly=True))
+        except (VdiskError, OSError) as exc:
+            click.echo(f"vdisk: {exc}", err=True)
+            return 2
+        a, b = (SectorPadded(d) if isinstance(d, RawDevice) else d for d in devs)
+        result = compare(a, b, file1, file2, strict)
+    finally:
+        for dev in devs:
+            dev.close()
+    if not quiet:
+        for line in result.lines:
+            click.echo(line)
+    if result.error is not None:
+        click.echo(f"vdisk: {result.error}", err=True)
+    return result.status
+
+
+COMMANDS: tuple[click.Command, ...] = (compare_cmd,)
