@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..block import resolve_backing
+from ..block import resolve_backing, round_up_to_sector
 from ..errors import FormatError, RequestError, UnsupportedFeatureError, VdiskError, from_oserror
 from ..fileio import pwrite_full
 from ..sizes import parse_size
@@ -108,7 +108,7 @@ def create(
     vsize = parse_size(size)
     if vsize < 0:
         raise RequestError(f"invalid size {vsize}", path=path)
-    vsize = (vsize + 511) & ~511  # qemu-img rounds the size up to whole sectors
+    vsize = round_up_to_sector(vsize)  # as qemu-img sizes new images
     header = _new_header(o, vsize, backing_file, backing_fmt)
     _write_image(path, header, o.preallocation)
 
