@@ -216,14 +216,13 @@ class _Checker:
     def compare(self, counts: np.ndarray, fix: int, stored: StoredRefcounts) -> int:
         """Compare every cluster; fix what ``fix`` allows. Returns the highest used cluster."""
         res = self.res
-        clusters = np.arange(counts.size, dtype=np.uint64)
-        have, bad = stored.values(clusters)
+        have, bad = stored.range_values(counts.size)
         for c in np.flatnonzero(bad).tolist():
             self._say(f"Can't get refcount for cluster {c}: Input/output error")
         res.check_errors += int(bad.sum())
         ok = ~bad
-        used = np.flatnonzero(ok & ((have > 0) | (counts > 0)))
-        highest = int(used[-1]) if used.size else 0
+        used = ok & ((have > 0) | (counts > 0))
+        highest = counts.size - 1 - int(np.argmax(used[::-1])) if used.any() else 0
         diff = np.flatnonzero(ok & (have != counts))
         fixes: list[int] = []
         for c in diff.tolist():

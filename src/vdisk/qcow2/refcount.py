@@ -203,7 +203,7 @@ class RefcountManager:
         if bi >= len(self.table):
             return None
         off = self.table[bi]
-        slot = self.cache._slots.get(off) if off else None
+        slot = self.cache.cached(off, REFBLOCK) if off else None
         if slot is None:
             return None
         slot.table[c & (self.rb_entries - 1)] = 1
@@ -373,12 +373,12 @@ class _FirstFitRebuild:
         when there is none); marks it used. Returns (cluster, updated first_free)."""
         arr = self.arr
         free = arr[first_free:] == 0
-        frees = np.flatnonzero(free)
-        if frees.size:
-            first_free = first_free + int(frees[0])
+        any_free = bool(free.any())
+        if any_free:
+            first_free = first_free + int(np.argmax(free))
         start = -1
         if count == 1:
-            if frees.size:
+            if any_free:
                 start = first_free
         elif free.size >= count:
             run = np.convolve(free.astype(np.int64), np.ones(count, dtype=np.int64), "valid")
@@ -395,6 +395,18 @@ class _FirstFitRebuild:
         arr[start : start + count] = 1
         return start, first_free
 
+    def _next_used(self, cluster: int, end: int) -> int | None:
+        """The first cluster in [cluster, end) with a nonzero count (scanned in windows, so
+        the whole rebuild stays linear in the file's extent)."""
+        window = 1 << (self.rb_bits + 4)
+        while cluster < end:
+            stop = min(end, cluster + window)
+            used = self.arr[cluster:stop] != 0
+            if used.any():
+                return cluster + int(np.argmax(used))
+            cluster = stop
+        return None
+
     def write_refblocks(self, first: int, end: int) -> bool:
         """Write the blocks covering used clusters in [first, end); True if the table grew."""
         rb = 1 << self.rb_bits
@@ -402,10 +414,10 @@ class _FirstFitRebuild:
         grown = False
         cluster = first
         while cluster < end:
-            nz = np.flatnonzero(self.arr[cluster:end])
-            if not nz.size:
+            found = self._next_used(cluster, end)
+            if found is None:
                 break
-            cluster += int(nz[0])
+            cluster = found
             index = cluster >> self.rb_bits
             block_start = index << self.rb_bits
             if index < len(self.reftable) and self.reftable[index]:

@@ -110,6 +110,26 @@ class StoredRefcounts:
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             yield int(ordered[start]), order[start:end]
 
+    def range_values(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stored refcounts of clusters 0..count-1 and a mask of those that could not be read
+        (one block at a time: linear in ``count``)."""
+        out = np.zeros(count, dtype=np.uint64)
+        bad = np.zeros(count, dtype=bool)
+        per_block = 1 << self.rb_bits
+        for index in range(-(-count // per_block)):
+            start = index * per_block
+            stop = min(count, start + per_block)
+            if index >= self.table.size:
+                break
+            try:
+                block = self.block(index)
+            except OSError:
+                bad[start:stop] = True
+                continue
+            if block is not None:
+                out[start:stop] = block[: stop - start]
+        return out, bad
+
     def values(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stored refcounts of ``clusters`` and a mask of those that could not be read."""
         out = np.zeros(clusters.size, dtype=np.uint64)
@@ -331,7 +351,7 @@ class ReferenceWalk(_Walk):
             return np.zeros(self.file_clusters, dtype=np.uint64)
         refs = np.concatenate(self.refs)
         n = max(self.file_clusters, int(refs.max()) + 1 if refs.size else 0)
-        return np.bincount(refs, minlength=n).astype(np.uint64)
+        return np.bincount(refs, minlength=n).view(np.uint64)  # counts are never negative
 
     # -- L2 tables ------------------------------------------------------------------------
     def _l2(self, l2_off: int, active: bool) -> None:
