@@ -311,12 +311,22 @@ class Qcow2Image(BlockDeviceBase):
     def _repair_refcounts(self, header: fmt.Header) -> fmt.Header:
         """The dirty bit is set: refcounts may be wrong. As QEMU, run the check with every
         repair on (the one walk and the one rebuild), then take the repaired header."""
-        repair_open_file(self.fd, self.path)
+        result = repair_open_file(self.fd, self.path)
         file_size = os.fstat(self.fd).st_size
         head = bytearray(min(file_size, 1 << 21))
         pread_full(self.fd, head, 0)
         repaired = fmt.Header.decode(head)
         repaired.validate(file_size)
+        if repaired.dirty and not result.check_errors:
+            # The refcounts now match the tables (what the dirty bit warns of); what check
+            # still reports lies in the tables themselves. QEMU clears the bit too.
+            repaired.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+            os.pwrite(
+                self.fd,
+                struct.pack(">Q", repaired.incompatible_features),
+                fmt.HDR_INCOMPATIBLE_FEATURES,
+            )
+            os.fdatasync(self.fd)
         return repaired
 
     # -- header fields ------------------------------------------------------------------
