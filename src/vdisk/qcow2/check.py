@@ -1,8 +1,9 @@
 """Consistency check and repair of a QCOW2 image, with qemu-img check's accounting.
 
-The check rebuilds the reference count every host cluster should have from all metadata
-(header, active and snapshot L1/L2 tables, snapshot table, refcount table and blocks, bitmap
-directory, bitmap tables and their data) and compares it with the stored refcounts:
+The expected refcount of every host cluster comes from the one reference walk
+(``references.ReferenceWalk``: header, active and snapshot L1/L2 tables, data and compressed
+clusters, snapshot table, bitmaps, refcount structures). Here it is compared with the stored
+refcounts:
 
 * stored > expected: a leak (wasted space, harmless);
 * stored < expected: a corruption (a cluster in use may be handed out again);
@@ -10,8 +11,11 @@ directory, bitmap tables and their data) and compares it with the stored refcoun
 * COPIED flags that disagree with refcount == 1, misaligned or reserved-bit entries: corruptions.
 
 Repairs (``fix``): FIX_LEAKS lowers leaked refcounts; FIX_ERRORS also raises refcounts that are
-too low, rebuilds the refcount structure when needed and fixes COPIED flags. The numbers follow
-QEMU's ``qcow2_check_refcounts`` so that ``vdisk check`` and ``qemu-img check`` agree.
+too low, rebuilds the refcount structure when needed (the one rebuild,
+``refcount.rebuild_refcount_structure``) and fixes COPIED flags (only here). The numbers follow
+QEMU's ``qcow2_check_refcounts`` so that ``vdisk check`` and ``qemu-img check`` agree. Opening a
+dirty lazy-refcounts image read-write runs the same check with every repair on
+(:func:`repair_open_file`).
 
 The checker works on the file directly (not through Qcow2Image) so that it sees a dirty or
 corrupt-marked image as it is: opening one through the library would repair it first.
