@@ -332,6 +332,7 @@ class _Checker:
             old_corruptions, old_leaks = res.corruptions, res.leaks
             self._say("Rebuilding refcount structure")
             self.rebuild_refcounts(counts)
+            del counts, stored  # one file-sized array at a time
             res.corruptions = res.leaks = 0
             res.allocated_clusters = res.fragmented_clusters = res.compressed_clusters = 0
             self.rebuild = False

@@ -355,6 +355,16 @@ def rebuild_refcount_structure(fd: int, header: fmt.Header, counts: np.ndarray, 
     header.refcount_table_clusters = clusters
 
 
+def _first_free_run(free: np.ndarray, count: int) -> int:
+    """Index of the first run of ``count`` True values in ``free``, or -1 (memory: one byte
+    per cluster plus the run edges)."""
+    pad = np.zeros(1, dtype=np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate((pad, free.view(np.int8), pad))))
+    starts, ends = edges[0::2], edges[1::2]
+    long_enough = np.flatnonzero(ends - starts >= count)
+    return int(starts[long_enough[0]]) if long_enough.size else -1
+
+
 class _FirstFitRebuild:
     """Refcount blocks and table placed first-fit over an in-memory refcount array."""
 
@@ -381,10 +391,9 @@ class _FirstFitRebuild:
             if any_free:
                 start = first_free
         elif free.size >= count:
-            run = np.convolve(free.astype(np.int64), np.ones(count, dtype=np.int64), "valid")
-            hits = np.flatnonzero(run == count)
-            if hits.size:
-                start = (arr.size - free.size) + int(hits[0])
+            hit = _first_free_run(free, count)
+            if hit >= 0:
+                start = (arr.size - free.size) + hit
         if start < 0:
             tail = 0
             while tail < min(count, free.size) and free[free.size - 1 - tail]:
