@@ -6,6 +6,10 @@ block (numpy over a whole block), feeding a min-heap of free cluster indices; cl
 later go straight onto the heap. Allocation is therefore amortised O(log n), never a full scan
 per request. Past the scanned area the file end is the next free cluster.
 
+:func:`rebuild_refcount_structure` is the one rebuild of the whole structure from expected
+refcounts (``check -r all`` and the open-time repair of a dirty lazy-refcounts image both reach
+it through ``check.py``; the expected refcounts come from ``references.py``).
+
 Not thread-safe by itself: the image calls it with its metadata lock held.
 """
 

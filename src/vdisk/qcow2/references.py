@@ -12,9 +12,9 @@ Two users share the walk:
   have, plus what ``check`` reports (findings: misaligned or reserved-bit entries, references
   past the end of the file, refcount blocks referenced twice, overflows...). Its counts array is
   sized by the file's real extent: a reference past the end is a finding, never an allocation.
-* :func:`metadata_clusters` walks only the structures (L2 offsets come from the L1 tables, no L2
-  table is read) and returns the host clusters that hold metadata, which the allocator and the
-  write guard must never hand out for data.
+* :func:`metadata_clusters` walks only the structures (L2 offsets come from the active L1
+  table; no L2 table and no snapshot L1 table is read) and returns the host clusters that
+  hold metadata, which the allocator and the write guard must never hand out for data.
 
 Comparing the counts with the stored refcounts, rebuilding and COPIED repairs live in
 ``check.py``; :class:`StoredRefcounts` reads the stored side.
@@ -533,6 +533,14 @@ class _MetadataScan(_Walk):
 
     def _bad(self, message: str) -> None:
         raise CorruptImageError(message.removeprefix("ERROR "), path=self.path)
+
+    def _l1(self, offset: int, size: int, active: bool, l1: np.ndarray | None = None) -> None:
+        if active:
+            super()._l1(offset, size, active, l1)
+        elif size:
+            # A snapshot's L1 table, not read: opening stays cheap however many snapshots
+            # there are. (Snapshot-only L2 tables are fenced by their refcounts alone.)
+            self._inc(offset, size * 8)
 
     def _l2(self, l2_off: int, active: bool) -> None:
         pass  # the L2 table itself was counted by _inc; its entries point at data
