@@ -1,5 +1,11 @@
 """One metadata table cache shared by L2 tables and refcount blocks.
 
+Each table is keyed by its host offset and by what it is (``offset | kind``: offsets are
+cluster aligned, so the low bit is free). The hot paths in image.py look L2 tables up by bare
+offset, which can therefore only ever find an L2 table. A cluster that two structures claim (an
+L1 entry pointing at a refcount block) is a CorruptImageError naming both uses, never a
+refcount block handed out as an L2 table.
+
 Tables are kept decoded (an ``array('Q')`` of native L2 entries, a numpy uint64 array of
 refcounts) so a hit hands back the live object: no copy, no decode. LRU eviction; a dirty
 table is written back before it leaves, after its dependencies (the owner's ``before_write``
@@ -25,6 +31,7 @@ from . import format as fmt
 L2 = 0
 REFBLOCK = 1
 KIND_NAMES = {L2: "L2 table", REFBLOCK: "refcount block"}
+_KIND_MASK = 1  # the key bits that hold the kind
 
 _NEED_SWAP = sys.byteorder == "little"
 
@@ -98,13 +105,23 @@ class MetadataCache:
         return np.zeros(self.cluster_size * 8 >> self.refcount_order, dtype=self._rc_dtype)
 
     # -- access ---------------------------------------------------------------------------
+    def _claim(self, offset: int, kind: int) -> None:
+        """Refuse a table at an offset that the cache holds as another kind."""
+        for other, name in KIND_NAMES.items():
+            if other != kind and (offset | other) in self._slots:
+                raise CorruptImageError(
+                    f"host cluster at {offset:#x} is used both as {name} and as {KIND_NAMES[kind]}"
+                )
+
     def get(self, offset: int, kind: int) -> Any:
         """The live table at ``offset``, loading it on a miss."""
-        slot = self._slots.get(offset)
+        key = offset | kind
+        slot = self._slots.get(key)
         if slot is not None:
-            self._slots.move_to_end(offset)
+            self._slots.move_to_end(key)
             self.hits += 1
             return slot.table
+        self._claim(offset, kind)
         self.misses += 1
         buf = bytearray(self.cluster_size)
         if pread_full(self.fd, buf, offset) < self.cluster_size:
@@ -112,45 +129,52 @@ class MetadataCache:
                 f"{KIND_NAMES[kind]} at {offset:#x} lies past the end of the file"
             )
         table = self._decode(kind, buf)
-        self._insert(offset, _Slot(kind, table, False))
+        self._insert(key, _Slot(kind, table, False))
         return table
 
-    def peek(self, offset: int) -> Any:
+    def cached(self, offset: int, kind: int) -> _Slot | None:
+        """The slot of the table if cached (no LRU update, no load), else None."""
+        return self._slots.get(offset | kind)
+
+    def peek(self, offset: int, kind: int = L2) -> Any:
         """The table if cached (no LRU update), else None."""
-        slot = self._slots.get(offset)
+        slot = self._slots.get(offset | kind)
         return slot.table if slot is not None else None
 
     def add_new(self, offset: int, kind: int, table: Any) -> None:
         """Insert a freshly allocated table (dirty: it exists only in memory so far)."""
-        self._insert(offset, _Slot(kind, table, True))
+        self._claim(offset, kind)
+        self._insert(offset | kind, _Slot(kind, table, True))
 
     def mark_dirty(self, offset: int, table: Any = None) -> None:
         """Mark a table changed. If it was evicted after the caller fetched it (another
         table was loaded meanwhile), the caller's live object is put back: it is newer than
         what the eviction wrote."""
-        slot = self._slots.get(offset)
-        if slot is not None and (table is None or slot.table is table):
-            slot.dirty = True
-            return
+        kinds = (L2, REFBLOCK) if table is None else (L2 if isinstance(table, array) else REFBLOCK,)
+        for kind in kinds:
+            slot = self._slots.get(offset | kind)
+            if slot is not None and (table is None or slot.table is table):
+                slot.dirty = True
+                return
         if table is None:
             raise KeyError(offset)
-        kind = L2 if isinstance(table, array) else REFBLOCK
-        self._insert(offset, _Slot(kind, table, True))
+        self._insert(offset | kinds[0], _Slot(kinds[0], table, True))
 
     def drop(self, offset: int) -> None:
         """Forget a table without writing it (its cluster was freed)."""
-        self._slots.pop(offset, None)
+        for kind in KIND_NAMES:
+            self._slots.pop(offset | kind, None)
 
-    def _insert(self, offset: int, slot: _Slot) -> None:
-        self._slots[offset] = slot
+    def _insert(self, key: int, slot: _Slot) -> None:
+        self._slots[key] = slot
         while len(self._slots) > self.capacity:
-            old_offset, old = next(iter(self._slots.items()))
-            if old_offset == offset:
+            old_key, old = next(iter(self._slots.items()))
+            if old_key == key:
                 break
             if old.dirty:
                 self.before_write(old.kind)
-                pwrite_full(self.fd, self._encode(old.kind, old.table), old_offset)
-            del self._slots[old_offset]
+                pwrite_full(self.fd, self._encode(old.kind, old.table), old_key & ~_KIND_MASK)
+            del self._slots[old_key]
 
     # -- write-back -------------------------------------------------------------------------
     def dirty_count(self, kind: int) -> int:
@@ -158,10 +182,10 @@ class MetadataCache:
 
     def write_back(self, kind: int) -> int:
         """Write every dirty table of ``kind`` (in offset order). Returns how many."""
-        dirty = sorted(off for off, s in self._slots.items() if s.dirty and s.kind == kind)
-        for off in dirty:
-            slot = self._slots[off]
-            pwrite_full(self.fd, self._encode(kind, slot.table), off)
+        dirty = sorted(key for key, s in self._slots.items() if s.dirty and s.kind == kind)
+        for key in dirty:
+            slot = self._slots[key]
+            pwrite_full(self.fd, self._encode(kind, slot.table), key & ~_KIND_MASK)
             slot.dirty = False
         return len(dirty)
 

@@ -76,13 +76,6 @@ class ClusterMap:
             raise CorruptImageError(
                 f"L1 entry {int(past[0])}: L2 table lies past the end of the file", path=path
             )
-        first = header.l1_table_offset >> self.cluster_bits
-        self.metadata.update(
-            range(
-                first, first + ((header.l1_size * 8 + self.cluster_size - 1) >> self.cluster_bits)
-            )
-        )
-        self.metadata.update(int(x) >> self.cluster_bits for x in offsets[offsets != 0])
 
     # -- lookups --------------------------------------------------------------------------
     def l2_table(self, l1_index: int) -> array[int] | None:
@@ -388,98 +381,6 @@ class ClusterMap:
             prev = i
         self.l1_dirty.clear()
         return True
-
-    # -- reference counting (refcount rebuild) ---------------------------------------------
-    def count_references(self, file_size: int, extra: list[tuple[int, int]]) -> np.ndarray:
-        """References per host cluster from the header, L1/L2, snapshots and ``extra``.
-
-        ``extra`` lists (offset, length) byte ranges of other metadata (snapshot table,
-        bitmap structures, encryption header) that each hold one reference per cluster.
-        Also brings the COPIED flags of the active tables in line with the counts.
-        """
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        n = max((file_size + cs - 1) >> cb, 1)
-        counts = np.zeros(n, dtype=np.uint64)
-
-        def add_range(offset: int, length: int) -> None:
-            nonlocal counts
-            if length <= 0:
-                return
-            first, last = offset >> cb, (offset + length - 1) >> cb
-            if last >= counts.size:
-                counts = np.concatenate([counts, np.zeros(last + 1 - counts.size, dtype=np.uint64)])
-            counts[first : last + 1] += 1
-
-        add_range(0, cs)
-        for off, length in extra:
-            add_range(off, length)
-        tables = [(self.header.l1_table_offset, self.header.l1_size, self.l1)]
-        for l1_off, l1_size, l1 in tables + self._snapshot_l1s():
-            add_range(l1_off, l1_size * 8)
-            for l1e in l1:
-                l2_off = l1e & fmt.L1E_OFFSET_MASK
-                if not l2_off:
-                    continue
-                add_range(l2_off, cs)
-                buf = bytearray(cs)
-                pread_full(self.fd, buf, l2_off)
-                ent = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
-                if self.extended:
-                    ent = ent[0::2]
-                comp = (ent & np.uint64(fmt.OFLAG_COMPRESSED)) != 0
-                hosts = ent & np.uint64(fmt.L2E_OFFSET_MASK)
-                idx = (hosts[(~comp) & (hosts != 0)] >> np.uint64(cb)).astype(np.int64)
-                if idx.size:
-                    top = int(idx.max())
-                    if top >= counts.size:
-                        counts = np.concatenate(
-                            [counts, np.zeros(top + 1 - counts.size, dtype=np.uint64)]
-                        )
-                    counts += np.bincount(idx, minlength=counts.size).astype(np.uint64)
-                for e in ent[comp].tolist():
-                    for c in fmt.compressed_host_clusters(int(e), cb):
-                        add_range(c << cb, cs)
-        return counts
-
-    def fix_copied_flags(self, counts: np.ndarray) -> None:
-        """Set COPIED exactly where the active L1/L2 point at clusters with refcount 1."""
-        cb = self.cluster_bits
-        for i, l1e in enumerate(self.l1):
-            l2_off = l1e & fmt.L1E_OFFSET_MASK
-            if not l2_off:
-                continue
-            want = l2_off | (fmt.OFLAG_COPIED if counts[l2_off >> cb] == 1 else 0)
-            if want != l1e:
-                self.l1[i] = want
-                self.l1_dirty.add(i)
-            l2 = self.cache.get(l2_off, L2)
-            step = 2 if self.extended else 1
-            changed = False
-            for k in range(0, len(l2), step):
-                e = l2[k]
-                host = e & fmt.L2E_OFFSET_MASK
-                if e & fmt.OFLAG_COMPRESSED or not host:
-                    continue
-                c = host >> cb
-                new = (
-                    (e | fmt.OFLAG_COPIED)
-                    if c < counts.size and counts[c] == 1
-                    else (e & ~fmt.OFLAG_COPIED)
-                )
-                if new != e:
-                    l2[k] = new
-                    changed = True
-            if changed:
-                self.cache.mark_dirty(l2_off, l2)
-
-    def _snapshot_l1s(self) -> list[tuple[int, int, array[int]]]:
-        out = []
-        for snap in read_snapshots(self.fd, self.header):
-            buf = bytearray(snap.l1_size * 8)
-            pread_full(self.fd, buf, snap.l1_table_offset)
-            out.append((snap.l1_table_offset, snap.l1_size, decode_l2(buf)))
-        return out
 
 
 def read_snapshots(fd: int, header: fmt.Header) -> list[fmt.SnapshotEntry]:

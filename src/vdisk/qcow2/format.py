@@ -22,6 +22,11 @@ V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
 V3_HEADER_LENGTH = 112  # with compression_type and its padding, as QEMU writes it
 
+# Byte offsets of fixed header fields that are rewritten in place.
+HDR_REFCOUNT_TABLE_OFFSET = 48  # u64 refcount_table_offset, then u32 refcount_table_clusters
+HDR_INCOMPATIBLE_FEATURES = 72  # u64 (v3)
+HDR_AUTOCLEAR_FEATURES = 88  # u64 (v3)
+
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 MAX_REFCOUNT_ORDER = 6
@@ -578,6 +583,7 @@ class CryptoExtension:
 
 # -- snapshot table -----------------------------------------------------------------------
 _SNAPSHOT_HEAD = struct.Struct(">QIHHIIQII")
+SNAPSHOT_HEADER_SIZE = _SNAPSHOT_HEAD.size  # the fixed part of a snapshot table entry
 
 
 @dataclass(slots=True)
@@ -593,6 +599,16 @@ class SnapshotEntry:
     extra_data: bytes
     disk_size: int | None = None
     icount: int | None = None
+
+    @property
+    def encoded_size(self) -> int:
+        """Bytes this entry takes in the snapshot table (padded to 8)."""
+        return _align8(
+            _SNAPSHOT_HEAD.size
+            + len(self.extra_data)
+            + len(self.id_str.encode())
+            + len(self.name.encode())
+        )
 
     @classmethod
     def decode(cls, buf: bytes, pos: int) -> tuple[SnapshotEntry, int]:

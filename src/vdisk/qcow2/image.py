@@ -36,13 +36,13 @@ import threading
 import zlib
 from typing import Any
 
+import numpy as np
 from typing_extensions import Buffer
 
 from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents, resolve_backing
 from ..errors import (
     BackingChainError,
     CorruptImageError,
-    FormatError,
     ReadOnlyError,
     RequestError,
     UnsupportedFeatureError,
@@ -53,6 +53,7 @@ from ..fileio import pread_full
 from ..fileio import pwritev_full as _pwritev_full  # the old name: the write path keeps it
 from . import format as fmt
 from .cache import L2, MetadataCache, default_capacity
+from .check import repair_open_file
 from .cluster import (
     IN_PLACE,
     NEW,
@@ -64,6 +65,7 @@ from .cluster import (
     read_snapshots,
 )
 from .refcount import RefcountManager
+from .references import metadata_clusters
 
 MAX_CHAIN_DEPTH = 64
 _ZEROS = bytes(1 << 20)
@@ -185,6 +187,9 @@ class Qcow2Image(BlockDeviceBase):
             raise CorruptImageError(
                 "image is marked corrupt (incompatible bit 1); open it read-only, or repair it"
             )
+        if header.dirty and not readonly:
+            header = self._repair_refcounts(header)
+            file_size = os.fstat(fd).st_size
         super().__init__(header.size, readonly, path)
         self._opened_rw = not readonly
         self.header = header
@@ -216,11 +221,7 @@ class Qcow2Image(BlockDeviceBase):
         self.map = ClusterMap(
             fd, header, self.cache, self.refcounts, self.metadata, file_size, path
         )
-        self._extra_metadata = self._other_metadata()
-        for off, length in self._extra_metadata:
-            self.metadata.update(
-                range(off >> self.cluster_bits, (off + length - 1 >> self.cluster_bits) + 1)
-            )
+        self.metadata.update(self._other_metadata(file_size))
         self._inflight: set[int] = set()
         self._waiters = 0
         self._next_ticket = 0
@@ -231,52 +232,22 @@ class Qcow2Image(BlockDeviceBase):
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
         self._zstd: Any = None
-        if header.dirty and not readonly:
-            self._repair_refcounts(file_size)
         # Backing chain.
         self._chain_depth = 0
         if header.backing_file and open_backing:
             self.backing = self._open_backing(chain)
             self._chain_depth = getattr(self.backing, "_chain_depth", 0) + 1
 
-    def _other_metadata(self) -> list[tuple[int, int]]:
-        """(offset, length) of metadata beyond header, L1/L2 and refcounts."""
-        h = self.header
-        out: list[tuple[int, int]] = []
-        if h.nb_snapshots:
-            snaps = read_snapshots(self.fd, h)
-            length = 0
-            for s in snaps:
-                length += (
-                    40 + len(s.extra_data) + len(s.id_str.encode()) + len(s.name.encode()) + 7
-                ) & ~7
-                if s.l1_size * 8 > fmt.MAX_L1_BYTES:
-                    raise FormatError(f"snapshot {s.id_str!r}: L1 table too large")
-                out.append((s.l1_table_offset, s.l1_size * 8))
-            out.append((h.snapshots_offset, length))
-        bitmaps = h.bitmaps
-        if bitmaps is not None and h.autoclear_features & fmt.AUTOCLEAR_BITMAPS:
-            buf = bytearray(bitmaps.directory_size)
-            pread_full(self.fd, buf, bitmaps.directory_offset)
-            out.append((bitmaps.directory_offset, bitmaps.directory_size))
-            file_size = os.fstat(self.fd).st_size
-            for bm in fmt.decode_bitmap_directory(bytes(buf), bitmaps.nb_bitmaps):
-                tbytes = bm.bitmap_table_size * 8
-                if tbytes > min(file_size, 64 << 20) or bm.bitmap_table_offset % self.cluster_size:
-                    raise CorruptImageError(
-                        f"bitmap {bm.name!r}: bitmap table of {bm.bitmap_table_size} entries at "
-                        f"{bm.bitmap_table_offset:#x} does not fit the file"
-                    )
-                out.append((bm.bitmap_table_offset, bm.bitmap_table_size * 8))
-                tbuf = bytearray(bm.bitmap_table_size * 8)
-                pread_full(self.fd, tbuf, bm.bitmap_table_offset)
-                for e in struct.unpack(f">{bm.bitmap_table_size}Q", tbuf):
-                    if e & fmt.L2E_OFFSET_MASK:
-                        out.append((e & fmt.L2E_OFFSET_MASK, self.cluster_size))
-        crypto = h.crypto
-        if crypto is not None:
-            out.append((crypto.offset, crypto.length))
-        return [(o, n) for o, n in out if n > 0]
+    def _other_metadata(self, file_size: int) -> set[int]:
+        """Host clusters holding metadata, from the same walk as check (no L2 table read)."""
+        return metadata_clusters(
+            self.fd,
+            self.header,
+            file_size,
+            self.path,
+            l1=np.frombuffer(self.map.l1, dtype=np.uint64),
+            reftable=np.frombuffer(self.refcounts.table, dtype=np.uint64),
+        )
 
     def _open_backing(self, chain: tuple[str, ...]) -> BlockDevice:
         h = self.header
@@ -309,15 +280,26 @@ class Qcow2Image(BlockDeviceBase):
             return RawDevice(bpath, readonly=True)
         raise UnsupportedFeatureError(f"backing file {name!r}: format {bfmt!r} is not supported")
 
-    def _repair_refcounts(self, file_size: int) -> None:
-        """The dirty bit is set: refcounts may be wrong. Rebuild them from the tables."""
-        counts = self.map.count_references(file_size, self._extra_metadata)
-        self.refcounts.rebuild(counts)
-        self.map.fix_copied_flags(counts)
-        self.cache.write_back(L2)
-        self.map.write_l1()
-        os.fdatasync(self.fd)
-        self._write_features(incompatible=self.header.incompatible_features & ~fmt.INCOMPAT_DIRTY)
+    def _repair_refcounts(self, header: fmt.Header) -> fmt.Header:
+        """The dirty bit is set: refcounts may be wrong. As QEMU, run the check with every
+        repair on (the one walk and the one rebuild), then take the repaired header."""
+        result = repair_open_file(self.fd, self.path)
+        file_size = os.fstat(self.fd).st_size
+        head = bytearray(min(file_size, 1 << 21))
+        pread_full(self.fd, head, 0)
+        repaired = fmt.Header.decode(head)
+        repaired.validate(file_size)
+        if repaired.dirty and not result.check_errors:
+            # The refcounts now match the tables (what the dirty bit warns of); what check
+            # still reports lies in the tables themselves. QEMU clears the bit too.
+            repaired.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+            os.pwrite(
+                self.fd,
+                struct.pack(">Q", repaired.incompatible_features),
+                fmt.HDR_INCOMPATIBLE_FEATURES,
+            )
+            os.fdatasync(self.fd)
+        return repaired
 
     # -- header fields ------------------------------------------------------------------
     def _write_features(
@@ -326,10 +308,10 @@ class Qcow2Image(BlockDeviceBase):
         if self.header.version < 3:
             return
         if incompatible is not None:
-            os.pwrite(self.fd, struct.pack(">Q", incompatible), 72)
+            os.pwrite(self.fd, struct.pack(">Q", incompatible), fmt.HDR_INCOMPATIBLE_FEATURES)
             self.header.incompatible_features = incompatible
         if autoclear is not None:
-            os.pwrite(self.fd, struct.pack(">Q", autoclear), 88)
+            os.pwrite(self.fd, struct.pack(">Q", autoclear), fmt.HDR_AUTOCLEAR_FEATURES)
             self.header.autoclear_features = autoclear
         os.fdatasync(self.fd)
 

@@ -6,6 +6,10 @@ block (numpy over a whole block), feeding a min-heap of free cluster indices; cl
 later go straight onto the heap. Allocation is therefore amortised O(log n), never a full scan
 per request. Past the scanned area the file end is the next free cluster.
 
+:func:`rebuild_refcount_structure` is the one rebuild of the whole structure from expected
+refcounts (``check -r all`` and the open-time repair of a dirty lazy-refcounts image both reach
+it through ``check.py``; the expected refcounts come from ``references.py``).
+
 Not thread-safe by itself: the image calls it with its metadata lock held.
 """
 
@@ -74,8 +78,6 @@ class RefcountManager:
                 f"refcount table entry {int(past[0])}: refcount block lies past the end of the file",
                 path=self.path,
             )
-        first = h.refcount_table_offset >> self.cluster_bits
-        self.metadata.update(range(first, first + h.refcount_table_clusters))
         # Clusters past the file end may still carry refcounts; find the last one so that
         # allocation at the end only checks refcounts below it.
         self.tail_used = self.end_cluster
@@ -85,7 +87,6 @@ class RefcountManager:
                 if nz.size:
                     self.tail_used = max(self.end_cluster, (b << self.rb_bits) + int(nz[-1]) + 1)
                     break
-        self.metadata.update(int(x) >> self.cluster_bits for x in entries[entries != 0])
 
     # -- lookups --------------------------------------------------------------------------
     def _block(self, block_index: int, create: bool) -> np.ndarray | None:
@@ -206,7 +207,7 @@ class RefcountManager:
         if bi >= len(self.table):
             return None
         off = self.table[bi]
-        slot = self.cache._slots.get(off) if off else None
+        slot = self.cache.cached(off, REFBLOCK) if off else None
         if slot is None:
             return None
         slot.table[c & (self.rb_entries - 1)] = 1
@@ -311,7 +312,7 @@ class RefcountManager:
             self.add(c, -1)
 
     def _write_header_table(self, offset: int, clusters: int) -> None:
-        pwrite_full(self.fd, struct.pack(">QI", offset, clusters), 48)
+        pwrite_full(self.fd, struct.pack(">QI", offset, clusters), fmt.HDR_REFCOUNT_TABLE_OFFSET)
         os.fdatasync(self.fd)
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
@@ -331,61 +332,139 @@ class RefcountManager:
             wrote = True
         return wrote
 
-    # -- rebuild --------------------------------------------------------------------------
-    def rebuild(self, counts: np.ndarray) -> None:
-        """Replace the refcount structure by one that holds exactly ``counts``.
 
-        ``counts[i]`` is the number of references to host cluster i from everything except
-        the refcount structure itself. The new table and blocks go to the end of the file;
-        the old ones become free clusters.
-        """
-        cs = self.cluster_size
-        if counts.size and int(counts.max()) > self.max_refcount:
-            bad = int(np.argmax(counts > self.max_refcount))
-            raise CorruptImageError(
-                f"cluster {bad} has {int(counts[bad])} references, more than "
-                f"refcount_bits={self.header.refcount_bits} can hold",
-                path=self.path,
-            )
-        start = max(int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 1, self.end_cluster)
-        blocks = t_clusters = 1
-        while True:
-            total_end = start + t_clusters + blocks
-            b_new = (total_end + self.rb_entries - 1) >> self.rb_bits
-            t_new = (b_new * 8 + cs - 1) // cs
-            if b_new == blocks and t_new == t_clusters:
+# -- rebuild ----------------------------------------------------------------------------------
+def rebuild_refcount_structure(fd: int, header: fmt.Header, counts: np.ndarray, path: str) -> None:
+    """Write a new refcount structure holding ``counts`` and switch the header to it.
+
+    The one rebuild, used by ``check -r all`` and by the open-time repair of a dirty
+    lazy-refcounts image. As QEMU's rebuild_refcount_structure, new refcount blocks and the
+    new table go into the first free clusters of ``counts`` (appended at the end when there is
+    no room). The old structure stays counted in ``counts`` so nothing is placed over it: a
+    crash before the header switch leaves the old structure intact, and after it the old
+    clusters are merely leaked (the caller's second check pass frees them). ``header`` is
+    updated to the new table.
+    """
+    if counts.size and int(counts.max()) > (1 << header.refcount_bits) - 1:
+        bad = int(np.argmax(counts > (1 << header.refcount_bits) - 1))
+        raise CorruptImageError(
+            f"cluster {bad} has {int(counts[bad])} references, more than "
+            f"refcount_bits={header.refcount_bits} can hold",
+            path=path,
+        )
+    offset, clusters = _FirstFitRebuild(fd, header, counts, path).run()
+    pwrite_full(fd, struct.pack(">QI", offset, clusters), fmt.HDR_REFCOUNT_TABLE_OFFSET)
+    os.fdatasync(fd)
+    header.refcount_table_offset = offset
+    header.refcount_table_clusters = clusters
+
+
+def _first_free_run(free: np.ndarray, count: int) -> int:
+    """Index of the first run of ``count`` True values in ``free``, or -1 (memory: one byte
+    per cluster plus the run edges)."""
+    pad = np.zeros(1, dtype=np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate((pad, free.view(np.int8), pad))))
+    starts, ends = edges[0::2], edges[1::2]
+    long_enough = np.flatnonzero(ends - starts >= count)
+    return int(starts[long_enough[0]]) if long_enough.size else -1
+
+
+class _FirstFitRebuild:
+    """Refcount blocks and table placed first-fit over an in-memory refcount array."""
+
+    def __init__(self, fd: int, header: fmt.Header, counts: np.ndarray, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.cs = header.cluster_size
+        self.cb = header.cluster_bits
+        self.rb_bits = header.refblock_bits
+        self.order = header.refcount_order
+        self.arr = counts.astype(np.uint64, copy=True)
+        self.reftable: list[int] = []
+
+    def alloc(self, count: int, first_free: int) -> tuple[int, int]:
+        """First run of ``count`` free clusters at or after ``first_free`` (growing the array
+        when there is none); marks it used. Returns (cluster, updated first_free)."""
+        arr = self.arr
+        free = arr[first_free:] == 0
+        any_free = bool(free.any())
+        if any_free:
+            first_free = first_free + int(np.argmax(free))
+        start = -1
+        if count == 1:
+            if any_free:
+                start = first_free
+        elif free.size >= count:
+            hit = _first_free_run(free, count)
+            if hit >= 0:
+                start = (arr.size - free.size) + hit
+        if start < 0:
+            tail = 0
+            while tail < min(count, free.size) and free[free.size - 1 - tail]:
+                tail += 1
+            start = arr.size - tail
+            grow = start + count - arr.size
+            self.arr = arr = np.concatenate([arr, np.zeros(grow, dtype=np.uint64)])
+        arr[start : start + count] = 1
+        return start, first_free
+
+    def _next_used(self, cluster: int, end: int) -> int | None:
+        """The first cluster in [cluster, end) with a nonzero count (scanned in windows, so
+        the whole rebuild stays linear in the file's extent)."""
+        window = 1 << (self.rb_bits + 4)
+        while cluster < end:
+            stop = min(end, cluster + window)
+            used = self.arr[cluster:stop] != 0
+            if used.any():
+                return cluster + int(np.argmax(used))
+            cluster = stop
+        return None
+
+    def write_refblocks(self, first: int, end: int) -> bool:
+        """Write the blocks covering used clusters in [first, end); True if the table grew."""
+        rb = 1 << self.rb_bits
+        first_free = 0
+        grown = False
+        cluster = first
+        while cluster < end:
+            found = self._next_used(cluster, end)
+            if found is None:
                 break
-            blocks, t_clusters = max(blocks, b_new), max(t_clusters, t_new)
-        if t_clusters * cs > fmt.MAX_REFTABLE_BYTES:
-            raise NoSpaceError("rebuilt refcount table would exceed 8 MiB", path=self.path)
-        end = start + t_clusters + blocks
-        full = np.zeros(blocks * self.rb_entries, dtype=np.uint64)
-        full[: counts.size] = counts
-        full[start:end] += 1
-        table = array("Q", bytes(t_clusters * cs))
-        blob = bytearray()
-        for b in range(blocks):
-            table[b] = (start + t_clusters + b) << self.cluster_bits
-            blob += fmt.encode_refcount_block(
-                full[b * self.rb_entries : (b + 1) * self.rb_entries], self.header.refcount_order
-            )
-        pwrite_full(self.fd, blob, (start + t_clusters) << self.cluster_bits)
-        pwrite_full(self.fd, encode_l2(table), start << self.cluster_bits)
+            cluster = found
+            index = cluster >> self.rb_bits
+            block_start = index << self.rb_bits
+            if index < len(self.reftable) and self.reftable[index]:
+                off = self.reftable[index]
+            else:
+                first_free = max(first_free, block_start)
+                new, first_free = self.alloc(1, first_free)
+                end = max(end, new + 1)
+                if len(self.reftable) <= index:
+                    entries = -(-(index + 1) * 8 // self.cs) * self.cs // 8
+                    self.reftable.extend([0] * (entries - len(self.reftable)))
+                    grown = True
+                off = new << self.cb
+                self.reftable[index] = off
+            block = np.zeros(rb, dtype=np.uint64)
+            part = self.arr[block_start : block_start + rb]
+            block[: part.size] = part
+            pwrite_full(self.fd, fmt.encode_refcount_block(block, self.order), off)
+            cluster = block_start + rb
+        return grown
+
+    def run(self) -> tuple[int, int]:
+        """Write blocks and table (synced); returns the table's (offset, clusters)."""
+        self.write_refblocks(0, self.arr.size)
+        while True:
+            length = len(self.reftable) * 8
+            clusters = -(-length // self.cs)
+            start, _ = self.alloc(clusters, 0)
+            if not self.write_refblocks(start, start + clusters):
+                break
+            self.arr[start : start + clusters] = 0
+        if length > fmt.MAX_REFTABLE_BYTES:
+            raise NoSpaceError("the rebuilt refcount table would exceed 8 MiB", path=self.path)
+        table = np.array(self.reftable, dtype=np.uint64)
+        pwrite_full(self.fd, fmt.encode_table(table), start << self.cb)
         os.fdatasync(self.fd)
-        for b in range(len(self.table)):
-            if self.table[b]:
-                self.metadata.discard(self.table[b] >> self.cluster_bits)
-        old_first = self.header.refcount_table_offset >> self.cluster_bits
-        for c in range(old_first, old_first + self.header.refcount_table_clusters):
-            self.metadata.discard(c)
-        self._write_header_table(start << self.cluster_bits, t_clusters)
-        # Drop cached refcount blocks: they are the old structure's.
-        for b in range(len(self.table)):
-            if self.table[b]:
-                self.cache.drop(self.table[b])
-        self.table = table
-        self.table_dirty.clear()
-        self.metadata.update(range(start, end))
-        self.end_cluster = end
-        self.scan_cursor = 0
-        self.free_heap = []
+        return start << self.cb, clusters
