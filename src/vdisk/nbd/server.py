@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..block import BlockDevice, Extent, is_zero
+from ..block import BlockDevice, DirtyBitmap, Extent, is_zero
 from ..errors import RequestError, VdiskError
 from ..metrics import IoMetrics, register, unregister
 from . import protocol as p
@@ -44,56 +44,6 @@ DETECT_ZEROES_MODES = ("off", "on", "unmap")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
-class BitmapSource:
-    """A dirty bitmap as the server needs it: dirty runs in a range, and marking on writes.
-
-    ``bits`` holds one bit per ``granularity`` bytes (LSB first, as qcow2 stores it).
-    """
-
-    def __init__(self, name: str, size: int, granularity: int, bits: bytearray,
-                 enabled: bool = False) -> None:
-        self.name = name
-        self.size = size
-        self.granularity = granularity
-        self.bits = bits
-        self.enabled = enabled
-        self._lock = threading.Lock()
-
-    def _bit(self, index: int) -> bool:
-        return bool(self.bits[index >> 3] >> (index & 7) & 1)
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """(length, NBD_STATE_DIRTY or 0) runs covering [offset, offset+length)."""
-        import numpy as np
-
-        g = self.granularity
-        end = min(offset + length, self.size)
-        first, last = offset // g, (end - 1) // g
-        with self._lock:
-            raw = np.frombuffer(bytes(self.bits[first >> 3 : (last >> 3) + 1]), dtype=np.uint8)
-        bits = np.unpackbits(raw, bitorder="little")[first & 7 : (first & 7) + last - first + 1]
-        out: list[tuple[int, int]] = []
-        if not len(bits):
-            return [(length, 0)]
-        changes = np.flatnonzero(np.diff(bits.astype(np.int8))) + 1
-        starts = [0, *changes.tolist()]
-        ends = [*changes.tolist(), len(bits)]
-        for s, e in zip(starts, ends):
-            lo = max(offset, (first + s) * g)
-            hi = min(end, (first + e) * g)
-            out.append((hi - lo, p.NBD_STATE_DIRTY if bits[s] else 0))
-        return out
-
-    def mark(self, offset: int, length: int) -> None:
-        if not self.enabled or length <= 0:
-            return
-        g = self.granularity
-        first, last = offset // g, (offset + length - 1) // g
-        with self._lock:
-            for index in range(first, last + 1):
-                self.bits[index >> 3] |= 1 << (index & 7)
-
-
 @dataclass
 class Export:
     """One device served under a name, with qemu-nbd's policies."""
@@ -106,7 +56,7 @@ class Export:
     detect_zeroes: str = "off"
     cache: str = "writeback"
     allocation_depth: bool = False
-    bitmaps: Sequence[BitmapSource] = ()
+    bitmaps: Sequence[DirtyBitmap] = ()
     multi_conn: bool = True
     metrics: IoMetrics | None = field(default=None, repr=False)
 
@@ -160,12 +110,13 @@ class Export:
             return out
         for bitmap in self.bitmaps:
             if name == p.QEMU_DIRTY_BITMAP + bitmap.name:
-                return bitmap.extents(offset, length)
+                return [(n, p.NBD_STATE_DIRTY if dirty else 0)
+                        for n, dirty in bitmap.dirty_extents(offset, length)]
         raise RequestError(f"unknown metadata context {name!r}")
 
     def mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.bitmaps:
-            bitmap.mark(offset, length)
+            bitmap.mark_dirty(offset, length)
 
 
 def _allocation_flags(ext: Extent) -> int:
