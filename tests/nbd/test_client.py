@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import socket
+import struct
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import vdisk
+from vdisk.backends.memory import MemoryDevice
+from vdisk.errors import VdiskError
+from vdisk.nbd import Export, NbdServer
+from vdisk.nbd import protocol as p
 from vdisk.nbd.client import list_exports, parse_uri
 
 from .conftest import need, run, wait_for_socket
@@ -57,3 +69,62 @@ def test_client_against_qemu_nbd(tmp_path: Path, sock_path: str) -> None:
     raw = out.read_bytes()
     assert raw[8 * MiB + 3 : 8 * MiB + 3 + len(data)] == data
     assert raw[MiB : MiB + 4096] == bytes(4096)
+
+
+def _one_shot_server(path: str, greeting: bytes | None) -> threading.Thread:
+    """A unix server that accepts once, optionally sends ``greeting``, then resets (SO_LINGER 0)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            if greeting is not None:
+                conn.sendall(greeting)
+                with contextlib.suppress(OSError):
+                    conn.recv(4)  # the client's flags: the reset then hits its next read
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("greeting", [None, p.HANDSHAKE.pack(p.NBDMAGIC, p.IHAVEOPT, 3)],
+                         ids=["before-greeting", "after-greeting"])
+def test_reset_during_connect_is_a_vdisk_error(sock_path: str, greeting: bytes | None) -> None:
+    thread = _one_shot_server(sock_path, greeting)
+    with pytest.raises(VdiskError) as info:
+        vdisk.open(f"nbd+unix:///?socket={sock_path}")
+    thread.join(10)
+    assert info.value.errno in (errno.ECONNRESET, errno.EPIPE)
+    assert sock_path in str(info.value) and "\n" not in str(info.value)
+
+
+def test_not_an_nbd_server_is_a_vdisk_error(sock_path: str) -> None:
+    thread = _one_shot_server(sock_path, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    with pytest.raises(VdiskError) as info:
+        vdisk.open(f"nbd+unix:///?socket={sock_path}")
+    thread.join(10)
+    assert info.value.errno == errno.EPROTO
+    assert "not an NBD newstyle server" in str(info.value)
+
+
+def test_missing_socket_is_a_vdisk_error(sock_path: str) -> None:
+    with pytest.raises(VdiskError) as info:
+        vdisk.open(f"nbd+unix:///?socket={sock_path}")
+    assert info.value.errno == errno.ENOENT and sock_path in str(info.value)
+
+
+def test_server_gone_mid_session_is_a_vdisk_error(serve_inproc: Callable[..., NbdServer],
+                                                  sock_path: str) -> None:
+    server = serve_inproc(Export(MemoryDevice(MiB)))
+    dev = vdisk.open(f"nbd+unix:///?socket={sock_path}")
+    assert dev.pread(512, 0) == bytes(512)
+    server.shutdown()
+    with pytest.raises(VdiskError) as info:
+        dev.pread(512, 0)
+    assert info.value.errno in (errno.ECONNRESET, errno.EPIPE)
+    dev.close()
