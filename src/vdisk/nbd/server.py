@@ -33,7 +33,9 @@ log = logging.getLogger("vdisk.nbd")
 
 #: Reads at least this long (structured replies, no DF) are checked for holes first.
 SPARSE_READ_MIN = 64 << 10
-#: Per-connection reply arena; grows up to one maximal read (bounded memory per client).
+#: Per-connection reply arena: starts at ARENA_MIN on the first reply, doubles while batches fill
+#: it up to ARENA_SIZE, and grows past that only to hold one maximal read (bounded per client).
+ARENA_MIN = 64 << 10
 ARENA_SIZE = 2 << 20
 #: Longest block status query sent to the device in one request.
 BLOCK_STATUS_MAX = 1 << 30
@@ -141,7 +143,7 @@ class _Client:
         self.server = server
         self.sock: socket.socket = sock
         self.tls = False
-        self.arena = bytearray(0)  # allocated when transmission starts: idle sockets cost little
+        self.arena = bytearray(0)  # allocated on the first reply: idle connections cost little
         self.pos = 0
         self.holds_slot = False
 
@@ -166,8 +168,9 @@ class _Client:
         """Make ``need`` bytes free at arena[pos:] (sending what is queued first if needed)."""
         if self.pos + need > len(self.arena):
             self.flush_replies()
-            if need > len(self.arena):
-                self.arena = bytearray(need)
+            size = len(self.arena)
+            if need > size or size < ARENA_SIZE:
+                self.arena = bytearray(max(need, min(ARENA_SIZE, max(ARENA_MIN, 2 * size))))
         return memoryview(self.arena)
 
     # -- the connection ------------------------------------------------------------------------
@@ -217,7 +220,6 @@ class _Client:
                     log.info("nbd: dropping client during negotiation: %s", event.error)
                 return
         self.sock.settimeout(None)
-        self.arena = bytearray(ARENA_SIZE)
         self.transmission(conn, export, contexts)
 
     def set_deadline(self, deadline: float | None) -> None:
@@ -256,6 +258,7 @@ class _Client:
                 if req.error:
                     self.reply_error(conn, req.cookie, req.error, req.message)
                     record(p.CMD_NAMES.get(rtype, "other"), 0, clock() - t0, True)
+                    arena_view = memoryview(self.arena)  # reply_error may have grown it
                     continue
                 try:
                     if rtype == p.NBD_CMD_READ:
