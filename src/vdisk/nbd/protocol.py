@@ -1,4 +1,4 @@
-"""The NBD protocol as a sans-IO state machine (server side), plus the wire codecs.
+"""The NBD protocol without I/O: the server's state machine, and the client's codecs.
 
 Nothing here touches a socket. A :class:`ServerConnection` is fed bytes through the
 ``get_buffer()`` / ``buffer_updated(n)`` pair (the caller receives straight into the connection's
@@ -6,6 +6,9 @@ buffer, as with asyncio's BufferedProtocol, so payloads are never copied), and h
 from ``next_event()``. Handshake replies accumulate in ``data_to_send()``; transmission replies are
 packed by ``pack_*`` methods into a buffer the caller owns, so a server can lay many replies and
 their read data end to end and send them with one system call.
+
+The client side (at the end) is pure functions: encoders for options and requests, decoders for
+option replies and reply chunks. client.py only moves their bytes over a socket.
 
 Names follow NBD's doc/proto.md: fixed newstyle negotiation, structured replies, extended headers
 (64-bit lengths), metadata contexts, and the transmission commands.
