@@ -145,6 +145,8 @@ MAX_PAYLOAD = 32 << 20
 MAX_STRING = 4096
 #: Largest option payload read into memory; longer ones are drained and refused.
 MAX_OPTION = 64 << 10
+#: A connection's receive buffer until the peer sends faster than that (see ServerConnection).
+INITIAL_BUFFER = 4096
 #: Extents sent per metadata context in one block status reply.
 MAX_EXTENTS = 1 << 17
 
@@ -325,7 +327,10 @@ class ServerConnection:
         self._out: list[bytes] = [
             HANDSHAKE.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)
         ]
-        self._buf = bytearray(buffer_size)
+        # Start small: a connection that never sends much (negotiation, idle clients) keeps a
+        # page; the first receive that fills the buffer grows it to ``buffer_size``.
+        self._buffer_size = buffer_size
+        self._buf = bytearray(min(buffer_size, INITIAL_BUFFER))
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -349,6 +354,8 @@ class ServerConnection:
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last get_buffer() view."""
         self._end += nbytes
+        if self._end == len(self._buf) and len(self._buf) < self._buffer_size:
+            self._grow(self._buffer_size)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Convenience for tests and non-buffered transports: copy ``data`` in."""
