@@ -10,7 +10,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from vdisk.backends.memory import MemoryDevice
 from vdisk.errors import VdiskError
 from vdisk.nbd import Export, NbdServer
 from vdisk.nbd import protocol as p
-from vdisk.nbd.client import list_exports, parse_uri
+from vdisk.nbd.client import NbdClient, NbdError, list_exports, parse_uri
 
 from .conftest import need, run, wait_for_socket
 
@@ -128,3 +128,50 @@ def test_server_gone_mid_session_is_a_vdisk_error(serve_inproc: Callable[..., Nb
         dev.pread(512, 0)
     assert info.value.errno in (errno.ECONNRESET, errno.EPIPE)
     dev.close()
+
+
+@contextlib.contextmanager
+def nbdkit(sock_path: str, *args: str) -> Iterator[None]:
+    need("nbdkit")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock_path, *args],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(sock_path)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_client_against_nbdkit_memory(sock_path: str, structured: bool) -> None:
+    with nbdkit(sock_path, "memory", "size=8M"):
+        uri = f"nbd+unix:///?socket={sock_path}"
+        with NbdClient(sock_path, structured=structured) as dev:
+            assert dev.size == 8 * MiB
+            data = os.urandom(3 * 65536 + 5)
+            dev.write(data, MiB + 7)
+            dev.write(b"\x99" * 65536, 4 * MiB, fua=True)
+            dev.write_zeroes(4 * MiB, 4096)
+            dev.discard(6 * MiB, MiB)
+            dev.flush()
+            assert dev.pread(len(data), MiB + 7) == data
+            assert dev.pread(8192, 4 * MiB) == bytes(4096) + b"\x99" * 4096
+            ours = [(e.offset, e.length, e.data, e.zero) for e in dev.block_status(0, dev.size)]
+        theirs = json.loads(run("nbdinfo", "--json", "--map", uri).stdout)
+        if structured:  # without structured replies there is no block status to compare
+            assert ours == [(e["offset"], e["length"], not e["type"] & 1, bool(e["type"] & 2))
+                            for e in theirs]
+
+
+def test_client_sees_enospc_from_nbdkit_full(sock_path: str) -> None:
+    with nbdkit(sock_path, "full", "size=1M"), NbdClient(sock_path) as dev:
+        with pytest.raises(NbdError) as info:
+            dev.write(b"x" * 4096, 0)
+        assert info.value.errno == p.NBD_ENOSPC
+        assert dev.pread(4096, 0) == bytes(4096)  # the connection still serves
+
+
+def test_client_lists_nbdkit_exports(sock_path: str) -> None:
+    with nbdkit(sock_path, "memory", "size=1M"):
+        assert [name for name, _ in list_exports(sock_path)] == [""]
