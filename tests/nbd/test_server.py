@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,14 +90,21 @@ def test_shared_slots_count_negotiated_clients(
 ) -> None:
     serve_inproc(Export(MemoryDevice(MiB)), shared=2)
     first, second = NbdClient(sock_path), NbdClient(sock_path)
+    third: list[NbdClient] = []
+    waiter = threading.Thread(target=lambda: third.append(NbdClient(sock_path)), daemon=True)
     try:
-        # A third client waits for a slot; it gets one as soon as another leaves.
+        # Both slots are taken: the third client negotiates, then waits for a slot...
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not third
+        # ...and gets one as soon as another client leaves.
         first.close()
-        with NbdClient(sock_path) as third:
-            assert third.pread(512, 0) == bytes(512)
+        waiter.join(30)
+        assert third and third[0].pread(512, 0) == bytes(512)
+        assert second.pread(512, 0) == bytes(512)
     finally:
-        first.close()
-        second.close()
+        for c in (first, second, *third):
+            c.close()
 
 
 def test_cli_multi_conn_follows_shared(
