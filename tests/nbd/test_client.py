@@ -175,3 +175,38 @@ def test_client_sees_enospc_from_nbdkit_full(sock_path: str) -> None:
 def test_client_lists_nbdkit_exports(sock_path: str) -> None:
     with nbdkit(sock_path, "memory", "size=1M"):
         assert [name for name, _ in list_exports(sock_path)] == [""]
+
+
+def test_malformed_reply_is_eproto_and_poisons_the_connection(sock_path: str) -> None:
+    """A server that negotiates properly (through the real state machine) and then answers the
+    first request with garbage."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sock_path)
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            machine = p.ServerConnection([p.ExportInfo("", MiB)])
+            with conn:
+                while True:
+                    event = machine.next_event()
+                    conn.sendall(machine.data_to_send())
+                    if isinstance(event, p.Negotiated):
+                        break
+                    if event is p.NEED_DATA:
+                        machine.receive_data(conn.recv(4096))
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+                    conn.sendall(b"\xde\xad\xbe\xef" * 8)
+                    conn.recv(4096)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with NbdClient(sock_path) as dev:
+        with pytest.raises(VdiskError) as info:
+            dev.pread(512, 0)
+        assert info.value.errno == errno.EPROTO and "bad magic" in str(info.value)
+        with pytest.raises(VdiskError):
+            dev.pread(512, 0)  # never reads the garbage's leftovers as a reply
+    thread.join(10)

@@ -10,12 +10,12 @@ Every socket or protocol failure surfaces as a VdiskError naming the server, wit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from typing_extensions import Buffer
@@ -62,7 +62,7 @@ def _describe(address: str | tuple[str, int]) -> str:
     return f"nbd://{address[0]}:{address[1]}"
 
 
-@contextmanager
+@contextlib.contextmanager
 def _wire_errors(where: str) -> Iterator[None]:
     """Turn socket and protocol failures into one-line VdiskErrors naming ``where``."""
     try:
@@ -216,17 +216,29 @@ class NbdClient(BlockDeviceBase):
     def request(self, rtype: int, offset: int = 0, length: int = 0, flags: int = 0,
                 payload: Buffer | None = None, into: memoryview | None = None) -> Reply:
         """Send one request and collect its whole reply (read data lands in ``into``)."""
-        with self._lock, _wire_errors(self.where):
-            self._cookie += 1
-            cookie = self._cookie
-            header = p.pack_request(self.extended, flags, rtype, cookie, offset, length)
-            if payload is not None:
-                self.wire.sendmsg_all([memoryview(header), memoryview(payload).cast("B")])
-            else:
-                self.sock.sendall(header)
-            if rtype == p.NBD_CMD_DISC:
-                return Reply()
-            return self._read_reply(cookie, offset, into)
+        with self._lock:
+            try:
+                with _wire_errors(self.where):
+                    return self._exchange(rtype, offset, length, flags, payload, into)
+            except VdiskError:
+                # Mid-message failures leave the stream out of step: no later request may
+                # read this one's leftovers as its reply.
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                raise
+
+    def _exchange(self, rtype: int, offset: int, length: int, flags: int,
+                  payload: Buffer | None, into: memoryview | None) -> Reply:
+        self._cookie += 1
+        cookie = self._cookie
+        header = p.pack_request(self.extended, flags, rtype, cookie, offset, length)
+        if payload is not None:
+            self.wire.sendmsg_all([memoryview(header), memoryview(payload).cast("B")])
+        else:
+            self.sock.sendall(header)
+        if rtype == p.NBD_CMD_DISC:
+            return Reply()
+        return self._read_reply(cookie, offset, into)
 
     def _read_reply(self, cookie: int, req_offset: int, into: memoryview | None) -> Reply:
         reply = Reply()
