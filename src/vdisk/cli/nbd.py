@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from typing import Any
@@ -90,6 +91,7 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 # multi-conn is safe whenever the server takes more than one client.
                 bitmaps=sources, multi_conn=shared != 1,
             ))
+        _raise_nofile_limit()
         tls = tls_context_from_dir(tls_creds) if tls_creds else None
         server = NbdServer(exports, tls_context=tls, shared=shared, persistent=persistent,
                            handshake_limit=handshake_limit)
@@ -120,6 +122,15 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 device.flush()
             device.close()
     return 0
+
+
+def _raise_nofile_limit() -> None:
+    """Lift the soft descriptor limit to the hard one: every connection, even one still
+    negotiating, holds a descriptor, and running out would stall accept for real clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _daemonize() -> int:
