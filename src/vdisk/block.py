@@ -12,6 +12,7 @@ file name points, by QEMU's rule).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
@@ -249,3 +250,53 @@ def resolve_backing(image_path: str, backing_name: str) -> str:
     # Keep the image path's protocol prefix or directory, whichever ends later.
     prefix = max(image_path.find(":") + 1, image_path.rfind("/") + 1)
     return image_path[:prefix] + backing_name
+
+
+class DirtyBitmap:
+    """A dirty bitmap as an export sees it: dirty runs in a range, and marking on writes.
+
+    Formats build it (qcow2 persistent bitmaps); exports such as NBD's qemu:dirty-bitmap
+    context consume it. ``bits`` holds one bit per ``granularity`` bytes, LSB first as qcow2
+    stores it.
+    """
+
+    def __init__(self, name: str, size: int, granularity: int, bits: bytearray,
+                 enabled: bool = False) -> None:
+        self.name = name
+        self.size = size
+        self.granularity = granularity
+        self.bits = bits
+        self.enabled = enabled
+        self._lock = threading.Lock()
+
+    def dirty_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """(length, dirty) runs covering [offset, offset+length) within the bitmap's size."""
+        g = self.granularity
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return [(length, False)]
+        import numpy as np  # only exports of bitmaps need it
+
+        first, last = offset // g, (end - 1) // g
+        with self._lock:
+            raw = np.frombuffer(bytes(self.bits[first >> 3 : (last >> 3) + 1]), dtype=np.uint8)
+        bits = np.unpackbits(raw, bitorder="little")[first & 7 : (first & 7) + last - first + 1]
+        if not len(bits):
+            return [(length, False)]
+        changes = (np.flatnonzero(np.diff(bits.astype(np.int8))) + 1).tolist()
+        out: list[tuple[int, bool]] = []
+        for s, e in zip([0, *changes], [*changes, len(bits)], strict=True):
+            lo = max(offset, (first + s) * g)
+            hi = min(end, (first + e) * g)
+            out.append((hi - lo, bool(bits[s])))
+        return out
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record a write to [offset, offset+length) (only while the bitmap is enabled)."""
+        if not self.enabled or length <= 0:
+            return
+        g = self.granularity
+        first, last = offset // g, (offset + length - 1) // g
+        with self._lock:
+            for index in range(first, last + 1):
+                self.bits[index >> 3] |= 1 << (index & 7)

@@ -123,7 +123,7 @@ def struct_u32(v: int) -> bytes:
 def test_enabled_bitmap_tracks_writes_through_nbd(serve_inproc: Callable[..., NbdServer],
                                                   sock_path: str) -> None:
     from vdisk.backends.memory import MemoryDevice
-    from vdisk.nbd import BitmapSource
+    from vdisk.block import DirtyBitmap as BitmapSource
 
     size, g = 8 * MiB, 65536
     bitmap = BitmapSource("live", size, g, bytearray(size // g // 8), enabled=True)

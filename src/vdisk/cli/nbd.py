@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from typing import Any
@@ -25,6 +26,8 @@ from ..errors import VdiskError
 @click.option("-k", "--socket", "socket_path", default=None, help="listen on this unix socket")
 @click.option("-e", "--shared", type=int, default=1, show_default=True,
               help="clients served at once (0: unlimited)")
+@click.option("--handshake-limit", type=float, default=10.0, show_default=True,
+              help="seconds a client has to finish negotiation (0: no limit)")
 @click.option("-t", "--persistent", is_flag=True, help="keep serving after the last client leaves")
 @click.option("--cache", default="writeback", show_default=True,
               type=click.Choice(["none", "writeback", "writethrough", "directsync", "unsafe"]))
@@ -42,7 +45,8 @@ from ..errors import VdiskError
 @click.option("-v", "--verbose", is_flag=True, help="log connections")
 def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: tuple[str, ...],
                 descriptions: tuple[str, ...], port: int | None, bind: str | None,
-                socket_path: str | None, shared: int, persistent: bool, cache: str, discard: str,
+                socket_path: str | None, shared: int, handshake_limit: float, persistent: bool,
+                cache: str, discard: str,
                 detect_zeroes: str, bitmaps: tuple[str, ...], allocation_depth: bool,
                 tls_creds: str | None, pid_file: str | None, fork: bool, verbose: bool) -> int:
     """Serve FILE(s) over NBD, as qemu-nbd does (several FILEs: several exports)."""
@@ -58,6 +62,8 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
         raise VdiskError("-k cannot be combined with -p or -b")
     if shared < 0:
         raise VdiskError("-e must be at least 0")
+    if handshake_limit < 0:
+        raise VdiskError("--handshake-limit must be at least 0")
     if len(descriptions) > len(files):
         raise VdiskError("more descriptions (-D) than files")
     exports: list[Export] = []
@@ -81,10 +87,14 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 device, name=name, description=descriptions[i] if i < len(descriptions) else "",
                 readonly=readonly or device.readonly, discard=discard,
                 detect_zeroes=detect_zeroes, cache=cache, allocation_depth=allocation_depth,
-                bitmaps=sources, multi_conn=True,
+                # One device object behind every connection: consistent across them, so
+                # multi-conn is safe whenever the server takes more than one client.
+                bitmaps=sources, multi_conn=shared != 1,
             ))
+        _raise_nofile_limit()
         tls = tls_context_from_dir(tls_creds) if tls_creds else None
-        server = NbdServer(exports, tls_context=tls, shared=shared, persistent=persistent)
+        server = NbdServer(exports, tls_context=tls, shared=shared, persistent=persistent,
+                           handshake_limit=handshake_limit)
         if socket_path:
             server.listen_unix(socket_path)
         else:
@@ -112,6 +122,15 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 device.flush()
             device.close()
     return 0
+
+
+def _raise_nofile_limit() -> None:
+    """Lift the soft descriptor limit to the hard one: every connection, even one still
+    negotiating, holds a descriptor, and running out would stall accept for real clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _daemonize() -> int:

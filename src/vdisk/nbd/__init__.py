@@ -5,6 +5,6 @@
 
 from __future__ import annotations
 
-from .server import BitmapSource, Export, NbdServer, serve
+from .server import Export, NbdServer, serve
 
-__all__ = ["BitmapSource", "Export", "NbdServer", "serve"]
+__all__ = ["Export", "NbdServer", "serve"]

@@ -3,15 +3,19 @@
 URIs as libnbd and QEMU spell them: ``nbd://HOST[:PORT]/[EXPORT]`` and
 ``nbd+unix:///[EXPORT]?socket=PATH``. One request is in flight at a time (a lock serializes
 callers), which is all convert and the tests need.
+
+Only socket I/O lives here: every byte is encoded and decoded by protocol.py's client codecs.
+Every socket or protocol failure surfaces as a VdiskError naming the server, with an errno.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import socket
-import struct
 import threading
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from typing_extensions import Buffer
@@ -52,18 +56,86 @@ def parse_uri(uri: str) -> tuple[str | tuple[str, int], str]:
     raise VdiskError(f"unsupported NBD URI {uri!r} (nbd:// or nbd+unix://)")
 
 
+def _describe(address: str | tuple[str, int]) -> str:
+    if isinstance(address, str):
+        return f"nbd+unix:///?socket={address}"
+    return f"nbd://{address[0]}:{address[1]}"
+
+
+@contextlib.contextmanager
+def _wire_errors(where: str) -> Iterator[None]:
+    """Turn socket and protocol failures into one-line VdiskErrors naming ``where``."""
+    try:
+        yield
+    except OSError as exc:
+        code = exc.errno if exc.errno is not None else errno.EIO
+        text = exc.strerror or str(exc) or type(exc).__name__
+        raise VdiskError(f"NBD connection to {where} failed: {text}", errno=code) from None
+    except p.ProtocolError as exc:
+        raise VdiskError(f"NBD server {where}: {exc}", errno=errno.EPROTO) from None
+
+
 def connect_socket(address: str | tuple[str, int]) -> socket.socket:
     try:
         if isinstance(address, str):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(address)
+            try:
+                sock.connect(address)
+            except BaseException:
+                sock.close()
+                raise
         else:
             sock = socket.create_connection(address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
-        raise VdiskError(f"cannot connect to NBD server {address}: {exc.strerror or exc}",
-                         errno=exc.errno) from None
+        raise VdiskError(f"cannot connect to NBD server {_describe(address)}: "
+                         f"{exc.strerror or exc}", errno=exc.errno) from None
     return sock
+
+
+class _Wire:
+    """Blocking send and receive of whole messages on one socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, view: memoryview) -> None:
+        while view:
+            n = self.sock.recv_into(view)
+            if not n:
+                raise ConnectionResetError(errno.ECONNRESET, "server closed the connection")
+            view = view[n:]
+
+    def recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def sendmsg_all(self, views: list[memoryview]) -> None:
+        while views:
+            n = self.sock.sendmsg(views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+    def option(self, option: int, data: bytes = b"") -> None:
+        self.sock.sendall(p.pack_option(option, data))
+
+    def option_reply(self, option: int) -> tuple[int, bytes]:
+        rtype, length = p.parse_option_reply(self.recv(p.OPTION_REPLY.size), option)
+        return rtype, self.recv(length)
+
+    def simple_option(self, option: int) -> bool:
+        self.option(option)
+        rtype, _ = self.option_reply(option)
+        return rtype == p.NBD_REP_ACK
+
+    def greet(self) -> None:
+        """Read the greeting and answer it (fixed newstyle)."""
+        flags = p.parse_greeting(self.recv(p.HANDSHAKE.size))
+        self.sock.sendall(p.client_flags(flags))
 
 
 class NbdClient(BlockDeviceBase):
@@ -79,14 +151,21 @@ class NbdClient(BlockDeviceBase):
         meta_contexts: Sequence[str] = (p.BASE_ALLOCATION,),
         readonly: bool = False,
     ) -> None:
-        self.sock = address if isinstance(address, socket.socket) else connect_socket(address)
+        if isinstance(address, socket.socket):
+            self.sock = address
+            self.where = f"socket {address.fileno()}"
+        else:
+            self.where = _describe(address)
+            self.sock = connect_socket(address)
+        self.wire = _Wire(self.sock)
         self._lock = threading.Lock()
         self._cookie = 0
         self.structured = False
         self.extended = False
         self.contexts: dict[str, int] = {}
         try:
-            self._handshake(export, structured, extended, meta_contexts)
+            with _wire_errors(self.where):
+                self._handshake(export, structured, extended, meta_contexts)
         except BaseException:
             self.sock.close()
             raise
@@ -98,89 +177,39 @@ class NbdClient(BlockDeviceBase):
         address, name = parse_uri(uri)
         return cls(address, name, **kwargs)  # type: ignore[arg-type]
 
-    # -- wire helpers --------------------------------------------------------------------------
-
-    def _recv_into(self, view: memoryview) -> None:
-        while view:
-            n = self.sock.recv_into(view)
-            if not n:
-                raise VdiskError("NBD server closed the connection")
-            view = view[n:]
-
-    def _sendmsg_all(self, views: list[memoryview]) -> None:
-        while views:
-            n = self.sock.sendmsg(views)
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
-
-    def _recv(self, n: int) -> bytes:
-        buf = bytearray(n)
-        self._recv_into(memoryview(buf))
-        return bytes(buf)
-
-    def _send_option(self, option: int, data: bytes = b"") -> None:
-        self.sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
-
-    def _option_reply(self, option: int) -> tuple[int, bytes]:
-        magic, opt, rtype, length = p.OPTION_REPLY.unpack(self._recv(p.OPTION_REPLY.size))
-        if magic != p.OPTION_REPLY_MAGIC or opt != option:
-            raise VdiskError("NBD server sent a malformed option reply")
-        if length > p.MAX_OPTION:
-            raise VdiskError("NBD server sent an oversized option reply")
-        return rtype, self._recv(length)
-
-    def _simple_option(self, option: int) -> bool:
-        self._send_option(option)
-        rtype, _ = self._option_reply(option)
-        return rtype == p.NBD_REP_ACK
+    # -- negotiation ---------------------------------------------------------------------------
 
     def _handshake(self, export: str, structured: bool, extended: bool,
                    meta_contexts: Sequence[str]) -> None:
-        magic, opt_magic, flags = p.HANDSHAKE.unpack(self._recv(p.HANDSHAKE.size))
-        if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
-            raise VdiskError("not an NBD newstyle server")
-        if not flags & p.NBD_FLAG_FIXED_NEWSTYLE:
-            raise VdiskError("NBD server does not support fixed newstyle negotiation")
-        self.sock.sendall(p.U32.pack(p.NBD_FLAG_C_FIXED_NEWSTYLE | (flags & p.NBD_FLAG_NO_ZEROES)))
-        if extended and self._simple_option(p.NBD_OPT_EXTENDED_HEADERS):
+        wire = self.wire
+        wire.greet()
+        if extended and wire.simple_option(p.NBD_OPT_EXTENDED_HEADERS):
             self.extended = self.structured = True
-        if structured and not self.extended and self._simple_option(p.NBD_OPT_STRUCTURED_REPLY):
+        if structured and not self.extended and wire.simple_option(p.NBD_OPT_STRUCTURED_REPLY):
             self.structured = True
-        name = export.encode()
         if self.structured and meta_contexts:
-            data = p.U32.pack(len(name)) + name + p.U32.pack(len(meta_contexts))
-            for ctx in meta_contexts:
-                data += p.U32.pack(len(ctx.encode())) + ctx.encode()
-            self._send_option(p.NBD_OPT_SET_META_CONTEXT, data)
+            wire.option(p.NBD_OPT_SET_META_CONTEXT, p.pack_meta_context(export, meta_contexts))
             while True:
-                rtype, payload = self._option_reply(p.NBD_OPT_SET_META_CONTEXT)
-                if rtype == p.NBD_REP_META_CONTEXT:
-                    (cid,) = p.U32.unpack_from(payload)
-                    self.contexts[payload[4:].decode()] = cid
-                    continue
-                break
-        self._send_option(
-            p.NBD_OPT_GO,
-            p.U32.pack(len(name)) + name + struct.pack(">HH", 1, p.NBD_INFO_BLOCK_SIZE),
-        )
-        self.min_block, self.preferred_block, self.max_block = 1, 4096, p.MAX_PAYLOAD
+                rtype, payload = wire.option_reply(p.NBD_OPT_SET_META_CONTEXT)
+                if rtype != p.NBD_REP_META_CONTEXT:
+                    break
+                cid, name = p.parse_meta_context_reply(payload)
+                self.contexts[name] = cid
+        wire.option(p.NBD_OPT_GO, p.pack_go(export))
+        details = p.ExportDetails()
         while True:
-            rtype, payload = self._option_reply(p.NBD_OPT_GO)
+            rtype, payload = wire.option_reply(p.NBD_OPT_GO)
             if rtype == p.NBD_REP_INFO:
-                (info,) = p.U16.unpack_from(payload)
-                if info == p.NBD_INFO_EXPORT:
-                    _, self.export_size, self.flags = struct.unpack(">HQH", payload)
-                elif info == p.NBD_INFO_BLOCK_SIZE:
-                    _, self.min_block, self.preferred_block, self.max_block = struct.unpack(
-                        ">HIII", payload)
+                details = p.apply_info(details, payload)
             elif rtype == p.NBD_REP_ACK:
                 break
             elif rtype & p.NBD_REP_FLAG_ERROR:
                 text = payload.decode("utf-8", "replace")
-                raise VdiskError(f"NBD server refused export {export!r}: {text or hex(rtype)}")
+                raise VdiskError(f"NBD server {self.where} refused export {export!r}: "
+                                 f"{text or hex(rtype)}", errno=errno.ENOENT)
+        self.export_size, self.flags = details.size, details.flags
+        self.min_block, self.preferred_block = details.min_block, details.preferred_block
+        self.max_block = details.max_block
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -188,88 +217,80 @@ class NbdClient(BlockDeviceBase):
                 payload: Buffer | None = None, into: memoryview | None = None) -> Reply:
         """Send one request and collect its whole reply (read data lands in ``into``)."""
         with self._lock:
-            self._cookie += 1
-            cookie = self._cookie
-            if self.extended:
-                header = p.EXT_REQUEST.pack(p.NBD_EXTENDED_REQUEST_MAGIC, flags, rtype, cookie,
-                                            offset, length)
-            else:
-                header = p.REQUEST.pack(p.NBD_REQUEST_MAGIC, flags, rtype, cookie, offset, length)
-            if payload is not None:
-                self._sendmsg_all([memoryview(header), memoryview(payload).cast("B")])
-            else:
-                self.sock.sendall(header)
-            if rtype == p.NBD_CMD_DISC:
-                return Reply()
-            return self._read_reply(cookie, offset, into)
+            try:
+                with _wire_errors(self.where):
+                    return self._exchange(rtype, offset, length, flags, payload, into)
+            except VdiskError:
+                # Mid-message failures leave the stream out of step: no later request may
+                # read this one's leftovers as its reply.
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                raise
+
+    def _exchange(self, rtype: int, offset: int, length: int, flags: int,
+                  payload: Buffer | None, into: memoryview | None) -> Reply:
+        self._cookie += 1
+        cookie = self._cookie
+        header = p.pack_request(self.extended, flags, rtype, cookie, offset, length)
+        if payload is not None:
+            self.wire.sendmsg_all([memoryview(header), memoryview(payload).cast("B")])
+        else:
+            self.sock.sendall(header)
+        if rtype == p.NBD_CMD_DISC:
+            return Reply()
+        return self._read_reply(cookie, offset, into)
 
     def _read_reply(self, cookie: int, req_offset: int, into: memoryview | None) -> Reply:
         reply = Reply()
-        if not self.structured:
-            magic, error, got = p.SIMPLE_REPLY.unpack(self._recv(p.SIMPLE_REPLY.size))
-            if magic != p.NBD_SIMPLE_REPLY_MAGIC or got != cookie:
-                raise VdiskError("NBD server sent a malformed reply")
-            reply.error = error
-            if not error and into is not None:
-                self._recv_into(into)
-            return reply
+        wire = self.wire
         while True:
-            head = self._recv(4)
-            (magic,) = p.U32.unpack(head)
-            if magic == p.NBD_SIMPLE_REPLY_MAGIC and not self.extended:
-                # Allowed in structured mode for replies without payload.
-                error, got = struct.unpack(">IQ", self._recv(12))
-                if got != cookie or reply.types:
-                    raise VdiskError("NBD server sent a malformed reply")
-                reply.error = error
+            head = wire.recv(4)
+            size = p.reply_header_size(p.U32.unpack(head)[0], self.extended)
+            header = p.parse_reply_header(head + wire.recv(size - 4), self.extended)
+            if header.cookie != cookie:
+                raise p.ProtocolError(f"reply for cookie {header.cookie}, expected {cookie}")
+            if header.simple:
+                # Structured mode allows simple replies only for requests without data chunks.
+                if reply.types:
+                    raise p.ProtocolError("simple reply in the middle of a structured reply")
+                reply.error = header.error
+                if not header.error and into is not None and not self.structured:
+                    wire.recv_into(into)
                 return reply
-            if self.extended:
-                magic, flags, rtype, got, _, length = p.EXT_REPLY.unpack(
-                    head + self._recv(p.EXT_REPLY.size - 4))
-                ok_magic = p.NBD_EXTENDED_REPLY_MAGIC
-            else:
-                magic, flags, rtype, got, length = p.STRUCTURED_REPLY.unpack(
-                    head + self._recv(p.STRUCTURED_REPLY.size - 4))
-                ok_magic = p.NBD_STRUCTURED_REPLY_MAGIC
-            if length > p.MAX_PAYLOAD + 4096:
-                raise VdiskError("NBD server sent an oversized reply chunk")
-            if magic != ok_magic or got != cookie:
-                raise VdiskError("NBD server sent a malformed structured reply")
-            reply.types.append(rtype)
-            if rtype == p.NBD_REPLY_TYPE_OFFSET_DATA:
-                (off,) = p.U64.unpack(self._recv(8))
-                n = length - 8
-                rel = off - req_offset
-                if into is None or rel < 0 or rel + n > len(into):
-                    raise VdiskError("NBD server sent data outside the request")
-                self._recv_into(into[rel : rel + n])
-                reply.chunks.append((off, n, False))
-            elif rtype == p.NBD_REPLY_TYPE_OFFSET_HOLE:
-                off, n = struct.unpack(">QI", self._recv(length))
-                rel = off - req_offset
-                if into is None or rel < 0 or rel + n > len(into):
-                    raise VdiskError("NBD server sent a hole outside the request")
-                into[rel : rel + n] = bytes(n)
-                reply.chunks.append((off, n, True))
-            elif rtype == p.NBD_REPLY_TYPE_BLOCK_STATUS:
-                data = self._recv(length)
-                (cid,) = p.U32.unpack_from(data)
-                reply.block_status[cid] = [p.EXTENT32.unpack_from(data, 4 + 8 * i)
-                                           for i in range((length - 4) // 8)]
-            elif rtype == p.NBD_REPLY_TYPE_BLOCK_STATUS_EXT:
-                data = self._recv(length)
-                cid, count = struct.unpack_from(">II", data)
-                reply.block_status[cid] = [p.EXTENT64.unpack_from(data, 8 + 16 * i)
-                                           for i in range(count)]
-            elif rtype & (1 << 15):
-                data = self._recv(length)
-                error, mlen = struct.unpack_from(">IH", data)
-                reply.error = error
-                reply.message = data[6 : 6 + mlen].decode("utf-8", "replace")
-            else:
-                self._recv(length)
-            if flags & p.NBD_REPLY_FLAG_DONE:
+            if not self.structured:
+                raise p.ProtocolError("structured reply without structured replies negotiated")
+            reply.types.append(header.type)
+            self._read_chunk(header, req_offset, into, reply)
+            if header.done:
                 return reply
+
+    def _read_chunk(self, header: p.ReplyHeader, req_offset: int, into: memoryview | None,
+                    reply: Reply) -> None:
+        wire, rtype, length = self.wire, header.type, header.length
+        if rtype == p.NBD_REPLY_TYPE_OFFSET_DATA:
+            if length < 8:
+                raise p.ProtocolError("data chunk shorter than its offset")
+            (off,) = p.U64.unpack(wire.recv(8))
+            n = length - 8
+            rel = off - req_offset
+            if into is None or rel < 0 or rel + n > len(into):
+                raise p.ProtocolError("data outside the request")
+            wire.recv_into(into[rel : rel + n])
+            reply.chunks.append((off, n, False))
+            return
+        data = wire.recv(length)
+        if rtype == p.NBD_REPLY_TYPE_OFFSET_HOLE:
+            off, n = p.parse_hole(data)
+            rel = off - req_offset
+            if into is None or rel < 0 or rel + n > len(into):
+                raise p.ProtocolError("hole outside the request")
+            into[rel : rel + n] = bytes(n)
+            reply.chunks.append((off, n, True))
+        elif rtype in (p.NBD_REPLY_TYPE_BLOCK_STATUS, p.NBD_REPLY_TYPE_BLOCK_STATUS_EXT):
+            cid, extents = p.parse_block_status(data, rtype)
+            reply.block_status[cid] = extents
+        elif rtype & (1 << 15):
+            reply.error, reply.message = p.parse_error_chunk(data)
 
     def _check(self, reply: Reply, what: str) -> Reply:
         if reply.error:
@@ -347,8 +368,8 @@ class NbdClient(BlockDeviceBase):
         if not self._closed:
             try:
                 self.request(p.NBD_CMD_DISC)
-            except OSError:
-                pass
+            except VdiskError:
+                pass  # the server is gone already: closing is all that is left
             finally:
                 self.sock.close()
                 super().close()
@@ -357,22 +378,18 @@ class NbdClient(BlockDeviceBase):
 def list_exports(address: str | tuple[str, int]) -> list[tuple[str, str]]:
     """(name, description) of every export, via NBD_OPT_LIST."""
     sock = connect_socket(address)
+    wire = _Wire(sock)
     try:
-        c = NbdClient.__new__(NbdClient)
-        c.sock = sock
-        magic, _, _ = p.HANDSHAKE.unpack(c._recv(p.HANDSHAKE.size))
-        if magic != p.NBDMAGIC:
-            raise VdiskError("not an NBD server")
-        sock.sendall(p.U32.pack(p.NBD_FLAG_C_FIXED_NEWSTYLE | p.NBD_FLAG_C_NO_ZEROES))
-        c._send_option(p.NBD_OPT_LIST)
-        out = []
-        while True:
-            rtype, data = c._option_reply(p.NBD_OPT_LIST)
-            if rtype != p.NBD_REP_SERVER:
-                break
-            (n,) = p.U32.unpack_from(data)
-            out.append((data[4 : 4 + n].decode(), data[4 + n :].decode()))
-        c._send_option(p.NBD_OPT_ABORT)
-        return out
+        with _wire_errors(_describe(address)):
+            wire.greet()
+            wire.option(p.NBD_OPT_LIST)
+            out = []
+            while True:
+                rtype, data = wire.option_reply(p.NBD_OPT_LIST)
+                if rtype != p.NBD_REP_SERVER:
+                    break
+                out.append(p.parse_server_entry(data))
+            wire.option(p.NBD_OPT_ABORT)
+            return out
     finally:
         sock.close()

@@ -1,4 +1,4 @@
-"""The NBD protocol as a sans-IO state machine (server side), plus the wire codecs.
+"""The NBD protocol without I/O: the server's state machine, and the client's codecs.
 
 Nothing here touches a socket. A :class:`ServerConnection` is fed bytes through the
 ``get_buffer()`` / ``buffer_updated(n)`` pair (the caller receives straight into the connection's
@@ -6,6 +6,9 @@ buffer, as with asyncio's BufferedProtocol, so payloads are never copied), and h
 from ``next_event()``. Handshake replies accumulate in ``data_to_send()``; transmission replies are
 packed by ``pack_*`` methods into a buffer the caller owns, so a server can lay many replies and
 their read data end to end and send them with one system call.
+
+The client side (at the end) is pure functions: encoders for options and requests, decoders for
+option replies and reply chunks. client.py only moves their bytes over a socket.
 
 Names follow NBD's doc/proto.md: fixed newstyle negotiation, structured replies, extended headers
 (64-bit lengths), metadata contexts, and the transmission commands.
@@ -142,6 +145,8 @@ MAX_PAYLOAD = 32 << 20
 MAX_STRING = 4096
 #: Largest option payload read into memory; longer ones are drained and refused.
 MAX_OPTION = 64 << 10
+#: A connection's receive buffer until the peer sends faster than that (see ServerConnection).
+INITIAL_BUFFER = 4096
 #: Extents sent per metadata context in one block status reply.
 MAX_EXTENTS = 1 << 17
 
@@ -159,8 +164,12 @@ U64 = struct.Struct(">Q")
 EXTENT32 = struct.Struct(">II")
 EXTENT64 = struct.Struct(">QQ")
 _DATA_OFFSET = U64  # the offset field leading an OFFSET_DATA chunk
-_HOLE32 = struct.Struct(">QI")
-_ERROR_HEAD = struct.Struct(">IH")
+HOLE_CHUNK = struct.Struct(">QI")
+ERROR_CHUNK_HEAD = struct.Struct(">IH")
+STATUS_EXT_HEAD = struct.Struct(">II")  # context id, extent count
+INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flags
+INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
+EXPORT_NAME_REPLY = struct.Struct(">QH")  # NBD_OPT_EXPORT_NAME's reply: size, flags
 
 
 def errno_to_nbd(code: int | None) -> int:
@@ -318,7 +327,10 @@ class ServerConnection:
         self._out: list[bytes] = [
             HANDSHAKE.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)
         ]
-        self._buf = bytearray(buffer_size)
+        # Start small: a connection that never sends much (negotiation, idle clients) keeps a
+        # page; the first receive that fills the buffer grows it to ``buffer_size``.
+        self._buffer_size = buffer_size
+        self._buf = bytearray(min(buffer_size, INITIAL_BUFFER))
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -342,6 +354,8 @@ class ServerConnection:
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last get_buffer() view."""
         self._end += nbytes
+        if self._end == len(self._buf) and len(self._buf) < self._buffer_size:
+            self._grow(self._buffer_size)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Convenience for tests and non-buffered transports: copy ``data`` in."""
@@ -518,7 +532,7 @@ class ServerConnection:
             export = self._find_export(data.decode("utf-8", "replace"))
             if export is None:
                 raise ProtocolError("unknown export requested with NBD_OPT_EXPORT_NAME")
-            self._out.append(struct.pack(">QH", export.size, export.transmission_flags(self.structured)))
+            self._out.append(EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags(self.structured)))
             if not self.no_zeroes:
                 self._out.append(bytes(124))
             return self._enter_transmission(export)
@@ -532,8 +546,7 @@ class ServerConnection:
             for export in self.exports:
                 if export.tls_only and not self.tls_active:
                     continue
-                name = export.name.encode()
-                self._reply(option, NBD_REP_SERVER, U32.pack(len(name)) + name + export.description.encode())
+                self._reply(option, NBD_REP_SERVER, pack_string(export.name) + export.description.encode())
             self._reply(option, NBD_REP_ACK)
             return None
         if option == NBD_OPT_STARTTLS:
@@ -577,17 +590,8 @@ class ServerConnection:
         self._error(option, NBD_REP_ERR_UNSUP, f"option {option} is not supported")
         return None
 
-    def _parse_name(self, data: bytes, pos: int) -> tuple[str, int] | None:
-        if len(data) < pos + 4:
-            return None
-        (n,) = U32.unpack_from(data, pos)
-        pos += 4
-        if n > MAX_STRING or len(data) < pos + n:
-            return None
-        return data[pos : pos + n].decode("utf-8", "replace"), pos + n
-
     def _info_go(self, option: int, data: bytes) -> Event | None:
-        parsed = self._parse_name(data, 0)
+        parsed = parse_string(data, 0)
         if parsed is None or len(data) < parsed[1] + 2:
             self._error(option, NBD_REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request")
             return None
@@ -606,7 +610,7 @@ class ServerConnection:
             self._error(option, NBD_REP_ERR_TLS_REQD, "export requires TLS")
             return None
         flags = export.transmission_flags(self.structured)
-        self._reply(option, NBD_REP_INFO, struct.pack(">HQH", NBD_INFO_EXPORT, export.size, flags))
+        self._reply(option, NBD_REP_INFO, INFO_EXPORT.pack(NBD_INFO_EXPORT, export.size, flags))
         if NBD_INFO_NAME in requests:
             self._reply(option, NBD_REP_INFO, U16.pack(NBD_INFO_NAME) + export.name.encode())
         if NBD_INFO_DESCRIPTION in requests and export.description:
@@ -617,8 +621,8 @@ class ServerConnection:
         self._reply(
             option,
             NBD_REP_INFO,
-            struct.pack(
-                ">HIII", NBD_INFO_BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
+            INFO_BLOCK_SIZE.pack(
+                NBD_INFO_BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
             ),
         )
         self._reply(option, NBD_REP_ACK)
@@ -641,7 +645,7 @@ class ServerConnection:
         if option == NBD_OPT_SET_META_CONTEXT and not self.structured:
             self._error(option, NBD_REP_ERR_INVALID, "structured replies not negotiated")
             return
-        parsed = self._parse_name(data, 0)
+        parsed = parse_string(data, 0)
         if parsed is None or len(data) < parsed[1] + 4:
             self._error(option, NBD_REP_ERR_INVALID, "malformed meta context request")
             return
@@ -650,7 +654,7 @@ class ServerConnection:
         pos += 4
         queries = []
         for _ in range(count):
-            q = self._parse_name(data, pos)
+            q = parse_string(data, pos)
             if q is None:
                 self._error(option, NBD_REP_ERR_INVALID, "malformed meta context query")
                 return
@@ -800,7 +804,7 @@ class ServerConnection:
         """An OFFSET_HOLE chunk (structured replies only)."""
         pos = self._chunk(buf, pos, cookie, NBD_REPLY_FLAG_DONE if done else 0,
                           NBD_REPLY_TYPE_OFFSET_HOLE, offset, 12)
-        _HOLE32.pack_into(buf, pos, offset, length)
+        HOLE_CHUNK.pack_into(buf, pos, offset, length)
         return pos + 12
 
     def pack_ok(self, buf: bytearray | memoryview, pos: int, cookie: int) -> int:
@@ -822,7 +826,7 @@ class ServerConnection:
         text = message.encode()[:MAX_STRING]
         pos = self._chunk(buf, pos, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 0,
                           6 + len(text))
-        _ERROR_HEAD.pack_into(buf, pos, error, len(text))
+        ERROR_CHUNK_HEAD.pack_into(buf, pos, error, len(text))
         pos += 6
         buf[pos : pos + len(text)] = text
         return pos + len(text)
@@ -838,7 +842,7 @@ class ServerConnection:
         flags = NBD_REPLY_FLAG_DONE if done else 0
         if self.extended:
             pos = self._chunk(buf, pos, cookie, flags, NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 0, 8 + 16 * n)
-            struct.pack_into(">II", buf, pos, context_id, n)
+            STATUS_EXT_HEAD.pack_into(buf, pos, context_id, n)
             pos += 8
             for length, status in extents:
                 EXTENT64.pack_into(buf, pos, length, status)
@@ -853,7 +857,195 @@ class ServerConnection:
         return pos
 
 
+def pack_string(text: str) -> bytes:
+    """A string as options carry it: 32-bit length, then UTF-8 bytes."""
+    data = text.encode()
+    return U32.pack(len(data)) + data
+
+
+def parse_string(data: bytes, pos: int) -> tuple[str, int] | None:
+    """The length-prefixed string at ``data[pos:]`` and the position after it (None: malformed)."""
+    if len(data) < pos + 4:
+        return None
+    (n,) = U32.unpack_from(data, pos)
+    pos += 4
+    if n > MAX_STRING or len(data) < pos + n:
+        return None
+    return data[pos : pos + n].decode("utf-8", "replace"), pos + n
+
+
 def _prefix_match(query: str, context: str) -> bool:
     """LIST_META_CONTEXT queries may name a namespace ("base:", "qemu:") or a leaf prefix
     ending in ':' ("qemu:dirty-bitmap:") to list everything below it."""
     return query.endswith(":") and context.startswith(query)
+
+
+# --- Client side: pure encoders and decoders -------------------------------------------------
+# The client owns its socket; these only turn values into bytes and bytes into values, raising
+# ProtocolError on anything a conforming server would not send.
+
+
+def parse_greeting(data: bytes) -> int:
+    """The handshake flags from the server's 18-byte newstyle greeting."""
+    magic, opt_magic, flags = HANDSHAKE.unpack(data)
+    if magic != NBDMAGIC or opt_magic != IHAVEOPT:
+        raise ProtocolError("not an NBD newstyle server")
+    if not flags & NBD_FLAG_FIXED_NEWSTYLE:
+        raise ProtocolError("NBD server does not support fixed newstyle negotiation")
+    return int(flags)
+
+
+def client_flags(server_flags: int) -> bytes:
+    """The client's reply to the greeting: fixed newstyle, and no zeroes if the server allows."""
+    return U32.pack(NBD_FLAG_C_FIXED_NEWSTYLE | (server_flags & NBD_FLAG_NO_ZEROES))
+
+
+def pack_option(option: int, data: bytes = b"") -> bytes:
+    return OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
+
+
+def pack_go(export: str, info_requests: Sequence[int] = (NBD_INFO_BLOCK_SIZE,)) -> bytes:
+    """Payload of NBD_OPT_INFO / NBD_OPT_GO."""
+    return pack_string(export) + struct.pack(f">H{len(info_requests)}H", len(info_requests),
+                                             *info_requests)
+
+
+def pack_meta_context(export: str, queries: Sequence[str]) -> bytes:
+    """Payload of NBD_OPT_SET_META_CONTEXT / NBD_OPT_LIST_META_CONTEXT."""
+    return pack_string(export) + U32.pack(len(queries)) + b"".join(map(pack_string, queries))
+
+
+def parse_option_reply(header: bytes, option: int) -> tuple[int, int]:
+    """(reply type, payload length) from an option reply header answering ``option``."""
+    magic, opt, rtype, length = OPTION_REPLY.unpack(header)
+    if magic != OPTION_REPLY_MAGIC or opt != option:
+        raise ProtocolError("NBD server sent a malformed option reply")
+    if length > MAX_OPTION:
+        raise ProtocolError("NBD server sent an oversized option reply")
+    return int(rtype), int(length)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportDetails:
+    """What NBD_REP_INFO replies told the client about the export."""
+
+    size: int = 0
+    flags: int = 0
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = MAX_PAYLOAD
+
+
+def apply_info(details: ExportDetails, payload: bytes) -> ExportDetails:
+    """``details`` updated by one NBD_REP_INFO payload (unknown info types are ignored)."""
+    if len(payload) < 2:
+        raise ProtocolError("NBD server sent an empty NBD_REP_INFO")
+    (info,) = U16.unpack_from(payload)
+    if info == NBD_INFO_EXPORT and len(payload) == INFO_EXPORT.size:
+        _, size, flags = INFO_EXPORT.unpack(payload)
+        return ExportDetails(size, flags, details.min_block, details.preferred_block,
+                             details.max_block)
+    if info == NBD_INFO_BLOCK_SIZE and len(payload) == INFO_BLOCK_SIZE.size:
+        _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(payload)
+        return ExportDetails(details.size, details.flags, minimum, preferred, maximum)
+    if info in (NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE):
+        raise ProtocolError(f"NBD server sent a malformed NBD_REP_INFO ({info})")
+    return details
+
+
+def parse_meta_context_reply(payload: bytes) -> tuple[int, str]:
+    """(context id, name) from an NBD_REP_META_CONTEXT payload."""
+    if len(payload) < 4:
+        raise ProtocolError("NBD server sent a malformed meta context reply")
+    (cid,) = U32.unpack_from(payload)
+    return int(cid), payload[4:].decode("utf-8", "replace")
+
+
+def parse_server_entry(payload: bytes) -> tuple[str, str]:
+    """(name, description) from an NBD_REP_SERVER payload."""
+    parsed = parse_string(payload, 0)
+    if parsed is None:
+        raise ProtocolError("NBD server sent a malformed export list entry")
+    name, pos = parsed
+    return name, payload[pos:].decode("utf-8", "replace")
+
+
+def pack_request(extended: bool, flags: int, rtype: int, cookie: int, offset: int,
+                 length: int) -> bytes:
+    if extended:
+        return EXT_REQUEST.pack(NBD_EXTENDED_REQUEST_MAGIC, flags, rtype, cookie, offset, length)
+    return REQUEST.pack(NBD_REQUEST_MAGIC, flags, rtype, cookie, offset, length)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHeader:
+    """One reply header: a simple reply (``simple``, with ``error``) or a structured chunk."""
+
+    cookie: int
+    simple: bool
+    error: int = 0
+    flags: int = NBD_REPLY_FLAG_DONE
+    type: int = NBD_REPLY_TYPE_NONE
+    length: int = 0
+
+    @property
+    def done(self) -> bool:
+        return bool(self.flags & NBD_REPLY_FLAG_DONE)
+
+
+def reply_header_size(magic: int, extended: bool) -> int:
+    """Length of the reply header that starts with ``magic`` (the first 4 bytes)."""
+    if magic == NBD_SIMPLE_REPLY_MAGIC and not extended:
+        return SIMPLE_REPLY.size
+    if magic == NBD_STRUCTURED_REPLY_MAGIC and not extended:
+        return STRUCTURED_REPLY.size
+    if magic == NBD_EXTENDED_REPLY_MAGIC and extended:
+        return EXT_REPLY.size
+    raise ProtocolError(f"NBD server sent a reply with bad magic {magic:#x}")
+
+
+def parse_reply_header(data: bytes, extended: bool) -> ReplyHeader:
+    """Decode a whole reply header (``reply_header_size`` bytes)."""
+    (magic,) = U32.unpack_from(data)
+    if magic == NBD_SIMPLE_REPLY_MAGIC and not extended:
+        _, error, cookie = SIMPLE_REPLY.unpack(data)
+        return ReplyHeader(cookie, True, error)
+    if extended:
+        _, flags, rtype, cookie, _, length = EXT_REPLY.unpack(data)
+    else:
+        _, flags, rtype, cookie, length = STRUCTURED_REPLY.unpack(data)
+    if length > MAX_PAYLOAD + 4096:
+        raise ProtocolError("NBD server sent an oversized reply chunk")
+    return ReplyHeader(cookie, False, 0, flags, rtype, length)
+
+
+def parse_hole(payload: bytes) -> tuple[int, int]:
+    """(offset, length) of an OFFSET_HOLE chunk."""
+    if len(payload) != HOLE_CHUNK.size:
+        raise ProtocolError("NBD server sent a malformed hole chunk")
+    offset, length = HOLE_CHUNK.unpack(payload)
+    return int(offset), int(length)
+
+
+def parse_error_chunk(payload: bytes) -> tuple[int, str]:
+    """(NBD error, message) of an error chunk."""
+    if len(payload) < ERROR_CHUNK_HEAD.size:
+        raise ProtocolError("NBD server sent a malformed error chunk")
+    error, mlen = ERROR_CHUNK_HEAD.unpack_from(payload)
+    text = payload[ERROR_CHUNK_HEAD.size : ERROR_CHUNK_HEAD.size + mlen]
+    return int(error), text.decode("utf-8", "replace")
+
+
+def parse_block_status(payload: bytes, rtype: int) -> tuple[int, list[tuple[int, int]]]:
+    """(context id, [(length, flags)]) of a BLOCK_STATUS or BLOCK_STATUS_EXT chunk."""
+    if rtype == NBD_REPLY_TYPE_BLOCK_STATUS_EXT:
+        if len(payload) < STATUS_EXT_HEAD.size:
+            raise ProtocolError("NBD server sent a malformed block status chunk")
+        cid, count = STATUS_EXT_HEAD.unpack_from(payload)
+        if len(payload) != STATUS_EXT_HEAD.size + EXTENT64.size * count:
+            raise ProtocolError("NBD server sent a malformed block status chunk")
+        return cid, [EXTENT64.unpack_from(payload, 8 + 16 * i) for i in range(count)]
+    if len(payload) < 4 or (len(payload) - 4) % EXTENT32.size:
+        raise ProtocolError("NBD server sent a malformed block status chunk")
+    (cid,) = U32.unpack_from(payload)
+    return cid, [EXTENT32.unpack_from(payload, 4 + 8 * i) for i in range((len(payload) - 4) // 8)]

@@ -10,6 +10,7 @@ deep queue costs few system calls and no copies.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..block import BlockDevice, Extent, is_zero
+from ..block import BlockDevice, DirtyBitmap, Extent, is_zero
 from ..errors import RequestError, VdiskError
 from ..metrics import IoMetrics, register, unregister
 from . import protocol as p
@@ -32,66 +33,18 @@ log = logging.getLogger("vdisk.nbd")
 
 #: Reads at least this long (structured replies, no DF) are checked for holes first.
 SPARSE_READ_MIN = 64 << 10
-#: Per-connection reply arena; grows up to one maximal read (bounded memory per client).
+#: Per-connection reply arena: starts at ARENA_MIN on the first reply, doubles while batches fill
+#: it up to ARENA_SIZE, and grows past that only to hold one maximal read (bounded per client).
+ARENA_MIN = 64 << 10
 ARENA_SIZE = 2 << 20
 #: Longest block status query sent to the device in one request.
 BLOCK_STATUS_MAX = 1 << 30
-#: A client must finish negotiation within this many seconds.
-NEGOTIATION_TIMEOUT = 30.0
+#: Seconds a client has, from accept, to finish negotiation (qemu-nbd's --handshake-limit).
+HANDSHAKE_LIMIT = 10.0
 
 DISCARD_MODES = ("ignore", "unmap", "off", "on")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
-
-
-class BitmapSource:
-    """A dirty bitmap as the server needs it: dirty runs in a range, and marking on writes.
-
-    ``bits`` holds one bit per ``granularity`` bytes (LSB first, as qcow2 stores it).
-    """
-
-    def __init__(self, name: str, size: int, granularity: int, bits: bytearray,
-                 enabled: bool = False) -> None:
-        self.name = name
-        self.size = size
-        self.granularity = granularity
-        self.bits = bits
-        self.enabled = enabled
-        self._lock = threading.Lock()
-
-    def _bit(self, index: int) -> bool:
-        return bool(self.bits[index >> 3] >> (index & 7) & 1)
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """(length, NBD_STATE_DIRTY or 0) runs covering [offset, offset+length)."""
-        import numpy as np
-
-        g = self.granularity
-        end = min(offset + length, self.size)
-        first, last = offset // g, (end - 1) // g
-        with self._lock:
-            raw = np.frombuffer(bytes(self.bits[first >> 3 : (last >> 3) + 1]), dtype=np.uint8)
-        bits = np.unpackbits(raw, bitorder="little")[first & 7 : (first & 7) + last - first + 1]
-        out: list[tuple[int, int]] = []
-        if not len(bits):
-            return [(length, 0)]
-        changes = np.flatnonzero(np.diff(bits.astype(np.int8))) + 1
-        starts = [0, *changes.tolist()]
-        ends = [*changes.tolist(), len(bits)]
-        for s, e in zip(starts, ends):
-            lo = max(offset, (first + s) * g)
-            hi = min(end, (first + e) * g)
-            out.append((hi - lo, p.NBD_STATE_DIRTY if bits[s] else 0))
-        return out
-
-    def mark(self, offset: int, length: int) -> None:
-        if not self.enabled or length <= 0:
-            return
-        g = self.granularity
-        first, last = offset // g, (offset + length - 1) // g
-        with self._lock:
-            for index in range(first, last + 1):
-                self.bits[index >> 3] |= 1 << (index & 7)
 
 
 @dataclass
@@ -106,7 +59,7 @@ class Export:
     detect_zeroes: str = "off"
     cache: str = "writeback"
     allocation_depth: bool = False
-    bitmaps: Sequence[BitmapSource] = ()
+    bitmaps: Sequence[DirtyBitmap] = ()
     multi_conn: bool = True
     metrics: IoMetrics | None = field(default=None, repr=False)
 
@@ -160,12 +113,13 @@ class Export:
             return out
         for bitmap in self.bitmaps:
             if name == p.QEMU_DIRTY_BITMAP + bitmap.name:
-                return bitmap.extents(offset, length)
+                return [(n, p.NBD_STATE_DIRTY if dirty else 0)
+                        for n, dirty in bitmap.dirty_extents(offset, length)]
         raise RequestError(f"unknown metadata context {name!r}")
 
     def mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.bitmaps:
-            bitmap.mark(offset, length)
+            bitmap.mark_dirty(offset, length)
 
 
 def _allocation_flags(ext: Extent) -> int:
@@ -189,8 +143,9 @@ class _Client:
         self.server = server
         self.sock: socket.socket = sock
         self.tls = False
-        self.arena = bytearray(ARENA_SIZE)
+        self.arena = bytearray(0)  # allocated on the first reply: idle connections cost little
         self.pos = 0
+        self.holds_slot = False
 
     # -- I/O helpers ---------------------------------------------------------------------------
 
@@ -213,8 +168,9 @@ class _Client:
         """Make ``need`` bytes free at arena[pos:] (sending what is queued first if needed)."""
         if self.pos + need > len(self.arena):
             self.flush_replies()
-            if need > len(self.arena):
-                self.arena = bytearray(need)
+            size = len(self.arena)
+            if need > size or size < ARENA_SIZE:
+                self.arena = bytearray(max(need, min(ARENA_SIZE, max(ARENA_MIN, 2 * size))))
         return memoryview(self.arena)
 
     # -- the connection ------------------------------------------------------------------------
@@ -222,21 +178,30 @@ class _Client:
     def run(self) -> None:
         server = self.server
         conn = p.ServerConnection(
-            [e.info for e in server.exports],
+            server.infos,
             tls=server.tls_context is not None,
             tls_required=server.tls_context is not None,
         )
-        sock = self.sock
-        sock.settimeout(NEGOTIATION_TIMEOUT)
+        limit = server.handshake_limit
+        deadline = time.monotonic() + limit if limit > 0 else None
+        self.set_deadline(deadline)
         self.send(conn.data_to_send())
         export: Export | None = None
         contexts: list[tuple[int, str]] = []
         while export is None:
             event = conn.next_event()
+            if isinstance(event, p.Negotiated):
+                # Only a negotiated client takes one of the -e slots; wait for one before
+                # the final reply so the client starts transmission with a slot held.
+                self.sock.settimeout(None)
+                if not server.acquire_slot():
+                    return
+                self.holds_slot = True
             out = conn.data_to_send()
             if out:
                 self.send(out)
             if event is p.NEED_DATA:
+                self.set_deadline(deadline)
                 n = self.sock.recv_into(conn.get_buffer())
                 if not n:
                     conn.eof()
@@ -256,6 +221,16 @@ class _Client:
                 return
         self.sock.settimeout(None)
         self.transmission(conn, export, contexts)
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Time out the next blocking socket call at ``deadline`` (None: never)."""
+        if deadline is None:
+            self.sock.settimeout(None)
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("client did not finish the handshake in time")
+        self.sock.settimeout(remaining)
 
     def transmission(self, conn: p.ServerConnection, export: Export,
                      contexts: list[tuple[int, str]]) -> None:
@@ -283,6 +258,7 @@ class _Client:
                 if req.error:
                     self.reply_error(conn, req.cookie, req.error, req.message)
                     record(p.CMD_NAMES.get(rtype, "other"), 0, clock() - t0, True)
+                    arena_view = memoryview(self.arena)  # reply_error may have grown it
                     continue
                 try:
                     if rtype == p.NBD_CMD_READ:
@@ -442,23 +418,34 @@ class _Client:
 class NbdServer:
     """Serves exports on any number of TCP and unix sockets until shutdown().
 
-    ``shared``: how many clients may be connected at once (0: no limit; qemu-nbd's -e).
+    ``shared``: how many negotiated clients may be served at once (0: no limit; qemu-nbd's
+    -e). Connections still negotiating hold no slot; ``handshake_limit`` seconds after accept an
+    unfinished negotiation is dropped (0: no limit; qemu-nbd's --handshake-limit). With
+    ``shared`` 1 the exports do not advertise multi-conn, since a second connection would wait.
     ``persistent``: keep serving after the last client leaves (qemu-nbd's -t); when False the
     server stops once a client has come and all have gone.
     """
 
     def __init__(self, exports: Sequence[Export], *, tls_context: ssl.SSLContext | None = None,
-                 shared: int = 0, persistent: bool = True) -> None:
+                 shared: int = 0, persistent: bool = True,
+                 handshake_limit: float = HANDSHAKE_LIMIT) -> None:
         if not exports:
             raise VdiskError("an NBD server needs at least one export")
         names = [e.name for e in exports]
         if len(set(names)) != len(names):
             raise VdiskError("export names must be unique")
+        if shared < 0 or handshake_limit < 0:
+            raise VdiskError("shared and handshake_limit must not be negative")
         self.exports = list(exports)
-        self.exports_by_info = {id(e.info): e for e in self.exports}
+        #: What negotiation offers for each export, as this server will serve it.
+        self.infos = [dataclasses.replace(e.info, can_multi_conn=e.info.can_multi_conn and shared != 1)
+                      for e in self.exports]
+        self.exports_by_info = {id(info): e for info, e in zip(self.infos, self.exports, strict=True)}
         self.tls_context = tls_context
         self.shared = shared
         self.persistent = persistent
+        self.handshake_limit = handshake_limit
+        self._negotiated = 0
         self._listeners: list[socket.socket] = []
         self._unix_paths: list[str] = []
         self._clients: set[socket.socket] = set()
@@ -523,8 +510,6 @@ class NbdServer:
         try:
             while True:
                 with self._lock:
-                    while self.shared and len(self._clients) >= self.shared and not self._stop:
-                        self._lock.wait()
                     if self._stop or (not self.persistent and self._served_any and not self._clients):
                         return
                 for key, _ in sel.select():
@@ -539,7 +524,7 @@ class NbdServer:
                             time.sleep(0.1)  # out of descriptors: let clients finish first
                         continue
                     self._spawn(client)
-                    break  # re-check the shared-client limit before accepting more
+                    break  # re-check for shutdown before accepting more
         finally:
             sel.close()
             self._close_listeners()
@@ -569,9 +554,21 @@ class NbdServer:
                 sock.close()
             with self._lock:
                 self._clients.discard(sock)
+                if client.holds_slot:
+                    self._negotiated -= 1
                 self._lock.notify_all()
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
+
+    def acquire_slot(self) -> bool:
+        """Wait for one of the ``shared`` slots; False if the server is shutting down."""
+        with self._lock:
+            while self.shared and self._negotiated >= self.shared and not self._stop:
+                self._lock.wait()
+            if self._stop:
+                return False
+            self._negotiated += 1
+            return True
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop accepting, disconnect every client, and wait for the accept loop to end."""
@@ -649,6 +646,7 @@ def serve(
     tls_creds: str | None = None,
     shared: int = 0,
     persistent: bool = True,
+    handshake_limit: float = HANDSHAKE_LIMIT,
     background: bool = False,
     ready: Callable[[NbdServer], Any] | None = None,
 ) -> NbdServer:
@@ -666,7 +664,8 @@ def serve(
     else:
         export_list = [Export(exports)]
     tls = tls_context_from_dir(tls_creds) if tls_creds else None
-    server = NbdServer(export_list, tls_context=tls, shared=shared, persistent=persistent)
+    server = NbdServer(export_list, tls_context=tls, shared=shared, persistent=persistent,
+                       handshake_limit=handshake_limit)
     try:
         if socket_path:
             server.listen_unix(socket_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from ..block import DirtyBitmap
 from ..errors import CorruptImageError, UnsupportedFeatureError, VdiskError, from_oserror
 from . import format as fmt
 
@@ -106,9 +107,7 @@ def read_bitmap(path: str, name: str) -> tuple[BitmapEntry, int, bytearray]:
         os.close(fd)
 
 
-def load_bitmap(path: str, name: str):  # type: ignore[no-untyped-def]
-    """The named bitmap as the NBD server's BitmapSource."""
-    from ..nbd.server import BitmapSource
-
+def load_bitmap(path: str, name: str) -> DirtyBitmap:
+    """The named bitmap as the dirty-bitmap view exports consume."""
     entry, size, bits = read_bitmap(path, name)
-    return BitmapSource(name, size, entry.granularity, bits, enabled=entry.enabled)
+    return DirtyBitmap(name, size, entry.granularity, bits, enabled=entry.enabled)
