@@ -64,12 +64,13 @@ class LockMode:
 _READ = Permission.CONSISTENT_READ
 _QCOW2_SHARED = Permission.CONSISTENT_READ | Permission.WRITE_UNCHANGED
 
-# A format with metadata (qcow2) never lets others write or resize under it, even read-only;
-# raw passes its user's permissions through and the user shares everything. -U (force share)
-# still holds consistent read, as QEMU's does, and shares everything.
+# As qemu-io and qemu-nbd take them. A format with metadata (qcow2) never lets others write or
+# resize under it, even read-only, and holds resize when writable (it grows its file). Raw
+# passes its user's permissions through and the user shares everything. -U (force share) still
+# holds consistent read, as QEMU's does, and shares everything.
 QCOW2_READ_WRITE = LockMode(_READ | Permission.WRITE | Permission.RESIZE, _QCOW2_SHARED)
 QCOW2_READ_ONLY = LockMode(_READ, _QCOW2_SHARED)
-RAW_READ_WRITE = LockMode(_READ | Permission.WRITE | Permission.RESIZE, ALL)
+RAW_READ_WRITE = LockMode(_READ | Permission.WRITE, ALL)
 RAW_READ_ONLY = LockMode(_READ, ALL)
 FORCE_SHARE = LockMode(_READ, ALL)
 
