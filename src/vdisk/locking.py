@@ -27,6 +27,7 @@ import errno
 import fcntl
 import os
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from .errors import LockError
 
@@ -59,6 +60,7 @@ class LockMode:
 
     held: Permission
     shared: Permission
+    force_share: bool = False  # qemu-img -U: shares everything whatever the user asks
 
 
 _READ = Permission.CONSISTENT_READ
@@ -72,7 +74,8 @@ QCOW2_READ_WRITE = LockMode(_READ | Permission.WRITE | Permission.RESIZE, _QCOW2
 QCOW2_READ_ONLY = LockMode(_READ, _QCOW2_SHARED)
 RAW_READ_WRITE = LockMode(_READ | Permission.WRITE, ALL)
 RAW_READ_ONLY = LockMode(_READ, ALL)
-FORCE_SHARE = LockMode(_READ, ALL)
+RAW_RESIZE = LockMode(_READ | Permission.WRITE | Permission.RESIZE, ALL)  # qemu-img resize
+FORCE_SHARE = LockMode(_READ, ALL, force_share=True)
 
 
 def mode_for(format: str, readonly: bool, force_share: bool = False) -> LockMode:
@@ -124,11 +127,25 @@ def supported(fd: int) -> bool:
     return True
 
 
-def _apply(fd: int, mode: LockMode) -> None:
-    """Read-lock the bytes of what we hold and of what we do not share."""
-    offsets = _bytes_of(mode.held, PERM_BASE) + _bytes_of(ALL & ~mode.shared, SHARED_BASE)
-    for _, offset in offsets:
+def _offsets(mode: LockMode) -> set[int]:
+    """The bytes ``mode`` locks: what it holds and what it does not share."""
+    held = _bytes_of(mode.held, PERM_BASE) + _bytes_of(ALL & ~mode.shared, SHARED_BASE)
+    return {offset for _, offset in held}
+
+
+def _apply(fd: int, mode: LockMode, previous: LockMode | None = None) -> None:
+    """Read-lock ``mode``'s bytes; drop those only ``previous`` (the mode held so far) had."""
+    for offset in sorted(_offsets(mode)):
         _fcntl_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, offset)
+    if previous is not None:
+        for offset in sorted(_offsets(previous) - _offsets(mode)):
+            _fcntl_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, offset)
+
+
+def _restore(fd: int, previous: LockMode | None) -> None:
+    unlock(fd)
+    if previous is not None:
+        _apply(fd, previous)
 
 
 def _find_conflict(fd: int, mode: LockMode) -> tuple[Permission, bool] | None:
@@ -157,26 +174,59 @@ def conflict_error(path: str, perm: Permission, unshared: bool) -> LockError:
     )
 
 
-def lock(fd: int, path: str, mode: LockMode) -> bool:
+def lock(fd: int, path: str, mode: LockMode, previous: LockMode | None = None) -> bool:
     """Take ``mode``'s locks on ``fd`` (an image opened at ``path``).
 
-    Returns False, having done nothing, where OFD locks are unavailable. On a clash with another
-    open the bytes taken are released again and :class:`LockError` is raised.
+    ``previous`` is the mode ``fd`` holds already, when changing it. Returns False, having done
+    nothing, where OFD locks are unavailable. On a clash with another open, ``fd`` is put back
+    as it was and :class:`LockError` is raised.
     """
     if not supported(fd):
         return False
     try:
-        _apply(fd, mode)
+        _apply(fd, mode, previous)
         clash = _find_conflict(fd, mode)
     except OSError as exc:
-        unlock(fd)
+        _restore(fd, previous)
         if exc.errno in _UNSUPPORTED:
             return False
         raise LockError(f"Failed to lock the image: {exc.strerror}", path=path) from None
     if clash is not None:
-        unlock(fd)
+        _restore(fd, previous)
         raise conflict_error(path, *clash)
     return True
+
+
+def export_mode(mode: LockMode) -> LockMode:
+    """``mode`` as an NBD or ublk export takes it: the size it announced must stay, so nobody
+    else may resize (qemu-nbd unshares resize even on raw). -U still shares everything."""
+    if mode.force_share:
+        return mode
+    return LockMode(mode.held, mode.shared & ~Permission.RESIZE)
+
+
+class LockedImage(Protocol):
+    """What a locked image file exposes (Qcow2Image, RawDevice)."""
+
+    fd: int
+    path: str
+    lock_mode: LockMode | None
+
+
+def lock_for_export(device: object) -> None:
+    """Narrow the locks of an open image to its ``export_mode``.
+
+    Servers call it once after opening what they serve; devices that are not locked image
+    files (memory, NBD client, zip member, or where locking was skipped) are left alone.
+    """
+    if not isinstance(getattr(device, "lock_mode", None), LockMode):
+        return
+    image = cast(LockedImage, device)
+    assert image.lock_mode is not None
+    narrowed = export_mode(image.lock_mode)
+    if narrowed != image.lock_mode:
+        lock(image.fd, image.path, narrowed, previous=image.lock_mode)
+        image.lock_mode = narrowed
 
 
 def unlock(fd: int) -> None:

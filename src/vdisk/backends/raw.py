@@ -96,8 +96,9 @@ class RawDevice(BlockDeviceBase):
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except OSError as exc:
             raise from_oserror(exc, path) from None
+        mode = locking.mode_for("raw", readonly, force_share)
         try:
-            locking.lock(self.fd, path, locking.mode_for("raw", readonly, force_share))
+            self.lock_mode = mode if locking.lock(self.fd, path, mode) else None
         except BaseException:
             os.close(self.fd)
             raise

@@ -159,6 +159,7 @@ class Qcow2Image(BlockDeviceBase):
         self.path = path
         self.backing: BlockDevice | None = None
         self.fd = -1
+        self.lock_mode: locking.LockMode | None = None  # what the fd's locks say, if taken
         if force_share and not readonly:
             raise RequestError("force-share=on can only be used with read-only images", path=path)
         try:
@@ -166,7 +167,8 @@ class Qcow2Image(BlockDeviceBase):
         except OSError as exc:
             raise from_oserror(exc, path) from None
         try:
-            locking.lock(self.fd, path, locking.mode_for("qcow2", readonly, force_share))
+            mode = locking.mode_for("qcow2", readonly, force_share)
+            self.lock_mode = mode if locking.lock(self.fd, path, mode) else None
             self._load(path, readonly, l2_cache_size, refcount_cache_size, open_backing, chain)
         except VdiskError as exc:
             self._abort()
