@@ -48,22 +48,30 @@ def probe_format(path: str) -> str:
 
 
 def open(
-    path: str, format: str | None = None, readonly: bool = False, **options: Any
+    path: str,
+    format: str | None = None,
+    readonly: bool = False,
+    force_share: bool = False,
+    **options: Any,
 ) -> BlockDevice:
-    """Open an image as a BlockDevice. ``format`` None probes it; options go to the format."""
+    """Open an image as a BlockDevice. ``format`` None probes it; options go to the format.
+
+    The file is locked as QEMU locks it, so a VM or qemu-nbd using it keeps a writer out;
+    ``force_share=True`` (qemu-img -U) opens read-only beside writers. See vdisk.locking.
+    """
     if path.startswith(("nbd://", "nbd+unix://")):
-        from .nbd.client import NbdClient  # an NBD export (as raw data)
+        from .nbd.client import NbdClient  # an NBD export (as raw data): the server locks
 
         return NbdClient.from_uri(path, readonly=readonly)
     fmt = format or probe_format(path)
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image
 
-        return Qcow2Image.open(path, readonly=readonly, **options)
+        return Qcow2Image.open(path, readonly=readonly, force_share=force_share, **options)
     if fmt == "raw":
         from .backends.raw import RawDevice
 
-        return RawDevice(path, readonly=readonly, **options)
+        return RawDevice(path, readonly=readonly, force_share=force_share, **options)
     raise VdiskError(f"unknown image format {fmt!r} (known: {', '.join(FORMATS)})", path=path)
 
 

@@ -69,6 +69,18 @@ class BackingChainError(FormatError):
     errno = _errno.ENOENT
 
 
+class LockError(VdiskError):
+    """Another open of the image holds, or refuses to share, a permission this open needs."""
+
+    errno = _errno.EAGAIN
+
+    def __init__(
+        self, message: str, *, path: str | None = None, permission: str | None = None
+    ) -> None:
+        super().__init__(message, path=path)
+        self.permission = permission  # QEMU's name of it: "write", "consistent read"...
+
+
 class ClosedError(VdiskError):
     """The device was used after close()."""
 

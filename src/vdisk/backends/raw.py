@@ -74,12 +74,26 @@ def write_zeroes_fd(fd: int, offset: int, length: int, may_unmap: bool) -> None:
 class RawDevice(BlockDeviceBase):
     """A raw file or host block device, one syscall per request."""
 
-    def __init__(self, path: str, readonly: bool = False, size: int | None = None) -> None:
+    def __init__(
+        self, path: str, readonly: bool = False, size: int | None = None, force_share: bool = False
+    ) -> None:
+        """Open ``path``, locked as QEMU locks a raw image (``force_share``: qemu-img -U)."""
+        from .. import locking
+        from ..errors import RequestError
+
+        if force_share and not readonly:
+            raise RequestError("force-share=on can only be used with read-only images", path=path)
         flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except OSError as exc:
             raise from_oserror(exc, path) from None
+        mode = locking.mode_for("raw", readonly, force_share)
+        try:
+            self.lock_mode = mode if locking.lock(self.fd, path, mode) else None
+        except BaseException:
+            os.close(self.fd)
+            raise
         st = os.fstat(self.fd)
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
         actual = os.lseek(self.fd, 0, os.SEEK_END) if self.is_blockdev else st.st_size

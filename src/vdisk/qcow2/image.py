@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from typing_extensions import Buffer
 
+from .. import locking
 from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents, resolve_backing
 from ..errors import (
     BackingChainError,
@@ -90,6 +91,7 @@ class Qcow2Image(BlockDeviceBase):
         l2_cache_size: int | str | None = None,
         refcount_cache_size: int | str | None = None,
         open_backing: bool = True,
+        force_share: bool = False,
         **options: Any,
     ) -> Qcow2Image:
         """Open ``path`` as a BlockDevice.
@@ -97,6 +99,8 @@ class Qcow2Image(BlockDeviceBase):
         ``l2_cache_size``/``refcount_cache_size`` (bytes or '4M') size the metadata cache like
         QEMU's options. ``open_backing=False`` leaves the backing chain closed (``backing`` is
         None; unallocated clusters read as zeros), as ``qemu-img info`` opens images.
+        The file is locked as QEMU locks it (see vdisk.locking); ``force_share=True`` (qemu-img
+        -U) needs ``readonly`` and lets writers in.
         """
         opts = _norm_options(options)
         chain: tuple[str, ...] = opts.pop("_chain", ())
@@ -116,6 +120,7 @@ class Qcow2Image(BlockDeviceBase):
             _size_opt(refcount_cache_size),
             open_backing,
             chain,
+            force_share,
         )
         return self
 
@@ -127,15 +132,21 @@ class Qcow2Image(BlockDeviceBase):
         refcount_cache_size: int | None,
         open_backing: bool,
         chain: tuple[str, ...],
+        force_share: bool = False,
     ) -> None:
         self.path = path
         self.backing: BlockDevice | None = None
         self.fd = -1
+        self.lock_mode: locking.LockMode | None = None  # what the fd's locks say, if taken
+        if force_share and not readonly:
+            raise RequestError("force-share=on can only be used with read-only images", path=path)
         try:
             self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as exc:
             raise from_oserror(exc, path) from None
         try:
+            mode = locking.mode_for("qcow2", readonly, force_share)
+            self.lock_mode = mode if locking.lock(self.fd, path, mode) else None
             self._load(path, readonly, l2_cache_size, refcount_cache_size, open_backing, chain)
         except VdiskError as exc:
             self._abort()
