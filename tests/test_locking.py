@@ -305,14 +305,9 @@ def test_export_refused_beside_a_resizer_keeps_its_locks(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("mode", ["rw", "ro"])
 @pytest.mark.parametrize("user", ["qemu-img info", "qemu-io write"])  # each run starts vdisk
-def test_vdisk_nbd_server_locks_as_qemu_nbd(
-    request: pytest.FixtureRequest, image: tuple[Path, str], mode: str, user: str
-) -> None:
+def test_vdisk_nbd_server_locks_as_qemu_nbd(image: tuple[Path, str], mode: str, user: str) -> None:
     """vdisk nbd locks what it serves: QEMU's tools meet it as they meet qemu-nbd."""
     path, fmt = image
-    if fmt == "raw":
-        # qemu-nbd unshares resize; vdisk nbd does once cli/nbd.py calls lock_for_export
-        request.applymarker(pytest.mark.xfail(strict=True, reason="cli/nbd.py not wired yet"))
     with qemu_nbd_holding(path, fmt, mode):
         expected = QEMU_USERS[user](path, fmt), locked_bytes(path)
     with vdisk_nbd_holding(path, fmt, mode):

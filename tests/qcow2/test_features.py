@@ -223,8 +223,9 @@ def test_fua_and_flush(tmp_path: Path) -> None:
     create(str(img), 1 << 20)
     with vdisk.open(str(img)) as w:
         w.write(b"durable", 4096, fua=True)
-        # Without close, QEMU (sharing the file) already sees the data and the metadata.
-        out = qemu_io(img, "read -P 0x64 4096 1")  # 'd'
+        # Without close, QEMU (sharing the file, read-only beside our writer as -U allows)
+        # already sees the data and the metadata.
+        out = run("qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x64 4096 1", img)  # 'd'
         assert "read 1/1" in out
 
 

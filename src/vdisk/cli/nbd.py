@@ -51,6 +51,7 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 tls_creds: str | None, pid_file: str | None, fork: bool, verbose: bool) -> int:
     """Serve FILE(s) over NBD, as qemu-nbd does (several FILEs: several exports)."""
     import vdisk
+    from vdisk import locking
 
     from ..nbd.server import Export, NbdServer, tls_context_from_dir
 
@@ -83,6 +84,7 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 sources = [load_bitmap(path, b) for b in bitmaps]
             device = vdisk.open(path, format=fmt, readonly=readonly)
             devices.append(device)
+            locking.lock_for_export(device)  # as qemu-nbd: nobody resizes what we announced
             exports.append(Export(
                 device, name=name, description=descriptions[i] if i < len(descriptions) else "",
                 readonly=readonly or device.readonly, discard=discard,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import locking
 from ..errors import (
     CorruptImageError,
     NoSpaceError,
@@ -377,13 +378,17 @@ class _Checker:
             )
 
 
-def check(path: str, fix: int = 0) -> CheckResult:
-    """One check pass over the qcow2 image at ``path``; ``fix`` is FIX_LEAKS | FIX_ERRORS."""
+def check(path: str, fix: int = 0, force_share: bool = False) -> CheckResult:
+    """One check pass over the qcow2 image at ``path``; ``fix`` is FIX_LEAKS | FIX_ERRORS.
+
+    The file is locked as qemu-img check locks it: read-write when repairing, else read-only
+    (``force_share``, qemu-img -U, beside a writer)."""
     try:
         fd = os.open(path, (os.O_RDWR if fix else os.O_RDONLY) | os.O_CLOEXEC)
     except OSError as exc:
         raise from_oserror(exc, path) from None
     try:
+        locking.lock(fd, path, locking.mode_for("qcow2", not fix, force_share and not fix))
         return _Checker(fd, path, fix).run()
     except OSError as exc:
         raise from_oserror(exc, path) from None
@@ -401,14 +406,16 @@ def repair_open_file(fd: int, path: str) -> CheckResult:
     return _Checker(fd, path, FIX_LEAKS | FIX_ERRORS).run()
 
 
-def check_and_repair(path: str, fix: int = 0) -> tuple[CheckResult, CheckResult | None]:
+def check_and_repair(
+    path: str, fix: int = 0, force_share: bool = False
+) -> tuple[CheckResult, CheckResult | None]:
     """qemu-img check's flow: check (repairing what ``fix`` allows); if anything was repaired,
     check again without repairing. Returns (final result, the repairing pass or None); the
     final result carries the repairing pass's fixed counts."""
-    first = check(path, fix)
+    first = check(path, fix, force_share)
     if not (first.corruptions_fixed or first.leaks_fixed):
         return first, None
-    final = check(path, 0)
+    final = check(path, 0, force_share)
     final.corruptions_fixed = first.corruptions_fixed
     final.leaks_fixed = first.leaks_fixed
     return final, first

@@ -278,17 +278,19 @@ class Qcow2Image(BlockDeviceBase):
             raise BackingChainError(f"backing chain deeper than {MAX_CHAIN_DEPTH}")
         if not os.path.exists(bpath):
             raise BackingChainError(f"backing file {name!r} not found")
+        # As QEMU: -U (force-share) reaches the whole chain.
+        share = self.lock_mode is not None and self.lock_mode.force_share
         bfmt = h.backing_format
         if bfmt is None:
             from .. import probe_format
 
             bfmt = probe_format(bpath)
         if bfmt == "qcow2":
-            return Qcow2Image.open(bpath, readonly=True, _chain=seen)
+            return Qcow2Image.open(bpath, readonly=True, force_share=share, _chain=seen)
         if bfmt == "raw":
             from ..backends.raw import RawDevice
 
-            return RawDevice(bpath, readonly=True)
+            return RawDevice(bpath, readonly=True, force_share=share)
         raise UnsupportedFeatureError(f"backing file {name!r}: format {bfmt!r} is not supported")
 
     def _repair_refcounts(self, header: fmt.Header) -> fmt.Header:
