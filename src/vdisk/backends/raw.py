@@ -157,6 +157,11 @@ class RawDevice(BlockDeviceBase):
             super().close()
             os.close(self.fd)
 
+    def file_descriptor(self) -> int | None:
+        """``block.FileBacked``: the file itself, unless closed, or unless this is a subclass
+        (which may give the bytes another meaning)."""
+        return self.fd if type(self) is RawDevice and not self._closed else None
+
     def resize(self, new_size: int) -> None:
         if self.is_blockdev:
             raise VdiskError("cannot resize a block device", path=self.path)

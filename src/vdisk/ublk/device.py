@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Self
 
-from ..block import BlockDevice
+from ..block import BlockDevice, FileBacked
 from ..metrics import IoMetrics, register, unregister
 from . import uapi
 from .control import Control, encoded_mode
@@ -742,12 +742,9 @@ def _as_ublk_error(exc: BaseException, operation: str) -> BaseException:
 
 
 def _async_fd(backend: BlockDevice) -> int | None:
-    """The fd of a raw-file backend, whose I/O the queues then run through io_uring."""
-    from ..backends.raw import RawDevice
-
-    if type(backend) is RawDevice:
-        return backend.fd
-    return None
+    """The file a backend offers (``FileBacked``), whose I/O the queues then run through
+    io_uring (``file_target``)."""
+    return backend.file_descriptor() if isinstance(backend, FileBacked) else None
 
 
 def _wait_for_path(path: str, timeout: float) -> None:

@@ -85,6 +85,14 @@ UBLK_IO_OP_FLUSH = 2
 UBLK_IO_OP_DISCARD = 3
 UBLK_IO_OP_WRITE_SAME = 4
 UBLK_IO_OP_WRITE_ZEROES = 5
+#: the ops a server serves, by the names metrics and logs use (WRITE_SAME is never sent)
+IO_OP_NAMES = {
+    UBLK_IO_OP_READ: "read",
+    UBLK_IO_OP_WRITE: "write",
+    UBLK_IO_OP_FLUSH: "flush",
+    UBLK_IO_OP_DISCARD: "discard",
+    UBLK_IO_OP_WRITE_ZEROES: "write_zeroes",
+}
 
 UBLK_IO_F_FAILFAST_DEV = 1 << 8
 UBLK_IO_F_FAILFAST_TRANSPORT = 1 << 9
