@@ -220,6 +220,7 @@ class Queue(threading.Thread):
         unpack_desc = uapi.IO_DESC.unpack_from
         set_io = SQE_IO.pack_into
         set_result = SQE_RESULT.pack_into
+        io_field = SQE_IO_OFFSET
         descs = self.desc_view
         addrs = self.buf_addr
         commit_sqe = self.commit_sqe
@@ -250,7 +251,7 @@ class Queue(threading.Thread):
                 if op <= _WRITE and linked[op]:
                     off = tag << 7  # backing_slot(tag) * SQE_SIZE
                     sqes[off : off + 64] = linked_sqe[op][tag]
-                    set_io(sqes, off + SQE_IO_OFFSET, start_sector << 9, addrs[tag], res,
+                    set_io(sqes, off + io_field, start_sector << 9, addrs[tag], res,
                            ops.RWF_DSYNC if op_flags & fua else 0)
                     queue_slot(tag << 1)
                 else:
