@@ -51,13 +51,39 @@ def run_dir() -> str:
     return os.environ.get("VDISK_UBLK_RUN_DIR", "/run/vdisk-ublk")
 
 
+#: the fields a note may carry and their types (a field of another type is dropped)
+_NOTE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "type": str, "file": str, "backend_size": int, "size": int, "pid": int, "dev_id": int,
+}
+_NOTE_MAX_BYTES = 64 << 10
+
+
 def read_note(dev_id: int) -> dict[str, Any] | None:
+    """The note of device ``dev_id`` (see ``decode_note``), or None when there is none."""
     try:
-        with open(os.path.join(run_dir(), f"{dev_id}.json")) as f:
-            note: dict[str, Any] = json.load(f)
-            return note
-    except (OSError, ValueError):
+        with open(os.path.join(run_dir(), f"{dev_id}.json"), "rb") as f:
+            return decode_note(f.read(_NOTE_MAX_BYTES + 1))
+    except OSError:
         return None
+
+
+def decode_note(text: bytes) -> dict[str, Any] | None:
+    """A note's fields, or None unless it is a JSON object of at most 64 KiB. A note is anyone's
+    file in run_dir(): a known field of the wrong type is dropped."""
+    if len(text) > _NOTE_MAX_BYTES:
+        return None
+    try:
+        note = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(note, dict):
+        return None
+    return {
+        key: value for key, value in note.items()
+        if key not in _NOTE_FIELDS or (
+            isinstance(value, _NOTE_FIELDS[key]) and not isinstance(value, bool)
+        )
+    }
 
 
 _CHAR_CLASS = "/sys/class/ublk-char"

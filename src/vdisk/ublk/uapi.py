@@ -9,6 +9,8 @@ import errno
 import struct
 from dataclasses import dataclass, field
 
+from .errors import UblkError
+
 # -- control commands (legacy numbers; the ioctl-encoded forms wrap them) ------------------
 UBLK_CMD_GET_QUEUE_AFFINITY = 0x01
 UBLK_CMD_GET_DEV_INFO = 0x02
@@ -206,6 +208,9 @@ class DevInfo:
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> DevInfo:
+        if len(data) < DEV_INFO.size:
+            raise UblkError(errno.EPROTO, "decode ublksrv_ctrl_dev_info",
+                            f"{len(data)} bytes, not {DEV_INFO.size}")
         (nr_q, depth, state, _p0, max_buf, dev_id, pid, _p1, flags, srv_flags, uid, gid,
          _r1, _r2) = DEV_INFO.unpack_from(data)
         return cls(nr_q, depth, state, max_buf, dev_id, pid, flags, srv_flags, uid, gid)
@@ -331,6 +336,15 @@ def desc_mmap_offset(q_id: int, page_size: int) -> int:
 
 def desc_mmap_length(depth: int, page_size: int) -> int:
     return round_up(depth * IO_DESC.size, page_size)
+
+
+def cpus_of_mask(mask: bytes | bytearray | memoryview) -> set[int]:
+    """The CPUs set in a little-endian cpumask (GET_QUEUE_AFFINITY's reply)."""
+    return {
+        byte_index * 8 + bit
+        for byte_index, byte in enumerate(bytes(mask)) if byte
+        for bit in range(8) if byte >> bit & 1
+    }
 
 
 def feature_names(flags: int) -> list[str]:
