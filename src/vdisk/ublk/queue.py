@@ -9,9 +9,10 @@ Per request, Python does as little as it can: one descriptor unpack, and one or 
 copied from per-tag templates with a few fields patched. Metrics are counted in local lists and
 handed over once per batch.
 
-A backend that offers its file (``block.FileBacked``) gets a ``FileTarget``: its READ and
-WRITE go on this ring linked to their commit, and the fast loop copies the target's templates
-(see ``file_target``). Everything else is served by calling the backend in this thread.
+A backend that offers its file (``block.FileBacked``) gets a ``FileTarget``, which serves
+READ, WRITE and FLUSH on that file: READ/WRITE linked to their commit on this ring (the fast
+loop copies the target's templates), FLUSH as an FSYNC (see ``file_target``). Everything else
+is served by calling the backend in this thread.
 
 Linux 6.12 reads a URING_CMD's SQE only when it issues the command, so every tag keeps its
 SQEs in two fixed slots (see ``_build_templates`` and ``ring_layout``).
