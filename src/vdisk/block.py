@@ -300,3 +300,17 @@ class DirtyBitmap:
         with self._lock:
             for index in range(first, last + 1):
                 self.bits[index >> 3] |= 1 << (index & 7)
+
+
+@runtime_checkable
+class FileBacked(Protocol):
+    """A device whose bytes are one host file's, at the same offsets: an export may run its
+    reads, writes and flushes on that file directly (ublk hands it to io_uring), and still
+    calls the device for everything else and for the rare odd case (a short read).
+
+    The file is open read-write unless the device is read-only, and stays open until the
+    device is closed."""
+
+    def file_descriptor(self) -> int | None:
+        """The open file, or None when this device must be served through its own methods."""
+        ...

@@ -12,16 +12,7 @@ from ..block import BlockDeviceBase, Extent
 from ..errors import VdiskError, from_oserror
 from ..fileio import pread_full, pwrite_full
 
-# Re-exported for ublk/queue.py (owned elsewhere), which still imports them from here.
-__all__ = [
-    "RawDevice",
-    "create_raw",
-    "fallocate",
-    "pread_full",
-    "punch_hole",
-    "pwrite_full",
-    "write_zeroes_fd",
-]
+__all__ = ["RawDevice", "create_raw", "fallocate", "punch_hole", "write_zeroes_fd"]
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -162,6 +153,11 @@ class RawDevice(BlockDeviceBase):
         if not self._closed:
             super().close()
             os.close(self.fd)
+
+    def file_descriptor(self) -> int | None:
+        """``block.FileBacked``: the file itself, unless closed, or unless this is a subclass
+        (which may give the bytes another meaning)."""
+        return self.fd if type(self) is RawDevice and not self._closed else None
 
     def resize(self, new_size: int) -> None:
         if self.is_blockdev:

@@ -13,16 +13,51 @@ import errno
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import VdiskError
 from ..sizes import parse_size
 
+if TYPE_CHECKING:
+    from ..block import BlockDevice
+
+BACKEND_TYPES = ("qcow2", "raw", "mem", "null", "zip")
+
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     return None if value is None else parse_size(value)
+
+
+def open_backend(
+    kind: str, file: str | None, size: int | None = None, readonly: bool = False
+) -> BlockDevice:
+    """A BlockDevice for ``vdisk ublk add -t KIND -f FILE`` (and recover)."""
+    if kind in ("qcow2", "raw", "zip") and not file:
+        raise VdiskError(f"-t {kind} needs a file (-f FILE)")
+    if kind in ("qcow2", "raw"):
+        import vdisk
+        from vdisk import locking
+
+        device = vdisk.open(file or "", format=kind, readonly=readonly)
+        locking.lock_for_export(device)  # as qemu-nbd does: nobody resizes what we serve
+        return device
+    if kind == "zip":
+        from ..backends.zipmember import ZipMemberDevice, split_member
+
+        return ZipMemberDevice(*split_member(file or ""))
+    if kind in ("mem", "null"):
+        if not size:
+            raise VdiskError(f"-t {kind} needs --size")
+        if kind == "mem":
+            from ..backends.memory import MemoryDevice
+
+            return MemoryDevice(size, readonly=readonly)
+        from ..backends.null import NullDevice
+
+        return NullDevice(size, readonly=readonly)
+    raise VdiskError(f"unknown ublk target type {kind!r} (known: {', '.join(BACKEND_TYPES)})")
 
 
 @click.group("ublk")
@@ -32,7 +67,7 @@ def ublk_group() -> None:
 
 @ublk_group.command("add")
 @click.option("-t", "--type", "kind", required=True,
-              type=click.Choice(["qcow2", "raw", "mem", "null", "zip"]), help="backend type")
+              type=click.Choice(BACKEND_TYPES), help="backend type")
 @click.option("-f", "--file", "file", default=None,
               help="image file (zip: ARCHIVE or ARCHIVE:MEMBER)")
 @click.option("-q", "--queues", type=int, default=1, show_default=True, help="hardware queues")
@@ -76,7 +111,7 @@ def add_command(kind: str, file: str | None, queues: int, depth: int, dev_id: in
         size=size if kind not in ("mem", "null") else None,
     )
     return serve.run(
-        lambda: serve.add(kind, file, params, size, readonly),
+        lambda: serve.add(open_backend, kind, file, params, size, readonly),
         foreground, lambda path: click.echo(path), metrics_port,
     )
 
@@ -84,7 +119,7 @@ def add_command(kind: str, file: str | None, queues: int, depth: int, dev_id: in
 @ublk_group.command("recover")
 @click.option("-n", "--number", "dev_id", type=int, required=True, help="device id")
 @click.option("-t", "--type", "kind", default=None,
-              type=click.Choice(["qcow2", "raw", "mem", "null", "zip"]),
+              type=click.Choice(BACKEND_TYPES),
               help="backend type (default: as recorded when the device was added)")
 @click.option("-f", "--file", "file", default=None, help="image file (default: as recorded)")
 @click.option("--foreground", is_flag=True, help="serve in this process instead of a daemon")
@@ -96,7 +131,7 @@ def recover_command(dev_id: int, kind: str | None, file: str | None, foreground:
     from ..ublk import serve
 
     _logging(verbose)
-    return serve.run(lambda: serve.recover(dev_id, kind, file), foreground,
+    return serve.run(lambda: serve.recover(open_backend, dev_id, kind, file), foreground,
                      lambda path: click.echo(path), metrics_port)
 
 

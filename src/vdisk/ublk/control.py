@@ -201,8 +201,7 @@ class Control:
         """The CPUs whose requests blk-mq sends to queue ``q_id``."""
         buf = bytearray(1024)  # a cpumask for up to 8192 CPUs (the length must cover them all)
         self.command(uapi.UBLK_CMD_GET_QUEUE_AFFINITY, dev_id, buf, data=q_id)
-        mask = int.from_bytes(buf, "little")
-        return {cpu for cpu in range(mask.bit_length()) if mask >> cpu & 1}
+        return uapi.cpus_of_mask(buf)
 
     def get_features(self) -> int | None:
         """The driver's UBLK_F_* feature mask, or None on kernels without GET_FEATURES."""

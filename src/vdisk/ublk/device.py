@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Self
 
-from ..block import BlockDevice
+from ..block import BlockDevice, FileBacked
 from ..metrics import IoMetrics, register, unregister
 from . import uapi
 from .control import Control, encoded_mode
@@ -51,13 +51,39 @@ def run_dir() -> str:
     return os.environ.get("VDISK_UBLK_RUN_DIR", "/run/vdisk-ublk")
 
 
+#: the fields a note may carry and their types (a field of another type is dropped)
+_NOTE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "type": str, "file": str, "backend_size": int, "size": int, "pid": int, "dev_id": int,
+}
+_NOTE_MAX_BYTES = 64 << 10
+
+
 def read_note(dev_id: int) -> dict[str, Any] | None:
+    """The note of device ``dev_id`` (see ``decode_note``), or None when there is none."""
     try:
-        with open(os.path.join(run_dir(), f"{dev_id}.json")) as f:
-            note: dict[str, Any] = json.load(f)
-            return note
-    except (OSError, ValueError):
+        with open(os.path.join(run_dir(), f"{dev_id}.json"), "rb") as f:
+            return decode_note(f.read(_NOTE_MAX_BYTES + 1))
+    except OSError:
         return None
+
+
+def decode_note(text: bytes) -> dict[str, Any] | None:
+    """A note's fields, or None unless it is a JSON object of at most 64 KiB. A note is anyone's
+    file in run_dir(): a known field of the wrong type is dropped."""
+    if len(text) > _NOTE_MAX_BYTES:
+        return None
+    try:
+        note = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(note, dict):
+        return None
+    return {
+        key: value for key, value in note.items()
+        if key not in _NOTE_FIELDS or (
+            isinstance(value, _NOTE_FIELDS[key]) and not isinstance(value, bool)
+        )
+    }
 
 
 _CHAR_CLASS = "/sys/class/ublk-char"
@@ -742,12 +768,9 @@ def _as_ublk_error(exc: BaseException, operation: str) -> BaseException:
 
 
 def _async_fd(backend: BlockDevice) -> int | None:
-    """The fd of a raw-file backend, whose I/O the queues then run through io_uring."""
-    from ..backends.raw import RawDevice
-
-    if type(backend) is RawDevice:
-        return backend.fd
-    return None
+    """The file a backend offers (``FileBacked``), whose I/O the queues then run through
+    io_uring (``file_target``)."""
+    return backend.file_descriptor() if isinstance(backend, FileBacked) else None
 
 
 def _wait_for_path(path: str, timeout: float) -> None:

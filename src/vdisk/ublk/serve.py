@@ -1,5 +1,6 @@
-"""Running a ublk server as a program: open a backend by type, serve it in the foreground or
-as a background daemon that reports readiness (the /dev/ublkbN path) to its parent."""
+"""Running a ublk server as a program: serve a backend (opened by the caller's opener) in the
+foreground or as a background daemon that reports readiness (the /dev/ublkbN path) to its
+parent."""
 
 from __future__ import annotations
 
@@ -18,40 +19,11 @@ from ..errors import VdiskError
 from .device import Device, UblkParams
 from .errors import UblkError
 
-BACKEND_TYPES = ("qcow2", "raw", "mem", "null", "zip")
-
 log = logging.getLogger("vdisk.ublk")
 
-
-def open_backend(
-    kind: str, file: str | None, size: int | None = None, readonly: bool = False
-) -> BlockDevice:
-    """A BlockDevice for ``vdisk ublk add -t KIND -f FILE``."""
-    if kind in ("qcow2", "raw", "zip") and not file:
-        raise VdiskError(f"-t {kind} needs a file (-f FILE)")
-    if kind == "qcow2":
-        import vdisk
-
-        return vdisk.open(file or "", format="qcow2", readonly=readonly)
-    if kind == "raw":
-        from ..backends.raw import RawDevice
-
-        return RawDevice(file or "", readonly=readonly)
-    if kind == "zip":
-        from ..backends.zipmember import ZipMemberDevice, split_member
-
-        return ZipMemberDevice(*split_member(file or ""))
-    if kind in ("mem", "null"):
-        if not size:
-            raise VdiskError(f"-t {kind} needs --size")
-        if kind == "mem":
-            from ..backends.memory import MemoryDevice
-
-            return MemoryDevice(size, readonly=readonly)
-        from ..backends.null import NullDevice
-
-        return NullDevice(size, readonly=readonly)
-    raise VdiskError(f"unknown ublk target type {kind!r} (known: {', '.join(BACKEND_TYPES)})")
+#: open_backend(kind, file, size, readonly): the BlockDevice that ``vdisk ublk add -t KIND -f
+#: FILE`` serves (the CLI knows the formats; this package serves whatever it is given)
+BackendOpener = Callable[[str, "str | None", "int | None", bool], BlockDevice]
 
 
 Starter = Callable[[], Device]
@@ -163,7 +135,8 @@ def describe(kind: str, file: str | None, size: int | None) -> dict[str, Any]:
 
 
 def add(
-    kind: str, file: str | None, params: UblkParams, size: int | None, readonly: bool
+    open_backend: BackendOpener, kind: str, file: str | None, params: UblkParams,
+    size: int | None, readonly: bool,
 ) -> Device:
     """Open the backend, create and start the device; everything is undone on failure."""
     backend = open_backend(kind, file, size, readonly)
@@ -182,7 +155,9 @@ def add(
     return dev
 
 
-def recover(dev_id: int, kind: str | None, file: str | None) -> Device:
+def recover(
+    open_backend: BackendOpener, dev_id: int, kind: str | None, file: str | None
+) -> Device:
     from .control import Control
     from .device import check_recoverable, read_note
 
@@ -196,7 +171,7 @@ def recover(dev_id: int, kind: str | None, file: str | None) -> Device:
         raise UblkError(errno.EINVAL, f"recover ublk{dev_id}",
                         "no record of its backend: give -t TYPE and -f FILE")
     size = note.get("backend_size") or note.get("size")
-    backend = open_backend(kind, file, size)
+    backend = open_backend(kind, file, size, False)
     try:
         dev = Device.recover(dev_id, backend, note=describe(kind, file, size))
     except BaseException:

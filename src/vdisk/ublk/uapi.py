@@ -9,6 +9,8 @@ import errno
 import struct
 from dataclasses import dataclass, field
 
+from .errors import UblkError
+
 # -- control commands (legacy numbers; the ioctl-encoded forms wrap them) ------------------
 UBLK_CMD_GET_QUEUE_AFFINITY = 0x01
 UBLK_CMD_GET_DEV_INFO = 0x02
@@ -85,6 +87,14 @@ UBLK_IO_OP_FLUSH = 2
 UBLK_IO_OP_DISCARD = 3
 UBLK_IO_OP_WRITE_SAME = 4
 UBLK_IO_OP_WRITE_ZEROES = 5
+#: the ops a server serves, by the names metrics and logs use (WRITE_SAME is never sent)
+IO_OP_NAMES = {
+    UBLK_IO_OP_READ: "read",
+    UBLK_IO_OP_WRITE: "write",
+    UBLK_IO_OP_FLUSH: "flush",
+    UBLK_IO_OP_DISCARD: "discard",
+    UBLK_IO_OP_WRITE_ZEROES: "write_zeroes",
+}
 
 UBLK_IO_F_FAILFAST_DEV = 1 << 8
 UBLK_IO_F_FAILFAST_TRANSPORT = 1 << 9
@@ -198,6 +208,9 @@ class DevInfo:
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> DevInfo:
+        if len(data) < DEV_INFO.size:
+            raise UblkError(errno.EPROTO, "decode ublksrv_ctrl_dev_info",
+                            f"{len(data)} bytes, not {DEV_INFO.size}")
         (nr_q, depth, state, _p0, max_buf, dev_id, pid, _p1, flags, srv_flags, uid, gid,
          _r1, _r2) = DEV_INFO.unpack_from(data)
         return cls(nr_q, depth, state, max_buf, dev_id, pid, flags, srv_flags, uid, gid)
@@ -323,6 +336,15 @@ def desc_mmap_offset(q_id: int, page_size: int) -> int:
 
 def desc_mmap_length(depth: int, page_size: int) -> int:
     return round_up(depth * IO_DESC.size, page_size)
+
+
+def cpus_of_mask(mask: bytes | bytearray | memoryview) -> set[int]:
+    """The CPUs set in a little-endian cpumask (GET_QUEUE_AFFINITY's reply)."""
+    return {
+        byte_index * 8 + bit
+        for byte_index, byte in enumerate(bytes(mask)) if byte
+        for bit in range(8) if byte >> bit & 1
+    }
 
 
 def feature_names(flags: int) -> list[str]:
