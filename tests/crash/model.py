@@ -65,37 +65,38 @@ class Guest:
     # -- guest operations ---------------------------------------------------------------
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         assert offset % SECTOR == 0 and len(data) % SECTOR == 0
-        self.image.write(data, offset, fua=fua)
         first, end = offset // SECTOR, (offset + len(data)) // SECTOR
-        self.current[first:end] = np.frombuffer(data, dtype=np.uint8).reshape(-1, SECTOR)
+        # Logged first: a write that fails may still have landed, in part or whole.
         self.changes.append(Change(first, end, data))
+        self.image.write(data, offset, fua=fua)
+        self.current[first:end] = np.frombuffer(data, dtype=np.uint8).reshape(-1, SECTOR)
         self.loose[first:end] = False
         self.ops += 1
         if fua:
             self.ack("fua")
 
     def write_zeroes(self, offset: int, length: int) -> None:
+        first, end = offset // SECTOR, (offset + length) // SECTOR
+        self.changes.append(Change(first, end, bytes(length)))
         self.image.write_zeroes(offset, length)
-        self._zeroed(offset, length)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.image.discard(offset, length)
-        first, end = offset // SECTOR, (offset + length) // SECTOR
-        self.current[first:end] = 0
-        self.loose[first:end] = True  # discarded data is undefined: zeros or the backing file
-        self.changes.append(Change(first, end, None))
-        self.ops += 1
-
-    def _zeroed(self, offset: int, length: int) -> None:
-        first, end = offset // SECTOR, (offset + length) // SECTOR
         self.current[first:end] = 0
         self.loose[first:end] = False
-        self.changes.append(Change(first, end, bytes(length)))
+        self.ops += 1
+
+    def discard(self, offset: int, length: int) -> None:
+        first, end = offset // SECTOR, (offset + length) // SECTOR
+        self.changes.append(Change(first, end, None))
+        self.image.discard(offset, length)
+        self.current[first:end] = 0
+        self.loose[first:end] = True  # discarded data is undefined: zeros or the backing file
         self.ops += 1
 
     def resize(self, new_size: int, run: Callable[[], None]) -> None:
         """``run`` resizes the image; sectors past a new, smaller end read as zeros later."""
         old = self.image.size
+        self.sizes.append(new_size)
+        if new_size < old:
+            self.changes.append(Change(new_size // SECTOR, old // SECTOR, None))
         run()
         grow = new_size // SECTOR - len(self.current)
         if grow > 0:
@@ -105,8 +106,6 @@ class Guest:
             self.loose = np.concatenate([self.loose, np.zeros(grow, dtype=bool)])
         if new_size < old:
             self.current[new_size // SECTOR : old // SECTOR] = 0
-            self.changes.append(Change(new_size // SECTOR, old // SECTOR, None))
-        self.sizes.append(new_size)
         self.ops += 1
 
     def flush(self) -> None:
