@@ -6,6 +6,7 @@ CI mode: one seed per scenario. ``VDISK_SOAK=1``: more seeds and more random sta
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ pytestmark = needs_qemu
 SOAK = os.environ.get("VDISK_SOAK") == "1"
 SEEDS = range(int(os.environ.get("VDISK_CRASH_SEEDS", "8" if SOAK else "3")))
 RANDOMS_PER_EPOCH = 80 if SOAK else 30
+# scripts/soak gives each scenario a time budget: seeds stop once it is spent (one at least).
+BUDGET = float(os.environ.get("VDISK_CRASH_SECONDS", "0")) or None
 
 FIGURES: list[str] = []  # one line per scenario, printed by the conftest's summary
 
@@ -39,7 +42,10 @@ def _params() -> list[object]:
 def test_every_crash_state_recovers(scenario: Scenario, tmp_path: Path) -> None:
     totals = [0, 0, 0, 0]
     problems: list[str] = []
+    started = time.monotonic()
     for seed in SEEDS:
+        if BUDGET is not None and seed and time.monotonic() - started > BUDGET:
+            break
         where = tmp_path / f"seed{seed}"
         where.mkdir()
         figures = explore(scenario, where, seed, RANDOMS_PER_EPOCH)

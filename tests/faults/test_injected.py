@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ SOAK = os.environ.get("VDISK_SOAK") == "1"
 EVERY_NTH = 1 if SOAK else 9
 FAULTS = [errno.EIO, errno.ENOSPC, errno.EDQUOT, SHORT]
 FIGURES: list[str] = []
+BUDGET = float(os.environ.get("VDISK_FAULT_SECONDS", "0")) or None  # per test, from scripts/soak
 
 # (scenario or "*", fault or None for any error, call site of the fault or the function the error
 # came through): the reason, one line. Core-write / core-check own the code at fault.
@@ -70,7 +72,10 @@ def test_fault_at_every_site(scenario: Scenario, fault: int, tmp_path: Path) -> 
     (tmp_path / "count").mkdir()
     injected = tolerated = 0
     problems: list[str] = []
+    started = time.monotonic()
     for at in targets(scenario, tmp_path / "count"):
+        if BUDGET is not None and time.monotonic() - started > BUDGET:
+            break
         where = tmp_path / f"at{at}"
         where.mkdir()
         outcome = run_with_fault(scenario, where, 0, at, fault)

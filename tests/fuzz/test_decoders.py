@@ -19,7 +19,7 @@ from vdisk.errors import VdiskError
 from vdisk.qcow2 import create
 from vdisk.qcow2 import format as fmt
 
-EXAMPLES = 3000 if os.environ.get("VDISK_SOAK") == "1" else 200
+EXAMPLES = 2000 if os.environ.get("VDISK_SOAK") == "1" else 200
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -26,7 +26,7 @@ pytestmark = needs_qemu
 
 SOAK = os.environ.get("VDISK_SOAK") == "1"
 FUZZ = settings(
-    max_examples=4000 if SOAK else 40,
+    max_examples=int(os.environ.get("VDISK_FUZZ_EXAMPLES", "400" if SOAK else "40")),
     deadline=None,
     derandomize=not SOAK,
     suppress_health_check=list(HealthCheck),
