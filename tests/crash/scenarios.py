@@ -1,0 +1,254 @@
+"""Crash scenarios: each is a small image recipe and a short run of guest operations.
+
+A scenario is ``Scenario(name, make, run)``: ``make(dir)`` creates the image (and its backing
+file) and returns its path; ``run(session)`` does the operations under the recorder. The crash,
+fault and fuzz suites all walk ``SCENARIOS``.
+
+Joins when the feature lands: compressed writes, snapshot create/apply/delete, bitmap updates,
+encryption, ``amend refcount_bits``: one function each, appended to SCENARIOS.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import vdisk
+from vdisk.qcow2 import Qcow2Image, create
+from vdisk.qcow2.check import FIX_ERRORS, FIX_LEAKS, check_and_repair
+from vdisk.qcow2.resize import resize, trim_file
+from vdisk.testing.recorder import Recorder
+
+from .model import SECTOR, Guest
+
+KIB = 1024
+MIB = 1 << 20
+
+
+@dataclass
+class Session:
+    """One run of a scenario: the image, its recorder and the guest model."""
+
+    path: Path
+    rec: Recorder
+    rng: random.Random
+    guest: Guest = field(init=False)
+
+    def __post_init__(self) -> None:
+        with vdisk.open(str(self.path), readonly=True) as img:
+            initial = img.pread(img.size, 0)
+            underneath = _underneath(img)
+        self.guest = Guest(None, self.rec, _sectors(underneath))
+        self.guest.current = _sectors(initial)
+        self.guest.acks[0].snapshot = self.guest.current.copy()
+        self.guest.acks[0].size = len(initial)
+        self.guest.sizes[0] = len(initial)
+
+    def open(self, **options: object) -> Guest:
+        """Open the image read-write (under the recorder) for the guest model."""
+        self.guest.img = Qcow2Image.open(str(self.path), **options)  # type: ignore[arg-type]
+        return self.guest
+
+    def data(self, length: int) -> bytes:
+        return self.rng.randbytes(length)
+
+    def offset(self, span: int, length: int, align: int = SECTOR) -> int:
+        return self.rng.randrange(0, (span - length) // align + 1) * align
+
+
+def _sectors(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, SECTOR).copy()
+
+
+def _underneath(img: vdisk.BlockDevice) -> bytes:
+    backing = getattr(img, "backing", None)
+    if backing is None:
+        return bytes(img.size)
+    data = backing.pread(min(backing.size, img.size), 0)
+    return data + bytes(img.size - len(data))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    make: Callable[[Path], Path]
+    run: Callable[[Session], None]
+    known_bug: str = ""  # one line: what fails today (the suite marks it xfail, strict)
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def _vdisk_image(size: int, **options: object) -> Callable[[Path], Path]:
+    def make(where: Path) -> Path:
+        path = where / "image.qcow2"
+        create(str(path), size, **options)  # type: ignore[arg-type]
+        return path
+
+    return make
+
+
+def _random_io(s: Session, g: Guest, span: int, count: int, sizes: tuple[int, ...]) -> None:
+    """Random writes with a flush, a zero or a discard now and then."""
+    for _ in range(count):
+        length = s.rng.choice(sizes)
+        off = s.offset(span, length)
+        roll = s.rng.random()
+        if roll < 0.65:
+            g.write(off, s.data(length), fua=roll < 0.08)
+        elif roll < 0.75:
+            g.write_zeroes(off, length)
+        elif roll < 0.82:
+            g.discard(off, length)
+        else:
+            g.flush()
+
+
+# -- scenarios ------------------------------------------------------------------------------
+def run_allocation(s: Session) -> None:
+    g = s.open()
+    _random_io(s, g, 4 * MIB, 14, (512, 4 * KIB, 12 * KIB, 64 * KIB))
+    g.close()
+
+
+def make_l1_growth(where: Path) -> Path:
+    return _vdisk_image(1 * MIB, cluster_size=512)(where)
+
+
+def run_l1_growth(s: Session) -> None:
+    g = s.open()
+    g.write(0, s.data(4 * KIB))
+    g.flush()
+    # 512-byte clusters: one L2 table maps 32 KiB, so 8 MiB needs 256 L1 entries (2 KiB).
+    g.resize(8 * MIB, lambda: resize(g.image, 8 * MIB))
+    g.write(8 * MIB - 8 * KIB, s.data(8 * KIB))
+    g.write(3 * MIB, s.data(2 * KIB))
+    g.flush()
+    g.write(5 * MIB + 512, s.data(1 * KIB))
+    g.close()
+
+
+def run_refcount_growth(s: Session) -> None:
+    # 512-byte clusters, 64-bit refcounts: a refcount block covers 32 KiB of file and the
+    # first refcount table 2 MiB, so ~2.5 MiB of data moves the table.
+    g = s.open()
+    for i in range(20):
+        g.write(i * 128 * KIB, s.data(128 * KIB))
+        if i % 6 == 5:
+            g.flush()
+    g.close()
+
+
+def make_backing(where: Path) -> Path:
+    base = where / "base.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(base), "4M")
+    pattern = np.random.default_rng(7).integers(0, 256, 4 * MIB, dtype=np.uint8).tobytes()
+    with Qcow2Image.open(str(base)) as img:
+        img.write(pattern, 0)
+    path = where / "image.qcow2"
+    _qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+        "-o", "cluster_size=4096", str(path),
+    )  # fmt: skip
+    return path
+
+
+def run_cow_backing(s: Session) -> None:
+    g = s.open()
+    _random_io(s, g, 4 * MIB, 12, (512, 1536, 6 * KIB))
+    g.close()
+
+
+def make_subclusters(where: Path) -> Path:
+    path = where / "image.qcow2"
+    _qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=16384", str(path), "4M"
+    )
+    return path
+
+
+def run_subclusters(s: Session) -> None:
+    g = s.open()
+    _random_io(s, g, 2 * MIB, 14, (512, 1024, 3 * KIB, 20 * KIB))
+    g.close()
+
+
+def run_lazy_refcounts(s: Session) -> None:
+    g = s.open()
+    _random_io(s, g, 4 * MIB, 14, (512, 4 * KIB, 64 * KIB))
+    g.close()
+
+
+def run_resize_grow(s: Session) -> None:
+    g = s.open()
+    g.write(1 * MIB - 4 * KIB, s.data(8 * KIB)[: 4 * KIB])
+    g.flush()
+    g.resize(6 * MIB, lambda: resize(g.image, 6 * MIB))
+    g.write(5 * MIB, s.data(8 * KIB))
+    g.close()
+
+
+def run_resize_shrink(s: Session) -> None:
+    g = s.open()
+    for off in (0, 1 * MIB, 2 * MIB + 4 * KIB, 3 * MIB + 512):
+        g.write(off, s.data(8 * KIB))
+    g.flush()
+    g.resize(2 * MIB, lambda: resize(g.image, 2 * MIB))
+    g.close()
+    trim_file(str(s.path))  # as `vdisk resize --shrink` ends
+
+
+def make_dirty(where: Path) -> Path:
+    """A lazy-refcounts image that QEMU left dirty: written, then killed before closing."""
+    path = where / "image.qcow2"
+    _qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", str(path), "4M"
+    )  # fmt: skip
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 200k", "-c", "write -P 0xa5 1M 64k",
+         "-c", "write -P 0x33 3M 12k", "-c", "sigraise 9", str(path)],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    return path
+
+
+def run_repair_check(s: Session) -> None:
+    check_and_repair(str(s.path), FIX_LEAKS | FIX_ERRORS)
+    s.guest.ack("repaired")
+
+
+def run_repair_open(s: Session) -> None:
+    g = s.open()  # a read-write open of a dirty image rebuilds its refcounts
+    g.write(64 * KIB, s.data(4 * KIB))
+    g.close()
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("allocation", _vdisk_image(4 * MIB, cluster_size=4096), run_allocation),
+    Scenario("l1_growth", make_l1_growth, run_l1_growth),
+    Scenario(
+        "refcount_table_growth",
+        _vdisk_image(4 * MIB, cluster_size=512, refcount_bits=64),
+        run_refcount_growth,
+        known_bug="refcount.py RefcountManager.write_back writes new refcount blocks and the "
+        "refcount-table entries naming them with no flush between: a crash can keep the entry "
+        "without its block (past EOF: open fails; else qemu-img check finds corruptions)",
+    ),
+    Scenario("cow_backing", make_backing, run_cow_backing),
+    Scenario("subclusters", make_subclusters, run_subclusters),
+    Scenario(
+        "lazy_refcounts",
+        _vdisk_image(4 * MIB, cluster_size=4096, lazy_refcounts=True),
+        run_lazy_refcounts,
+    ),
+    Scenario("resize_grow", _vdisk_image(1 * MIB, cluster_size=4096), run_resize_grow),
+    Scenario("resize_shrink", _vdisk_image(4 * MIB, cluster_size=4096), run_resize_shrink),
+    Scenario("repair_check_r_all", make_dirty, run_repair_check),
+    Scenario("repair_lazy_open", make_dirty, run_repair_open),
+]
