@@ -34,13 +34,6 @@ KNOWN: dict[tuple[str, int | None, str], str] = {
     ("*", None, "vdisk.qcow2.image:close"): (
         "Qcow2Image.close() lets the OSError of its final flush out raw (not a VdiskError)"
     ),
-    ("*", SHORT, "vdisk.qcow2.resize:_write_header"): (
-        "resize._write_header ignores os.pwrite's count: a short header write leaves "
-        "size and l1_size disagreeing, and the image no longer opens"
-    ),
-    ("*", None, "vdisk.qcow2.resize:trim_file"): (
-        "resize.trim_file lets os.truncate's OSError out raw (not a VdiskError)"
-    ),
     ("*", None, "vdisk.qcow2.refcount:_write_header_table"): (
         "refcount-table growth: when the header switch fails, the new table stays in use "
         "in memory while the header names the old one; qemu-img check then finds corruptions"
@@ -110,13 +103,11 @@ def test_close_after_failed_flush_raises_vdisk_error(tmp_path: Path) -> None:
     assert not outcome.problems, outcome.problems
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN[("*", SHORT, "vdisk.qcow2.resize:_write_header")])
 def test_short_header_write_in_resize(tmp_path: Path) -> None:
     outcome = _one("resize_grow", "vdisk.qcow2.resize:_write_header", SHORT, tmp_path)
     assert not outcome.problems, outcome.problems
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN[("*", None, "vdisk.qcow2.resize:trim_file")])
 def test_trim_file_error_is_vdisk_error(tmp_path: Path) -> None:
     outcome = _one("resize_shrink", "vdisk.qcow2.resize:trim_file", errno.EIO, tmp_path)
     assert not outcome.problems, outcome.problems

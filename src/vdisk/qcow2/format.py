@@ -23,6 +23,7 @@ V3_MIN_HEADER_LENGTH = 104
 V3_HEADER_LENGTH = 112  # with compression_type and its padding, as QEMU writes it
 
 # Byte offsets of fixed header fields that are rewritten in place.
+HDR_SIZE = 24  # u64 size, then u32 crypt_method, u32 l1_size, u64 l1_table_offset
 HDR_REFCOUNT_TABLE_OFFSET = 48  # u64 refcount_table_offset, then u32 refcount_table_clusters
 HDR_INCOMPATIBLE_FEATURES = 72  # u64 (v3)
 HDR_AUTOCLEAR_FEATURES = 88  # u64 (v3)

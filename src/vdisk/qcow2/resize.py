@@ -18,6 +18,7 @@ from array import array
 import numpy as np
 
 from ..errors import RequestError, UnsupportedFeatureError, from_oserror
+from ..fileio import pwrite_full
 from . import format as fmt
 from .cache import encode_l2
 from .image import Qcow2Image
@@ -87,11 +88,11 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
 
 
 def _write_header(img: Qcow2Image, size: int, l1_size: int, l1_offset: int) -> None:
-    # size (24), crypt_method (32), l1_size (36) and l1_table_offset (40) are adjacent: one
-    # write inside the first sector switches them together.
+    # size, crypt_method, l1_size and l1_table_offset are adjacent: one write inside the
+    # first sector switches them together.
     h = img.header
     data = struct.pack(">QIIQ", size, h.crypt_method, l1_size, l1_offset)
-    os.pwrite(img.fd, data, 24)
+    pwrite_full(img.fd, data, fmt.HDR_SIZE)
     os.fdatasync(img.fd)
     h.size = size
     h.l1_size = l1_size
@@ -116,7 +117,7 @@ def _grow(img: Qcow2Image, new_size: int) -> None:
     img.metadata.update(range(start, start + clusters))
     data = encode_l2(new_l1)
     data += bytes(clusters * cs - len(data))
-    os.pwrite(img.fd, data, start << cb)
+    pwrite_full(img.fd, data, start << cb)
     img.refcounts.write_back()
     os.fdatasync(img.fd)
     old_offset, old_entries = h.l1_table_offset, h.l1_size
@@ -150,7 +151,7 @@ def _preallocate(img: Qcow2Image, old_size: int, new_size: int, mode: str) -> No
         e, _bm = m.entry(gc)
         host = e & fmt.L2E_OFFSET_MASK
         if host and not e & fmt.OFLAG_COMPRESSED and not e & fmt.OFLAG_ZERO:
-            os.pwrite(img.fd, bytes(cs - tail), host + tail)
+            pwrite_full(img.fd, bytes(cs - tail), host + tail)
     while gc < end_gc:
         # One L2 table at a time: memory stays bounded for any size.
         stop = min(end_gc, ((gc >> l2_bits) + 1) << l2_bits)
@@ -171,7 +172,7 @@ def _preallocate(img: Qcow2Image, old_size: int, new_size: int, mode: str) -> No
         if lo < zero_end:
             zeros = bytes(min(_CHUNK, zero_end - lo))
             for pos in range(lo, zero_end, len(zeros)):
-                os.pwrite(img.fd, zeros[: min(len(zeros), zero_end - pos)], pos)
+                pwrite_full(img.fd, zeros[: min(len(zeros), zero_end - pos)], pos)
         if mode == "falloc":
             os.posix_fallocate(img.fd, lo, hi - lo)
         elif os.fstat(img.fd).st_size < hi:
@@ -256,7 +257,7 @@ def _drop_idle_refblocks(path: str) -> None:
             # Unlink first (durably), then drop the blocks' own references.
             base_off = img.header.refcount_table_offset
             for b, _own, _self in idle:
-                os.pwrite(img.fd, bytes(8), base_off + b * 8)
+                pwrite_full(img.fd, bytes(8), base_off + b * 8)
                 rc.table[b] = 0
             os.fdatasync(img.fd)
             for _b, own, self_count in idle:
@@ -289,5 +290,8 @@ def trim_file(path: str) -> None:
                     break
     finally:
         img.close()
-    if end and end < os.stat(path).st_size:
-        os.truncate(path, end)
+    try:
+        if end and end < os.stat(path).st_size:
+            os.truncate(path, end)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
