@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import zlib
 from typing import Any
 
 from typing_extensions import Buffer
@@ -64,6 +63,7 @@ from .cluster import (
     WritePlan,
     read_snapshots,
 )
+from .compress import decompress_cluster
 from .refcount import RefcountManager
 
 MAX_CHAIN_DEPTH = 64
@@ -256,7 +256,6 @@ class Qcow2Image(BlockDeviceBase):
         self._write_ready = False
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
-        self._zstd: Any = None
         if header.dirty and not readonly:
             self._repair_refcounts(file_size)
         # Backing chain.
@@ -605,43 +604,21 @@ class Qcow2Image(BlockDeviceBase):
             _fill_zero(view, avail, n - avail)
 
     def _decompress(self, entry: int) -> bytes:
+        """The guest data of a compressed cluster (the last one is kept for the next read)."""
         cached = self._compressed_cache
         if cached[0] == entry:
             return cached[1]
         host, length = fmt.decode_compressed(entry, self.cluster_bits)
         raw = bytearray(length)
         pread_full(self.fd, raw, host)
-        cs = self.cluster_size
         try:
-            if self.header.compression_type == fmt.COMPRESSION_ZSTD:
-                data = self._zstd_decompress(raw)
-            else:
-                d = zlib.decompressobj(-12)
-                data = d.decompress(bytes(raw), cs)
-        except (zlib.error, ValueError) as exc:
+            data = decompress_cluster(raw, self.header.compression_type, self.cluster_size)
+        except CorruptImageError as exc:
             raise CorruptImageError(
-                f"compressed cluster at {host:#x}: {exc}", path=self.path
+                f"compressed cluster at {host:#x}: {exc.message}", path=self.path
             ) from None
-        except Exception as exc:  # zstandard.ZstdError
-            raise CorruptImageError(
-                f"compressed cluster at {host:#x}: {exc}", path=self.path
-            ) from None
-        if len(data) != cs:
-            raise CorruptImageError(
-                f"compressed cluster at {host:#x} decompresses to {len(data)} bytes, not {cs}",
-                path=self.path,
-            )
         self._compressed_cache = (entry, data)
         return data
-
-    def _zstd_decompress(self, raw: bytearray) -> bytes:
-        import zstandard
-
-        # The compressed data may be followed by padding or the next cluster: decode one
-        # frame and stop at a cluster's worth of output.
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        out: bytes = dobj.decompress(bytes(raw))
-        return out[: self.cluster_size]
 
     # -- writes -------------------------------------------------------------------------
     def write(self, buf: Buffer, offset: int, fua: bool = False) -> int:
