@@ -69,6 +69,10 @@ from .refcount import RefcountManager
 MAX_CHAIN_DEPTH = 64
 IOV_MAX = 1024
 _ZEROS = bytes(1 << 20)
+# Module-level copies for the hot paths (a global load, not a module attribute load).
+_L1E_OFFSET_MASK = fmt.L1E_OFFSET_MASK
+_L2E_OFFSET_MASK = fmt.L2E_OFFSET_MASK
+_OFLAG_COPIED = fmt.OFLAG_COPIED
 
 
 def _pwritev_full(fd: int, iov: list[Any], offset: int) -> None:
@@ -540,13 +544,13 @@ class Qcow2Image(BlockDeviceBase):
             # Hot path: one cluster, its L2 table cached, a plain data entry.
             host = 0
             with self._lock:
-                l2_off = self.map.l1[offset >> self._span_bits] & fmt.L1E_OFFSET_MASK
+                l2_off = self.map.l1[offset >> self._span_bits] & _L1E_OFFSET_MASK
                 slot = self._slots.get(l2_off) if l2_off else None
                 if slot is not None:
                     self._slots.move_to_end(l2_off)
                     e = slot.table[(offset >> self.cluster_bits) & self._l2_mask]
                     if not e & self._bad_bits:
-                        host = e & fmt.L2E_OFFSET_MASK
+                        host = e & _L2E_OFFSET_MASK
                         if host:
                             ticket = self._next_ticket
                             self._next_ticket = ticket + 1
@@ -626,7 +630,8 @@ class Qcow2Image(BlockDeviceBase):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         n = view.nbytes
-        self.check_request(offset, n, write=True)
+        if self._closed or self._readonly or offset < 0 or offset + n > self._size:
+            self.check_request(offset, n, write=True)  # raises the matching error
         cmask = self.cluster_size - 1
         if n and (offset & cmask) + n <= cmask + 1 and not self._extended and self._write_ready:
             # Hot path: a cluster that is ours (COPIED), its L2 table cached: write in place.
@@ -637,21 +642,18 @@ class Qcow2Image(BlockDeviceBase):
                 gc = offset >> cb
                 if not self._readonly and not (self._inflight and gc in self._inflight):
                     l1e = self.map.l1[offset >> self._span_bits]
-                    l2_off = l1e & fmt.L1E_OFFSET_MASK
+                    l2_off = l1e & _L1E_OFFSET_MASK
                     slot = self._slots.get(l2_off) if l2_off else None
                     if slot is not None:
                         self._slots.move_to_end(l2_off)
                         e = slot.table[gc & self._l2_mask]
-                        if e & fmt.OFLAG_COPIED and not e & self._bad_bits:
-                            host = e & fmt.L2E_OFFSET_MASK
+                        if e & _OFLAG_COPIED and not e & self._bad_bits:
+                            host = e & _L2E_OFFSET_MASK
                             c = host >> cb
                             if c in self.metadata or c >= self.refcounts.end_cluster:
                                 host = 0  # the general path refuses it
                         elif (
-                            e == 0
-                            and n == cmask + 1
-                            and l1e & fmt.OFLAG_COPIED
-                            and not self._pending
+                            e == 0 and n == cmask + 1 and l1e & _OFLAG_COPIED and not self._pending
                         ):
                             # A whole unallocated cluster: no copy-on-write needed.
                             c = self.refcounts.allocate_end_fast()
@@ -674,7 +676,7 @@ class Qcow2Image(BlockDeviceBase):
                     with self._lock:
                         if ok:
                             table = self.cache.get(l2_off, L2)
-                            table[gc & self._l2_mask] = host | fmt.OFLAG_COPIED
+                            table[gc & self._l2_mask] = host | _OFLAG_COPIED
                             self.cache.mark_dirty(l2_off, table)
                             self._unsynced = True
                         else:
