@@ -330,15 +330,20 @@ class ClusterMap:
     def plan_conflict(self, plan: WritePlan) -> str | None:
         """Why carrying out ``plan`` would damage the image, or None.
 
-        Every host cluster the plan writes or will free must be plain data inside the file:
-        not metadata (header, tables, refcount structures...) and not past the file end.
+        Every host cluster the plan writes or will free (at planning time, those its old L2
+        entries hold) must be plain data inside the file: not metadata (header, tables,
+        refcount structures...) and not past the file end.
         """
+        meta = self.metadata
+        end = self.refcounts.end_cluster
+        cb = self.cluster_bits
         for item in plan.clusters:
-            held: list[int] = []
-            self.entry_frees(item.old_entry, held)
-            if item.host_offset:
-                held.append(item.host_offset >> self.cluster_bits)
-            problem = self._held_conflict(item.guest_cluster, held)
+            e = item.old_entry
+            if not e & fmt.OFLAG_COMPRESSED:
+                c = (e & fmt.L2E_OFFSET_MASK) >> cb
+                if not c or (c not in meta and c < end):
+                    continue  # unallocated, or plain data inside the file
+            problem = self._entry_conflict(item.guest_cluster, e)
             if problem:
                 return problem
         return None
@@ -348,14 +353,14 @@ class ClusterMap:
         for gc in range(gc0, gc1 + 1):
             e, _bm = self.entry(gc)
             if e & (fmt.L2E_OFFSET_MASK | fmt.OFLAG_COMPRESSED):
-                held: list[int] = []
-                self.entry_frees(e, held)
-                problem = self._held_conflict(gc, held)
+                problem = self._entry_conflict(gc, e)
                 if problem:
                     return problem
         return None
 
-    def _held_conflict(self, gc: int, held: list[int]) -> str | None:
+    def _entry_conflict(self, gc: int, e: int) -> str | None:
+        held: list[int] = []
+        self.entry_frees(e, held)
         meta = self.metadata
         end = self.refcounts.end_cluster
         for c in held:

@@ -739,7 +739,8 @@ class Qcow2Image(BlockDeviceBase):
             raise self._mark_corrupt(problem)
         frees: list[int] = []
         self.map.prepare_write(plan, frees)
-        self._free_later(frees)
+        if frees:
+            self._free_later(frees)
         if plan.new_count:
             self._allocate_new(plan)
         inflight = self._inflight
