@@ -378,11 +378,11 @@ class ClusterMap:
 
     def l2_on_metadata(self, non_l2: set[int]) -> int | None:
         """The first L1 index whose L2 table pointer lands on other metadata, or None."""
-        for l1_index, l1e in enumerate(self.l1):
-            off = l1e & fmt.L1E_OFFSET_MASK
-            if off and (off >> self.cluster_bits) in non_l2:
-                return l1_index
-        return None
+        offsets = np.frombuffer(self.l1, dtype=np.uint64) & np.uint64(fmt.L1E_OFFSET_MASK)
+        clusters = offsets >> np.uint64(self.cluster_bits)
+        others = np.fromiter(non_l2, dtype=np.uint64, count=len(non_l2))
+        hits = np.flatnonzero((offsets != 0) & np.isin(clusters, others))
+        return int(hits[0]) if hits.size else None
 
     def prepare_write(self, plan: WritePlan, frees: list[int]) -> None:
         """Make the L2 tables of a checked plan ours and restore stale COPIED flags.

@@ -35,6 +35,7 @@ import struct
 import threading
 from typing import Any
 
+import numpy as np
 from typing_extensions import Buffer
 
 from ..backends.raw import pread_full
@@ -410,7 +411,8 @@ class Qcow2Image(BlockDeviceBase):
         out = {0}
         out.update(clusters(h.l1_table_offset, h.l1_size * 8))
         out.update(clusters(h.refcount_table_offset, h.refcount_table_clusters << cb))
-        out.update(off >> cb for off in self.refcounts.table if off)
+        blocks = np.frombuffer(self.refcounts.table, dtype=np.uint64)
+        out.update((blocks[blocks != 0] >> np.uint64(cb)).tolist())
         for off, length in self._extra_metadata:
             out.update(clusters(off, length))
         return out
