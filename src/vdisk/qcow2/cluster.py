@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import struct
 from array import array
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,16 +24,48 @@ from . import format as fmt
 from .cache import L2, MetadataCache, decode_l2
 from .refcount import RefcountManager
 
-# Segment kinds (a segment is a list [kind, guest_offset, length, arg]).
+# Segment kinds.
 SEG_ZERO = 0  # arg: host offset of a preallocated zero cluster, or 0
 SEG_DATA = 1  # arg: host offset
 SEG_BACKING = 2  # arg: unused (unallocated here: read from the backing file or zeros)
 SEG_COMPRESSED = 3  # arg: the L2 entry
 
+
+class Segment(NamedTuple):
+    """A guest range that reads the same way throughout (see the SEG_* kinds)."""
+
+    kind: int
+    guest_offset: int
+    length: int
+    arg: int
+
+
 # Write plan modes.
 IN_PLACE = 0  # cluster is ours (COPIED): write the data where it is
 NEW = 1  # allocate a new host cluster; free the old one afterwards
 REUSE = 2  # keep the host cluster (preallocated / partially allocated) but rewrite the entry
+
+
+@dataclass(slots=True)
+class PlannedCluster:
+    """How a write lands on one guest cluster. ``host_offset`` of a NEW cluster is 0 until
+    the image allocates it; ``set_copied`` asks for the stale COPIED flag to be restored."""
+
+    guest_cluster: int
+    host_offset: int
+    mode: int
+    old_entry: int
+    old_bitmap: int
+    set_copied: bool = False
+
+
+@dataclass(slots=True)
+class WritePlan:
+    """The planned clusters of one write, in guest order; ``new_count`` of them are NEW."""
+
+    clusters: list[PlannedCluster] = field(default_factory=list)
+    new_count: int = 0
+
 
 _ALL_ALLOC = fmt.SUBCLUSTER_ALLOC_MASK
 
@@ -105,7 +139,7 @@ class ClusterMap:
         )
 
     def map_range(
-        self, offset: int, length: int, segs: list[list[int]], status: bool = False
+        self, offset: int, length: int, segs: list[Segment], status: bool = False
     ) -> None:
         """Append the segments of [offset, offset+length) to ``segs`` (adjacent ones merged)."""
         cb = self.cluster_bits
@@ -184,7 +218,7 @@ class ClusterMap:
                 pos = cend
 
     def _map_extended(
-        self, gc: int, e: int, bitmap: int, pos: int, cend: int, segs: list[list[int]], status: bool
+        self, gc: int, e: int, bitmap: int, pos: int, cend: int, segs: list[Segment], status: bool
     ) -> None:
         if e & fmt.OFLAG_COMPRESSED:
             _add(segs, SEG_COMPRESSED, pos, cend - pos, e)
@@ -253,26 +287,24 @@ class ClusterMap:
         self.l1_dirty.add(l1_index)
         return new, new_off
 
-    def plan_write(self, gc0: int, gc1: int, frees: list[int]) -> tuple[list[list[int]], int]:
-        """Decide per guest cluster how a write lands. Returns (plan, clusters to allocate).
-
-        A plan item is [guest_cluster, host_offset, mode, old_entry, old_bitmap]; for NEW
-        items the host offset is filled in by the caller after allocation.
-        """
-        plan: list[list[int]] = []
-        new_count = 0
+    def plan_write(self, gc0: int, gc1: int) -> WritePlan:
+        """Decide per guest cluster how a write lands. Changes nothing: the caller checks the
+        plan (:meth:`plan_conflict`) before :meth:`prepare_write` touches any table."""
+        plan = WritePlan()
         cmask = self.cluster_size - 1
         for gc in range(gc0, gc1 + 1):
             e, bm = self.entry(gc)
             host = e & fmt.L2E_OFFSET_MASK
+            set_copied = False
             if e & fmt.OFLAG_COMPRESSED:
                 mode = NEW
             elif host:
                 if host & cmask:
                     raise self._bad_entry(gc, f"host offset {host:#x} is not cluster aligned")
-                if not e & fmt.OFLAG_COPIED and self.refcounts.get(host >> self.cluster_bits) == 1:
-                    e = self._set_copied(gc, e)
-                if e & fmt.OFLAG_COPIED:
+                copied = bool(e & fmt.OFLAG_COPIED)
+                if not copied and self.refcounts.get(host >> self.cluster_bits) == 1:
+                    copied = set_copied = True
+                if copied:
                     if self.extended:
                         mode = IN_PLACE if bm & _ALL_ALLOC == _ALL_ALLOC else REUSE
                     else:
@@ -282,18 +314,84 @@ class ClusterMap:
             else:
                 mode = NEW
             if mode == NEW:
-                new_count += 1
+                plan.new_count += 1
                 host = 0
-            plan.append([gc, host, mode, e, bm])
-        # L2 tables first, so that they precede the data they map in the file.
+                set_copied = False
+            plan.clusters.append(PlannedCluster(gc, host, mode, e, bm, set_copied))
+        return plan
+
+    def plan_conflict(self, plan: WritePlan) -> str | None:
+        """Why carrying out ``plan`` would damage the image, or None.
+
+        Every host cluster the plan writes or will free (at planning time, those its old L2
+        entries hold) must be plain data inside the file: not metadata (header, tables,
+        refcount structures...) and not past the file end.
+        """
+        meta = self.metadata
+        end = self.refcounts.end_cluster
+        cb = self.cluster_bits
+        for item in plan.clusters:
+            e = item.old_entry
+            if not e & fmt.OFLAG_COMPRESSED:
+                c = (e & fmt.L2E_OFFSET_MASK) >> cb
+                if not c or (c not in meta and c < end):
+                    continue  # unallocated, or plain data inside the file
+            problem = self._entry_conflict(item.guest_cluster, e)
+            if problem:
+                return problem
+        return None
+
+    def range_conflict(self, gc0: int, gc1: int) -> str | None:
+        """As :meth:`plan_conflict`, for zeroing or discarding guest clusters gc0..gc1."""
+        for gc in range(gc0, gc1 + 1):
+            e, _bm = self.entry(gc)
+            if e & (fmt.L2E_OFFSET_MASK | fmt.OFLAG_COMPRESSED):
+                problem = self._entry_conflict(gc, e)
+                if problem:
+                    return problem
+        return None
+
+    def _entry_conflict(self, gc: int, e: int) -> str | None:
+        held: list[int] = []
+        self.entry_frees(e, held)
+        meta = self.metadata
+        end = self.refcounts.end_cluster
+        for c in held:
+            if c in meta:
+                return (
+                    f"write to guest cluster {gc} would overwrite metadata at "
+                    f"{c << self.cluster_bits:#x}"
+                )
+            if c >= end:
+                return (
+                    f"L2 entry of guest cluster {gc} points past the end of the file "
+                    f"({c << self.cluster_bits:#x})"
+                )
+        return None
+
+    def l2_on_metadata(self, non_l2: set[int]) -> int | None:
+        """The first L1 index whose L2 table pointer lands on other metadata, or None."""
+        offsets = np.frombuffer(self.l1, dtype=np.uint64) & np.uint64(fmt.L1E_OFFSET_MASK)
+        clusters = offsets >> np.uint64(self.cluster_bits)
+        others = np.fromiter(non_l2, dtype=np.uint64, count=len(non_l2))
+        hits = np.flatnonzero((offsets != 0) & np.isin(clusters, others))
+        return int(hits[0]) if hits.size else None
+
+    def prepare_write(self, plan: WritePlan, frees: list[int]) -> None:
+        """Make the L2 tables of a checked plan ours and restore stale COPIED flags.
+
+        L2 tables are allocated before the caller allocates data clusters, so that tables
+        precede the data they map in the file.
+        """
         last = -1
-        for item in plan:
-            if item[2] != IN_PLACE:
-                l1_index = item[0] >> self.l2_bits
+        for item in plan.clusters:
+            if item.set_copied:
+                item.old_entry = self._set_copied(item.guest_cluster, item.old_entry)
+            if item.mode != IN_PLACE:
+                l1_index = item.guest_cluster >> self.l2_bits
                 if l1_index != last:
                     self.writable_l2(l1_index, frees)
                     last = l1_index
-        return plan, new_count
 
     def _set_copied(self, gc: int, e: int) -> int:
         l2, off = self.writable_l2(gc >> self.l2_bits, [])
@@ -317,12 +415,12 @@ class ClusterMap:
         self.cache.mark_dirty(off, l2)
         return old
 
-    def commit_write(self, item: list[int], frees: list[int]) -> None:
-        gc, host, mode, old_e, _old_bm = item
-        entry = host | fmt.OFLAG_COPIED
-        self.set_entry(gc, entry, _ALL_ALLOC if self.extended else 0, frees)
-        if mode == NEW:
-            self.entry_frees(old_e, frees)
+    def commit_write(self, item: PlannedCluster, frees: list[int]) -> None:
+        """Point the L2 entry of a written (not in-place) cluster at its host cluster."""
+        entry = item.host_offset | fmt.OFLAG_COPIED
+        self.set_entry(item.guest_cluster, entry, _ALL_ALLOC if self.extended else 0, frees)
+        if item.mode == NEW:
+            self.entry_frees(item.old_entry, frees)
 
     def entry_frees(self, e: int, frees: list[int]) -> None:
         """Append the host clusters an L2 entry holds a reference on."""
@@ -404,17 +502,23 @@ def read_snapshots(fd: int, header: fmt.Header) -> list[fmt.SnapshotEntry]:
         chunk *= 2
 
 
-def _add(segs: list[list[int]], kind: int, pos: int, length: int, arg: int) -> None:
+def _add(segs: list[Segment], kind: int, pos: int, length: int, arg: int) -> None:
+    """Append a segment, or extend the last one when it continues the same way."""
     if segs:
         last = segs[-1]
-        if last[0] == kind and last[1] + last[2] == pos:
-            if kind == SEG_BACKING or (kind == SEG_ZERO and not (last[3] or arg)):
-                last[2] += length
-                return
-            if kind != SEG_COMPRESSED and last[3] and last[3] + last[2] == arg:
-                last[2] += length
-                return
-    segs.append([kind, pos, length, arg])
+        last_kind, last_pos, last_len, last_arg = last
+        if (
+            last_kind == kind
+            and last_pos + last_len == pos
+            and (
+                kind == SEG_BACKING
+                or (kind == SEG_ZERO and not (last_arg or arg))
+                or (kind != SEG_COMPRESSED and last_arg and last_arg + last_len == arg)
+            )
+        ):
+            segs[-1] = Segment(kind, last_pos, last_len + length, last_arg)
+            return
+    segs.append(Segment(kind, pos, length, arg))
 
 
-__all__ = ["ClusterMap", "read_snapshots"]
+__all__ = ["ClusterMap", "PlannedCluster", "Segment", "WritePlan", "read_snapshots"]

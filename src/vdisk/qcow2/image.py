@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import zlib
 from typing import Any
 
 import numpy as np
@@ -63,13 +62,20 @@ from .cluster import (
     SEG_DATA,
     SEG_ZERO,
     ClusterMap,
+    Segment,
+    WritePlan,
     read_snapshots,
 )
+from .compress import decompress_cluster
 from .refcount import RefcountManager
-from .references import metadata_clusters
+from .references import MetadataClusters, metadata_clusters
 
 MAX_CHAIN_DEPTH = 64
 _ZEROS = bytes(1 << 20)
+# Module-level copies for the hot paths (a global load, not a module attribute load).
+_L1E_OFFSET_MASK = fmt.L1E_OFFSET_MASK
+_L2E_OFFSET_MASK = fmt.L2E_OFFSET_MASK
+_OFLAG_COPIED = fmt.OFLAG_COPIED
 
 
 def _norm_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +238,10 @@ class Qcow2Image(BlockDeviceBase):
         self.map = ClusterMap(
             fd, header, self.cache, self.refcounts, self.metadata, file_size, path
         )
-        self.metadata.update(self._other_metadata(file_size))
+        found = self._find_metadata(file_size)
+        self.metadata.update(found.all)
+        # Fixed until the first write, which checks that no L2 pointer lands on them.
+        self._non_l2_metadata = found.others
         self._inflight: set[int] = set()
         self._waiters = 0
         self._next_ticket = 0
@@ -242,14 +251,13 @@ class Qcow2Image(BlockDeviceBase):
         self._write_ready = False
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
-        self._zstd: Any = None
         # Backing chain.
         self._chain_depth = 0
         if header.backing_file and open_backing:
             self.backing = self._open_backing(chain)
             self._chain_depth = getattr(self.backing, "_chain_depth", 0) + 1
 
-    def _other_metadata(self, file_size: int) -> set[int]:
+    def _find_metadata(self, file_size: int) -> MetadataClusters:
         """Host clusters holding metadata, from the same walk as check (no L2 table read)."""
         return metadata_clusters(
             self.fd,
@@ -329,7 +337,11 @@ class Qcow2Image(BlockDeviceBase):
         os.fdatasync(self.fd)
 
     def _prepare_first_write(self) -> None:
-        """Under the lock, before the first change: dirty bit, autoclear bits."""
+        """Under the lock, before the first change: refuse a write that cannot be made safe,
+        then the dirty bit and autoclear bits."""
+        problem = self._write_hazard()
+        if problem:
+            raise self._mark_corrupt(problem)
         h = self.header
         if h.version >= 3:
             if h.autoclear_features:
@@ -339,6 +351,22 @@ class Qcow2Image(BlockDeviceBase):
                 self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
                 self._set_dirty = True
         self._write_ready = True
+
+    def _write_hazard(self) -> str | None:
+        """Why writing would damage this image, judged before anything is written: an L2
+        table pointer that lands on other metadata, or refcounts evidently wrong (a metadata
+        cluster at refcount 0, so the allocator would hand out metadata)."""
+        l1_index = self.map.l2_on_metadata(self._non_l2_metadata)
+        if l1_index is not None:
+            l2_offset = self.map.l1[l1_index] & fmt.L1E_OFFSET_MASK
+            return f"L1 entry {l1_index}: L2 table at {l2_offset:#x} overlaps other metadata"
+        cluster = self.refcounts.unreferenced_metadata()
+        if cluster is not None:
+            return (
+                f"metadata cluster at {cluster << self.cluster_bits:#x} has refcount 0: "
+                "the refcounts are wrong"
+            )
+        return None
 
     def _mark_corrupt(self, message: str) -> CorruptImageError:
         try:
@@ -374,6 +402,8 @@ class Qcow2Image(BlockDeviceBase):
         for bound, clusters in self._pending:
             if bound <= oldest:
                 for c in clusters:
+                    if not self.refcounts.get(c):
+                        continue  # a damaged entry freed it twice: skipping can only leak
                     self.refcounts.add(c, -1)
                     if c in self.metadata and self.refcounts.get(c) == 0:
                         self.metadata.discard(c)
@@ -431,6 +461,7 @@ class Qcow2Image(BlockDeviceBase):
         return ClosedError("device is closed", path=self.path)
 
     def close(self) -> None:
+        """Flush and release the file; the fd is released even when the flush fails."""
         if self._closed:
             return
         try:
@@ -445,6 +476,8 @@ class Qcow2Image(BlockDeviceBase):
                         self._write_features(
                             incompatible=self.header.incompatible_features & ~fmt.INCOMPAT_DIRTY
                         )
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
         finally:
             super().close()
             self._abort()
@@ -464,13 +497,13 @@ class Qcow2Image(BlockDeviceBase):
             # Hot path: one cluster, its L2 table cached, a plain data entry.
             host = 0
             with self._lock:
-                l2_off = self.map.l1[offset >> self._span_bits] & fmt.L1E_OFFSET_MASK
+                l2_off = self.map.l1[offset >> self._span_bits] & _L1E_OFFSET_MASK
                 slot = self._slots.get(l2_off) if l2_off else None
                 if slot is not None:
                     self._slots.move_to_end(l2_off)
                     e = slot.table[(offset >> self.cluster_bits) & self._l2_mask]
                     if not e & self._bad_bits:
-                        host = e & fmt.L2E_OFFSET_MASK
+                        host = e & _L2E_OFFSET_MASK
                         if host:
                             ticket = self._next_ticket
                             self._next_ticket = ticket + 1
@@ -491,7 +524,7 @@ class Qcow2Image(BlockDeviceBase):
         return n
 
     def _read(self, view: memoryview, offset: int) -> None:
-        segs: list[list[int]] = []
+        segs: list[Segment] = []
         with self._lock:
             self.map.map_range(offset, len(view), segs)
             ticket = self._next_ticket
@@ -528,43 +561,21 @@ class Qcow2Image(BlockDeviceBase):
             _fill_zero(view, avail, n - avail)
 
     def _decompress(self, entry: int) -> bytes:
+        """The guest data of a compressed cluster (the last one is kept for the next read)."""
         cached = self._compressed_cache
         if cached[0] == entry:
             return cached[1]
         host, length = fmt.decode_compressed(entry, self.cluster_bits)
         raw = bytearray(length)
         pread_full(self.fd, raw, host)
-        cs = self.cluster_size
         try:
-            if self.header.compression_type == fmt.COMPRESSION_ZSTD:
-                data = self._zstd_decompress(raw)
-            else:
-                d = zlib.decompressobj(-12)
-                data = d.decompress(bytes(raw), cs)
-        except (zlib.error, ValueError) as exc:
+            data = decompress_cluster(raw, self.header.compression_type, self.cluster_size)
+        except CorruptImageError as exc:
             raise CorruptImageError(
-                f"compressed cluster at {host:#x}: {exc}", path=self.path
+                f"compressed cluster at {host:#x}: {exc.message}", path=self.path
             ) from None
-        except Exception as exc:  # zstandard.ZstdError
-            raise CorruptImageError(
-                f"compressed cluster at {host:#x}: {exc}", path=self.path
-            ) from None
-        if len(data) != cs:
-            raise CorruptImageError(
-                f"compressed cluster at {host:#x} decompresses to {len(data)} bytes, not {cs}",
-                path=self.path,
-            )
         self._compressed_cache = (entry, data)
         return data
-
-    def _zstd_decompress(self, raw: bytearray) -> bytes:
-        import zstandard
-
-        # The compressed data may be followed by padding or the next cluster: decode one
-        # frame and stop at a cluster's worth of output.
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        out: bytes = dobj.decompress(bytes(raw))
-        return out[: self.cluster_size]
 
     # -- writes -------------------------------------------------------------------------
     def write(self, buf: Buffer, offset: int, fua: bool = False) -> int:
@@ -572,7 +583,8 @@ class Qcow2Image(BlockDeviceBase):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         n = view.nbytes
-        self.check_request(offset, n, write=True)
+        if self._closed or self._readonly or offset < 0 or offset + n > self._size:
+            self.check_request(offset, n, write=True)  # raises the matching error
         cmask = self.cluster_size - 1
         if n and (offset & cmask) + n <= cmask + 1 and not self._extended and self._write_ready:
             # Hot path: a cluster that is ours (COPIED), its L2 table cached: write in place.
@@ -583,20 +595,18 @@ class Qcow2Image(BlockDeviceBase):
                 gc = offset >> cb
                 if not self._readonly and not (self._inflight and gc in self._inflight):
                     l1e = self.map.l1[offset >> self._span_bits]
-                    l2_off = l1e & fmt.L1E_OFFSET_MASK
+                    l2_off = l1e & _L1E_OFFSET_MASK
                     slot = self._slots.get(l2_off) if l2_off else None
                     if slot is not None:
                         self._slots.move_to_end(l2_off)
                         e = slot.table[gc & self._l2_mask]
-                        if e & fmt.OFLAG_COPIED and not e & self._bad_bits:
-                            host = e & fmt.L2E_OFFSET_MASK
-                            if host and (host >> cb) in self.metadata:
-                                host = 0
+                        if e & _OFLAG_COPIED and not e & self._bad_bits:
+                            host = e & _L2E_OFFSET_MASK
+                            c = host >> cb
+                            if c in self.metadata or c >= self.refcounts.end_cluster:
+                                host = 0  # the general path refuses it
                         elif (
-                            e == 0
-                            and n == cmask + 1
-                            and l1e & fmt.OFLAG_COPIED
-                            and not self._pending
+                            e == 0 and n == cmask + 1 and l1e & _OFLAG_COPIED and not self._pending
                         ):
                             # A whole unallocated cluster: no copy-on-write needed.
                             c = self.refcounts.allocate_end_fast()
@@ -619,7 +629,7 @@ class Qcow2Image(BlockDeviceBase):
                     with self._lock:
                         if ok:
                             table = self.cache.get(l2_off, L2)
-                            table[gc & self._l2_mask] = host | fmt.OFLAG_COPIED
+                            table[gc & self._l2_mask] = host | _OFLAG_COPIED
                             self.cache.mark_dirty(l2_off, table)
                             self._unsynced = True
                         else:
@@ -651,116 +661,157 @@ class Qcow2Image(BlockDeviceBase):
         return n
 
     def _write(self, view: memoryview, offset: int) -> None:
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        n = len(view)
-        end = offset + n
-        gc0 = offset >> cb
-        gc1 = (end - 1) >> cb
+        """The general write: plan, copy-on-write, host runs, commit."""
+        end = offset + len(view)
         frees: list[int] = []
         with self._lock:
-            if not self._write_ready:
-                self._prepare_first_write()
-            if self._readonly:
-                raise ReadOnlyError("image is read-only", path=self.path)
-            if self._inflight:
-                self._wait_inflight(gc0, gc1)
-            plan, new_count = self.map.plan_write(gc0, gc1, frees)
-            if new_count:
-                rc = self.refcounts
-                if (
-                    self._pending
-                    and not rc.free_heap
-                    and rc.scan_cursor >= rc.end_cluster
-                    and self._releasable()
-                ):
-                    # Reuse freed clusters rather than grow the file: make them free now.
-                    self._flush_locked()
-                hosts = rc.allocate(new_count)
-                k = 0
-                for item in plan:
-                    if item[2] == NEW:
-                        item[1] = hosts[k] << cb
-                        k += 1
-            meta = self.metadata
-            for item in plan:
-                if item[2] != NEW and (item[1] >> cb) in meta:
-                    frees.extend(i[1] >> cb for i in plan if i[2] == NEW)
-                    self._free_later(frees)
-                    raise self._mark_corrupt(
-                        f"write to guest cluster {item[0]} would overwrite metadata at {item[1]:#x}"
-                    )
-            for item in plan:
-                if item[2] != IN_PLACE:
-                    self._inflight.add(item[0])
+            plan = self._plan_locked(offset >> self.cluster_bits, (end - 1) >> self.cluster_bits)
             ticket = self._take_ticket()
         ok = False
         try:
-            # Copy-on-write for the uncovered head and tail of newly written clusters.
-            head = tail = None
-            first, last = plan[0], plan[-1]
-            if first[2] != IN_PLACE and offset & (cs - 1):
-                head = bytearray(offset & (cs - 1))
-                self._read(memoryview(head), gc0 << cb)
-            if last[2] != IN_PLACE and end & (cs - 1):
-                cend = (gc1 + 1) << cb
-                tail = bytearray(cend - end)
-                avail = min(cend, self._size) - end
-                if avail > 0:
-                    self._read(memoryview(tail)[:avail], end)
-            # Host runs: each a list of pieces, (start, end) of the request buffer or a COW
-            # buffer; adjacent buffer ranges merge so a contiguous run is one iovec entry.
-            runs: list[tuple[int, list[Any]]] = []
-            run_end = -1
-            for item in plan:
-                gc, host, mode = item[0], item[1], item[2]
-                gstart = max(offset, gc << cb)
-                gend = min(end, (gc + 1) << cb)
-                piece = (gstart - offset, gend - offset)
-                if mode == IN_PLACE:
-                    hstart = host + (gstart & (cs - 1))
-                    length = gend - gstart
-                    pre = post = None
-                else:
-                    hstart = host
-                    length = cs
-                    pre = head if gc == gc0 else None
-                    post = tail if gc == gc1 else None
-                if hstart != run_end:
-                    runs.append((hstart, []))
-                pieces = runs[-1][1]
-                if pre is not None:
-                    pieces.append(pre)
-                if pieces and isinstance(pieces[-1], tuple) and pieces[-1][1] == piece[0]:
-                    pieces[-1] = (pieces[-1][0], piece[1])
-                else:
-                    pieces.append(piece)
-                if post is not None:
-                    pieces.append(post)
-                run_end = hstart + length
-            fd = self.fd
-            for host, pieces in runs:
-                iov = [view[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces]
-                _pwritev_full(fd, iov, host)
+            head, tail = self._copy_on_write(plan, offset, end)
+            for host, iov in self._host_runs(plan, view, offset, head, tail):
+                _pwritev_full(self.fd, iov, host)
             ok = True
         finally:
             with self._lock:
-                self._active.discard(ticket)
-                if ok:
-                    self._unsynced = True
-                    for item in plan:
-                        if item[2] != IN_PLACE:
-                            self.map.commit_write(item, frees)
-                else:
-                    frees.extend(item[1] >> cb for item in plan if item[2] == NEW)
-                self._free_later(frees)
-                for item in plan:
-                    # Only our own marks: an in-place cluster may have been deallocated and
-                    # be in flight for another writer's allocation by now.
-                    if item[2] != IN_PLACE:
-                        self._inflight.discard(item[0])
-                if self._waiters:
-                    self._cond.notify_all()
+                self._commit_locked(plan, ticket, ok, frees)
+
+    def _plan_locked(self, gc0: int, gc1: int) -> WritePlan:
+        """Under the lock: plan guest clusters gc0..gc1, check the plan against the metadata,
+        then make the L2 tables ours, allocate NEW clusters and mark them in flight."""
+        if self._readonly:
+            raise ReadOnlyError("image is read-only", path=self.path)
+        if not self._write_ready:
+            self._prepare_first_write()
+        if self._inflight:
+            self._wait_inflight(gc0, gc1)
+        plan = self.map.plan_write(gc0, gc1)
+        problem = self.map.plan_conflict(plan)
+        if problem:
+            raise self._mark_corrupt(problem)
+        frees: list[int] = []
+        self.map.prepare_write(plan, frees)
+        if frees:
+            self._free_later(frees)
+        if plan.new_count:
+            self._allocate_new(plan)
+        inflight = self._inflight
+        for item in plan.clusters:
+            if item.mode != IN_PLACE:
+                inflight.add(item.guest_cluster)
+        return plan
+
+    def _allocate_new(self, plan: WritePlan) -> None:
+        """Host clusters for the NEW clusters of ``plan``; none may be metadata."""
+        rc = self.refcounts
+        exhausted = not rc.free_heap and rc.scan_cursor >= rc.end_cluster
+        if self._pending and exhausted and self._releasable():
+            # Reuse freed clusters rather than grow the file: make them free now.
+            self._flush_locked()
+        hosts = rc.allocate(plan.new_count)
+        clash = [c for c in hosts if c in self.metadata]
+        if clash:
+            self._free_later(hosts)
+            raise self._mark_corrupt(f"allocator returned metadata cluster {clash[0]}")
+        new_hosts = iter(hosts)
+        cb = self.cluster_bits
+        for item in plan.clusters:
+            if item.mode == NEW:
+                item.host_offset = next(new_hosts) << cb
+
+    def _copy_on_write(
+        self, plan: WritePlan, offset: int, end: int
+    ) -> tuple[bytearray | None, bytearray | None]:
+        """The guest data around the request in its first and last cluster, where those
+        clusters move to a new host cluster (None where nothing needs copying)."""
+        cs = self.cluster_size
+        head = tail = None
+        first, last = plan.clusters[0], plan.clusters[-1]
+        if first.mode != IN_PLACE and offset & (cs - 1):
+            head = bytearray(offset & (cs - 1))
+            self._read(memoryview(head), first.guest_cluster << self.cluster_bits)
+        if last.mode != IN_PLACE and end & (cs - 1):
+            cluster_end = (last.guest_cluster + 1) << self.cluster_bits
+            tail = bytearray(cluster_end - end)
+            avail = min(cluster_end, self._size) - end
+            if avail > 0:
+                self._read(memoryview(tail)[:avail], end)
+        return head, tail
+
+    def _host_runs(
+        self,
+        plan: WritePlan,
+        view: memoryview,
+        offset: int,
+        head: bytearray | None,
+        tail: bytearray | None,
+    ) -> list[tuple[int, list[Any]]]:
+        """(host offset, iovec) per contiguous host run; adjacent request ranges merge so a
+        run is as few iovec entries as possible."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        end = offset + len(view)
+        gc0, gc1 = plan.clusters[0].guest_cluster, plan.clusters[-1].guest_cluster
+        # Pieces: (start, end) of the request buffer, or a copy-on-write buffer.
+        runs: list[tuple[int, list[Any]]] = []
+        run_end = -1
+        for item in plan.clusters:
+            gc = item.guest_cluster
+            gstart = max(offset, gc << cb)
+            gend = min(end, (gc + 1) << cb)
+            piece = (gstart - offset, gend - offset)
+            if item.mode == IN_PLACE:
+                hstart = item.host_offset + (gstart & (cs - 1))
+                length = gend - gstart
+                pre = post = None
+            else:
+                hstart = item.host_offset
+                length = cs
+                pre = head if gc == gc0 else None
+                post = tail if gc == gc1 else None
+            if hstart != run_end:
+                runs.append((hstart, []))
+            pieces = runs[-1][1]
+            if pre is not None:
+                pieces.append(pre)
+            if pieces and isinstance(pieces[-1], tuple) and pieces[-1][1] == piece[0]:
+                pieces[-1] = (pieces[-1][0], piece[1])
+            else:
+                pieces.append(piece)
+            if post is not None:
+                pieces.append(post)
+            run_end = hstart + length
+        return [
+            (host, [view[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces])
+            for host, pieces in runs
+        ]
+
+    def _commit_locked(self, plan: WritePlan, ticket: int, ok: bool, frees: list[int]) -> None:
+        """Under the lock, after the data writes: store the L2 entries (or, on failure, give
+        the NEW clusters back) and clear this write's in-flight marks."""
+        self._active.discard(ticket)
+        try:
+            if ok:
+                self._unsynced = True
+                for item in plan.clusters:
+                    if item.mode != IN_PLACE:
+                        self.map.commit_write(item, frees)
+            else:
+                frees.extend(
+                    item.host_offset >> self.cluster_bits
+                    for item in plan.clusters
+                    if item.mode == NEW
+                )
+        finally:
+            self._free_later(frees)
+            for item in plan.clusters:
+                # Only our own marks: an in-place cluster may have been deallocated and
+                # be in flight for another writer's allocation by now.
+                if item.mode != IN_PLACE:
+                    self._inflight.discard(item.guest_cluster)
+            if self._waiters:
+                self._cond.notify_all()
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
@@ -804,8 +855,11 @@ class Qcow2Image(BlockDeviceBase):
             if self._readonly:
                 raise ReadOnlyError("image is read-only", path=self.path)
             self._wait_inflight(gc0, gc1)
-            frees: list[int] = []
             m = self.map
+            problem = m.range_conflict(gc0, gc1)
+            if problem:
+                raise self._mark_corrupt(problem)
+            frees: list[int] = []
             for gc in range(gc0, gc1 + 1):
                 if discard:
                     e, _bm = m.entry(gc)
@@ -843,7 +897,7 @@ class Qcow2Image(BlockDeviceBase):
         return merge_extents(self._status(offset, length))
 
     def _status(self, offset: int, length: int) -> list[Extent]:
-        segs: list[list[int]] = []
+        segs: list[Segment] = []
         with self._lock:
             self.map.map_range(offset, length, segs, status=True)
         out: list[Extent] = []

@@ -6,6 +6,10 @@ block (numpy over a whole block), feeding a min-heap of free cluster indices; cl
 later go straight onto the heap. Allocation is therefore amortised O(log n), never a full scan
 per request. Past the scanned area the file end is the next free cluster.
 
+Whatever the refcounts say, no allocation hands out a cluster of the shared ``metadata`` set
+(header, L1, refcount structures, L2 tables, snapshot and bitmap structures, crypto area): a
+damaged refcount block must never turn into an overwritten header.
+
 :func:`rebuild_refcount_structure` is the one rebuild of the whole structure from expected
 refcounts (``check -r all`` and the open-time repair of a dirty lazy-refcounts image both reach
 it through ``check.py``; the expected refcounts come from ``references.py``).
@@ -57,6 +61,7 @@ class RefcountManager:
         self.tail_used = self.end_cluster
         if load:
             self._load_table(file_size)
+        self.metadata.add(0)  # the header cluster
 
     def _load_table(self, file_size: int) -> None:
         h = self.header
@@ -104,10 +109,7 @@ class RefcountManager:
         # it describes itself, else its own refcount lives in another block (recursion ends
         # because the end of the file is covered by the newest block).
         base = block_index << self.rb_bits
-        c = self.end_cluster
-        self.end_cluster += 1
-        if self.scan_cursor == c:
-            self.scan_cursor = self.end_cluster
+        c = self._take_end(1)
         new: np.ndarray = self.cache.empty_table(REFBLOCK)
         self.metadata.add(c)
         if base <= c < base + self.rb_entries:
@@ -125,8 +127,35 @@ class RefcountManager:
             return 0
         return int(block[cluster & (self.rb_entries - 1)])
 
+    def unreferenced_metadata(self) -> int | None:
+        """A metadata cluster whose refcount reads 0, or None.
+
+        Every metadata cluster holds a reference, so one at 0 shows the refcounts themselves
+        are wrong (a damaged ``refcount_order``, say): allocating from them is guesswork.
+        """
+        clusters = np.fromiter(self.metadata, dtype=np.int64, count=len(self.metadata))
+        clusters.sort()
+        block_indices, starts = np.unique(clusters >> self.rb_bits, return_index=True)
+        ends = [*starts[1:].tolist(), clusters.size]
+        for b, start, end in zip(block_indices.tolist(), starts.tolist(), ends, strict=True):
+            block = self._block(b, create=False)
+            members = clusters[start:end]
+            if block is None:
+                return int(members[0])
+            zero = members[block[members & (self.rb_entries - 1)] == 0]
+            if zero.size:
+                return int(zero[0])
+        return None
+
     def add(self, cluster: int, delta: int) -> int:
         """Change one refcount; returns the new value. Frees the cluster at zero."""
+        if delta > 0 and cluster >= self.end_cluster:
+            # Only clusters inside the file (or just allocated at its end) gain references;
+            # anything else is a garbage offset and must not grow the refcount table.
+            raise CorruptImageError(
+                f"refcount increase for cluster {cluster}, past the end of the file",
+                path=self.path,
+            )
         block = self._block(cluster >> self.rb_bits, create=delta > 0)
         if block is None:
             raise CorruptImageError(
@@ -172,25 +201,36 @@ class RefcountManager:
             heapq.heapify(self.free_heap)
 
     def _take_free(self) -> int | None:
+        meta = self.metadata
         while True:
             if self.free_heap:
-                return heapq.heappop(self.free_heap)
+                c = heapq.heappop(self.free_heap)
+                if c in meta:
+                    continue  # refcount 0 but holds metadata: never hand it out
+                return c
             if self.scan_cursor >= self.end_cluster:
                 return None
             self._scan_step()
+
+    def _last_used(self, start: int, count: int) -> int | None:
+        """The last cluster of [start, start+count) that holds metadata or a refcount."""
+        meta = self.metadata
+        check_refcounts = start < self.tail_used
+        for c in range(start + count - 1, start - 1, -1):
+            if c in meta or (check_refcounts and self.get(c)):
+                return c
+        return None
 
     def _take_end(self, count: int) -> int:
         """``count`` contiguous clusters at the end of the file (refcounts still 0)."""
         while True:
             start = self.end_cluster
-            if start >= self.tail_used:
-                break  # nothing at or past here carries a refcount: no need to look
-            used = [c for c in range(start, start + count) if self.get(c)]
-            if not used:
+            used = self._last_used(start, count)
+            if used is None:
                 break
             # Something past the file end already has a refcount (QEMU may leave such
-            # clusters); step over it rather than hand it out twice.
-            self.end_cluster = used[-1] + 1
+            # clusters) or is metadata; step over it rather than hand it out twice.
+            self.end_cluster = used + 1
             self.scan_cursor = max(self.scan_cursor, self.end_cluster)
         if self.scan_cursor == start:
             self.scan_cursor = start + count
@@ -201,7 +241,7 @@ class RefcountManager:
         """One cluster at the file end when that is trivial (no free clusters to reuse, the
         refcount block cached); None means: use :meth:`allocate`."""
         c = self.end_cluster
-        if self.free_heap or self.scan_cursor < c or c < self.tail_used:
+        if self.free_heap or self.scan_cursor < c or c < self.tail_used or c in self.metadata:
             return None
         bi = c >> self.rb_bits
         if bi >= len(self.table):
@@ -256,27 +296,7 @@ class RefcountManager:
             len(self.table) + len(self.table) // 2 + per_cluster, fmt.MAX_REFTABLE_BYTES // 8
         )
         want = max(min_entries, want)
-        start = self._take_end(0)
-        t_clusters = (want + per_cluster - 1) // per_cluster
-        new_blocks: list[int] = []
-        while True:
-            end = start + t_clusters + len(new_blocks)
-            needed = [
-                b
-                for b in range(start >> self.rb_bits, ((end - 1) >> self.rb_bits) + 1)
-                if b >= len(self.table) or not self.table[b]
-            ]
-            entries = max(want, needed[-1] + 1 if needed else 0)
-            t_new = (entries + per_cluster - 1) // per_cluster
-            if len(needed) == len(new_blocks) and t_new == t_clusters:
-                break
-            new_blocks = needed
-            t_clusters = max(t_clusters, t_new)
-        if t_clusters * cs > fmt.MAX_REFTABLE_BYTES:
-            raise NoSpaceError(
-                "refcount table would exceed QEMU's 8 MiB limit; use larger clusters",
-                path=self.path,
-            )
+        start, t_clusters, new_blocks = self._layout_table(want)
         total = t_clusters + len(new_blocks)
         self.end_cluster = start + total
         if self.scan_cursor == start:
@@ -310,6 +330,39 @@ class RefcountManager:
         for c in range(old_first, old_first + old_clusters):
             self.metadata.discard(c)
             self.add(c, -1)
+
+    def _layout_table(self, want: int) -> tuple[int, int, list[int]]:
+        """Place a refcount table of ``want`` entries, plus the new refcount blocks that must
+        describe it, in one free run at the file end: (start, table clusters, block indices)."""
+        cs = self.cluster_size
+        per_cluster = cs // 8
+        while True:
+            start = self._take_end(0)
+            t_clusters = (want + per_cluster - 1) // per_cluster
+            new_blocks: list[int] = []
+            while True:
+                end = start + t_clusters + len(new_blocks)
+                needed = [
+                    b
+                    for b in range(start >> self.rb_bits, ((end - 1) >> self.rb_bits) + 1)
+                    if b >= len(self.table) or not self.table[b]
+                ]
+                entries = max(want, needed[-1] + 1 if needed else 0)
+                t_new = (entries + per_cluster - 1) // per_cluster
+                if len(needed) == len(new_blocks) and t_new == t_clusters:
+                    break
+                new_blocks = needed
+                t_clusters = max(t_clusters, t_new)
+            if t_clusters * cs > fmt.MAX_REFTABLE_BYTES:
+                raise NoSpaceError(
+                    "refcount table would exceed QEMU's 8 MiB limit; use larger clusters",
+                    path=self.path,
+                )
+            used = self._last_used(start, t_clusters + len(new_blocks))
+            if used is None:
+                return start, t_clusters, new_blocks
+            self.end_cluster = used + 1  # the run is not free: lay it out past ``used``
+            self.scan_cursor = max(self.scan_cursor, self.end_cluster)
 
     def _write_header_table(self, offset: int, clusters: int) -> None:
         pwrite_full(self.fd, struct.pack(">QI", offset, clusters), fmt.HDR_REFCOUNT_TABLE_OFFSET)

@@ -26,6 +26,7 @@ import errno as _errno
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -222,12 +223,16 @@ class _Walk:
             if entry & fmt.L1E_RESERVED_MASK:
                 self.found.corruption(f"ERROR found L1 entry with reserved bits set: {entry:x}")
             l2_off = entry & fmt.L1E_OFFSET_MASK
-            self._inc(l2_off, self.cs)
+            self._l2_table(l2_off)
             if l2_off & (self.cs - 1):
                 self.found.corruption(
                     f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
                 )
             self._l2(l2_off, active)
+
+    def _l2_table(self, l2_off: int) -> None:
+        """An L1 entry's L2 table holds one reference to its cluster."""
+        self._inc(l2_off, self.cs)
 
     def _snapshots(self) -> None:
         h = self.h
@@ -525,7 +530,11 @@ class _MetadataScan(_Walk):
 
     def __init__(self, fd: int, header: fmt.Header, file_size: int, path: str) -> None:
         super().__init__(fd, header, file_size, path)
-        self.clusters: set[int] = set()
+        self.clusters: set[int] = set()  # everything but the active L2 tables
+        self.l2_tables: set[int] = set()
+
+    def _l2_table(self, l2_off: int) -> None:
+        self.l2_tables.add(l2_off >> self.cb)
 
     def _inc(self, offset: int, size: int) -> None:
         if size > 0:
@@ -550,6 +559,18 @@ class _MetadataScan(_Walk):
         self.clusters.update((offsets[offsets != 0] >> np.uint64(self.cb)).tolist())
 
 
+class MetadataClusters(NamedTuple):
+    """Where metadata lives, as host cluster indices: the active L2 tables, and the rest
+    (header, L1s, refcount structures, snapshot and bitmap structures, crypto area)."""
+
+    l2_tables: set[int]
+    others: set[int]
+
+    @property
+    def all(self) -> set[int]:
+        return self.l2_tables | self.others
+
+
 def metadata_clusters(
     fd: int,
     header: fmt.Header,
@@ -557,8 +578,8 @@ def metadata_clusters(
     path: str,
     l1: np.ndarray | None = None,
     reftable: np.ndarray | None = None,
-) -> set[int]:
-    """Host cluster indices that hold metadata, for the allocator and the write guard.
+) -> MetadataClusters:
+    """Host clusters that hold metadata, for the allocator and the write guard.
 
     ``l1`` and ``reftable`` may be passed when the caller has them loaded already. Structures
     the walk cannot trust (an unreadable snapshot table, an oversized snapshot L1 or bitmap
@@ -572,12 +593,13 @@ def metadata_clusters(
     if reftable is None:
         reftable = StoredRefcounts(fd, header).table
     scan._refcount_blocks(reftable)
-    return scan.clusters
+    return MetadataClusters(scan.l2_tables, scan.clusters)
 
 
 __all__ = [
     "CheckFailed",
     "Findings",
+    "MetadataClusters",
     "ReferenceWalk",
     "StoredRefcounts",
     "metadata_clusters",
