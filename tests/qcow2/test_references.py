@@ -88,7 +88,7 @@ def test_metadata_set_holds_structures_not_data(qemu_made: Path) -> None:
     try:
         header = _header(fd)
         size = os.fstat(fd).st_size
-        meta = metadata_clusters(fd, header, size, str(qemu_made))
+        meta = metadata_clusters(fd, header, size, str(qemu_made)).all
         counts = ReferenceWalk(fd, header, size, str(qemu_made)).expected_refcounts()
     finally:
         os.close(fd)
