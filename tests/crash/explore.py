@@ -106,7 +106,9 @@ class _Judge:
         what = f"{self.figures.scenario} state {index} ({state.how}, durable={state.durable})"
         if not _dirty(state.data):
             self.qemu_check(state.data, state.digest, what + " as the crash left it")
-        path = self.where / "state.qcow2"
+        # A file per state: the qemu-img threads fork, and a child holds (until its exec) the
+        # image locks of a descriptor the parent just closed, so reusing one name can clash.
+        path = self.where / f"state-{index}.qcow2"
         path.write_bytes(state.data)
         problems: list[str] = []
         try:
@@ -117,6 +119,7 @@ class _Judge:
         except VdiskError as exc:
             problems = [f"vdisk cannot open it: {exc}"]
         after = path.read_bytes()
+        path.unlink()
         if problems:
             self.keep(state.data, what, problems)
         self.qemu_check(after, digest(after), what + " after vdisk opened it")

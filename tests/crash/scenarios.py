@@ -236,9 +236,6 @@ SCENARIOS: list[Scenario] = [
         "refcount_table_growth",
         _vdisk_image(4 * MIB, cluster_size=512, refcount_bits=64),
         run_refcount_growth,
-        known_bug="refcount.py RefcountManager.write_back writes new refcount blocks and the "
-        "refcount-table entries naming them with no flush between: a crash can keep the entry "
-        "without its block (past EOF: open fails; else qemu-img check finds corruptions)",
     ),
     Scenario("cow_backing", make_backing, run_cow_backing),
     Scenario("subclusters", make_subclusters, run_subclusters),

@@ -375,15 +375,30 @@ class RefcountManager:
         return bool(self.table_dirty) or self.cache.dirty_count(REFBLOCK) > 0
 
     def write_back(self) -> bool:
-        """Write dirty refcount blocks, then dirty refcount table entries. No sync."""
+        """Write dirty refcount blocks, then dirty refcount table entries.
+
+        A table entry may name a new block only once the block is on disk and the block's own
+        refcount is reachable: so blocks are synced first, and an entry whose block is counted
+        in another new block goes out in a later round than that block's entry, a sync between.
+        Without new blocks nothing is synced here."""
         wrote = self.cache.write_back(REFBLOCK) > 0
-        if self.table_dirty:
-            base = self.header.refcount_table_offset
-            for i in sorted(self.table_dirty):
+        if not self.table_dirty:
+            return wrote
+        if wrote:
+            os.fdatasync(self.fd)
+        base = self.header.refcount_table_offset
+        pending = set(self.table_dirty)
+        while pending:
+            # The table index of the block that counts block i's own cluster.
+            home = {i: (self.table[i] >> self.cluster_bits) >> self.rb_bits for i in pending}
+            ready = {i for i in pending if home[i] == i or home[i] not in pending} or pending
+            for i in sorted(ready):
                 pwrite_full(self.fd, struct.pack(">Q", self.table[i]), base + i * 8)
-            self.table_dirty.clear()
-            wrote = True
-        return wrote
+            pending -= ready
+            if pending:
+                os.fdatasync(self.fd)
+        self.table_dirty.clear()
+        return True
 
 
 # -- rebuild ----------------------------------------------------------------------------------
