@@ -31,9 +31,6 @@ BUDGET = float(os.environ.get("VDISK_FAULT_SECONDS", "0")) or None  # per test, 
 # (scenario or "*", fault or None for any error, call site of the fault or the function the error
 # came through): the reason, one line. Core-write / core-check own the code at fault.
 KNOWN: dict[tuple[str, int | None, str], str] = {
-    ("*", None, "vdisk.qcow2.image:close"): (
-        "Qcow2Image.close() lets the OSError of its final flush out raw (not a VdiskError)"
-    ),
     ("*", None, "vdisk.qcow2.refcount:_write_header_table"): (
         "refcount-table growth: when the header switch fails, the new table stays in use "
         "in memory while the header names the old one; qemu-img check then finds corruptions"
@@ -96,7 +93,6 @@ def _one(scenario_name: str, site: str, fault: int, tmp_path: Path) -> Outcome:
     return run_with_fault(scenario, tmp_path, 0, at, fault)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN[("*", None, "vdisk.qcow2.image:close")])
 def test_close_after_failed_flush_raises_vdisk_error(tmp_path: Path) -> None:
     # repair_lazy_open: the first flush of _flush_locked is the one inside close().
     outcome = _one("repair_lazy_open", "vdisk.qcow2.image:_flush_locked", errno.ENOSPC, tmp_path)
