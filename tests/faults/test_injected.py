@@ -31,10 +31,6 @@ BUDGET = float(os.environ.get("VDISK_FAULT_SECONDS", "0")) or None  # per test, 
 # (scenario or "*", fault or None for any error, call site of the fault or the function the error
 # came through): the reason, one line. Core-write / core-check own the code at fault.
 KNOWN: dict[tuple[str, int | None, str], str] = {
-    ("*", None, "vdisk.qcow2.refcount:_write_header_table"): (
-        "refcount-table growth: when the header switch fails, the new table stays in use "
-        "in memory while the header names the old one; qemu-img check then finds corruptions"
-    ),
 }
 
 
@@ -109,9 +105,6 @@ def test_trim_file_error_is_vdisk_error(tmp_path: Path) -> None:
     assert not outcome.problems, outcome.problems
 
 
-@pytest.mark.xfail(
-    strict=True, reason=KNOWN[("*", None, "vdisk.qcow2.refcount:_write_header_table")]
-)
 def test_failed_refcount_table_switch(tmp_path: Path) -> None:
     outcome = _one(
         "refcount_table_growth", "vdisk.qcow2.refcount:_write_header_table", errno.EIO, tmp_path

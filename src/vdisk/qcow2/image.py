@@ -425,6 +425,7 @@ class Qcow2Image(BlockDeviceBase):
     # -- write-back ---------------------------------------------------------------------
     def _before_table_write(self, kind: int) -> None:
         """Cache eviction hook: a dirty L2 table may go out only after what it depends on."""
+        self.refcounts.refuse_after_failed_move()
         if kind == L2:
             wrote = self.refcounts.write_back()
             if wrote or self._unsynced:

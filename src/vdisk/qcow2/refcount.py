@@ -57,6 +57,9 @@ class RefcountManager:
         self.scan_cursor = 0
         self.free_heap: list[int] = []
         self.table_dirty: set[int] = set()
+        # A refcount-table move that failed half-way: memory describes the new table, the
+        # header may still name the old one, so no refcount metadata may be written again.
+        self.move_failed: OSError | None = None
         self.table = array("Q")
         self.tail_used = self.end_cluster
         if load:
@@ -241,7 +244,13 @@ class RefcountManager:
         """One cluster at the file end when that is trivial (no free clusters to reuse, the
         refcount block cached); None means: use :meth:`allocate`."""
         c = self.end_cluster
-        if self.free_heap or self.scan_cursor < c or c < self.tail_used or c in self.metadata:
+        if (
+            self.free_heap
+            or self.scan_cursor < c
+            or c < self.tail_used
+            or c in self.metadata
+            or self.move_failed is not None
+        ):
             return None
         bi = c >> self.rb_bits
         if bi >= len(self.table):
@@ -255,8 +264,17 @@ class RefcountManager:
         self.end_cluster = self.scan_cursor = c + 1
         return c
 
+    def refuse_after_failed_move(self) -> None:
+        if self.move_failed is not None:
+            raise OSError(
+                self.move_failed.errno,
+                f"moving the refcount table failed ({self.move_failed.strerror}); the image "
+                "stays as it was at its last flush: reopen it",
+            )
+
     def allocate(self, count: int) -> list[int]:
         """``count`` clusters (refcount 1), reusing freed ones first, contiguous at the end."""
+        self.refuse_after_failed_move()
         out: list[int] = []
         while len(out) < count:
             c = self._take_free()
@@ -272,6 +290,7 @@ class RefcountManager:
 
     def allocate_contiguous(self, count: int) -> int:
         """``count`` contiguous clusters (refcount 1), from the end of the file."""
+        self.refuse_after_failed_move()
         start = self._take_end(count)
         for c in range(start, start + count):
             self.add(c, 1)
@@ -319,12 +338,16 @@ class RefcountManager:
             off = table[b]
             self.cache.add_new(off, REFBLOCK, arr)
         self.metadata.update(range(start, start + total))
-        # Order: blocks, then the table, then the header pointing at it.
-        self.cache.write_back(REFBLOCK)
-        pwrite_full(self.fd, encode_l2(self.table), start << self.cluster_bits)
-        os.fdatasync(self.fd)
-        self.table_dirty.clear()
-        self._write_header_table(start << self.cluster_bits, t_clusters)
+        try:
+            # Order: blocks, then the table, then the header pointing at it.
+            self.cache.write_back(REFBLOCK)
+            pwrite_full(self.fd, encode_l2(self.table), start << self.cluster_bits)
+            os.fdatasync(self.fd)
+            self.table_dirty.clear()
+            self._write_header_table(start << self.cluster_bits, t_clusters)
+        except OSError as exc:
+            self.move_failed = exc
+            raise
         # The old table is unreferenced now (the header switch is durable).
         old_first = old_offset >> self.cluster_bits
         for c in range(old_first, old_first + old_clusters):
@@ -381,6 +404,7 @@ class RefcountManager:
         refcount is reachable: so blocks are synced first, and an entry whose block is counted
         in another new block goes out in a later round than that block's entry, a sync between.
         Without new blocks nothing is synced here."""
+        self.refuse_after_failed_move()
         wrote = self.cache.write_back(REFBLOCK) > 0
         if not self.table_dirty:
             return wrote
