@@ -5,10 +5,12 @@ The front door: ``open()`` an image as a BlockDevice (probing its format) and ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .block import BlockDevice, Extent
 from .errors import VdiskError
+
+if TYPE_CHECKING:
+    from .block import BlockDevice, Extent
 
 __all__ = [
     "BlockDevice",
@@ -22,6 +24,16 @@ __all__ = [
 __version__ = "0.1.0"
 
 FORMATS = ("qcow2", "raw")
+
+
+def __getattr__(name: str) -> Any:
+    # BlockDevice and Extent load vdisk.block (typing, dataclasses) only when asked for, so
+    # `vdisk --help` does not pay for them.
+    if name in ("BlockDevice", "Extent"):
+        from . import block
+
+        return getattr(block, name)
+    raise AttributeError(f"module 'vdisk' has no attribute {name!r}")
 
 
 def check_format(fmt: str | None, path: str | None = None) -> None:
