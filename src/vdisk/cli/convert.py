@@ -1,12 +1,14 @@
 """``vdisk convert``: qemu-img convert's flags, checks and messages; the copy is
 ``vdisk.convert``.
 
-SIGTERM and SIGINT during the copy do what qemu-img does: stop copying, flush and close the
-target (which keeps what was copied) and exit 1 with one line.
+SIGTERM and SIGINT during the copy stop copying, flush and close the target (which keeps what
+was copied), then kill the process by the same signal, so that its caller sees what qemu-img's
+sees (qemu-img dies by the signal: a shell reports 130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -93,20 +95,37 @@ def _create_target(dst: str, out_fmt: str, options: tuple[str, ...], total: int)
             fresh.write(bytes(min(fresh.size, 512 if total < 4096 else 4096)), 0)
 
 
+class _Signalled(BaseException):
+    """The copy stopped on a signal; raised past the cleanup, then the process dies by it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _die_by(signum: int) -> None:
+    """Die by ``signum`` as an unhandled signal does (default action restored, raised)."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 @contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT while the block runs (previous handlers restored)."""
+def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """An event set by SIGTERM or SIGINT while the block runs, and the signals caught
+    (previous handlers restored)."""
     stop = threading.Event()
+    caught: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
         stop.set()
 
     if threading.current_thread() is not threading.main_thread():
-        yield stop  # signals reach only the main thread; nothing to install
+        yield stop, caught  # signals reach only the main thread; nothing to install
         return
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield stop
+        yield stop, caught
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -122,7 +141,7 @@ def _copy(
 ) -> None:
     from .. import convert as conv
 
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as (stop, caught):
         try:
             conv.convert(
                 inputs,
@@ -138,6 +157,8 @@ def _copy(
         except conv.ConvertInterrupted as exc:
             if show is not None:
                 click.echo("")
+            if caught:
+                raise _Signalled(caught[0]) from None
             exc.path = dst
             raise
 
@@ -194,6 +215,7 @@ def convert_cmd(
     settings = _Settings(sparse_size, nworkers, out_of_order, flush=cache != "unsafe")
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
+    signalled: int | None = None
     try:
         for src in srcs:
             sources.append(vdisk.open(src, format=fmt, readonly=True))
@@ -211,11 +233,15 @@ def convert_cmd(
         _copy(inputs, target, dst, settings, not skip_create, show)
         if show is not None:
             click.echo("")
+    except _Signalled as exc:
+        signalled = exc.signum
     finally:
         for dev in sources:
             dev.close()
         if target is not None:
             target.close()
+    if signalled is not None:
+        _die_by(signalled)  # after the target is flushed and closed
     return 0
 
 
