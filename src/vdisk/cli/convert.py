@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -22,6 +22,7 @@ from ..block import SECTOR_SIZE, BlockDevice, SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
 from .options import create_opts, parse_opts
+from .progress import Progress
 
 _MAX_SPARSE = 32768 * SECTOR_SIZE  # qemu-img's limit for -S (16 MiB)
 _MAX_WORKERS = 16  # qemu-img's limit for -m
@@ -36,18 +37,6 @@ class _Settings:
     workers: int
     out_of_order: bool
     flush: bool
-
-
-def _progress_printer() -> Callable[[int, int], None]:
-    shown = [-1.0]
-
-    def show(done: int, total: int) -> None:
-        pct = 100.0 if total == 0 else done * 100.0 / total
-        if pct - shown[0] >= 1.0 or (pct == 100.0 and shown[0] != 100.0):
-            shown[0] = pct
-            click.echo(f"    ({pct:.2f}/100%)\r", nl=False)
-
-    return show
 
 
 def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
@@ -137,7 +126,7 @@ def _copy(
     dst: str,
     settings: _Settings,
     target_is_zero: bool,
-    show: Callable[[int, int], None] | None,
+    show: Progress | None,
 ) -> None:
     from .. import convert as conv
 
@@ -156,7 +145,7 @@ def _copy(
             )
         except conv.ConvertInterrupted as exc:
             if show is not None:
-                click.echo("")
+                show.close()
             if caught:
                 raise _Signalled(caught[0]) from None
             exc.path = dst
@@ -227,12 +216,12 @@ def convert_cmd(
         target = vdisk.open(dst, format=out_fmt, readonly=False)
         if target.size < total:
             raise RequestError("output file is smaller than input file", path=dst)
-        show = _progress_printer() if progress and not quiet else None
+        show = Progress() if progress and not quiet else None
         if show is not None:
             show(0, total)
         _copy(inputs, target, dst, settings, not skip_create, show)
         if show is not None:
-            click.echo("")
+            show.close()
     except _Signalled as exc:
         signalled = exc.signum
     finally:
