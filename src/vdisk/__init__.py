@@ -24,6 +24,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 FORMATS = ("qcow2", "raw")
+URI_SCHEMES = ("nbd://", "nbd+unix://")
 
 
 def __getattr__(name: str) -> Any:
@@ -44,9 +45,17 @@ def check_format(fmt: str | None, path: str | None = None) -> None:
         raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", path=path)
 
 
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names an NBD export (``nbd://`` or ``nbd+unix://``), not a file."""
+    return path.startswith(URI_SCHEMES)
+
+
 def probe_format(path: str) -> str:
-    """Return 'qcow2' or 'raw' from the file's first bytes."""
+    """Return 'qcow2' or 'raw' from the file's first bytes (an NBD export is raw data)."""
     import builtins
+
+    if is_uri(path):
+        return "raw"
 
     from .errors import from_oserror
     from .qcow2.format import MAGIC
@@ -63,7 +72,7 @@ def open(
     path: str, format: str | None = None, readonly: bool = False, **options: Any
 ) -> BlockDevice:
     """Open an image as a BlockDevice. ``format`` None probes it; options go to the format."""
-    if path.startswith(("nbd://", "nbd+unix://")):
+    if is_uri(path):
         from .nbd.client import NbdClient  # an NBD export (as raw data)
 
         return NbdClient.from_uri(path, readonly=readonly)

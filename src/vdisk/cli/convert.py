@@ -65,6 +65,9 @@ def _create_target(dst: str, out_fmt: str, options: tuple[str, ...], total: int)
     """Make the target as qemu-img would: its ``-o`` options, sized for all sources."""
     import vdisk
 
+    if vdisk.is_uri(dst):
+        _check_export_target(dst, out_fmt, total)
+        return
     opts = parse_opts(out_fmt, list(options), dst)
     if "backing_file" in opts or "backing_fmt" in opts:
         # qemu-img would then copy only what differs from the backing file.
@@ -96,6 +99,19 @@ def _die_by(signum: int) -> None:
     """Die by ``signum`` as an unhandled signal does (default action restored, raised)."""
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+def _check_export_target(dst: str, out_fmt: str, total: int) -> None:
+    """An NBD export cannot be created, only written: QEMU checks that it is large enough."""
+    import vdisk
+
+    if out_fmt != "raw":
+        raise UnsupportedFeatureError(
+            f"creating a {out_fmt} image on an NBD export is not supported", path=dst
+        )
+    with vdisk.open(dst, format="raw", readonly=True) as export:
+        if export.size < total:
+            raise RequestError(f"error while converting {out_fmt}: Cannot grow NBD nodes", path=dst)
 
 
 @contextmanager
