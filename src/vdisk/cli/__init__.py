@@ -70,6 +70,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "nbd_command",
         "Serve FILE(s) over NBD, as qemu-nbd does (several FILEs: several exports).",
     ),
+    "rebase": (
+        "rebase",
+        "rebase_cmd",
+        "Change the backing file of FILE, keeping its content (-u: the header only).",
+    ),
     "resize": (
         "resize",
         "resize_cmd",
