@@ -30,6 +30,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "check_cmd",
         "Check a qcow2 image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 1 failed).",
     ),
+    "commit": (
+        "commit",
+        "commit_cmd",
+        "Commit the changes in FILE into its backing file (or BASE), like qemu-img commit.",
+    ),
     "compare": (
         "compare",
         "compare_cmd",
