@@ -62,7 +62,7 @@ def _copy_into_base(
 def find_base(levels: list[ChainLevel], base: str | None, path: str) -> int:
     """The index in ``levels`` of the base: ``base`` as named, else the top's backing file."""
     if len(levels) < 2:
-        raise RequestError("Image does not have a backing file", path=path)
+        raise RequestError("Image does not have a backing file")
     if base is None:
         return 1
     wanted = os.path.realpath(base)
