@@ -133,3 +133,16 @@ def test_errors_like_qemu_img(
     assert ours.err == theirs.err.replace("qemu-img", "vdisk"), (ours.err, theirs.err)
     for name in CHAIN:  # nothing changed
         assert (v / name).read_bytes() == (orig / name).read_bytes()
+
+
+def test_backing_name_that_does_not_fit_is_refused(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    """As QEMU: the header, its extensions and the name must fit in the first cluster."""
+    for name in ("q.qcow2", "v.qcow2"):
+        assert qemu_img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", name, "1M"],
+                        tmp_path).rc == 0  # fmt: skip
+    before = (tmp_path / "v.qcow2").read_bytes()
+    args = ["rebase", "-u", "-b", "b" * 400 + ".qcow2", "-F", "qcow2"]
+    theirs, ours = qemu_img([*args, "q.qcow2"], tmp_path), vdisk_cli([*args, "v.qcow2"], tmp_path)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out) == (1, "")
+    assert ours.err == theirs.err.replace("qemu-img:", "vdisk:")
+    assert (tmp_path / "v.qcow2").read_bytes() == before

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import VdiskError, from_oserror
+from ..errors import FormatError, VdiskError, from_oserror
 from . import format as fmt
 
 
@@ -38,10 +38,13 @@ def set_backing(path: str, backing_file: str | None, backing_format: str | None)
         header.backing_file = backing_file or None
         fmt_ext = backing_format.encode() if backing_file and backing_format else None
         header.set_extension(fmt.EXT_BACKING_FORMAT, fmt_ext)
-        blob = header.encode()
         cs = header.cluster_size
-        if len(blob) > cs:
-            raise HeaderSpaceError("No space left on device", path=path)
+        try:
+            blob = header.encode()
+        except FormatError:  # encode refuses a header past the first cluster
+            blob = b""
+        if not blob or len(blob) > cs:
+            raise HeaderSpaceError("No space left in the file header")
         first = blob + bytes(max(0, min(cs, len(head)) - len(blob)))
         if os.pwrite(fd, first, 0) != len(first):
             raise VdiskError("short write of the image header", path=path)
