@@ -79,3 +79,10 @@ def test_version(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
         ours = vdisk_cli([flag], tmp_path)
         assert ours.rc == 0
         assert ours.out == f"vdisk version {vdisk.__version__}\n"
+
+
+def test_unknown_command_is_qemu_img_message(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    theirs = qemu_img(["frobnicate", "x"], tmp_path)
+    ours = vdisk_cli(["frobnicate", "x"], tmp_path)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out) == (1, "")
+    assert ours.err == theirs.err.replace("qemu-img", "vdisk")

@@ -107,6 +107,16 @@ class LazyGroup(click.Group):
         command: click.Command = getattr(module, entry[1])
         return command
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in COMMAND_TABLE and not args[0].startswith("-"):
+            # qemu-img's words for an unknown command.
+            raise click.UsageError(
+                f"Command not found: {args[0]}\nTry 'vdisk --help' for more information"
+            )
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMAND_TABLE[name][2]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
