@@ -59,6 +59,19 @@ def _copy_into_base(
         progress(size, size)
 
 
+def _grow(base: BlockDevice, size: int) -> None:
+    from .backends.raw import RawDevice
+    from .qcow2 import Qcow2Image
+    from .qcow2.resize import resize
+
+    if isinstance(base, Qcow2Image):
+        resize(base, size)
+    elif isinstance(base, RawDevice):
+        base.resize(size)
+    else:
+        raise UnsupportedFeatureError("cannot grow the base to the image's size")
+
+
 def find_base(levels: list[ChainLevel], base: str | None, path: str) -> int:
     """The index in ``levels`` of the base: ``base`` as named, else the top's backing file."""
     if len(levels) < 2:
@@ -147,9 +160,7 @@ def commit(
         top = vdisk.open(path, format="qcow2", readonly=True)
         target = vdisk.open(base_name, format=base_fmt, readonly=False)
         if target.size < top.size:
-            raise UnsupportedFeatureError(
-                "the base is smaller than the image; growing it is not supported", path=base_name
-            )
+            _grow(target, top.size)  # as qemu-img commit grows a smaller base
         _copy_into_base(top, levels[:bi], target, progress)
     finally:
         for dev in (target, top):

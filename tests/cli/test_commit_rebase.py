@@ -146,3 +146,24 @@ def test_backing_name_that_does_not_fit_is_refused(tmp_path: Path, vdisk_cli: Vd
     assert (ours.rc, ours.out) == (theirs.rc, theirs.out) == (1, "")
     assert ours.err == theirs.err.replace("qemu-img:", "vdisk:")
     assert (tmp_path / "v.qcow2").read_bytes() == before
+
+
+@pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
+def test_commit_grows_a_smaller_base(tmp_path: Path, vdisk_cli: VdiskRunner, base_fmt: str) -> None:
+    for tool in ("q", "v"):
+        d = tmp_path / tool
+        d.mkdir()
+        assert qemu_img(["create", "-q", "-f", base_fmt, "base", "16M"], d).rc == 0
+        qemu_io(["-f", base_fmt, "-c", "write -P 1 0 1M", "base"], d)
+        assert qemu_img(["create", "-q", "-f", "qcow2", "-b", "base", "-F", base_fmt,
+                         "top.qcow2", "32M"], d).rc == 0  # fmt: skip
+        qemu_io(["-c", "write -P 2 20M 1M", "top.qcow2"], d)
+    q, v = tmp_path / "q", tmp_path / "v"
+    theirs, ours = qemu_img(["commit", "top.qcow2"], q), vdisk_cli(["commit", "top.qcow2"], v)
+    assert (ours.rc, ours.out, ours.err) == (theirs.rc, theirs.out, theirs.err)
+    same = qemu_img(["compare", "-f", base_fmt, "-F", base_fmt, str(q / "base"), str(v / "base")],
+                    tmp_path)  # fmt: skip
+    assert same.rc == 0, same
+    assert (v / "base").stat().st_size == (q / "base").stat().st_size or base_fmt == "qcow2"
+    if base_fmt == "qcow2":
+        _clean(v, "base")
