@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 
 FORMATS = ("qcow2", "raw")
 URI_SCHEMES = ("nbd://", "nbd+unix://")
+# qcow2.format.MAGIC, spelled here so that probing a raw file does not load the qcow2 codec.
+QCOW2_MAGIC = b"QFI\xfb"
 
 
 def __getattr__(name: str) -> Any:
@@ -58,14 +60,13 @@ def probe_format(path: str) -> str:
         return "raw"
 
     from .errors import from_oserror
-    from .qcow2.format import MAGIC
 
     try:
         with builtins.open(path, "rb") as f:
             magic = f.read(4)
     except OSError as exc:
         raise from_oserror(exc, path) from None
-    return "qcow2" if magic == MAGIC else "raw"
+    return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 
 def open(

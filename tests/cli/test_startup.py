@@ -86,3 +86,9 @@ def test_unknown_command_is_qemu_img_message(vdisk_cli: VdiskRunner, tmp_path: P
     ours = vdisk_cli(["frobnicate", "x"], tmp_path)
     assert (ours.rc, ours.out) == (theirs.rc, theirs.out) == (1, "")
     assert ours.err == theirs.err.replace("qemu-img", "vdisk")
+
+
+def test_probe_magic_is_the_codec_magic() -> None:
+    from vdisk.qcow2.format import MAGIC
+
+    assert vdisk.QCOW2_MAGIC == MAGIC
