@@ -5,10 +5,12 @@ The front door: ``open()`` an image as a BlockDevice (probing its format) and ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .block import BlockDevice, Extent
 from .errors import VdiskError
+
+if TYPE_CHECKING:
+    from .block import BlockDevice, Extent
 
 __all__ = [
     "BlockDevice",
@@ -22,6 +24,19 @@ __all__ = [
 __version__ = "0.1.0"
 
 FORMATS = ("qcow2", "raw")
+URI_SCHEMES = ("nbd://", "nbd+unix://")
+# The qcow2 magic (qcow2.format.MAGIC), here so that probing a raw file loads no qcow2 code.
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def __getattr__(name: str) -> Any:
+    # BlockDevice and Extent load vdisk.block (typing, dataclasses) only when asked for, so
+    # `vdisk --help` does not pay for them.
+    if name in ("BlockDevice", "Extent"):
+        from . import block
+
+        return getattr(block, name)
+    raise AttributeError(f"module 'vdisk' has no attribute {name!r}")
 
 
 def check_format(fmt: str | None, path: str | None = None) -> None:
@@ -32,19 +47,26 @@ def check_format(fmt: str | None, path: str | None = None) -> None:
         raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", path=path)
 
 
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names an NBD export (``nbd://`` or ``nbd+unix://``), not a file."""
+    return path.startswith(URI_SCHEMES)
+
+
 def probe_format(path: str) -> str:
-    """Return 'qcow2' or 'raw' from the file's first bytes."""
+    """Return 'qcow2' or 'raw' from the file's first bytes (an NBD export is raw data)."""
     import builtins
 
+    if is_uri(path):
+        return "raw"
+
     from .errors import from_oserror
-    from .qcow2.format import MAGIC
 
     try:
         with builtins.open(path, "rb") as f:
             magic = f.read(4)
     except OSError as exc:
         raise from_oserror(exc, path) from None
-    return "qcow2" if magic == MAGIC else "raw"
+    return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 
 def open(
@@ -59,7 +81,7 @@ def open(
     The file is locked as QEMU locks it, so a VM or qemu-nbd using it keeps a writer out;
     ``force_share=True`` (qemu-img -U) opens read-only beside writers. See vdisk.locking.
     """
-    if path.startswith(("nbd://", "nbd+unix://")):
+    if is_uri(path):
         from .nbd.client import NbdClient  # an NBD export (as raw data): the server locks
 
         return NbdClient.from_uri(path, readonly=readonly)

@@ -9,6 +9,7 @@ as ``SectorPadded``, sized as QEMU sees them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,8 +87,16 @@ def _mismatch(result: CompareResult, chunk_start: int, index: int) -> None:
     raise _Stop
 
 
-def compare(a: Source, b: Source, name1: str, name2: str, strict: bool = False) -> CompareResult:
-    """Compare ``a`` with ``b`` as ``qemu-img compare [-s]`` does."""
+def compare(
+    a: Source,
+    b: Source,
+    name1: str,
+    name2: str,
+    strict: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CompareResult:
+    """Compare ``a`` with ``b`` as ``qemu-img compare [-s]`` does; ``progress(done, total)``
+    is called as the comparison moves on (total: the larger size)."""
     result = CompareResult()
     if strict and a.size != b.size:
         result.lines.append("Strict mode: Image size mismatch!")
@@ -102,21 +111,27 @@ def compare(a: Source, b: Source, name1: str, name2: str, strict: bool = False) 
             return result
     side1 = _Side(a, name1, result, bytearray(CHUNK))
     side2 = _Side(b, name2, result, bytearray(CHUNK))
+    total = max(a.size, b.size)
+    report = progress or (lambda done, total: None)
     try:
-        _compare_common(side1, side2, common)
+        _compare_common(side1, side2, common, lambda done: report(done, total))
         if a.size != b.size:
             result.lines.append("Warning: Image size mismatch!")
             _check_tail(side1 if a.size > b.size else side2, common)
     except _Stop:
         return result
+    report(total, total)
     result.lines.append("Images are identical.")
     return result
 
 
-def _compare_common(side1: _Side, side2: _Side, common: int) -> None:
+def _compare_common(
+    side1: _Side, side2: _Side, common: int, moved_to: Callable[[int], None]
+) -> None:
     """Compare [0, common) of both sides, skipping what both know to be zero."""
     pos = 0
     while pos < common:
+        moved_to(pos)
         window = min(PROBE, common - pos)
         runs1 = side1.zero_map(pos, window)
         runs2 = side2.zero_map(pos, window)

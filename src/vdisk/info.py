@@ -198,6 +198,24 @@ def _snapshot_info(sn: SnapshotEntry) -> Info:
     return entry
 
 
+def display_name(path: str) -> str:
+    """The name qemu-img prints for ``path``: an NBD URI in QEMU's canonical form
+    (``nbd://HOST:PORT[/EXPORT]``, ``nbd+unix://[/EXPORT]?socket=PATH``), a file as given."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from . import is_uri
+
+    if not is_uri(path):
+        return path
+    parts = urlsplit(path)
+    export = parts.path.lstrip("/")
+    if parts.scheme == "nbd+unix":
+        socket = parse_qs(parts.query).get("socket", [""])[0]
+        return f"nbd+unix://{'/' + export if export else ''}?socket={socket}"
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 10809}"
+    return f"nbd://{where}{'/' + export if export else ''}"
+
+
 def allocated_size(path: str) -> int | None:
     """Bytes the file occupies on the host (qemu-img's 'disk size')."""
     try:
@@ -208,6 +226,10 @@ def allocated_size(path: str) -> int | None:
 
 def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
     """The ImageInfo of an open device (its own layer only; the chain is walked apart)."""
+    from . import is_uri
+
+    if is_uri(filename):  # no file, no dirty flag: qemu-img shows a protocol's data as is
+        return {"virtual-size": device.size, "filename": display_name(filename), "format": fmt}
     info: Info = {"virtual-size": device.size, "filename": filename, "format": fmt}
     actual = allocated_size(filename)
     if fmt != "qcow2":
@@ -258,7 +280,9 @@ def open_for_info(path: str, fmt: str | None) -> tuple[BlockDevice, str]:
 
 def image_info(path: str, fmt: str | None = None) -> Info:
     """The ImageInfo of the image at ``path`` (``fmt`` None probes the format)."""
-    if not os.path.lexists(path):
+    from . import is_uri
+
+    if not is_uri(path) and not os.path.lexists(path):
         raise from_oserror(FileNotFoundError(2, "No such file or directory", path), path)
     device, fmt = open_for_info(path, fmt)
     try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .block import BlockDevice, Extent, resolve_backing, round_up_to_sector
 from .errors import VdiskError
+from .info import display_name
 
 if TYPE_CHECKING:
     from .qcow2 import Qcow2Image
@@ -77,7 +78,7 @@ def open_chain(path: str, fmt: str | None) -> list[ChainLevel]:
             vdisk.check_format(kind, name)
             if kind != "qcow2":
                 dev = vdisk.open(name, format="raw", readonly=True)
-                levels.append(ChainLevel(dev, name, None))
+                levels.append(ChainLevel(dev, display_name(name), None))
                 break
             img = Qcow2Image.open(name, readonly=True, open_backing=False)
             levels.append(ChainLevel(img, name, img))
@@ -138,7 +139,7 @@ def _chain_entries(
         yield MapEntry(tail, length - real, False, True, True, d, tail, level.name)
         return
     for e in level.dev.block_status(offset, length):
-        if e.present:
+        if e.present or level.raw:  # raw data (a file, an NBD export) has no holes below it
             yield from _present_entries(level, d, e)
             continue
         inside = 0 if below is None else max(0, min(e.end, below.size) - e.offset)

@@ -44,6 +44,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     qemu_io(["-c", "write -P 5 1M 130k", "-c", "write -P 6 99M 1M", "bm.qcow2"], d)
     assert qemu_img(["bitmap", "--add", "bm.qcow2", "b0"], d).rc == 0
     assert qemu_img(["bitmap", "--add", "-g", "512", "bm.qcow2", "a-longer-name"], d).rc == 0
+    assert qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "9M"],
+                    d).rc == 0  # fmt: skip
+    qemu_io(["-c", "write -P 7 1M 300k", "v2.qcow2"], d)
     with (d / "sparse.raw").open("wb") as f:
         f.truncate(10 * 1024 * 1024 + 1000)
         f.seek(4096)
@@ -64,6 +67,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["base.qcow2"],
         ["top.qcow2"],
         ["-f", "qcow2", "bm.qcow2"],
+        ["v2.qcow2"],  # a v2 source has no bitmaps line, even for a v3 target
         ["sparse.raw"],
         ["-f", "raw", "small.raw"],
     ],

@@ -8,6 +8,7 @@ import click
 
 from ..block import BlockDevice, SectorPadded
 from ..errors import VdiskError
+from .progress import Progress
 
 
 @click.command("compare")
@@ -15,7 +16,7 @@ from ..errors import VdiskError
 @click.option("-F", "fmt2", metavar="FMT", help="Format of the second image.")
 @click.option("-s", "strict", is_flag=True, help="Strict mode: sizes and allocation must match.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet: print nothing, only set the exit status.")
-@click.option("-p", "progress", is_flag=True, help="Accepted (no progress bar).")
+@click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
 @click.argument("file1")
 @click.argument("file2")
@@ -36,6 +37,7 @@ def compare_cmd(
     from ..compare import compare
 
     devs: list[BlockDevice] = []
+    show: Progress | None = None
     try:
         try:
             for path, fmt in ((file1, fmt1), (file2, fmt2)):
@@ -45,13 +47,20 @@ def compare_cmd(
             click.echo(f"vdisk: {exc}", err=True)
             return 2
         a, b = (SectorPadded(d) if isinstance(d, RawDevice) else d for d in devs)
-        result = compare(a, b, file1, file2, strict)
+        show = Progress() if progress and not quiet else None
+        if show is not None:
+            show(0, max(a.size, b.size))
+        result = compare(a, b, file1, file2, strict, show)
     finally:
         for dev in devs:
             dev.close()
+    if show is not None:
+        show.close_bar()
     if not quiet:
         for line in result.lines:
             click.echo(line)
+    if show is not None:
+        show.close()  # qemu-img ends its progress output after the verdict
     if result.error is not None:
         click.echo(f"vdisk: {result.error}", err=True)
     return result.status

@@ -1,15 +1,17 @@
 """``vdisk convert``: qemu-img convert's flags, checks and messages; the copy is
 ``vdisk.convert``.
 
-SIGTERM and SIGINT during the copy do what qemu-img does: stop copying, flush and close the
-target (which keeps what was copied) and exit 1 with one line.
+SIGTERM and SIGINT during the copy stop copying, flush and close the target (which keeps what
+was copied), then kill the process by the same signal, so that its caller sees what qemu-img's
+sees (qemu-img dies by the signal: a shell reports 130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -20,6 +22,7 @@ from ..block import SECTOR_SIZE, BlockDevice, SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
 from .options import create_opts, parse_opts
+from .progress import Progress
 
 _MAX_SPARSE = 32768 * SECTOR_SIZE  # qemu-img's limit for -S (16 MiB)
 _MAX_WORKERS = 16  # qemu-img's limit for -m
@@ -34,18 +37,6 @@ class _Settings:
     workers: int
     out_of_order: bool
     flush: bool
-
-
-def _progress_printer() -> Callable[[int, int], None]:
-    shown = [-1.0]
-
-    def show(done: int, total: int) -> None:
-        pct = 100.0 if total == 0 else done * 100.0 / total
-        if pct - shown[0] >= 1.0 or (pct == 100.0 and shown[0] != 100.0):
-            shown[0] = pct
-            click.echo(f"    ({pct:.2f}/100%)\r", nl=False)
-
-    return show
 
 
 def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
@@ -74,6 +65,9 @@ def _create_target(dst: str, out_fmt: str, options: tuple[str, ...], total: int)
     """Make the target as qemu-img would: its ``-o`` options, sized for all sources."""
     import vdisk
 
+    if vdisk.is_uri(dst):
+        _check_export_target(dst, out_fmt, total)
+        return
     opts = parse_opts(out_fmt, list(options), dst)
     if "backing_file" in opts or "backing_fmt" in opts:
         # qemu-img would then copy only what differs from the backing file.
@@ -93,20 +87,50 @@ def _create_target(dst: str, out_fmt: str, options: tuple[str, ...], total: int)
             fresh.write(bytes(min(fresh.size, 512 if total < 4096 else 4096)), 0)
 
 
+class _Signalled(BaseException):
+    """The copy stopped on a signal; raised past the cleanup, then the process dies by it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _die_by(signum: int) -> None:
+    """Die by ``signum`` as an unhandled signal does (default action restored, raised)."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _check_export_target(dst: str, out_fmt: str, total: int) -> None:
+    """An NBD export cannot be created, only written: QEMU checks that it is large enough."""
+    import vdisk
+
+    if out_fmt != "raw":
+        raise UnsupportedFeatureError(
+            f"creating a {out_fmt} image on an NBD export is not supported", path=dst
+        )
+    with vdisk.open(dst, format="raw", readonly=True) as export:
+        if export.size < total:
+            raise RequestError(f"error while converting {out_fmt}: Cannot grow NBD nodes", path=dst)
+
+
 @contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT while the block runs (previous handlers restored)."""
+def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """An event set by SIGTERM or SIGINT while the block runs, and the signals caught
+    (previous handlers restored)."""
     stop = threading.Event()
+    caught: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
         stop.set()
 
     if threading.current_thread() is not threading.main_thread():
-        yield stop  # signals reach only the main thread; nothing to install
+        yield stop, caught  # signals reach only the main thread; nothing to install
         return
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield stop
+        yield stop, caught
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -118,11 +142,11 @@ def _copy(
     dst: str,
     settings: _Settings,
     target_is_zero: bool,
-    show: Callable[[int, int], None] | None,
+    show: Progress | None,
 ) -> None:
     from .. import convert as conv
 
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as (stop, caught):
         try:
             conv.convert(
                 inputs,
@@ -137,7 +161,9 @@ def _copy(
             )
         except conv.ConvertInterrupted as exc:
             if show is not None:
-                click.echo("")
+                show.close()
+            if caught:
+                raise _Signalled(caught[0]) from None
             exc.path = dst
             raise
 
@@ -194,6 +220,7 @@ def convert_cmd(
     settings = _Settings(sparse_size, nworkers, out_of_order, flush=cache != "unsafe")
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
+    signalled: int | None = None
     try:
         for src in srcs:
             sources.append(vdisk.open(src, format=fmt, readonly=True))
@@ -205,17 +232,21 @@ def convert_cmd(
         target = vdisk.open(dst, format=out_fmt, readonly=False)
         if target.size < total:
             raise RequestError("output file is smaller than input file", path=dst)
-        show = _progress_printer() if progress and not quiet else None
+        show = Progress() if progress and not quiet else None
         if show is not None:
             show(0, total)
         _copy(inputs, target, dst, settings, not skip_create, show)
         if show is not None:
-            click.echo("")
+            show.close()
+    except _Signalled as exc:
+        signalled = exc.signum
     finally:
         for dev in sources:
             dev.close()
         if target is not None:
             target.close()
+    if signalled is not None:
+        _die_by(signalled)  # after the target is flushed and closed
     return 0
 
 

@@ -12,6 +12,7 @@ from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
 from .options import (
     FORMAT_OPTS,
+    INT64_MAX,
     ParsedOpt,
     create_opts,
     formatting_line,
@@ -46,6 +47,9 @@ def _positional_size(opts: dict[str, ParsedOpt], text: str, path: str) -> None:
             "Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
             "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
         ) from None
+    if size > INT64_MAX:
+        # qemu-img refuses before its "Formatting" line.
+        raise RequestError(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
     opts["size"] = ParsedOpt(text, size)
 
 

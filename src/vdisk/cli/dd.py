@@ -12,10 +12,9 @@ import click
 
 from ..block import BlockDevice, SectorPadded, round_up_to_sector
 from ..errors import RequestError, UnsupportedFeatureError
-from .options import cvtnum
+from .options import INT64_MAX, cvtnum
 
 _INT_MAX = (1 << 31) - 1
-_INT64_MAX = (1 << 63) - 1
 _CHUNK = 1 << 20  # copy in large pieces: the bytes written are the same as bs-sized ones
 
 
@@ -58,9 +57,9 @@ def dd_cmd(fmt: str | None, out_fmt: str, force_share: bool, operands: tuple[str
         if out_fmt not in vdisk.FORMATS:
             raise UnsupportedFeatureError("Unknown file format")
         size = inp.size
-        if count is not None and count <= _INT64_MAX // bs and count * bs < size:
+        if count is not None and count <= INT64_MAX // bs and count * bs < size:
             size = count * bs
-        beyond = skip is not None and (skip > _INT64_MAX // bs or size < skip * bs)
+        beyond = skip is not None and (skip > INT64_MAX // bs or size < skip * bs)
         start = size if beyond else (skip or 0) * bs
         out_size = size - start
         vdisk.create(dst, round_up_to_sector(out_size), format=out_fmt)

@@ -47,6 +47,12 @@ def _source_bitmaps(path: str) -> list[tuple[str, int]]:
     return [(e.name, e.granularity) for e in read_directory(path)]
 
 
+def _is_qcow2_v3(dev: object) -> bool:
+    from ..qcow2 import Qcow2Image
+
+    return isinstance(dev, Qcow2Image) and dev.header.version >= 3
+
+
 @click.command("measure")
 @click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
 @click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Target format (default: raw).")
@@ -104,6 +110,8 @@ def measure_cmd(
     if path is not None:
         kind = fmt or vdisk.probe_format(path)
         with vdisk.open(path, format=kind, readonly=True) as dev:
+            # QEMU reports bitmaps only for a source that can hold persistent ones (qcow2 v3).
+            source_has_bitmaps = _is_qcow2_v3(dev)
             # QEMU sees raw files rounded up to whole sectors.
             size = round_up_to_sector(dev.size) if kind == "raw" else dev.size
             if out_fmt == "qcow2":
@@ -111,10 +119,8 @@ def measure_cmd(
                     data = -(-size // cs) * cs
                 else:
                     data = m.data_required(dev, dev.size, cs)
-        if out_fmt == "qcow2" and v3:
-            bitmaps = 0 if kind == "raw" else m.bitmaps_size(_source_bitmaps(path), size, cs)
-            if kind == "raw":
-                bitmaps = None
+        if out_fmt == "qcow2" and v3 and source_has_bitmaps:
+            bitmaps = m.bitmaps_size(_source_bitmaps(path), size, cs)
     if out_fmt == "qcow2":
         result = m.measure_qcow2(
             size,

@@ -216,13 +216,13 @@ def validate_values(fmt: str, opts: dict[str, ParsedOpt], path: str) -> None:
 
 # -- other operands ------------------------------------------------------------------------------
 
-_INT64_MAX = (1 << 63) - 1
+INT64_MAX = (1 << 63) - 1
 _SHIFTS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 # qemu_strtosz: decimal (a fraction only with a suffix above bytes) or hex, one suffix letter.
 _NUM_RE = re.compile(r"^\s*(?:(0x[0-9a-f]+)|(\d+(?:\.\d*)?|\.\d+))([bkmgtpe]?)$", re.IGNORECASE)
 
 
-def cvtnum(name: str, text: str, low: int = 0, high: int = _INT64_MAX) -> int:
+def cvtnum(name: str, text: str, low: int = 0, high: int = INT64_MAX) -> int:
     """A size operand as qemu-img's cvtnum_full parses it, with its error messages."""
     m = _NUM_RE.match(text)
     value: int | None = None

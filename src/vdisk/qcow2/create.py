@@ -226,12 +226,13 @@ def _probe_backing(path: str, backing_file: str, backing_fmt: str | None) -> tup
 
 class _Layout(NamedTuple):
     """Where a new image's structures go, in clusters: header | refcount table | refcount
-    blocks | L1 | L2 tables | data."""
+    blocks | L1 | L2 tables | data. Without preallocation qemu-img's order is kept: header |
+    refcount table | first refcount block | L1 | further refcount blocks, and the file ends
+    where the L1 table's bytes end (so the sizes agree: 196616 bytes for a plain 64M image)."""
 
     reftable_at: int
     reftable_clusters: int
-    blocks_at: int
-    blocks: int
+    block_clusters: tuple[int, ...]
     l1_at: int
     l1_size: int
     l2_at: int
@@ -246,7 +247,8 @@ def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
     l1_size = fmt.l1_entries_for(header.size, header.cluster_bits, header.l2_bits)
     if l1_size * 8 > fmt.MAX_L1_BYTES:
         raise RequestError(
-            f"image size {header.size} needs an L1 table over 32 MiB; use a larger cluster size",
+            # qemu-img's words; the limit is the 32 MiB L1 table.
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
             path=path,
         )
     l1_clusters = (l1_size * 8 + cs - 1) // cs
@@ -268,14 +270,19 @@ def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
             path=path,
         )
     blocks_at = 1 + t_clusters
-    l1_at = blocks_at + blocks
-    l2_at = l1_at + l1_clusters
+    if prealloc == "off" and t_clusters == 1:
+        l1_at = blocks_at + 1
+        after_l1 = l1_at + l1_clusters
+        block_clusters = (blocks_at, *range(after_l1, after_l1 + blocks - 1))
+    else:
+        l1_at = blocks_at + blocks
+        block_clusters = tuple(range(blocks_at, blocks_at + blocks))
+    l2_at = max(l1_at + l1_clusters, block_clusters[-1] + 1)
     data_at = l2_at + l2_tables
     return _Layout(
         1,
         t_clusters,
-        blocks_at,
-        blocks,
+        block_clusters,
         l1_at,
         l1_size,
         l2_at,
@@ -299,7 +306,7 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
     except OSError as exc:
         raise from_oserror(exc, path) from None
     try:
-        os.ftruncate(fd, lay.total * cs)
+        os.ftruncate(fd, _file_end(lay, cs))
         pwrite_full(fd, blob, 0)
         _write_refcounts(fd, header, lay)
         if lay.l2_tables:
@@ -321,22 +328,30 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
         os.close(fd)
 
 
+def _file_end(lay: _Layout, cs: int) -> int:
+    """The new file's size: it ends with the L1 table's last byte when the L1 is last."""
+    if lay.total == lay.l1_at + (lay.l1_size * 8 + cs - 1) // cs:
+        return lay.l1_at * cs + lay.l1_size * 8
+    return lay.total * cs
+
+
 def _write_refcounts(fd: int, header: fmt.Header, lay: _Layout) -> None:
     """The refcount table and blocks: refcount 1 for every cluster of the layout."""
     cs = header.cluster_size
     cb = np.uint64(header.cluster_bits)
+    blocks = len(lay.block_clusters)
     table = np.zeros(lay.reftable_clusters * cs // 8, dtype=np.uint64)
-    table[: lay.blocks] = (np.arange(lay.blocks, dtype=np.uint64) + np.uint64(lay.blocks_at)) << cb
+    table[:blocks] = np.array(lay.block_clusters, dtype=np.uint64) << cb
     pwrite_full(fd, fmt.encode_table(table), lay.reftable_at * cs)
     rb_entries = 1 << header.refblock_bits
-    for b in range(lay.blocks):
+    for b, block_at in enumerate(lay.block_clusters):
         counts = np.zeros(rb_entries, dtype=np.uint64)
         lo = b * rb_entries
         hi = min(lo + rb_entries, lay.total)
         if hi > lo:
             counts[: hi - lo] = 1
         block = fmt.encode_refcount_block(counts, header.refcount_order)
-        pwrite_full(fd, block, (lay.blocks_at + b) * cs)
+        pwrite_full(fd, block, block_at * cs)
 
 
 def _write_preallocated_tables(fd: int, header: fmt.Header, lay: _Layout) -> None:

@@ -12,12 +12,13 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
 
+from .. import QCOW2_MAGIC
 from ..errors import CorruptImageError, FormatError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
     import numpy as np
 
-MAGIC = b"QFI\xfb"
+MAGIC = QCOW2_MAGIC  # defined by the package, which probes formats without this module
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
 V3_HEADER_LENGTH = 112  # with compression_type and its padding, as QEMU writes it

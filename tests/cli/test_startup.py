@@ -1,0 +1,94 @@
+"""Start-up: ``vdisk --help`` and ``vdisk info`` on a raw file import none of the heavy modules,
+the lazy command table agrees with the commands, and a bare ``vdisk`` / ``--version`` behave as
+qemu-img's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import VdiskRunner, qemu_img
+
+import vdisk
+from vdisk.cli import COMMAND_TABLE, cli
+
+HEAVY = ("numpy", "zstandard", "cryptography", "prometheus_client", "tqdm", "importlib.metadata")
+
+_PROBE = """
+import contextlib, io, sys
+from vdisk.cli import main
+for argv in ({argvs}):
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(list(argv))
+    assert rc == 0, (argv, rc)
+print(",".join(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def _loaded_heavy_modules(*argvs: list[str]) -> list[str]:
+    code = _PROBE.format(argvs="".join(f"{a!r}, " for a in argvs), heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return [m for m in proc.stdout.strip().split(",") if m]
+
+
+def test_help_imports_no_heavy_module() -> None:
+    assert _loaded_heavy_modules(["--help"]) == []
+
+
+def test_version_imports_no_heavy_module() -> None:
+    assert _loaded_heavy_modules(["--version"]) == []
+
+
+def test_info_raw_imports_no_heavy_module(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\1" * 65536)
+    assert _loaded_heavy_modules(["info", str(raw)], ["--help"]) == []
+
+
+def test_help_imports_no_command_module() -> None:
+    code = (
+        "import contextlib, io, sys\nfrom vdisk.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
+        "print(','.join(m for m in sys.modules if m.startswith('vdisk.cli.')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_TABLE))
+def test_table_help_is_the_command_help(name: str) -> None:
+    command = cli.get_command(None, name)  # type: ignore[arg-type]
+    assert command is not None
+    assert command.name == name
+    assert COMMAND_TABLE[name][2] == command.get_short_help_str(limit=500)
+
+
+def test_bare_vdisk_is_a_bare_qemu_img(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    theirs = qemu_img([], tmp_path)
+    ours = vdisk_cli([], tmp_path)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out) == (1, "")
+    assert ours.err == theirs.err.replace("qemu-img", "vdisk")
+
+
+def test_version(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    theirs = qemu_img(["--version"], tmp_path)
+    assert theirs.rc == 0 and theirs.out.startswith("qemu-img version ")
+    for flag in ("--version", "-V"):
+        ours = vdisk_cli([flag], tmp_path)
+        assert ours.rc == 0
+        assert ours.out == f"vdisk version {vdisk.__version__}\n"
+
+
+def test_unknown_command_is_qemu_img_message(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    theirs = qemu_img(["frobnicate", "x"], tmp_path)
+    ours = vdisk_cli(["frobnicate", "x"], tmp_path)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out) == (1, "")
+    assert ours.err == theirs.err.replace("qemu-img", "vdisk")
+
+
+def test_probe_magic_is_the_codec_magic() -> None:
+    from vdisk.qcow2.format import MAGIC
+
+    assert vdisk.QCOW2_MAGIC == MAGIC
