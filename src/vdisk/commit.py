@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .block import BlockDevice
-from .errors import RequestError, UnsupportedFeatureError
+from .errors import RequestError, UnsupportedFeatureError, from_oserror
 from .map import ChainLevel, close_chain, open_chain
 
 CHUNK = 1 << 20  # bytes copied at a time
@@ -89,7 +89,8 @@ def _check_emptiable(path: str) -> None:
     from .qcow2 import Qcow2Image
     from .qcow2 import format as fmt
 
-    with Qcow2Image.open(path, readonly=True, open_backing=False) as image:
+    # force_share: the commit holds the top's write lock itself (see commit()).
+    with Qcow2Image.open(path, readonly=True, open_backing=False, force_share=True) as image:
         h = image.header
         if h.nb_snapshots or h.crypt_method or h.bitmaps or h.data_file:
             raise UnsupportedFeatureError(
@@ -105,7 +106,7 @@ def empty_image(path: str) -> None:
     """Rebuild the qcow2 image at ``path`` with nothing allocated, options and backing kept."""
     from .qcow2 import Qcow2Image, create
 
-    with Qcow2Image.open(path, readonly=True, open_backing=False) as image:
+    with Qcow2Image.open(path, readonly=True, open_backing=False, force_share=True) as image:
         h = image.header
         options: dict[str, Any] = {
             "compat": "1.1" if h.version >= 3 else "0.10",
@@ -143,21 +144,41 @@ def commit(
 ) -> None:
     """Commit the image at ``path`` into its backing file (or ``base``, deeper in its chain;
     ``base`` implies ``drop``); without ``drop`` the top image is emptied afterwards."""
-    import vdisk
-
     drop = drop or base is not None
     if fmt not in (None, "qcow2"):
         raise UnsupportedFeatureError(f"'{fmt}' images have no backing file to commit to")
-    levels = open_chain(path, fmt)
+    # As qemu-img commit: the top is held for writing and the base opened read-write, so no
+    # one else may write either; the chain's read-only views inside this one operation share
+    # (force_share) so that they do not lock each other out.
+    guard = _lock_for_writing(path)
+    try:
+        _commit_locked(path, fmt, base, drop, progress)
+        if not drop:
+            empty_image(path)
+    finally:
+        os.close(guard)
+
+
+def _commit_locked(
+    path: str,
+    fmt: str | None,
+    base: str | None,
+    drop: bool,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    import vdisk
+
+    levels: list[ChainLevel] = []
     top: BlockDevice | None = None
     target: BlockDevice | None = None
     try:
+        levels = open_chain(path, fmt, force_share=True)
         bi = find_base(levels, base, path)
         if not drop:
             _check_emptiable(path)
         base_name = levels[bi].name
         base_fmt = "qcow2" if levels[bi].image is not None else "raw"
-        top = vdisk.open(path, format="qcow2", readonly=True)
+        top = vdisk.open(path, format="qcow2", readonly=True, force_share=True)
         target = vdisk.open(base_name, format=base_fmt, readonly=False)
         if target.size < top.size:
             _grow(target, top.size)  # as qemu-img commit grows a smaller base
@@ -167,5 +188,19 @@ def commit(
             if dev is not None:
                 dev.close()
         close_chain(levels)
-    if not drop:
-        empty_image(path)
+
+
+def _lock_for_writing(path: str) -> int:
+    """A descriptor of ``path`` holding a qcow2 writer's image locks (closing it unlocks)."""
+    from . import locking
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    try:
+        locking.lock(fd, path, locking.mode_for("qcow2", readonly=False))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

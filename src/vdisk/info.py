@@ -264,7 +264,9 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
     return info
 
 
-def open_for_info(path: str, fmt: str | None) -> tuple[BlockDevice, str]:
+def open_for_info(
+    path: str, fmt: str | None, force_share: bool = False
+) -> tuple[BlockDevice, str]:
     """Open ``path`` read-only without its backing chain (like qemu-img info); return it and its format."""
     import vdisk
 
@@ -274,24 +276,25 @@ def open_for_info(path: str, fmt: str | None) -> tuple[BlockDevice, str]:
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image
 
-        return Qcow2Image.open(path, readonly=True, open_backing=False), fmt
-    return vdisk.open(path, format=fmt, readonly=True), fmt
+        image = Qcow2Image.open(path, readonly=True, open_backing=False, force_share=force_share)
+        return image, fmt
+    return vdisk.open(path, format=fmt, readonly=True, force_share=force_share), fmt
 
 
-def image_info(path: str, fmt: str | None = None) -> Info:
+def image_info(path: str, fmt: str | None = None, force_share: bool = False) -> Info:
     """The ImageInfo of the image at ``path`` (``fmt`` None probes the format)."""
     from . import is_uri
 
     if not is_uri(path) and not os.path.lexists(path):
         raise from_oserror(FileNotFoundError(2, "No such file or directory", path), path)
-    device, fmt = open_for_info(path, fmt)
+    device, fmt = open_for_info(path, fmt, force_share)
     try:
         return device_info(device, path, fmt)
     finally:
         device.close()
 
 
-def chain_info(path: str, fmt: str | None = None) -> Iterator[Info]:
+def chain_info(path: str, fmt: str | None = None, force_share: bool = False) -> Iterator[Info]:
     """ImageInfo of ``path`` and then of each backing file, as ``--backing-chain`` lists them."""
     seen: set[str] = set()
     filename: str | None = path
@@ -299,7 +302,7 @@ def chain_info(path: str, fmt: str | None = None) -> Iterator[Info]:
         if filename in seen:
             raise BackingChainError(f"Backing file '{filename}' creates an infinite loop.")
         seen.add(filename)
-        info = image_info(filename, fmt)
+        info = image_info(filename, fmt, force_share)
         yield info
         filename = info.get("full-backing-filename")
         fmt = info.get("backing-filename-format")

@@ -41,7 +41,9 @@ class MapEntry:
 class ChainLevel:
     """One image of a backing chain, opened without its own backing file."""
 
-    def __init__(self, dev: BlockDevice, name: str, image: Qcow2Image | None) -> None:
+    def __init__(
+        self, dev: BlockDevice, name: str, image: Qcow2Image | None, force_share: bool = False
+    ) -> None:
         self.dev = dev
         self.name = name
         self.image = image  # the qcow2 image, None for a raw file
@@ -54,7 +56,7 @@ class ChainLevel:
         if image is not None and image.metadata_preallocated():
             from .backends.raw import RawDevice
 
-            self.host = RawDevice(name, readonly=True)
+            self.host = RawDevice(name, readonly=True, force_share=force_share)
 
     def close(self) -> None:
         self.dev.close()
@@ -62,8 +64,8 @@ class ChainLevel:
             self.host.close()
 
 
-def open_chain(path: str, fmt: str | None) -> list[ChainLevel]:
-    """Open ``path`` and each backing file separately, top first."""
+def open_chain(path: str, fmt: str | None, force_share: bool = False) -> list[ChainLevel]:
+    """Open ``path`` and each backing file separately, top first (``force_share``: -U)."""
     import vdisk
 
     from .qcow2 import Qcow2Image
@@ -77,11 +79,13 @@ def open_chain(path: str, fmt: str | None) -> list[ChainLevel]:
             kind = cur_fmt or vdisk.probe_format(name)
             vdisk.check_format(kind, name)
             if kind != "qcow2":
-                dev = vdisk.open(name, format="raw", readonly=True)
+                dev = vdisk.open(name, format="raw", readonly=True, force_share=force_share)
                 levels.append(ChainLevel(dev, display_name(name), None))
                 break
-            img = Qcow2Image.open(name, readonly=True, open_backing=False)
-            levels.append(ChainLevel(img, name, img))
+            img = Qcow2Image.open(
+                name, readonly=True, open_backing=False, force_share=force_share
+            )
+            levels.append(ChainLevel(img, name, img, force_share))
             backing = img.header.backing_file
             if not backing:
                 break

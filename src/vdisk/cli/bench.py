@@ -153,7 +153,7 @@ class _Bench:
 @click.option("-S", "step", metavar="STEP_SIZE", help="Offset step (default: buffer size).")
 @click.option("-t", "cache", default="writeback", metavar="CACHE", help="Cache mode.")
 @click.option("-w", "write", is_flag=True, help="Write requests instead of reads.")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.option("--pattern", "pattern", metavar="N", help="Byte written by -w (default 0).")
 @click.option("--flush-interval", "flush_interval", metavar="N", help="Flush every N writes.")
 @click.option("--no-drain", "no_drain", is_flag=True, help="Flush without draining the queue.")
@@ -209,7 +209,7 @@ def bench_cmd(
     if nrreq == 0 and n:
         # qemu-img would wait forever for requests it never sends.
         raise RequestError("Invalid queue depth specified")
-    dev = vdisk.open(path, format=fmt, readonly=not write)
+    dev = vdisk.open(path, format=fmt, readonly=not write, force_share=force_share)
     try:
         real = dev.size
         image_size = round_up_to_sector(real) if isinstance(dev, RawDevice) else real

@@ -17,7 +17,7 @@ from .progress import Progress
 @click.option("-s", "strict", is_flag=True, help="Strict mode: sizes and allocation must match.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet: print nothing, only set the exit status.")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("file1")
 @click.argument("file2")
 def compare_cmd(
@@ -42,7 +42,7 @@ def compare_cmd(
         try:
             for path, fmt in ((file1, fmt1), (file2, fmt2)):
                 vdisk.check_format(fmt, path)
-                devs.append(vdisk.open(path, format=fmt, readonly=True))
+                devs.append(vdisk.open(path, format=fmt, readonly=True, force_share=force_share))
         except (VdiskError, OSError) as exc:
             click.echo(f"vdisk: {exc}", err=True)
             return 2

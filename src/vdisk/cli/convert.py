@@ -179,7 +179,7 @@ def _copy(
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
 @click.option("-c", "compress", is_flag=True, help="Compress (not supported).")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
 @click.option("-T", "src_cache", metavar="CACHE", help="Accepted (source cache mode).")
 @click.argument("files", nargs=-1)
@@ -223,7 +223,7 @@ def convert_cmd(
     signalled: int | None = None
     try:
         for src in srcs:
-            sources.append(vdisk.open(src, format=fmt, readonly=True))
+            sources.append(vdisk.open(src, format=fmt, readonly=True, force_share=force_share))
         # Raw sources as QEMU sizes them (whole sectors).
         inputs = [SectorPadded(s) if isinstance(s, RawDevice) else s for s in sources]
         total = sum(s.size for s in inputs)

@@ -21,7 +21,7 @@ _CHUNK = 1 << 20  # copy in large pieces: the bytes written are the same as bs-s
 @click.command("dd", context_settings={"ignore_unknown_options": False})
 @click.option("-f", "fmt", metavar="FMT", help="Input format (default: probe).")
 @click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Output format (raw, qcow2).")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("operands", nargs=-1, metavar="[bs=N] [count=N] [skip=N] if=IN of=OUT")
 def dd_cmd(fmt: str | None, out_fmt: str, force_share: bool, operands: tuple[str, ...]) -> int:
     """Copy IN into a new image OUT (of format -O), like qemu-img dd."""
@@ -47,7 +47,7 @@ def dd_cmd(fmt: str | None, out_fmt: str, force_share: bool, operands: tuple[str
         raise RequestError("Must specify both input and output files")
     if fmt is not None and fmt not in vdisk.FORMATS:
         raise UnsupportedFeatureError(f"Could not open '{src}': Unknown driver '{fmt}'")
-    source = vdisk.open(src, format=fmt, readonly=True)
+    source = vdisk.open(src, format=fmt, readonly=True, force_share=force_share)
     try:
         from ..backends.raw import RawDevice
 

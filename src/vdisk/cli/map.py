@@ -37,7 +37,7 @@ def _json_entry(e: MapEntry) -> str:
 @click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
 @click.option("-s", "--start-offset", "start_offset", metavar="N", help="First byte to map.")
 @click.option("-l", "--max-length", "max_length", metavar="N", help="Bytes to map at most.")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("file")
 def map_cmd(
     fmt: str | None,
@@ -56,7 +56,7 @@ def map_cmd(
     start = 0 if start_offset is None else parse_offset(start_offset, "start offset")
     limit = None if max_length is None else parse_offset(max_length, "max length")
     vdisk.check_format(fmt, file)
-    levels = open_chain(file, fmt)
+    levels = open_chain(file, fmt, force_share)
     try:
         end = levels[0].size if limit is None else min(start + limit, levels[0].size)
         _print_map(levels, start, end, human=output == "human")

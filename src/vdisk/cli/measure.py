@@ -61,7 +61,7 @@ def _is_qcow2_v3(dev: object) -> bool:
 )
 @click.option("--size", "size_text", metavar="SIZE", help="Measure a new image of SIZE bytes.")
 @click.option("-f", "fmt", metavar="FMT", help="Input format (default: probe).")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (no locking).")
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("files", nargs=-1)
 def measure_cmd(
     output: str,
@@ -109,7 +109,7 @@ def measure_cmd(
     bitmaps: int | None = None
     if path is not None:
         kind = fmt or vdisk.probe_format(path)
-        with vdisk.open(path, format=kind, readonly=True) as dev:
+        with vdisk.open(path, format=kind, readonly=True, force_share=force_share) as dev:
             # QEMU reports bitmaps only for a source that can hold persistent ones (qcow2 v3).
             source_has_bitmaps = _is_qcow2_v3(dev)
             # QEMU sees raw files rounded up to whole sectors.

@@ -11,6 +11,7 @@ import os
 import click
 
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
+from ..fileio import pwrite_full
 from ..sizes import parse_size
 from .options import QCOW2_PREALLOC
 
@@ -42,8 +43,11 @@ def _new_size(text: str, current: int) -> int:
 def _resize_raw(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
     if prealloc == "metadata":
         raise UnsupportedFeatureError("Unsupported preallocation mode: metadata", path=path)
+    from .. import locking
+
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
+        locking.lock(fd, path, locking.RAW_RESIZE)  # as qemu-img resize locks a raw file
         current = os.fstat(fd).st_size
         size = _new_size(size_text, current)
         if size < current and not shrink:
@@ -58,7 +62,7 @@ def _resize_raw(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
             pos = current
             while pos < size:
                 n = min(len(chunk), size - pos)
-                os.pwrite(fd, chunk[:n], pos)
+                pwrite_full(fd, chunk[:n], pos)
                 pos += n
             os.fsync(fd)
         else:

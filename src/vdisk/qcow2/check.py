@@ -34,6 +34,7 @@ from .. import locking
 from ..errors import (
     CorruptImageError,
     NoSpaceError,
+    RequestError,
     UnsupportedFeatureError,
     VdiskError,
     from_oserror,
@@ -383,12 +384,14 @@ def check(path: str, fix: int = 0, force_share: bool = False) -> CheckResult:
 
     The file is locked as qemu-img check locks it: read-write when repairing, else read-only
     (``force_share``, qemu-img -U, beside a writer)."""
+    if force_share and fix:
+        raise RequestError("force-share=on can only be used with read-only images", path=path)
     try:
         fd = os.open(path, (os.O_RDWR if fix else os.O_RDONLY) | os.O_CLOEXEC)
     except OSError as exc:
         raise from_oserror(exc, path) from None
     try:
-        locking.lock(fd, path, locking.mode_for("qcow2", not fix, force_share and not fix))
+        locking.lock(fd, path, locking.mode_for("qcow2", not fix, force_share))
         return _Checker(fd, path, fix).run()
     except OSError as exc:
         raise from_oserror(exc, path) from None
