@@ -23,11 +23,7 @@ pytestmark = needs_qemu
 CORPUS = sorted(Path(__file__).with_name("corpus").glob("*.qcow2.gz"))
 
 # file -> what fails today (ops: the op and the function at fault; worse: what writing did).
-KNOWN: dict[str, str] = {
-    "fz_repair_hang_worker_lazy_dirty.qcow2.gz": (
-        "check -r all does not finish in 15 s (check.py repair of a dirty lazy image with a far entry)"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 
 def _case(path: Path) -> object:
