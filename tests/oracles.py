@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,21 @@ def qemu_map(path: str | Path) -> list[dict[str, Any]]:
     """``qemu-img map --output=json``, parsed."""
     result: list[dict[str, Any]] = json.loads(run("qemu-img", "map", "--output=json", path))
     return result
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` at ``where``, for disk-full tests (mounting needs root:
+    the test skips, saying why, where it cannot mount)."""
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

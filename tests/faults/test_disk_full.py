@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from crash.explore import qemu_corruption
-from oracles import needs_qemu
+from oracles import needs_qemu, small_tmpfs
 from vdisk.errors import VdiskError
 from vdisk.qcow2 import Qcow2Image, create
 
@@ -26,17 +25,8 @@ pytestmark = needs_qemu
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "full", "4M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(path: Path) -> tuple[bytes, VdiskError]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 from typing_extensions import Buffer
 
 import vdisk
+from oracles import small_tmpfs
 from vdisk.backends.memory import MemoryDevice
 from vdisk.errors import VdiskError
 from vdisk.nbd import Export, NbdServer
@@ -72,27 +71,15 @@ def test_every_nth_write_fails_with_matching_error(
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "mnt", "3m") as mnt:
         yield mnt
-    finally:
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_tmpfs_answers_enospc_and_keeps_serving(
-    small_tmpfs: Path, serve_inproc: Callable[..., NbdServer], sock_path: str
+    full_tmpfs: Path, serve_inproc: Callable[..., NbdServer], sock_path: str
 ) -> None:
-    img = small_tmpfs / "d.qcow2"
+    img = full_tmpfs / "d.qcow2"
     vdisk.create(str(img), 64 * MiB, format="qcow2")
     dev = vdisk.open(str(img))
     server = serve_inproc(Export(dev))

@@ -11,13 +11,12 @@ import errno
 import os
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from oracles import needs_qemu, qemu_check, qemu_io, run
+from oracles import needs_qemu, qemu_check, qemu_io, run, small_tmpfs
 from vdisk.errors import VdiskError
 from vdisk.qcow2 import Qcow2Image, create
 
@@ -209,22 +208,8 @@ def test_allocator_skips_metadata_clusters(tmp_path: Path) -> None:
     assert "read 65536/65536" in out
 
 
-def _mount_tmpfs(where: Path, size: str) -> None:
-    where.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-
-
 def test_enospc_flush_and_close_raise_vdisk_errors(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    _mount_tmpfs(mnt, "2M")
-    try:
+    with small_tmpfs(tmp_path / "small", "2M") as mnt:
         path = mnt / "full.qcow2"
         create(str(path), 64 * MIB, cluster_size=512)
         img = Qcow2Image.open(str(path))
@@ -249,5 +234,3 @@ def test_enospc_flush_and_close_raise_vdisk_errors(tmp_path: Path) -> None:
         reopened.close()
         corruptions, internal = _counts(qemu_check(path))
         assert (corruptions, internal) == (0, 0)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
