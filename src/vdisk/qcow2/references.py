@@ -35,10 +35,6 @@ from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cluster import read_snapshots
 
-BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BME_RESERVED_MASK = 0xFF000000000001FE
-BME_FLAG_ALL_ONES = 1
-
 MAX_GROW_CLUSTERS = 1 << 24  # how far past the end a refcount block may pull the file (repair)
 _INT64_MAX = (1 << 63) - 1
 
@@ -290,8 +286,9 @@ class _Walk:
                 break
             table = fmt.decode_table(self._read(bm.bitmap_table_offset, tsize))
             for e in table[table != 0].tolist():
-                off = e & BME_OFFSET_MASK
-                if e & BME_RESERVED_MASK or off & (self.cs - 1) or (e & BME_FLAG_ALL_ONES and off):
+                off = e & fmt.BME_TABLE_OFFSET_MASK
+                bad = e & fmt.BME_TABLE_RESERVED_MASK or off & (self.cs - 1)
+                if bad or (e & fmt.BME_TABLE_ALL_ONES and off):
                     self._bad(f"ERROR bitmap table entry {e:#x} is corrupted")
                     continue
                 if off:
