@@ -118,3 +118,27 @@ def test_fault_injector_fires(tmp_path: Path) -> None:
     outcome = run_with_fault(scenario, tmp_path, 0, 0, errno.EIO)
     assert outcome.fired is not None and outcome.fired.kind == "flush"
     assert not outcome.problems
+
+
+def test_trim_after_shrink_flush_error_is_vdisk_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the soak (every call of resize_shrink): a failed sync while trim_file drops
+    idle refcount blocks let a raw OSError out."""
+    from vdisk.errors import VdiskError
+    from vdisk.qcow2 import Qcow2Image, create
+    from vdisk.qcow2.resize import resize, trim_file
+
+    path = tmp_path / "s.qcow2"
+    create(str(path), 4 << 20, cluster_size=4096)
+    with Qcow2Image.open(str(path)) as img:
+        img.write(b"\1" * (3 << 20), 0)
+        resize(img, 1 << 20)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(VdiskError) as exc:
+        trim_file(str(path))
+    assert exc.value.errno == errno.EIO

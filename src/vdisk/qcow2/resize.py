@@ -275,7 +275,10 @@ def trim_file(path: str) -> None:
     shrink. Call it with the image closed everywhere; only unreferenced clusters go."""
     from .cache import REFBLOCK
 
-    _drop_idle_refblocks(path)
+    try:
+        _drop_idle_refblocks(path)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
     img = Qcow2Image.open(path, readonly=True, open_backing=False)
     try:
         if img.header.dirty:
