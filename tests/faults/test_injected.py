@@ -135,10 +135,16 @@ def test_trim_after_shrink_flush_error_is_vdisk_error(
         img.write(b"\1" * (3 << 20), 0)
         resize(img, 1 << 20)
 
-    def failing(fd: int) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    real_fdatasync = os.fdatasync
+    calls = []
 
-    monkeypatch.setattr(os, "fdatasync", failing)
+    def fail_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:  # close's own syncs succeed, as in the soak's case
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fail_once)
     with pytest.raises(VdiskError) as exc:
         trim_file(str(path))
     assert exc.value.errno == errno.EIO
