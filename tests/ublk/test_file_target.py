@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from vdisk import uring
 from vdisk.backends.memory import MemoryDevice
 from vdisk.backends.raw import RawDevice
 from vdisk.block import BlockDevice, FileBacked
@@ -20,22 +21,14 @@ from vdisk.ublk import uapi
 from vdisk.ublk.device import _async_fd
 from vdisk.ublk.file_target import FileTarget
 from vdisk.ublk.ring_layout import BACKING, KIND_SHIFT, LINKED_BACKING, TAG_MASK
-from vdisk.uring import Ring, UringError
+from vdisk.uring import Ring
 from vdisk.uring.ring import buffer_address
 
 BUF = 64 << 10
 DEPTH = 4
 
 
-def _have_uring() -> bool:
-    try:
-        Ring(2).close()
-        return True
-    except UringError:
-        return False
-
-
-needs_uring = pytest.mark.skipif(not _have_uring(), reason="io_uring not available on this kernel")
+needs_uring = pytest.mark.skipif(not uring.available(), reason="io_uring not available on this kernel")
 
 
 @dataclass

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from vdisk import uring
 from vdisk.uring import Ring, UringError, ops
 from vdisk.uring.ring import buffer_address
 
-
-def _have_uring() -> bool:
-    try:
-        Ring(2).close()
-        return True
-    except UringError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_uring(), reason="io_uring not available on this kernel")
+pytestmark = pytest.mark.skipif(not uring.available(), reason="io_uring not available on this kernel")
 
 
 def test_nop_batch_all_complete_with_their_user_data() -> None:
