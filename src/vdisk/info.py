@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .block import BlockDevice, resolve_backing
+from .block import BlockDevice, resolve_backing, round_up_to_sector
 from .errors import BackingChainError, VdiskError, from_oserror
 from .sizes import format_size
 
@@ -233,6 +233,7 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
     info: Info = {"virtual-size": device.size, "filename": filename, "format": fmt}
     actual = allocated_size(filename)
     if fmt != "qcow2":
+        info["virtual-size"] = round_up_to_sector(device.size)  # as QEMU sizes a raw file
         if actual is not None:
             info["actual-size"] = actual
         info["dirty-flag"] = False

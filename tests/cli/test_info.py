@@ -30,6 +30,11 @@ def _raw(d: Path) -> str:
     return "disk.img"
 
 
+def _raw_odd(d: Path) -> str:
+    (d / "odd.raw").write_bytes(b"abc")  # QEMU sees a raw file in whole sectors: 512 B
+    return "odd.raw"
+
+
 def _with_data(d: Path) -> str:
     _create(d, "data.qcow2", "64M")
     qemu_io(["-c", "write -P 0x22 0 3M", "-c", "write -P 0x33 40M 64k", "data.qcow2"], d)
@@ -108,6 +113,7 @@ def _bitmaps(d: Path) -> str:
 
 IMAGES: dict[str, Maker] = {
     "raw": _raw,
+    "raw-odd-size": _raw_odd,
     "v3-default": lambda d: _create(d, "v3.qcow2", "1G"),
     "v2-4k": lambda d: _create(d, "v2.qcow2", "100M", "-o", "compat=0.10,cluster_size=4k"),
     "v3-512-refcount1": lambda d: _create(
