@@ -49,8 +49,7 @@ from ..errors import (
     VdiskError,
     from_oserror,
 )
-from ..fileio import pread_full
-from ..fileio import pwritev_full as _pwritev_full  # the old name: the write path keeps it
+from ..fileio import pread_full, pwritev_full
 from . import format as fmt
 from .cache import L2, MetadataCache, default_capacity
 from .check import repair_open_file
@@ -622,7 +621,7 @@ class Qcow2Image(BlockDeviceBase):
             if new:
                 ok = False
                 try:
-                    _pwritev_full(self.fd, [view], host)
+                    pwritev_full(self.fd, [view], host)
                     ok = True
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
@@ -644,7 +643,7 @@ class Qcow2Image(BlockDeviceBase):
                 return n
             if host:
                 try:
-                    _pwritev_full(self.fd, [view], host + (offset & cmask))
+                    pwritev_full(self.fd, [view], host + (offset & cmask))
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
                 finally:
@@ -672,7 +671,7 @@ class Qcow2Image(BlockDeviceBase):
         try:
             head, tail = self._copy_on_write(plan, offset, end)
             for host, iov in self._host_runs(plan, view, offset, head, tail):
-                _pwritev_full(self.fd, iov, host)
+                pwritev_full(self.fd, iov, host)
             ok = True
         finally:
             with self._lock:
