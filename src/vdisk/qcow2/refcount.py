@@ -344,7 +344,7 @@ class RefcountManager:
             pwrite_full(self.fd, encode_l2(self.table), start << self.cluster_bits)
             os.fdatasync(self.fd)
             self.table_dirty.clear()
-            self._write_header_table(start << self.cluster_bits, t_clusters)
+            _write_header_table(self.fd, self.header, start << self.cluster_bits, t_clusters)
         except OSError as exc:
             self.move_failed = exc
             raise
@@ -386,12 +386,6 @@ class RefcountManager:
                 return start, t_clusters, new_blocks
             self.end_cluster = used + 1  # the run is not free: lay it out past ``used``
             self.scan_cursor = max(self.scan_cursor, self.end_cluster)
-
-    def _write_header_table(self, offset: int, clusters: int) -> None:
-        pwrite_full(self.fd, struct.pack(">QI", offset, clusters), fmt.HDR_REFCOUNT_TABLE_OFFSET)
-        os.fdatasync(self.fd)
-        self.header.refcount_table_offset = offset
-        self.header.refcount_table_clusters = clusters
 
     # -- write-back -----------------------------------------------------------------------
     def has_dirty(self) -> bool:
@@ -445,6 +439,11 @@ def rebuild_refcount_structure(fd: int, header: fmt.Header, counts: np.ndarray, 
             path=path,
         )
     offset, clusters = _FirstFitRebuild(fd, header, counts, path).run()
+    _write_header_table(fd, header, offset, clusters)
+
+
+def _write_header_table(fd: int, header: fmt.Header, offset: int, clusters: int) -> None:
+    """Switch the header to the refcount table at ``offset`` (one write, synced)."""
     pwrite_full(fd, struct.pack(">QI", offset, clusters), fmt.HDR_REFCOUNT_TABLE_OFFSET)
     os.fdatasync(fd)
     header.refcount_table_offset = offset
