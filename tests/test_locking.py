@@ -71,16 +71,19 @@ def qemu_io_holding(path: Path, fmt: str, mode: str) -> Iterator[None]:
     proc = subprocess.Popen(
         ["qemu-io", "-f", fmt, *_mode_flags(mode), str(path)],
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30  # a readiness wait, not a timing assertion
-        while 100 not in locked_bytes(path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                assert proc.stderr is not None
-                pytest.fail(f"qemu-io did not hold {path}: {proc.stderr.read()!r}")
-            time.sleep(0.02)
+        # qemu-io answers a command only once the whole chain (backing files too) is open
+        # and locked, so the answer is the readiness signal; waiting for the top file's
+        # lock alone raced with the backing file's open.
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"length\n")
+        proc.stdin.flush()
+        if not proc.stdout.readline():
+            assert proc.stderr is not None
+            pytest.fail(f"qemu-io did not hold {path}: {proc.stderr.read()!r}")
         yield
     finally:
         assert proc.stdin is not None
