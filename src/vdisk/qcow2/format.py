@@ -36,6 +36,7 @@ MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_BACKING_FILE_NAME = 1023
 MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOT_EXTRA = 1024  # QEMU's limit on a snapshot's extra data
 
 # Incompatible feature bits.
 INCOMPAT_DIRTY = 1 << 0
@@ -601,16 +602,56 @@ class SnapshotEntry:
     extra_data: bytes
     disk_size: int | None = None
     icount: int | None = None
+    # The id and name bytes as stored, when they are not valid UTF-8 (kept for encode).
+    raw_id: bytes | None = None
+    raw_name: bytes | None = None
 
     @property
     def encoded_size(self) -> int:
         """Bytes this entry takes in the snapshot table (padded to 8)."""
         return _align8(
-            _SNAPSHOT_HEAD.size
-            + len(self.extra_data)
-            + len(self.id_str.encode())
-            + len(self.name.encode())
+            _SNAPSHOT_HEAD.size + len(self.extra_data) + len(self.id_bytes) + len(self.name_bytes)
         )
+
+    @property
+    def id_bytes(self) -> bytes:
+        return self.raw_id if self.raw_id is not None else self.id_str.encode()
+
+    @property
+    def name_bytes(self) -> bytes:
+        return self.raw_name if self.raw_name is not None else self.name.encode()
+
+    def encode(self) -> bytes:
+        """The table entry, padded to 8 bytes. The first 24 bytes of extra data carry
+        vm_state_size, disk_size and icount (where the stored extra data is that long);
+        extra data past them is kept as it was."""
+        extra = bytearray(self.extra_data)
+        if len(extra) > MAX_SNAPSHOT_EXTRA:
+            raise FormatError(
+                f"snapshot extra data: {len(extra)} bytes exceeds {MAX_SNAPSHOT_EXTRA}"
+            )
+        if len(extra) >= 8:
+            struct.pack_into(">Q", extra, 0, self.vm_state_size)
+        if len(extra) >= 16 and self.disk_size is not None:
+            struct.pack_into(">Q", extra, 8, self.disk_size)
+        if len(extra) >= 24 and self.icount is not None:
+            struct.pack_into(">q", extra, 16, self.icount)
+        id_b, name_b = self.id_bytes, self.name_bytes
+        if len(id_b) > 0xFFFF or len(name_b) > 0xFFFF:
+            raise FormatError("snapshot id or name longer than 65535 bytes")
+        head = _SNAPSHOT_HEAD.pack(
+            self.l1_table_offset,
+            self.l1_size,
+            len(id_b),
+            len(name_b),
+            self.date_sec,
+            self.date_nsec,
+            self.vm_clock_nsec,
+            self.vm_state_size & 0xFFFFFFFF,
+            len(extra),
+        )
+        out = head + bytes(extra) + id_b + name_b
+        return out + bytes(_align8(len(out)) - len(out))
 
     @classmethod
     def decode(cls, buf: bytes, pos: int) -> tuple[SnapshotEntry, int]:
@@ -621,14 +662,16 @@ class SnapshotEntry:
             _SNAPSHOT_HEAD.unpack_from(buf, pos)
         )
         p = pos + _SNAPSHOT_HEAD.size
-        if extra_len > 1024 or p + extra_len + id_len + name_len > len(buf):
+        if extra_len > MAX_SNAPSHOT_EXTRA or p + extra_len + id_len + name_len > len(buf):
             raise CorruptImageError("snapshot table: entry overruns the table")
         extra = buf[p : p + extra_len]
         p += extra_len
-        id_str = buf[p : p + id_len].decode("utf-8", "replace")
+        id_raw = bytes(buf[p : p + id_len])
         p += id_len
-        name = buf[p : p + name_len].decode("utf-8", "replace")
+        name_raw = bytes(buf[p : p + name_len])
         p += name_len
+        id_str, raw_id = _snapshot_text(id_raw)
+        name, raw_name = _snapshot_text(name_raw)
         disk_size = None
         if len(extra) >= 8:
             vmsize = struct.unpack_from(">Q", extra, 0)[0]
@@ -638,9 +681,29 @@ class SnapshotEntry:
         if len(extra) >= 24:
             icount = struct.unpack_from(">q", extra, 16)[0]
         entry = cls(
-            l1_off, l1_size, id_str, name, sec, nsec, vmclock, vmsize, extra, disk_size, icount
+            l1_off,
+            l1_size,
+            id_str,
+            name,
+            sec,
+            nsec,
+            vmclock,
+            vmsize,
+            bytes(extra),
+            disk_size,
+            icount,
+            raw_id,
+            raw_name,
         )
         return entry, pos + _align8(p - pos)
+
+
+def _snapshot_text(raw: bytes) -> tuple[str, bytes | None]:
+    """(text, the raw bytes if they are not valid UTF-8)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), raw
 
 
 def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotEntry]:
@@ -650,6 +713,11 @@ def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotEntry]:
         entry, pos = SnapshotEntry.decode(buf, pos)
         out.append(entry)
     return out
+
+
+def encode_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
+    """The snapshot table: the entries one after the other (each padded to 8)."""
+    return b"".join(entry.encode() for entry in entries)
 
 
 # -- bitmap directory ---------------------------------------------------------------------

@@ -84,6 +84,8 @@ def _norm_options(options: dict[str, Any]) -> dict[str, Any]:
 class Qcow2Image(BlockDeviceBase):
     """A QCOW2 image (v2 or v3). Open with :meth:`open`; see the module docstring for locks."""
 
+    snapshot: fmt.SnapshotEntry | None  # the snapshot a read-only view shows (open(snapshot=))
+
     def __init__(self) -> None:  # use Qcow2Image.open()
         raise TypeError("use Qcow2Image.open(path, ...)")
 
@@ -113,6 +115,9 @@ class Qcow2Image(BlockDeviceBase):
         refcount_cache_size = opts.pop("refcount_cache_size", refcount_cache_size)
         opts.pop("format", None)
         open_backing = bool(opts.pop("backing", open_backing))
+        snapshot: str | None = opts.pop("snapshot", None)
+        if snapshot is not None:
+            readonly = True  # a snapshot view never writes
         if opts:
             raise RequestError(
                 f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
@@ -127,7 +132,18 @@ class Qcow2Image(BlockDeviceBase):
             chain,
             force_share,
         )
+        if snapshot is not None:
+            self._open_snapshot_view(str(snapshot))
         return self
+
+    def _open_snapshot_view(self, key: str) -> None:
+        from .snapshot import load_view
+
+        try:
+            self.snapshot = load_view(self, key)
+        except BaseException:
+            self.close()
+            raise
 
     def _init(
         self,
@@ -250,6 +266,7 @@ class Qcow2Image(BlockDeviceBase):
         self._write_ready = False
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
+        self.snapshot = None
         # Backing chain.
         self._chain_depth = 0
         if header.backing_file and open_backing:
@@ -942,6 +959,27 @@ class Qcow2Image(BlockDeviceBase):
         """The internal snapshot table (read from disk)."""
         with self._lock:
             return read_snapshots(self.fd, self.header)
+
+    # -- internal snapshots (vdisk.qcow2.snapshot) ----------------------------------------
+    def create_snapshot(self, name: str, **fields: int) -> fmt.SnapshotEntry:
+        """Snapshot the active state as ``name``; returns the new table entry."""
+        from .snapshot import create_snapshot
+
+        return create_snapshot(self, name, **fields)
+
+    def apply_snapshot(self, name_or_id: str) -> fmt.SnapshotEntry:
+        """Revert the active state (and size) to a snapshot, found by ID first, then name."""
+        from .snapshot import apply_snapshot
+
+        return apply_snapshot(self, name_or_id)
+
+    def delete_snapshot(
+        self, name_or_id: str, by_id: bool = True, by_name: bool = True
+    ) -> fmt.SnapshotEntry:
+        """Delete a snapshot, found by ID first, then name (``by_id``/``by_name`` narrow it)."""
+        from .snapshot import delete_snapshot
+
+        return delete_snapshot(self, name_or_id, by_id, by_name)
 
     def allocated_clusters(self) -> int:
         with self._lock:
