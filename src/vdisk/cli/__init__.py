@@ -85,6 +85,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "resize_cmd",
         "Resize FILE to SIZE, or by +SIZE / -SIZE, like qemu-img resize.",
     ),
+    "snapshot": (
+        "snapshot",
+        "snapshot_cmd",
+        "List, create, apply or delete internal snapshots of FILE, like qemu-img snapshot.",
+    ),
     "ublk": (
         "ublk",
         "ublk_group",

@@ -136,6 +136,32 @@ def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
             signal.signal(sig, old)
 
 
+def _snapshot_options(spec: str | None, sources: int) -> dict[str, object]:
+    """The open options of ``-l``: snapshot.id=/snapshot.name= options, or an ID or name."""
+    if spec is None:
+        return {}
+    from .snapshot import convert_snapshot_key
+
+    if sources > 1:
+        raise RequestError("No support for concatenating multiple snapshot")
+    return {"snapshot": convert_snapshot_key(spec), "snapshot_keep_size": True}
+
+
+def _open_source(
+    src: str, fmt: str | None, force_share: bool, snap_opts: dict[str, object]
+) -> BlockDevice:
+    import vdisk
+
+    if not snap_opts:
+        return vdisk.open(src, format=fmt, readonly=True, force_share=force_share)
+    from ..qcow2.snapshot import SnapshotNotFoundError
+
+    try:
+        return vdisk.open(src, format=fmt, readonly=True, force_share=force_share, **snap_opts)
+    except SnapshotNotFoundError:
+        raise RequestError("Failed to load snapshot: Can't find snapshot") from None
+
+
 def _copy(
     inputs: list[BlockDevice | SectorPadded],
     target: BlockDevice,
@@ -181,6 +207,12 @@ def _copy(
 @click.option("-c", "compress", is_flag=True, help="Compress (not supported).")
 @click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
+@click.option(
+    "-l",
+    "snapshot",
+    metavar="SNAPSHOT",
+    help="Convert from an internal snapshot: snapshot.id=ID, snapshot.name=NAME or ID/NAME.",
+)
 @click.option("-T", "src_cache", metavar="CACHE", help="Accepted (source cache mode).")
 @click.argument("files", nargs=-1)
 def convert_cmd(
@@ -197,6 +229,7 @@ def convert_cmd(
     force_share: bool,
     cache: str,
     src_cache: str | None,
+    snapshot: str | None,
     files: tuple[str, ...],
 ) -> int:
     """Convert the source images (concatenated) into DST, like qemu-img convert."""
@@ -222,8 +255,9 @@ def convert_cmd(
     target: BlockDevice | None = None
     signalled: int | None = None
     try:
+        snap_opts = _snapshot_options(snapshot, len(srcs))
         for src in srcs:
-            sources.append(vdisk.open(src, format=fmt, readonly=True, force_share=force_share))
+            sources.append(_open_source(src, fmt, force_share, snap_opts))
         # Raw sources as QEMU sizes them (whole sectors).
         inputs = [SectorPadded(s) if isinstance(s, RawDevice) else s for s in sources]
         total = sum(s.size for s in inputs)

@@ -107,7 +107,9 @@ class Qcow2Image(BlockDeviceBase):
         QEMU's options. ``open_backing=False`` leaves the backing chain closed (``backing`` is
         None; unallocated clusters read as zeros), as ``qemu-img info`` opens images.
         The file is locked as QEMU locks it (see vdisk.locking); ``force_share=True`` (qemu-img
-        -U) needs ``readonly`` and lets writers in.
+        -U) needs ``readonly`` and lets writers in. ``snapshot`` (an ID or name, or
+        ``{"id": ..., "name": ...}``) opens that internal snapshot read-only with its disk
+        size (``snapshot_keep_size=True``: the image's size, as qemu-img convert -l reads it).
         """
         opts = _norm_options(options)
         chain: tuple[str, ...] = opts.pop("_chain", ())
@@ -115,7 +117,8 @@ class Qcow2Image(BlockDeviceBase):
         refcount_cache_size = opts.pop("refcount_cache_size", refcount_cache_size)
         opts.pop("format", None)
         open_backing = bool(opts.pop("backing", open_backing))
-        snapshot: str | None = opts.pop("snapshot", None)
+        snapshot: str | dict[str, str] | None = opts.pop("snapshot", None)
+        keep_size = bool(opts.pop("snapshot_keep_size", False))
         if snapshot is not None:
             readonly = True  # a snapshot view never writes
         if opts:
@@ -133,14 +136,14 @@ class Qcow2Image(BlockDeviceBase):
             force_share,
         )
         if snapshot is not None:
-            self._open_snapshot_view(str(snapshot))
+            self._open_snapshot_view(snapshot, keep_size)
         return self
 
-    def _open_snapshot_view(self, key: str) -> None:
+    def _open_snapshot_view(self, key: str | dict[str, str], keep_size: bool) -> None:
         from .snapshot import load_view
 
         try:
-            self.snapshot = load_view(self, key)
+            self.snapshot = load_view(self, key, keep_size)
         except BaseException:
             self.close()
             raise

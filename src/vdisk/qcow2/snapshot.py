@@ -354,16 +354,23 @@ def apply_snapshot(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
 
 
 # -- a read-only view -------------------------------------------------------------------------
-def load_view(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
-    """Make a read-only image read as the snapshot ``key`` (ID or name): its L1 table and its
-    disk size. Nothing on disk changes."""
+def load_view(
+    img: Qcow2Image, key: str | dict[str, str], keep_size: bool = False
+) -> fmt.SnapshotEntry:
+    """Make a read-only image read as a snapshot: its L1 table and its disk size. Nothing on
+    disk changes.
+
+    ``key`` is an ID or name (ID first), or ``{"id": ..., "name": ...}`` with one or both
+    (both must match), as QEMU's snapshot.id / snapshot.name. ``keep_size`` keeps the
+    image's current size, as ``qemu-img convert -l`` reads a snapshot.
+    """
     if not img.readonly:
         raise RequestError("a snapshot can only be opened read-only", path=img.path)
     with img._lock:
         snaps = read_snapshots(img.fd, img.header)
-        sn = snaps[find_snapshot(snaps, key)]
+        sn = snaps[_find_view(snaps, key)]
         l1 = _read_l1(img, sn)
-        size = sn.disk_size if sn.disk_size is not None else img.size
+        size = img.size if keep_size or sn.disk_size is None else sn.disk_size
         h = img.header
         need = fmt.l1_entries_for(size, h.cluster_bits, h.l2_bits)
         if need > len(l1):
@@ -375,3 +382,15 @@ def load_view(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
         img.map.l1 = l1
         img._size = size
         return sn
+
+
+def _find_view(snapshots: list[fmt.SnapshotEntry], key: str | dict[str, str]) -> int:
+    if isinstance(key, str):
+        return find_snapshot(snapshots, key)
+    unknown = set(key) - {"id", "name"}
+    if unknown:
+        raise RequestError(f"unknown snapshot option(s): {', '.join(sorted(unknown))}")
+    for i, sn in enumerate(snapshots):
+        if key.get("id", sn.id_str) == sn.id_str and key.get("name", sn.name) == sn.name:
+            return i
+    raise SnapshotNotFoundError(f"snapshot {key} not found")
