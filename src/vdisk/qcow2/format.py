@@ -715,6 +715,15 @@ def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotEntry]:
     return out
 
 
+def snapshot_table_size(entries: list[SnapshotEntry]) -> int:
+    """Bytes the table occupies as QEMU counts them: every entry padded to 8 but the last."""
+    if not entries:
+        return 0
+    last = entries[-1]
+    unpadded = SNAPSHOT_HEADER_SIZE + len(last.extra_data) + len(last.id_bytes)
+    return sum(e.encoded_size for e in entries) - last.encoded_size + unpadded + len(last.name_bytes)
+
+
 def encode_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
     """The snapshot table: the entries one after the other (each padded to 8)."""
     return b"".join(entry.encode() for entry in entries)

@@ -264,7 +264,7 @@ class _Walk:
                 )
                 continue
             self._l1(s.l1_table_offset, s.l1_size, active=False)
-        self._inc(h.snapshots_offset, sum(s.encoded_size for s in snaps))
+        self._inc(h.snapshots_offset, fmt.snapshot_table_size(snaps))
 
     def _bitmaps(self) -> None:
         h = self.h

@@ -24,10 +24,18 @@ import re
 import struct
 import time
 from array import array
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptImageError, ReadOnlyError, RequestError, UnsupportedFeatureError
+from ..errors import (
+    CorruptImageError,
+    ReadOnlyError,
+    RequestError,
+    UnsupportedFeatureError,
+    from_oserror,
+)
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cache import L2, decode_l2, encode_l2
@@ -122,6 +130,19 @@ def _references(img: Qcow2Image, l1: array[int]) -> list[int]:
     return tables + data
 
 
+def _check_room(img: Qcow2Image, refs: list[int]) -> None:
+    """Refuse, before anything changes, references the refcount width cannot count."""
+    top = img.refcounts.max_refcount
+    for c, n in Counter(refs).items():
+        if img.refcounts.get(c) + n > top:
+            raise RequestError(
+                f"refcount of cluster {c} would exceed {top} "
+                f"(refcount_bits={img.header.refcount_bits})",
+                path=img.path,
+                errno=_errno.EINVAL,
+            )
+
+
 def _fix_copied(img: Qcow2Image) -> None:
     """Set OFLAG_COPIED in the active L1 and L2 tables exactly where the refcount is 1."""
     rc = img.refcounts
@@ -158,6 +179,18 @@ def _drop_freed_tables(img: Qcow2Image, clusters: list[int]) -> None:
 
 
 # -- the operation frame ----------------------------------------------------------------------
+@contextmanager
+def _operation(img: Qcow2Image) -> Iterator[None]:
+    """Hold the metadata lock around an operation; file errors become VdiskErrors."""
+    try:
+        with img._lock:
+            set_dirty = _begin(img)
+            yield
+            _end(img, set_dirty)
+    except OSError as exc:
+        raise from_oserror(exc, img.path) from None
+
+
 def _begin(img: Qcow2Image) -> bool:
     """Under the lock: refuse what cannot be done, wait for in-flight writes, flush, and set
     the dirty bit (v3). Returns whether this call set the bit."""
@@ -220,11 +253,11 @@ def _switch_table(img: Qcow2Image, entries: list[fmt.SnapshotEntry]) -> None:
     clusters are freed after the switch."""
     h = img.header
     old = _clusters_of(
-        h.snapshots_offset,
-        sum(s.encoded_size for s in read_snapshots(img.fd, h)),
-        img.cluster_bits,
+        h.snapshots_offset, fmt.snapshot_table_size(read_snapshots(img.fd, h)), img.cluster_bits
     )
-    data = fmt.encode_snapshot_table([_complete(img, s) for s in entries])
+    entries = [_complete(img, s) for s in entries]
+    # As QEMU sizes the table: the last entry's padding is not part of it.
+    data = fmt.encode_snapshot_table(entries)[: fmt.snapshot_table_size(entries)]
     if len(data) > MAX_TABLE_BYTES:
         raise RequestError("snapshot table too large", path=img.path, errno=_errno.EFBIG)
     offset = _allocate_and_write(img, data) if entries else 0
@@ -252,18 +285,17 @@ def create_snapshot(
         raise RequestError("snapshot name longer than 65535 bytes", path=img.path)
     if date_ns is None:
         date_ns = time.time_ns() // 1000 * 1000
-    with img._lock:
-        set_dirty = _begin(img)
+    with _operation(img):
         snaps = read_snapshots(img.fd, img.header)
         if len(snaps) >= fmt.MAX_SNAPSHOTS:
             raise RequestError("Too many snapshots", path=img.path, errno=_errno.EFBIG)
-        m = img.map
         # The L1 copy, as it stands (its COPIED flags mean nothing outside the active table).
-        l1_copy = array("Q", m.l1)
+        l1_copy = array("Q", img.map.l1)
+        refs = _references(img, l1_copy)
+        _check_room(img, refs)
         l1_offset = _allocate_and_write(img, encode_l2(l1_copy)) if len(l1_copy) else 0
-        rc = img.refcounts
-        for c in _references(img, l1_copy):
-            rc.add(c, 1)
+        for c in refs:
+            img.refcounts.add(c, 1)
         _fix_copied(img)  # every referenced cluster is shared now: COPIED goes
         img._flush_locked()  # increases and the copy are durable before the table names them
         entry = fmt.SnapshotEntry(
@@ -280,7 +312,6 @@ def create_snapshot(
             icount,
         )
         _switch_table(img, [*snaps, entry])
-        _end(img, set_dirty)
         return entry
 
 
@@ -288,8 +319,7 @@ def delete_snapshot(
     img: Qcow2Image, key: str, by_id: bool = True, by_name: bool = True
 ) -> fmt.SnapshotEntry:
     """Delete the snapshot with ID or name ``key``; returns its entry."""
-    with img._lock:
-        set_dirty = _begin(img)
+    with _operation(img):
         snaps = read_snapshots(img.fd, img.header)
         sn = snaps[find_snapshot(snaps, key, by_id, by_name)]
         sn_l1 = _read_l1(img, sn)  # checked before anything changes
@@ -302,15 +332,13 @@ def delete_snapshot(
         img._flush_locked()
         _drop_freed_tables(img, tables)
         _fix_copied(img)
-        _end(img, set_dirty)
         return sn
 
 
 def apply_snapshot(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
     """Revert the active state to the snapshot with ID or name ``key`` (the snapshot stays).
     The image takes the snapshot's disk size."""
-    with img._lock:
-        set_dirty = _begin(img)
+    with _operation(img):
         h = img.header
         snaps = read_snapshots(img.fd, h)
         sn = snaps[find_snapshot(snaps, key)]
@@ -326,7 +354,9 @@ def apply_snapshot(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
         entries = max(len(m.l1), sn.l1_size, fmt.l1_entries_for(size, cb, h.l2_bits))
         if entries * 8 > fmt.MAX_L1_BYTES:
             raise CorruptImageError("snapshot disk size needs too large an L1 table")
-        for c in _references(img, sn_l1):
+        refs = _references(img, sn_l1)
+        _check_room(img, refs)
+        for c in refs:
             rc.add(c, 1)
         new_l1 = array("Q", (e & ~fmt.OFLAG_COPIED for e in sn_l1))
         new_l1.extend([0] * (entries - len(new_l1)))
@@ -349,7 +379,6 @@ def apply_snapshot(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
         img._flush_locked()
         _drop_freed_tables(img, tables)
         _fix_copied(img)
-        _end(img, set_dirty)
         return sn
 
 
