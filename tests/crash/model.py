@@ -108,6 +108,16 @@ class Guest:
             self.current[new_size // SECTOR : old // SECTOR] = 0
         self.ops += 1
 
+    def replace(self, content: bytes, run: Callable[[], None]) -> None:
+        """``run`` swaps the whole guest content for ``content`` (a snapshot applied, same
+        size); until it returns, each sector may read old or new."""
+        assert len(content) == len(self.current) * SECTOR
+        self.changes.append(Change(0, len(self.current), content))
+        run()
+        self.current = np.frombuffer(content, dtype=np.uint8).reshape(-1, SECTOR).copy()
+        self.loose[:] = False
+        self.ops += 1
+
     def flush(self) -> None:
         self.image.flush()
         self.ack("flush")

@@ -229,6 +229,54 @@ def run_repair_open(s: Session) -> None:
     g.close()
 
 
+def _with_snapshots(names: tuple[str, ...]) -> Callable[[Path], Path]:
+    """A 2 MiB image with data, and a snapshot per name with different data in each; the
+    content of the first snapshot is kept next to the image (``first.bin``)."""
+
+    def make(where: Path) -> Path:
+        path = where / "image.qcow2"
+        create(str(path), 2 * MIB, cluster_size=4096)
+        rng = np.random.default_rng(11)
+        with Qcow2Image.open(str(path)) as img:
+            for i, name in enumerate(names):
+                img.write(rng.integers(0, 256, 48 * KIB, dtype=np.uint8).tobytes(), i * 24 * KIB)
+                if i == 0:
+                    (where / "first.bin").write_bytes(img.pread(img.size, 0))
+                img.create_snapshot(name)
+        return path
+
+    return make
+
+
+def run_snapshot_create(s: Session) -> None:
+    g = s.open()
+    _random_io(s, g, 2 * MIB, 5, (512, 4 * KIB, 12 * KIB))
+    g.image.create_snapshot("crash")
+    g.ack("snapshot created")
+    _random_io(s, g, 2 * MIB, 5, (512, 4 * KIB, 12 * KIB))
+    g.close()
+
+
+def run_snapshot_apply(s: Session) -> None:
+    g = s.open()
+    _random_io(s, g, 2 * MIB, 4, (512, 4 * KIB, 12 * KIB))
+    first = (s.path.parent / "first.bin").read_bytes()
+    g.replace(first, lambda: g.image.apply_snapshot("a"))
+    g.ack("snapshot applied")
+    _random_io(s, g, 2 * MIB, 4, (512, 4 * KIB))
+    g.close()
+
+
+def run_snapshot_delete(s: Session) -> None:
+    g = s.open()
+    _random_io(s, g, 2 * MIB, 3, (512, 4 * KIB))
+    g.image.delete_snapshot("a")
+    g.ack("snapshot deleted")
+    g.write(0, s.data(8 * KIB))
+    g.image.delete_snapshot("b")
+    g.close()
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("allocation", _vdisk_image(4 * MIB, cluster_size=4096), run_allocation),
     Scenario("l1_growth", make_l1_growth, run_l1_growth),
@@ -248,4 +296,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("resize_shrink", _vdisk_image(4 * MIB, cluster_size=4096), run_resize_shrink),
     Scenario("repair_check_r_all", make_dirty, run_repair_check),
     Scenario("repair_lazy_open", make_dirty, run_repair_open),
+    Scenario("snapshot_create", _with_snapshots(("a",)), run_snapshot_create),
+    Scenario("snapshot_apply", _with_snapshots(("a", "b")), run_snapshot_apply),
+    Scenario("snapshot_delete", _with_snapshots(("a", "b")), run_snapshot_delete),
 ]
