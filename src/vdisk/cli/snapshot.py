@@ -132,9 +132,16 @@ def convert_snapshot_key(spec: str) -> str | dict[str, str]:
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def snapshot_cmd(args: tuple[str, ...]) -> int:
-    """List (-l), create (-c), apply (-a) or delete (-d) internal snapshots of FILE.
+    """List, create, apply or delete internal snapshots of FILE, like qemu-img snapshot.
 
-    Usage: vdisk snapshot [-U] [-q] [-l | -a NAME | -c NAME | -d NAME] FILE
+    \b
+    vdisk snapshot [-U] [-q] [-l | -a NAME | -c NAME | -d NAME] FILE
+      -l        list the snapshots
+      -c NAME   create a snapshot NAME
+      -a NAME   apply (revert to) the snapshot with ID or name NAME
+      -d NAME   delete the first snapshot named NAME
+      -U        force share (with -l)
+      -q        quiet
     """
     action, name, path, force_share = _parse(list(args))
     if action == "l":
