@@ -24,10 +24,11 @@ import re
 import struct
 import time
 from array import array
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..errors import (
     CorruptImageError,
@@ -113,82 +114,179 @@ def _tables(l1: array[int]) -> Iterator[tuple[int, int]]:
             yield i, off
 
 
-def _references(img: Qcow2Image, l1: array[int]) -> list[int]:
-    """Host clusters one path through ``l1`` holds a reference on: each L2 table and each
-    cluster it maps (once per compressed cluster touched). Tables come first in the list."""
-    cb = img.cluster_bits
-    step = 2 if img.map.extended else 1
+_U64 = np.uint64
+_COPIED = _U64(fmt.OFLAG_COPIED)
+_NOT_COPIED = _U64(~fmt.OFLAG_COPIED & ((1 << 64) - 1))
+_COMPRESSED = _U64(fmt.OFLAG_COMPRESSED)
+_L2_OFFSET = _U64(fmt.L2E_OFFSET_MASK)
+
+
+def _entries(img: Qcow2Image, table: array[int]) -> np.ndarray:
+    """A writable view of an L2 table's entries (every other word with extended L2)."""
+    view = np.frombuffer(table, dtype=np.uint64)
+    return view[::2] if img.map.extended else view
+
+
+def _references(img: Qcow2Image, l1: array[int]) -> tuple[list[int], np.ndarray]:
+    """(the L2 tables, every host cluster) one path through ``l1`` holds a reference on:
+    each L2 table and each cluster it maps (once per compressed cluster touched)."""
+    cb = _U64(img.cluster_bits)
     tables: list[int] = []
-    data: list[int] = []
+    parts: list[np.ndarray] = []
     for _i, off in _tables(l1):
-        tables.append(off >> cb)
-        table = img.cache.get(off, L2)
-        for k in range(0, len(table), step):
-            e = table[k]
-            if e:
-                img.map.entry_frees(e, data)
-    return tables + data
+        tables.append(off >> img.cluster_bits)
+        entries = _entries(img, img.cache.get(off, L2))
+        entries = entries[entries != 0]
+        compressed = (entries & _COMPRESSED) != 0
+        hosts = (entries[~compressed] & _L2_OFFSET) >> cb
+        parts.append(hosts[hosts != 0])
+        for e in entries[compressed].tolist():
+            parts.append(np.array(fmt.compressed_host_clusters(e, img.cluster_bits), np.uint64))
+    parts.append(np.array(tables, dtype=np.uint64))
+    return tables, np.concatenate(parts)
 
 
-def _check_room(img: Qcow2Image, refs: list[int]) -> None:
-    """Refuse, before anything changes, references the refcount width cannot count."""
-    top = img.refcounts.max_refcount
-    for c, n in Counter(refs).items():
-        if img.refcounts.get(c) + n > top:
-            raise RequestError(
-                f"refcount of cluster {c} would exceed {top} "
-                f"(refcount_bits={img.header.refcount_bits})",
-                path=img.path,
-                errno=_errno.EINVAL,
-            )
+def _by_block(img: Qcow2Image, clusters: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(refcount block index, positions in ``clusters``) for each block they fall in."""
+    blocks = clusters >> _U64(img.refcounts.rb_bits)
+    order = np.argsort(blocks, kind="stable")
+    ordered = blocks[order]
+    if not ordered.size:
+        return
+    bounds = [*np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]).tolist(), ordered.size]
+    for k in range(len(bounds) - 1):
+        yield int(ordered[bounds[k]]), order[bounds[k] : bounds[k + 1]]
+
+
+def _refcounts_of(img: Qcow2Image, clusters: np.ndarray) -> np.ndarray:
+    rc = img.refcounts
+    out = np.zeros(clusters.size, dtype=np.uint64)
+    mask = _U64(rc.rb_entries - 1)
+    for bi, pos in _by_block(img, clusters):
+        block = rc._block(bi, create=False)
+        if block is not None:
+            out[pos] = block[clusters[pos] & mask]
+    return out
+
+
+def _add_references(img: Qcow2Image, refs: np.ndarray) -> None:
+    """One more reference per occurrence in ``refs``: all of them, or (refused before any
+    change) none, when a cluster is unknown or the refcount width cannot count them."""
+    rc = img.refcounts
+    clusters, counts = np.unique(refs, return_counts=True)
+    if not clusters.size:
+        return
+    if int(clusters[-1]) >= rc.end_cluster:
+        raise CorruptImageError(
+            f"reference to cluster {int(clusters[-1])}, past the end of the file", path=img.path
+        )
+    current = _refcounts_of(img, clusters)
+    if not current.all():
+        c = int(clusters[np.flatnonzero(current == 0)[0]])
+        raise CorruptImageError(f"referenced cluster {c} has refcount 0", path=img.path)
+    over = np.flatnonzero(current + counts.astype(np.uint64) > _U64(rc.max_refcount))
+    if over.size:
+        raise RequestError(
+            f"refcount of cluster {int(clusters[over[0]])} would exceed {rc.max_refcount} "
+            f"(refcount_bits={img.header.refcount_bits})",
+            path=img.path,
+            errno=_errno.EINVAL,
+        )
+    mask = _U64(rc.rb_entries - 1)
+    for bi, pos in _by_block(img, clusters):
+        block = rc._block(bi, create=False)
+        assert block is not None  # every cluster here has a refcount
+        block[clusters[pos] & mask] += counts[pos].astype(block.dtype)
+        rc.cache.mark_dirty(rc.table[bi], block)
 
 
 def _fix_copied(img: Qcow2Image) -> None:
     """Set OFLAG_COPIED in the active L1 and L2 tables exactly where the refcount is 1."""
-    rc = img.refcounts
     m = img.map
-    cb = img.cluster_bits
-    step = 2 if m.extended else 1
+    cb = _U64(img.cluster_bits)
     for i, off in _tables(m.l1):
-        ours = rc.get(off >> cb) == 1
+        ours = img.refcounts.get(off >> img.cluster_bits) == 1
         want = off | (fmt.OFLAG_COPIED if ours else 0)
         if m.l1[i] != want:
             m.l1[i] = want
             m.l1_dirty.add(i)
         table = img.cache.get(off, L2)
-        changed = False
-        for k in range(0, len(table), step):
-            e = table[k]
-            host = e & fmt.L2E_OFFSET_MASK
-            if not host or e & fmt.OFLAG_COMPRESSED:
-                continue
-            copied = ours and rc.get(host >> cb) == 1
-            new = (e | fmt.OFLAG_COPIED) if copied else (e & ~fmt.OFLAG_COPIED)
-            if new != e:
-                table[k] = new
-                changed = True
-        if changed:
+        entries = _entries(img, table)
+        hosts = entries & _L2_OFFSET
+        where = np.flatnonzero((hosts != 0) & ((entries & _COMPRESSED) == 0))
+        if not where.size:
+            continue
+        old = entries[where]
+        if ours:
+            single = _refcounts_of(img, hosts[where] >> cb) == 1
+            new = np.where(single, old | _COPIED, old & _NOT_COPIED)
+        else:
+            new = old & _NOT_COPIED
+        if (new != old).any():
+            entries[where] = new
             img.cache.mark_dirty(off, table)
 
 
-def _drop_freed_tables(img: Qcow2Image, clusters: list[int]) -> None:
-    """Forget cached copies of L2 tables whose last reference went."""
-    for c in clusters:
-        if not img.refcounts.get(c):
+def _drop_references(img: Qcow2Image, refs: np.ndarray, tables: list[int]) -> None:
+    """After the switch that unlinked them: one reference less per occurrence in ``refs``,
+    made durable; L2 ``tables`` whose last reference went leave the cache.
+
+    While readers hold tickets the drops wait for them, as every free does (pending frees);
+    otherwise they are applied at once, a refcount block at a time.
+    """
+    rc = img.refcounts
+    clusters, counts = np.unique(refs, return_counts=True)
+    current = _refcounts_of(img, clusters)
+    if img._active or (current < counts.astype(np.uint64)).any():
+        img._free_later(refs.tolist())  # the general path (it also skips damaged counts)
+    else:
+        mask = _U64(rc.rb_entries - 1)
+        for bi, pos in _by_block(img, clusters):
+            block = rc._block(bi, create=False)
+            assert block is not None  # every cluster here has a refcount
+            block[clusters[pos] & mask] -= counts[pos].astype(block.dtype)
+            rc.cache.mark_dirty(rc.table[bi], block)
+        for c in clusters[current == counts.astype(np.uint64)].tolist():
+            rc._released(c)  # free for reuse; no longer metadata
+    img._flush_locked()
+    for c in tables:
+        if not rc.get(c):
             img.cache.drop(c << img.cluster_bits)
 
 
 # -- the operation frame ----------------------------------------------------------------------
 @contextmanager
 def _operation(img: Qcow2Image) -> Iterator[None]:
-    """Hold the metadata lock around an operation; file errors become VdiskErrors."""
+    """Hold the metadata lock around an operation; file errors become VdiskErrors.
+
+    Refusals (RequestError, UnsupportedFeatureError) come before any change. Any other
+    failure abandons the image's unflushed state, as a crash would (see :func:`_abandon`)."""
     try:
         with img._lock:
             set_dirty = _begin(img)
-            yield
+            try:
+                yield
+            except (RequestError, UnsupportedFeatureError):
+                _end(img, set_dirty)
+                raise
+            except BaseException:
+                _abandon(img)
+                raise
             _end(img, set_dirty)
     except OSError as exc:
         raise from_oserror(exc, img.path) from None
+
+
+def _abandon(img: Qcow2Image) -> None:
+    """A failure half-way: forget every change not yet on disk, as a power cut would. What
+    reached the disk was ordered to leak at worst, and the dirty bit (v3) makes the next
+    open repair the refcounts and flags. The image takes no more writes: reopen it."""
+    img.cache.clear()
+    img.map.l1_dirty.clear()
+    img.refcounts.table_dirty.clear()
+    img._pending.clear()
+    img._readonly = True
+    img._opened_rw = False  # close() neither flushes nor clears the dirty bit
 
 
 def _begin(img: Qcow2Image) -> bool:
@@ -291,15 +389,8 @@ def create_snapshot(
             raise RequestError("Too many snapshots", path=img.path, errno=_errno.EFBIG)
         # The L1 copy, as it stands (its COPIED flags mean nothing outside the active table).
         l1_copy = array("Q", img.map.l1)
-        refs = _references(img, l1_copy)
-        _check_room(img, refs)
-        l1_offset = _allocate_and_write(img, encode_l2(l1_copy)) if len(l1_copy) else 0
-        for c in refs:
-            img.refcounts.add(c, 1)
-        _fix_copied(img)  # every referenced cluster is shared now: COPIED goes
-        img._flush_locked()  # increases and the copy are durable before the table names them
         entry = fmt.SnapshotEntry(
-            l1_offset,
+            0,
             len(l1_copy),
             next_id(snaps),
             name,
@@ -311,6 +402,12 @@ def create_snapshot(
             img.size,
             icount,
         )
+        if fmt.snapshot_table_size([_complete(img, s) for s in [*snaps, entry]]) > MAX_TABLE_BYTES:
+            raise RequestError("snapshot table too large", path=img.path, errno=_errno.EFBIG)
+        _add_references(img, _references(img, l1_copy)[1])  # refuses before any change
+        entry.l1_table_offset = _allocate_and_write(img, encode_l2(l1_copy)) if l1_copy else 0
+        _fix_copied(img)  # every referenced cluster is shared now: COPIED goes
+        img._flush_locked()  # increases and the copy are durable before the table names them
         _switch_table(img, [*snaps, entry])
         return entry
 
@@ -325,12 +422,9 @@ def delete_snapshot(
         sn_l1 = _read_l1(img, sn)  # checked before anything changes
         _switch_table(img, [s for s in snaps if s is not sn])
         # The table no longer names the snapshot: drop its references.
-        refs = _references(img, sn_l1)
-        tables = refs[: sum(1 for _ in _tables(sn_l1))]
-        refs += _clusters_of(sn.l1_table_offset, sn.l1_size * 8, img.cluster_bits)
-        img._free_later(refs)
-        img._flush_locked()
-        _drop_freed_tables(img, tables)
+        tables, refs = _references(img, sn_l1)
+        l1_clusters = _clusters_of(sn.l1_table_offset, sn.l1_size * 8, img.cluster_bits)
+        _drop_references(img, np.r_[refs, np.array(l1_clusters, np.uint64)], tables)
         _fix_copied(img)
         return sn
 
@@ -349,15 +443,11 @@ def apply_snapshot(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
                 "Can't resize a v2 image which has snapshots", path=img.path
             )
         m = img.map
-        rc = img.refcounts
         cb = img.cluster_bits
         entries = max(len(m.l1), sn.l1_size, fmt.l1_entries_for(size, cb, h.l2_bits))
         if entries * 8 > fmt.MAX_L1_BYTES:
-            raise CorruptImageError("snapshot disk size needs too large an L1 table")
-        refs = _references(img, sn_l1)
-        _check_room(img, refs)
-        for c in refs:
-            rc.add(c, 1)
+            raise CorruptImageError("snapshot disk size needs too large an L1 table", path=img.path)
+        _add_references(img, _references(img, sn_l1)[1])
         new_l1 = array("Q", (e & ~fmt.OFLAG_COPIED for e in sn_l1))
         new_l1.extend([0] * (entries - len(new_l1)))
         l1_offset = _allocate_and_write(img, encode_l2(new_l1))
@@ -372,12 +462,9 @@ def apply_snapshot(img: Qcow2Image, key: str) -> fmt.SnapshotEntry:
         img._size = size
         img.metadata.update(off >> cb for _i, off in _tables(new_l1))
         # The old active state's references go.
-        refs = _references(img, old_l1)
-        tables = refs[: sum(1 for _ in _tables(old_l1))]
-        refs += _clusters_of(old_offset, old_entries * 8, cb)
-        img._free_later(refs)
-        img._flush_locked()
-        _drop_freed_tables(img, tables)
+        tables, refs = _references(img, old_l1)
+        l1_clusters = _clusters_of(old_offset, old_entries * 8, cb)
+        _drop_references(img, np.r_[refs, np.array(l1_clusters, np.uint64)], tables)
         _fix_copied(img)
         return sn
 
