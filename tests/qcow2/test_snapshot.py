@@ -424,3 +424,45 @@ def test_entry_encode_limits() -> None:
     big = fmt.SnapshotEntry(0, 0, "1", "n", 0, 0, 0, 1 << 33, bytes(24)).encode()
     assert struct.unpack_from(">I", big, 32)[0] == 0  # the 32-bit field, as QEMU truncates it
     assert struct.unpack_from(">Q", big, 40)[0] == 1 << 33  # vm_state_size_large
+
+
+def test_compressed_clusters_are_shared_and_freed(tmp_path: Path) -> None:
+    """Compressed clusters (several per host cluster) gain and lose one reference per entry."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes((b"compressible " * 90_000)[:MIB])
+    path = tmp_path / "c.qcow2"
+    qemu_img(
+        "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", str(raw), str(path)
+    )
+    with Qcow2Image.open(str(path)) as img:
+        img.create_snapshot("packed")
+        img.write(b"\1" * 8192, 4096)  # rewrites compressed clusters as plain ones
+    assert_check_clean(path)
+    assert _qemu_snapshot_raw(path, "packed", tmp_path) == raw.read_bytes()
+    with Qcow2Image.open(str(path)) as img:
+        img.apply_snapshot("packed")
+        assert img.pread(MIB, 0) == raw.read_bytes()
+        img.delete_snapshot("packed")
+    assert_check_clean(path)
+
+
+def test_resize_with_vdisk_snapshots(tmp_path: Path) -> None:
+    """Shrink and grow keep the snapshot whole, as in qemu-img 7.2 (v3)."""
+    from vdisk.qcow2.resize import resize
+
+    path = _fresh(tmp_path, "cluster_size=4096")
+    data = _pattern(7, 2 * MIB)
+    with Qcow2Image.open(str(path)) as img:
+        img.write(data, 0)
+        img.create_snapshot("full")
+        resize(img, 512 * KIB)
+    assert_check_clean(path)
+    with Qcow2Image.open(str(path)) as img:
+        resize(img, 3 * MIB)
+        assert img.pread(MIB, 512 * KIB) == bytes(MIB)
+    assert_check_clean(path)
+    assert _qemu_snapshot_raw(path, "full", tmp_path)[: 2 * MIB] == data
+    with Qcow2Image.open(str(path)) as img:
+        img.apply_snapshot("full")
+        assert img.size == 2 * MIB and img.pread(2 * MIB, 0) == data
+    assert_check_clean(path)
