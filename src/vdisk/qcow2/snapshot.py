@@ -13,7 +13,9 @@ table together); refcount decreases come after that switch. A crash can then onl
 refcounts too high (leaks) and COPIED flags stale. On a v3 image the dirty bit is set around
 the operation, so whoever opens it next (QEMU or vdisk) rebuilds refcounts and flags.
 
-Everything here runs with the image's metadata lock held, after a flush.
+Everything here runs with the image's metadata lock held, after guest I/O has drained and
+the image is flushed. A failure half-way forgets what is not on disk yet, as a power cut would,
+and leaves the image read-only until it is reopened.
 """
 
 from __future__ import annotations
@@ -296,10 +298,12 @@ def _begin(img: Qcow2Image) -> bool:
         raise ReadOnlyError("image is read-only", path=img.path)
     if img.header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
         raise UnsupportedFeatureError(_DATA_FILE_REFUSAL, path=img.path)
-    while img._inflight:
+    # Drain guest I/O, as QEMU drains before a snapshot: allocating writes (notified) and
+    # every request holding a ticket (in-place writes, reads; returned without a notify).
+    while img._inflight or img._active:
         img._waiters += 1
         try:
-            img._cond.wait()
+            img._cond.wait(None if img._inflight else 0.001)
         finally:
             img._waiters -= 1
     if not img._write_ready:
