@@ -665,7 +665,9 @@ class Qcow2Image(BlockDeviceBase):
         end = offset + len(view)
         frees: list[int] = []
         with self._lock:
-            plan = self._plan_locked(offset >> self.cluster_bits, (end - 1) >> self.cluster_bits)
+            plan = self._plan_locked(
+                offset >> self.cluster_bits, (end - 1) >> self.cluster_bits, (offset, end)
+            )
             ticket = self._take_ticket()
         ok = False
         try:
@@ -677,9 +679,10 @@ class Qcow2Image(BlockDeviceBase):
             with self._lock:
                 self._commit_locked(plan, ticket, ok, frees)
 
-    def _plan_locked(self, gc0: int, gc1: int) -> WritePlan:
+    def _plan_locked(self, gc0: int, gc1: int, span: tuple[int, int] | None = None) -> WritePlan:
         """Under the lock: plan guest clusters gc0..gc1, check the plan against the metadata,
-        then make the L2 tables ours, allocate NEW clusters and mark them in flight."""
+        then make the L2 tables ours, allocate NEW clusters and mark them in flight.
+        ``span`` (guest start, end) narrows an extended-L2 plan to the written subclusters."""
         if self._readonly:
             raise ReadOnlyError("image is read-only", path=self.path)
         if not self._write_ready:
@@ -687,6 +690,8 @@ class Qcow2Image(BlockDeviceBase):
         if self._inflight:
             self._wait_inflight(gc0, gc1)
         plan = self.map.plan_write(gc0, gc1)
+        if self._extended and span is not None:
+            self.map.plan_subclusters(plan, *span)
         problem = self.map.plan_conflict(plan)
         if problem:
             raise self._mark_corrupt(problem)
@@ -728,13 +733,21 @@ class Qcow2Image(BlockDeviceBase):
         cs = self.cluster_size
         head = tail = None
         first, last = plan.clusters[0], plan.clusters[-1]
-        if first.mode != IN_PLACE and offset & (cs - 1):
-            head = bytearray(offset & (cs - 1))
-            self._read(memoryview(head), first.guest_cluster << self.cluster_bits)
-        if last.mode != IN_PLACE and end & (cs - 1):
-            cluster_end = (last.guest_cluster + 1) << self.cluster_bits
-            tail = bytearray(cluster_end - end)
-            avail = min(cluster_end, self._size) - end
+        if first.write_to is not None:  # extended L2: the planned subclusters
+            head_from = (first.guest_cluster << self.cluster_bits) + first.write_from
+        else:
+            head_from = offset if first.mode == IN_PLACE else offset & ~(cs - 1)
+        if head_from < offset:
+            head = bytearray(offset - head_from)
+            self._read(memoryview(head), head_from)
+        cluster_end = (last.guest_cluster + 1) << self.cluster_bits
+        if last.write_to is not None:
+            tail_to = cluster_end - cs + last.write_to
+        else:
+            tail_to = end if last.mode == IN_PLACE else cluster_end
+        if tail_to > end:
+            tail = bytearray(tail_to - end)
+            avail = min(tail_to, self._size) - end
             if avail > 0:
                 self._read(memoryview(tail)[:avail], end)
         return head, tail
@@ -761,7 +774,12 @@ class Qcow2Image(BlockDeviceBase):
             gstart = max(offset, gc << cb)
             gend = min(end, (gc + 1) << cb)
             piece = (gstart - offset, gend - offset)
-            if item.mode == IN_PLACE:
+            if item.write_to is not None:  # extended L2: the planned subclusters
+                hstart = item.host_offset + item.write_from
+                length = item.write_to - item.write_from
+                pre = head if gc == gc0 else None
+                post = tail if gc == gc1 else None
+            elif item.mode == IN_PLACE:
                 hstart = item.host_offset + (gstart & (cs - 1))
                 length = gend - gstart
                 pre = post = None
@@ -827,8 +845,13 @@ class Qcow2Image(BlockDeviceBase):
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
 
-    def _zero_or_discard(self, offset: int, length: int, may_unmap: bool, discard: bool) -> None:
+    def _zero_or_discard(
+        self, offset: int, length: int, may_unmap: bool, discard: bool, by_subcluster: bool = True
+    ) -> None:
         if not length:
+            return
+        if self._extended and by_subcluster:
+            self._zero_or_discard_subclusters(offset, length, may_unmap, discard)
             return
         cb = self.cluster_bits
         cs = self.cluster_size
@@ -883,6 +906,81 @@ class Qcow2Image(BlockDeviceBase):
         for gc in data_zero:
             start = gc << cb
             self._write_zero_data(start, min(cs, self._size - start))
+
+    def _zero_or_discard_subclusters(
+        self, offset: int, length: int, may_unmap: bool, discard: bool
+    ) -> None:
+        """Extended L2, as QEMU: whole clusters through the zero flag path; whole subclusters
+        of a partial cluster through their bitmap bits; a part of a subcluster is ignored by
+        discard and written as zero data by write_zeroes (unless the rest of the subcluster
+        already reads as zeros, then the subcluster is zeroed whole)."""
+        scs = self.granularity
+        cs = self.cluster_size
+        end = offset + length
+        a = (offset + scs - 1) & ~(scs - 1)
+        b = end if end >= self._size else end & ~(scs - 1)
+        if a > b:  # inside one subcluster
+            if not discard:
+                self._zero_part_of_subcluster(offset, end)
+            return
+        if not discard and offset < a:
+            self._zero_part_of_subcluster(offset, a)
+        ca = (a + cs - 1) & ~(cs - 1)
+        cb = b if b >= self._size else b & ~(cs - 1)
+        self._subcluster_bits_range(a, min(ca, b), discard)
+        if ca < cb:
+            self._zero_or_discard(ca, cb - ca, may_unmap, discard, by_subcluster=False)
+        self._subcluster_bits_range(max(ca, cb), b, discard)
+        if not discard and b < end:
+            self._zero_part_of_subcluster(b, end)
+
+    def _subcluster_bits_range(
+        self, start: int, end: int, discard: bool, if_unallocated: bool = False
+    ) -> bool:
+        """Zero or discard the whole subclusters of [start, end), which lies in one cluster
+        (the image end counts as a subcluster end). ``if_unallocated``: only if the (one)
+        subcluster holds no data, judged under the lock; returns whether it was done."""
+        if start >= end:
+            return True
+        cb, sb = self.cluster_bits, self.cluster_bits - 5
+        gc = start >> cb
+        cmask = self.cluster_size - 1
+        first, last = (start & cmask) >> sb, ((end - 1) & cmask) >> sb
+        with self._lock:
+            if not self._write_ready:
+                self._prepare_first_write()
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            self._wait_inflight(gc, gc)
+            problem = self.map.range_conflict(gc, gc)
+            if problem:
+                raise self._mark_corrupt(problem)
+            e, bm = self.map.entry(gc)
+            if if_unallocated and (e & fmt.OFLAG_COMPRESSED or bm >> first & 1):
+                return False
+            frees: list[int] = []
+            has_backing = self.header.backing_file is not None
+            if discard:
+                self.map.discard_subclusters(gc, first, last, has_backing, frees)
+                zeroed = True
+            else:
+                zeroed = self.map.zero_subclusters(gc, first, last, frees)
+            self._free_later(frees)
+        if not zeroed:  # a compressed cluster: as QEMU, write the zeros as data
+            self._write_zero_data(start, end - start)
+        return True
+
+    def _zero_part_of_subcluster(self, start: int, end: int) -> None:
+        """write_zeroes of [start, end) inside one subcluster: the bitmap can take it only when
+        the subcluster is not allocated and the rest of it reads as zeros already."""
+        scs = self.granularity
+        s0 = start & ~(scs - 1)
+        s1 = min(s0 + scs, self._size)
+        rest = [(s0, start - s0), (end, s1 - end)]
+        reads_zero = all(n == 0 or all(x.zero for x in self._status(o, n)) for o, n in rest)
+        if reads_zero and self._subcluster_bits_range(s0, s1, discard=False, if_unallocated=True):
+            return
+        self._write_zero_data(start, end - start)
 
     def _write_zero_data(self, offset: int, length: int) -> None:
         while length:
