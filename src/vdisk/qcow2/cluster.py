@@ -105,6 +105,9 @@ class ClusterMap:
         self.l2_mask = (1 << self.l2_bits) - 1
         self.extended = header.extended_l2
         self.sc_bits = self.cluster_bits - 5  # subcluster size (extended L2)
+        # External data file: COPIED marks an allocated cluster even at host offset 0, and
+        # data clusters have no refcounts (guest offset == host offset in the data file).
+        self.data_file = False
         self.l1_dirty: set[int] = set()
         buf = bytearray(header.l1_size * 8)
         pread_full(fd, buf, header.l1_table_offset)
@@ -223,6 +226,8 @@ class ClusterMap:
                                 gc, f"host offset {host:#x} is not cluster aligned"
                             )
                         _add(segs, SEG_DATA, pos, cend - pos, host + (pos & cmask))
+                    elif e & fmt.OFLAG_COPIED and self.data_file:
+                        _add(segs, SEG_DATA, pos, cend - pos, pos & cmask)
                     elif e & fmt.OFLAG_COPIED:
                         raise self._bad_entry(gc, "allocated at host offset 0")
                     else:
@@ -247,7 +252,7 @@ class ClusterMap:
             sc = (pos & cmask) >> sb
             send = min(cend, ((pos >> sb) + 1) << sb)
             if (bitmap >> sc) & 1:
-                if not host:
+                if not host and not self.data_file:
                     raise self._bad_entry(gc, "allocated subcluster without a host offset")
                 _add(segs, SEG_DATA, pos, send - pos, host + (pos & cmask))
             elif (bitmap >> (32 + sc)) & 1:
@@ -268,9 +273,15 @@ class ClusterMap:
             return "compressed cluster with a non-zero subcluster bitmap" if bitmap else None
         if bitmap & (bitmap >> 32) & _ALL_ALLOC:
             return "a subcluster is both allocated and zero"
-        if not e & fmt.L2E_OFFSET_MASK and bitmap & _ALL_ALLOC:
+        if not self.allocated(e) and bitmap & _ALL_ALLOC:
             return "allocated subcluster without a host offset"
         return None
+
+    def allocated(self, e: int) -> bool:
+        """Whether an L2 entry holds a host cluster (compressed clusters included)."""
+        if e & (fmt.L2E_OFFSET_MASK | fmt.OFLAG_COMPRESSED):
+            return True
+        return self.data_file and bool(e & fmt.OFLAG_COPIED)
 
     # -- L2 tables for writing ------------------------------------------------------------
     def writable_l2(self, l1_index: int, frees: list[int]) -> tuple[array[int], int]:
@@ -315,6 +326,8 @@ class ClusterMap:
         plan (:meth:`plan_conflict`) before :meth:`prepare_write` touches any table."""
         plan = WritePlan()
         cmask = self.cluster_size - 1
+        if self.data_file:
+            return self._plan_data_file(gc0, gc1)
         for gc in range(gc0, gc1 + 1):
             e, bm = self.entry(gc)
             host = e & fmt.L2E_OFFSET_MASK
@@ -341,6 +354,23 @@ class ClusterMap:
                 host = 0
                 set_copied = False
             plan.clusters.append(PlannedCluster(gc, host, mode, e, bm, set_copied))
+        return plan
+
+    def _plan_data_file(self, gc0: int, gc1: int) -> WritePlan:
+        """With a data file every cluster has its place (guest offset == host offset): a
+        write goes in place, or keeps the place and rewrites the entry (REUSE)."""
+        plan = WritePlan()
+        for gc in range(gc0, gc1 + 1):
+            e, bm = self.entry(gc)
+            if e & fmt.OFLAG_COMPRESSED:
+                raise self._bad_entry(gc, "compressed cluster in an image with a data file")
+            if self.allocated(e):
+                host = e & fmt.L2E_OFFSET_MASK
+                plain = not e & fmt.OFLAG_ZERO and e & fmt.OFLAG_COPIED
+                mode = IN_PLACE if plain and not self.extended else REUSE
+            else:
+                host, mode = gc << self.cluster_bits, REUSE
+            plan.clusters.append(PlannedCluster(gc, host, mode, e, bm))
         return plan
 
     def plan_subclusters(self, plan: WritePlan, offset: int, end: int) -> None:
@@ -386,6 +416,8 @@ class ClusterMap:
         entries hold) must be plain data inside the file: not metadata (header, tables,
         refcount structures...) and not past the file end.
         """
+        if self.data_file:
+            return None  # data clusters live in the data file, away from the metadata
         meta = self.metadata
         end = self.refcounts.end_cluster
         cb = self.cluster_bits
@@ -402,6 +434,8 @@ class ClusterMap:
 
     def range_conflict(self, gc0: int, gc1: int) -> str | None:
         """As :meth:`plan_conflict`, for zeroing or discarding guest clusters gc0..gc1."""
+        if self.data_file:
+            return None
         for gc in range(gc0, gc1 + 1):
             e, _bm = self.entry(gc)
             if e & (fmt.L2E_OFFSET_MASK | fmt.OFLAG_COMPRESSED):
@@ -483,6 +517,8 @@ class ClusterMap:
 
     def entry_frees(self, e: int, frees: list[int]) -> None:
         """Append the host clusters an L2 entry holds a reference on."""
+        if self.data_file:
+            return  # no refcounts for data-file clusters
         if e & fmt.OFLAG_COMPRESSED:
             frees.extend(fmt.compressed_host_clusters(e, self.cluster_bits))
             return
@@ -494,9 +530,8 @@ class ClusterMap:
     def zero_cluster(self, gc: int, may_unmap: bool, frees: list[int]) -> None:
         """Make a whole guest cluster read as zeros with the zero flag (v3)."""
         e, _bm = self.entry(gc)
-        host = e & fmt.L2E_OFFSET_MASK
         compressed = bool(e & fmt.OFLAG_COMPRESSED)
-        unmap = compressed or (may_unmap and bool(host))
+        unmap = compressed or (may_unmap and self.allocated(e))
         if self.extended:
             new_e = 0 if unmap else e
             self.set_entry(gc, new_e, fmt.SUBCLUSTER_ZERO_MASK, frees)

@@ -39,6 +39,7 @@ import numpy as np
 from typing_extensions import Buffer
 
 from .. import locking
+from ..backends.raw import write_zeroes_fd
 from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents, resolve_backing
 from ..errors import (
     BackingChainError,
@@ -50,6 +51,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fileio import pread_full, pwritev_full
+from . import datafile
 from . import format as fmt
 from .cache import L2, MetadataCache, default_capacity
 from .check import repair_open_file
@@ -84,6 +86,8 @@ def _norm_options(options: dict[str, Any]) -> dict[str, Any]:
 class Qcow2Image(BlockDeviceBase):
     """A QCOW2 image (v2 or v3). Open with :meth:`open`; see the module docstring for locks."""
 
+    data_file: str | None  # the external data file's path, if the image has one
+
     def __init__(self) -> None:  # use Qcow2Image.open()
         raise TypeError("use Qcow2Image.open(path, ...)")
 
@@ -113,11 +117,13 @@ class Qcow2Image(BlockDeviceBase):
         refcount_cache_size = opts.pop("refcount_cache_size", refcount_cache_size)
         opts.pop("format", None)
         open_backing = bool(opts.pop("backing", open_backing))
+        data_file: str | None = opts.pop("data_file", None)
         if opts:
             raise RequestError(
                 f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
             )
         self = cls.__new__(cls)
+        self.data_file = data_file  # overrides the header's data-file name
         self._init(
             path,
             readonly,
@@ -142,6 +148,7 @@ class Qcow2Image(BlockDeviceBase):
         self.path = path
         self.backing: BlockDevice | None = None
         self.fd = -1
+        self.data_fd = -1  # guest data: the fd, or the external data file's
         self.lock_mode: locking.LockMode | None = None  # what the fd's locks say, if taken
         if force_share and not readonly:
             raise RequestError("force-share=on can only be used with read-only images", path=path)
@@ -168,6 +175,9 @@ class Qcow2Image(BlockDeviceBase):
     def _abort(self) -> None:
         if self.backing is not None:
             self.backing.close()
+        if self.data_fd >= 0 and self.data_fd != self.fd:
+            os.close(self.data_fd)
+        self.data_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -195,8 +205,6 @@ class Qcow2Image(BlockDeviceBase):
             raise UnsupportedFeatureError(
                 f"unsupported incompatible feature(s): {', '.join(names)}"
             )
-        if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
-            raise UnsupportedFeatureError("external data files are not supported yet")
         if header.crypt_method:
             raise UnsupportedFeatureError("encrypted images are not supported yet")
         if header.corrupt and not readonly:
@@ -237,6 +245,7 @@ class Qcow2Image(BlockDeviceBase):
         self.map = ClusterMap(
             fd, header, self.cache, self.refcounts, self.metadata, file_size, path
         )
+        self._open_data_file(path, header, readonly, open_backing)
         found = self._find_metadata(file_size)
         self.metadata.update(found.all)
         # Fixed until the first write, which checks that no L2 pointer lands on them.
@@ -266,6 +275,23 @@ class Qcow2Image(BlockDeviceBase):
             l1=np.frombuffer(self.map.l1, dtype=np.uint64),
             reftable=np.frombuffer(self.refcounts.table, dtype=np.uint64),
         )
+
+    def _open_data_file(
+        self, path: str, header: fmt.Header, readonly: bool, open_backing: bool
+    ) -> None:
+        """The fd guest data goes through: the image's own, or its external data file's.
+        Without ``open_backing`` (as qemu-img info opens) a missing data file is no error."""
+        where = datafile.data_file_path(path, header, self.data_file)
+        self.data_raw = datafile.is_raw(header)
+        if where is None:
+            self.data_fd = self.fd
+            return
+        self.map.data_file = True
+        if not open_backing and not os.path.exists(where):
+            return
+        share = self.lock_mode is not None and self.lock_mode.force_share
+        self.data_fd, _locked = datafile.open_data_file(where, readonly, share)
+        self.data_file = where
 
     def _open_backing(self, chain: tuple[str, ...]) -> BlockDevice:
         h = self.header
@@ -343,9 +369,10 @@ class Qcow2Image(BlockDeviceBase):
             raise self._mark_corrupt(problem)
         h = self.header
         if h.version >= 3:
-            if h.autoclear_features:
-                # We keep no bitmaps up to date and know no other autoclear feature.
-                self._write_features(autoclear=0)
+            keep = h.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW if self.map.data_file else 0
+            if h.autoclear_features != keep:
+                # We keep no bitmaps up to date; data_file_raw we keep true.
+                self._write_features(autoclear=keep)
             if h.lazy_refcounts and not h.dirty:
                 self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
                 self._set_dirty = True
@@ -427,12 +454,16 @@ class Qcow2Image(BlockDeviceBase):
         self.refcounts.refuse_after_failed_move()
         if kind == L2:
             wrote = self.refcounts.write_back()
+            if self._unsynced and self.data_fd != self.fd:
+                os.fdatasync(self.data_fd)
             if wrote or self._unsynced:
                 os.fdatasync(self.fd)
                 self._unsynced = False
 
     def _flush_locked(self) -> None:
         self.refcounts.write_back()
+        if self.data_fd != self.fd:
+            os.fdatasync(self.data_fd)
         os.fdatasync(self.fd)
         self._unsynced = False
         tables = self.cache.write_back(L2)
@@ -510,9 +541,9 @@ class Qcow2Image(BlockDeviceBase):
                             self._active.add(ticket)
             if host:
                 try:
-                    got = os.preadv(self.fd, [view], host + (offset & cmask))
+                    got = os.preadv(self.data_fd, [view], host + (offset & cmask))
                     if got < n:
-                        pread_full(self.fd, view[got:], host + (offset & cmask) + got)
+                        pread_full(self.data_fd, view[got:], host + (offset & cmask) + got)
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
                 finally:
@@ -531,7 +562,7 @@ class Qcow2Image(BlockDeviceBase):
             self._next_ticket = ticket + 1
             self._active.add(ticket)
         try:
-            fd = self.fd
+            fd = self.data_fd
             for kind, g, length, arg in segs:
                 b = g - offset
                 if kind == SEG_DATA:
@@ -565,6 +596,11 @@ class Qcow2Image(BlockDeviceBase):
         cached = self._compressed_cache
         if cached[0] == entry:
             return cached[1]
+        if self.map.data_file:
+            raise CorruptImageError(
+                "compressed cluster entry found in an image with an external data file",
+                path=self.path,
+            )
         host, length = fmt.decode_compressed(entry, self.cluster_bits)
         raw = bytearray(length)
         pread_full(self.fd, raw, host)
@@ -586,7 +622,13 @@ class Qcow2Image(BlockDeviceBase):
         if self._closed or self._readonly or offset < 0 or offset + n > self._size:
             self.check_request(offset, n, write=True)  # raises the matching error
         cmask = self.cluster_size - 1
-        if n and (offset & cmask) + n <= cmask + 1 and not self._extended and self._write_ready:
+        if (
+            n
+            and (offset & cmask) + n <= cmask + 1
+            and not self._extended
+            and self._write_ready
+            and self.data_fd == self.fd  # data-file clusters have no refcounts
+        ):
             # Hot path: a cluster that is ours (COPIED), its L2 table cached: write in place.
             host = 0
             new = False
@@ -673,7 +715,7 @@ class Qcow2Image(BlockDeviceBase):
         try:
             head, tail = self._copy_on_write(plan, offset, end)
             for host, iov in self._host_runs(plan, view, offset, head, tail):
-                pwritev_full(self.fd, iov, host)
+                pwritev_full(self.data_fd, iov, host)
             ok = True
         finally:
             with self._lock:
@@ -834,6 +876,8 @@ class Qcow2Image(BlockDeviceBase):
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
         try:
+            if self.data_raw and length:  # as QEMU: the raw data file first
+                write_zeroes_fd(self.data_fd, offset, length, may_unmap)
             self._zero_or_discard(offset, length, may_unmap, discard=False)
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
@@ -841,9 +885,21 @@ class Qcow2Image(BlockDeviceBase):
     def discard(self, offset: int, length: int) -> None:
         self.check_request(offset, length, write=True)
         try:
+            if self.data_raw:  # the discarded clusters read as zeros: so must the raw file
+                self._zero_raw_data_file(offset, length)
             self._zero_or_discard(offset, length, True, discard=True)
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
+
+    def _zero_raw_data_file(self, offset: int, length: int) -> None:
+        """Punch the part of [offset, offset+length) that discard deallocates (whole
+        clusters, or subclusters; the image end counts as their end) in the raw data file."""
+        g = self.granularity
+        end = offset + length
+        start = (offset + g - 1) & ~(g - 1)
+        stop = end if end >= self._size else end & ~(g - 1)
+        if start < stop:
+            write_zeroes_fd(self.data_fd, start, stop - start, True)
 
     def _zero_or_discard(
         self, offset: int, length: int, may_unmap: bool, discard: bool, by_subcluster: bool = True
@@ -886,7 +942,7 @@ class Qcow2Image(BlockDeviceBase):
             for gc in range(gc0, gc1 + 1):
                 if discard:
                     e, _bm = m.entry(gc)
-                    allocated = bool(e & fmt.L2E_OFFSET_MASK or e & fmt.OFLAG_COMPRESSED)
+                    allocated = m.allocated(e)
                     if v3 and (has_backing or allocated):
                         m.deallocate_cluster(gc, zero=True, frees=frees)
                     elif not v3:
@@ -895,7 +951,7 @@ class Qcow2Image(BlockDeviceBase):
                     m.zero_cluster(gc, may_unmap, frees)
                 else:
                     e, _bm = m.entry(gc)
-                    allocated = bool(e & fmt.L2E_OFFSET_MASK or e & fmt.OFLAG_COMPRESSED)
+                    allocated = m.allocated(e)
                     if has_backing or (allocated and not may_unmap):
                         data_zero.append(gc)
                     elif allocated:
