@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -304,3 +305,114 @@ def test_nbd_export(tmp_path: Path) -> None:
     direct = _qemu_raw(tmp_path)
     assert (tmp_path / "nbd.raw").read_bytes() == direct
     assert direct[:4] == b"AAAA" and direct[MIB : MIB + 4] == b"BBBB"
+
+
+def test_resize_resizes_the_data_file(tmp_path: Path) -> None:
+    from vdisk.qcow2.resize import resize
+
+    image = _qemu_create(tmp_path, size=4 * MIB)
+    _qemu_io(tmp_path, "write -P 0x61 3M 1M")
+    with Qcow2Image.open(str(image)) as img:
+        resize(img, 8 * MIB)
+        img.write(b"b" * 4096, 7 * MIB)
+    assert os.path.getsize(tmp_path / "data.raw") == 8 * MIB  # as qemu-img resize
+    assert_check_clean(image)
+    with Qcow2Image.open(str(image)) as img:
+        resize(img, 2 * MIB)
+    assert os.path.getsize(tmp_path / "data.raw") == 2 * MIB
+    assert_check_clean(image)
+    run("qemu-img", "compare", image, tmp_path / "data.raw")
+
+
+def test_compressed_writes_and_snapshots_refused(tmp_path: Path) -> None:
+    from vdisk.errors import UnsupportedFeatureError
+    from vdisk.qcow2.datafile import refuse_on_data_file
+
+    image = _qemu_create(tmp_path)
+    header = fmt.Header.decode(image.read_bytes()[:65536])
+    with pytest.raises(UnsupportedFeatureError, match=r"^Operation not supported$") as caught:
+        refuse_on_data_file(header)
+    assert caught.value.errno == 95  # ENOTSUP, as QEMU answers
+    # QEMU's own answers, which the message follows.
+    refused = subprocess.run(["qemu-io", "-c", "write -c 0 64k", "image.qcow2"], capture_output=True,
+                             text=True)  # fmt: skip
+    assert "Operation not supported" in refused.stdout + refused.stderr
+    plain = tmp_path / "plain.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", plain, "1M")
+    refuse_on_data_file(fmt.Header.decode(plain.read_bytes()[:65536]))  # no data file: fine
+
+
+def test_check_repair_matches_qemu_img(tmp_path: Path) -> None:
+    image = _qemu_create(tmp_path, "cluster_size=4k")
+    _qemu_io(tmp_path, "write -P 1 0 100k", "write -P 2 1M 64k")
+    with Qcow2Image.open(str(image), readonly=True) as img:
+        l2_offset = img.map.l1[0] & fmt.L1E_OFFSET_MASK
+    with open(image, "r+b") as f:  # drop COPIED from a data-file entry: refcount is 1
+        f.seek(l2_offset + 8)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(l2_offset + 8)
+        f.write((entry & ~fmt.OFLAG_COPIED).to_bytes(8, "big"))
+    twin = tmp_path / "twin.qcow2"
+    shutil.copy(image, twin)
+    ours = subprocess.run([VDISK, "check", "-r", "all", "image.qcow2"], capture_output=True,
+                          text=True)  # fmt: skip
+    theirs = subprocess.run(["qemu-img", "check", "-r", "all", "twin.qcow2"], capture_output=True,
+                            text=True)  # fmt: skip
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
+    assert image.read_bytes() == twin.read_bytes()
+    assert_check_clean(image)
+
+
+@pytest.mark.parametrize("raw", ["off", "on"])
+def test_subclusters_in_a_data_file_match_qemu(tmp_path: Path, raw: str) -> None:
+    """Extended L2 with a data file: qemu-io and vdisk do the same writes, zeroes and
+    discards; the maps, contents and (raw) data files agree."""
+    images = []
+    for name in ("q", "v"):
+        opts = f"extended_l2=on,cluster_size=16k,data_file={name}.data,data_file_raw={raw}"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, f"{name}.qcow2", "4M")
+        images.append(tmp_path / f"{name}.qcow2")
+    rng = random.Random(5)
+    commands = []
+    with Qcow2Image.open(str(images[1])) as img:
+        for i in range(30):
+            op = rng.choice("wwwzd")
+            offset = rng.randrange(0, 3 * MIB // 512) * 512
+            length = rng.choice((512, 1024, 16384, 16384 + 512, 40000 // 512 * 512))
+            if op == "w":
+                commands.append(f"write -P {i + 1} {offset} {length}")
+                img.write(bytes([i + 1]) * length, offset)
+            elif op == "z":
+                commands.append(f"write -z {offset} {length}")
+                img.write_zeroes(offset, length)
+            else:
+                offset -= offset % 16384
+                commands.append(f"discard {offset} 16384")
+                img.discard(offset, 16384)
+    qemu_io(images[0], *commands)
+    maps = [json.loads(run("qemu-img", "map", "--output=json", p)) for p in images]
+    for m in maps:
+        for e in m:
+            if e["data"]:
+                e["zero"] = False  # host-file sparseness (QEMU's zero copy-on-write)
+    assert _merged(maps[1]) == _merged(maps[0])
+    run("qemu-img", "compare", *images)
+    assert_check_clean(images[1])
+    if raw == "on":
+        run("qemu-img", "compare", "-F", "raw", images[1], tmp_path / "v.data")
+
+
+def _merged(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Map entries joined where they continue each other (host offsets included)."""
+    out: list[dict[str, Any]] = []
+    for e in entries:
+        if out:
+            last = out[-1]
+            same = all(last.get(k) == e.get(k) for k in ("depth", "present", "zero", "data"))
+            both = ("offset" in last) == ("offset" in e)
+            runs_on = "offset" not in e or last["offset"] + last["length"] == e["offset"]
+            if same and both and runs_on:
+                last["length"] += e["length"]
+                continue
+        out.append(dict(e))
+    return out

@@ -13,11 +13,12 @@ and QEMU's words for what such images refuse.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from .. import locking
 from ..block import resolve_backing
-from ..errors import RequestError, from_oserror
+from ..errors import RequestError, UnsupportedFeatureError, from_oserror
 from . import format as fmt
 
 # QEMU's locks on a data file (qemu-io 7.2, measured): a writer holds consistent read, write and
@@ -79,6 +80,14 @@ def open_data_file(path: str, readonly: bool, force_share: bool) -> tuple[int, b
     return fd, locked
 
 
+def refuse_on_data_file(header: fmt.Header) -> None:
+    """Compressed writes and internal snapshots: QEMU answers ENOTSUP on an image with an
+    external data file (qemu-io ``write -c``: "write failed: Operation not supported";
+    qemu-img snapshot -c: "Could not create snapshot 'NAME': -95 (Operation not supported)")."""
+    if has_data_file(header):
+        raise UnsupportedFeatureError(COMPRESSED_REFUSED, errno=errno.ENOTSUP)
+
+
 def extension_name(data_file: str) -> bytes:
     """The data-file name header extension's payload (the name as given, as qemu-img)."""
     name = data_file.encode()
@@ -97,4 +106,5 @@ __all__ = [
     "has_data_file",
     "is_raw",
     "open_data_file",
+    "refuse_on_data_file",
 ]
