@@ -410,8 +410,11 @@ def _merged(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             last = out[-1]
             same = all(last.get(k) == e.get(k) for k in ("depth", "present", "zero", "data"))
             both = ("offset" in last) == ("offset" in e)
-            runs_on = "offset" not in e or last["offset"] + last["length"] == e["offset"]
-            if same and both and runs_on:
+            if (
+                same
+                and both
+                and ("offset" not in e or last["offset"] + last["length"] == e["offset"])
+            ):
                 last["length"] += e["length"]
                 continue
         out.append(dict(e))
