@@ -107,13 +107,6 @@ class _Checker:
             raise UnsupportedFeatureError(
                 f"unsupported incompatible feature bits {unknown:#x}", path=path
             )
-        data_file = datafile.data_file_path(path, h, None)
-        if data_file is not None and not os.path.exists(data_file):  # as QEMU opens it
-            raise VdiskError(
-                f"Could not open '{data_file}': No such file or directory",
-                path=path,
-                errno=_errno.ENOENT,
-            )
         if h.crypt_method:
             raise UnsupportedFeatureError("encrypted images are not supported", path=path)
         self.h = h
@@ -401,7 +394,15 @@ def check(path: str, fix: int = 0, force_share: bool = False) -> CheckResult:
         raise from_oserror(exc, path) from None
     try:
         locking.lock(fd, path, locking.mode_for("qcow2", not fix, force_share))
-        return _Checker(fd, path, fix).run()
+        checker = _Checker(fd, path, fix)
+        data_file = datafile.data_file_path(path, checker.h, None)
+        if data_file is not None and not os.path.exists(data_file):  # as qemu-img check
+            raise VdiskError(
+                f"Could not open '{data_file}': No such file or directory",
+                path=path,
+                errno=_errno.ENOENT,
+            )
+        return checker.run()
     except OSError as exc:
         raise from_oserror(exc, path) from None
     except VdiskError as exc:
