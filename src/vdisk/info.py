@@ -244,9 +244,7 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
         raise VdiskError("not a qcow2 image", path=filename)
     header = device.header
     specific = device.specific_info()
-    data_file = specific.get("data-file")
-    if data_file is not None and actual is not None:
-        actual += allocated_size(resolve_backing(filename, data_file)) or 0
+    # qemu-img 7.2's disk size is the qcow2 file's alone, external data file or not.
     snapshots = device.snapshots
     if snapshots:
         info["snapshots"] = [_snapshot_info(sn) for sn in snapshots]

@@ -53,10 +53,13 @@ class ChainLevel:
         # A metadata-preallocated image's data clusters may be host holes: QEMU reports those
         # as zero, so keep the file itself at hand to ask it.
         self.host: BlockDevice | None = None
+        data_file = image.data_file if image is not None else None
+        if data_file is not None:  # data clusters are in the data file
+            self.name = data_file
         if image is not None and image.metadata_preallocated():
             from .backends.raw import RawDevice
 
-            self.host = RawDevice(name, readonly=True, force_share=force_share)
+            self.host = RawDevice(self.name, readonly=True, force_share=force_share)
 
     def close(self) -> None:
         self.dev.close()

@@ -104,6 +104,21 @@ def _no_backing_format(d: Path) -> str:
     return "nofmt.qcow2"
 
 
+def _data_file(d: Path, raw: bool) -> str:
+    """An external data file image, written through QEMU (its data lands in the data file)."""
+    opts = "data_file=df.raw" + (",data_file_raw=on" if raw else "")
+    _create(d, "df.qcow2", "64M", "-o", opts)
+    qemu_io(["-c", "write -P 0x22 0 3M", "-c", "write -P 0x33 40M 64k", "df.qcow2"], d)
+    return "df.qcow2"
+
+
+def _missing_data_file(d: Path) -> str:
+    """qemu-img info reads the metadata of an image whose data file is gone."""
+    _create(d, "gone.qcow2", "1M", "-o", "data_file=gone.raw")
+    (d / "gone.raw").unlink()
+    return "gone.qcow2"
+
+
 def _bitmaps(d: Path) -> str:
     _with_data(d)
     assert qemu_img(["bitmap", "--add", "data.qcow2", "b0"], d).rc == 0
@@ -137,6 +152,9 @@ IMAGES: dict[str, Maker] = {
     "snapshots": _snapshots,
     "no-backing-format": _no_backing_format,
     "bitmaps": _bitmaps,
+    "data-file": lambda d: _data_file(d, raw=False),
+    "data-file-raw": lambda d: _data_file(d, raw=True),
+    "data-file-missing": _missing_data_file,
 }
 
 

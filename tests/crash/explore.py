@@ -54,8 +54,9 @@ def record(scenario: Scenario, where: Path, seed: int) -> tuple[Session, bytes]:
 
 def qemu_corruption(path: Path) -> str | None:
     """What qemu-img check finds beyond leaks, or None."""
+    # -U: the copy is private, but a data file is shared by every state (and vdisk's opens).
     proc = subprocess.run(
-        ["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True
+        ["qemu-img", "check", "-U", "--output=json", str(path)], capture_output=True, text=True
     )
     try:
         report = json.loads(proc.stdout)

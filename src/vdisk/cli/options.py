@@ -53,6 +53,14 @@ _QCOW2_OPTS = (
     OptDesc("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])", None, "compat"),
     OptDesc("backing_file", "str", "File name of a base image", None, "backing_file"),
     OptDesc("backing_fmt", "str", "Image format of the base image", None, "backing_fmt"),
+    OptDesc("data_file", "str", "File name of an external data file", None, "data_file"),
+    OptDesc(
+        "data_file_raw",
+        "bool",
+        "The external data file must stay valid as a raw image",
+        None,
+        "data_file_raw",
+    ),
     OptDesc("lazy_refcounts", "bool", "Postpone refcount updates", "off", "lazy_refcounts"),
     OptDesc(
         "refcount_bits", "num", "Width of a reference count entry in bits", "16", "refcount_bits"

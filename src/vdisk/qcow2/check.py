@@ -40,6 +40,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fileio import pread_full, pwrite_full
+from . import datafile
 from . import format as fmt
 from .cluster import read_snapshots
 from .refcount import rebuild_refcount_structure
@@ -106,8 +107,6 @@ class _Checker:
             raise UnsupportedFeatureError(
                 f"unsupported incompatible feature bits {unknown:#x}", path=path
             )
-        if h.incompatible_features & fmt.INCOMPAT_DATA_FILE:
-            raise UnsupportedFeatureError("external data files are not supported", path=path)
         if h.crypt_method:
             raise UnsupportedFeatureError("encrypted images are not supported", path=path)
         self.h = h
@@ -305,7 +304,10 @@ class _Checker:
             sel = np.flatnonzero(((ent & np.uint64(fmt.OFLAG_COMPRESSED)) == 0) & (host != 0))
             if not sel.size:
                 continue
-            rcs, bad = stored.values(host[sel] >> np.uint64(self.cb))
+            if h.incompatible_features & fmt.INCOMPAT_DATA_FILE:  # data clusters count as 1
+                rcs, bad = np.ones(sel.size, dtype=np.uint64), np.zeros(sel.size, dtype=bool)
+            else:
+                rcs, bad = stored.values(host[sel] >> np.uint64(self.cb))
             copied = (ent[sel] & np.uint64(fmt.OFLAG_COPIED)) != 0
             wrong = ~bad & ((rcs == 1) != copied)
             if not wrong.any():
@@ -392,7 +394,15 @@ def check(path: str, fix: int = 0, force_share: bool = False) -> CheckResult:
         raise from_oserror(exc, path) from None
     try:
         locking.lock(fd, path, locking.mode_for("qcow2", not fix, force_share))
-        return _Checker(fd, path, fix).run()
+        checker = _Checker(fd, path, fix)
+        data_file = datafile.data_file_path(path, checker.h, None)
+        if data_file is not None and not os.path.exists(data_file):  # as qemu-img check
+            raise VdiskError(
+                f"Could not open '{data_file}': No such file or directory",
+                path=path,
+                errno=_errno.ENOENT,
+            )
+        return checker.run()
     except OSError as exc:
         raise from_oserror(exc, path) from None
     except VdiskError as exc:

@@ -57,6 +57,12 @@ class PlannedCluster:
     old_entry: int
     old_bitmap: int
     set_copied: bool = False
+    # Extended L2: the bytes of the cluster the write covers, copy-on-write included
+    # (``write_to`` None: the whole cluster, or the request alone when IN_PLACE), and the
+    # subcluster bitmap the entry gets.
+    write_from: int = 0
+    write_to: int | None = None
+    new_bitmap: int = fmt.SUBCLUSTER_ALLOC_MASK
 
 
 @dataclass(slots=True)
@@ -68,6 +74,12 @@ class WritePlan:
 
 
 _ALL_ALLOC = fmt.SUBCLUSTER_ALLOC_MASK
+_ALL_ZERO = fmt.SUBCLUSTER_ZERO_MASK
+
+
+def subcluster_bits(first: int, last: int) -> int:
+    """The allocation bits of subclusters ``first..last`` (shift left 32 for the zero bits)."""
+    return ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
 
 
 class ClusterMap:
@@ -93,6 +105,9 @@ class ClusterMap:
         self.l2_mask = (1 << self.l2_bits) - 1
         self.extended = header.extended_l2
         self.sc_bits = self.cluster_bits - 5  # subcluster size (extended L2)
+        # External data file: COPIED marks an allocated cluster even at host offset 0, and
+        # data clusters have no refcounts (guest offset == host offset in the data file).
+        self.data_file = False
         self.l1_dirty: set[int] = set()
         buf = bytearray(header.l1_size * 8)
         pread_full(fd, buf, header.l1_table_offset)
@@ -211,6 +226,8 @@ class ClusterMap:
                                 gc, f"host offset {host:#x} is not cluster aligned"
                             )
                         _add(segs, SEG_DATA, pos, cend - pos, host + (pos & cmask))
+                    elif e & fmt.OFLAG_COPIED and self.data_file:
+                        _add(segs, SEG_DATA, pos, cend - pos, pos & cmask)
                     elif e & fmt.OFLAG_COPIED:
                         raise self._bad_entry(gc, "allocated at host offset 0")
                     else:
@@ -220,6 +237,9 @@ class ClusterMap:
     def _map_extended(
         self, gc: int, e: int, bitmap: int, pos: int, cend: int, segs: list[Segment], status: bool
     ) -> None:
+        problem = self.bitmap_problem(e, bitmap)
+        if problem:
+            raise self._bad_entry(gc, problem)
         if e & fmt.OFLAG_COMPRESSED:
             _add(segs, SEG_COMPRESSED, pos, cend - pos, e)
             return
@@ -227,14 +247,12 @@ class ClusterMap:
         cmask = self.cluster_size - 1
         if host & cmask:
             raise self._bad_entry(gc, f"host offset {host:#x} is not cluster aligned")
-        if bitmap & (bitmap >> 32) & _ALL_ALLOC:
-            raise self._bad_entry(gc, "a subcluster is both allocated and zero")
         sb = self.sc_bits
         while pos < cend:
             sc = (pos & cmask) >> sb
             send = min(cend, ((pos >> sb) + 1) << sb)
             if (bitmap >> sc) & 1:
-                if not host:
+                if not host and not self.data_file:
                     raise self._bad_entry(gc, "allocated subcluster without a host offset")
                 _add(segs, SEG_DATA, pos, send - pos, host + (pos & cmask))
             elif (bitmap >> (32 + sc)) & 1:
@@ -248,6 +266,22 @@ class ClusterMap:
             else:
                 _add(segs, SEG_BACKING, pos, send - pos, 0)
             pos = send
+
+    def bitmap_problem(self, e: int, bitmap: int) -> str | None:
+        """Why an extended L2 entry's subcluster bitmap is invalid (the spec), or None."""
+        if e & fmt.OFLAG_COMPRESSED:
+            return "compressed cluster with a non-zero subcluster bitmap" if bitmap else None
+        if bitmap & (bitmap >> 32) & _ALL_ALLOC:
+            return "a subcluster is both allocated and zero"
+        if not self.allocated(e) and bitmap & _ALL_ALLOC:
+            return "allocated subcluster without a host offset"
+        return None
+
+    def allocated(self, e: int) -> bool:
+        """Whether an L2 entry holds a host cluster (compressed clusters included)."""
+        if e & (fmt.L2E_OFFSET_MASK | fmt.OFLAG_COMPRESSED):
+            return True
+        return self.data_file and bool(e & fmt.OFLAG_COPIED)
 
     # -- L2 tables for writing ------------------------------------------------------------
     def writable_l2(self, l1_index: int, frees: list[int]) -> tuple[array[int], int]:
@@ -292,6 +326,8 @@ class ClusterMap:
         plan (:meth:`plan_conflict`) before :meth:`prepare_write` touches any table."""
         plan = WritePlan()
         cmask = self.cluster_size - 1
+        if self.data_file:
+            return self._plan_data_file(gc0, gc1)
         for gc in range(gc0, gc1 + 1):
             e, bm = self.entry(gc)
             host = e & fmt.L2E_OFFSET_MASK
@@ -320,6 +356,59 @@ class ClusterMap:
             plan.clusters.append(PlannedCluster(gc, host, mode, e, bm, set_copied))
         return plan
 
+    def _plan_data_file(self, gc0: int, gc1: int) -> WritePlan:
+        """With a data file every cluster has its place (guest offset == host offset): a
+        write goes in place, or keeps the place and rewrites the entry (REUSE)."""
+        plan = WritePlan()
+        for gc in range(gc0, gc1 + 1):
+            e, bm = self.entry(gc)
+            if e & fmt.OFLAG_COMPRESSED:
+                raise self._bad_entry(gc, "compressed cluster in an image with a data file")
+            if self.allocated(e):
+                host = e & fmt.L2E_OFFSET_MASK
+                plain = not e & fmt.OFLAG_ZERO and e & fmt.OFLAG_COPIED
+                mode = IN_PLACE if plain and not self.extended else REUSE
+            else:
+                host, mode = gc << self.cluster_bits, REUSE
+            plan.clusters.append(PlannedCluster(gc, host, mode, e, bm))
+        return plan
+
+    def plan_subclusters(self, plan: WritePlan, offset: int, end: int) -> None:
+        """Extended L2: narrow each planned cluster to the subclusters the write touches, as
+        QEMU does. A cluster kept in place copies only its partial head/tail subclusters
+        that are not allocated yet; a new cluster also takes over the allocated subclusters
+        of the old one (the range between them is copied whole)."""
+        cb, sb = self.cluster_bits, self.sc_bits
+        cs = self.cluster_size
+        for item in plan.clusters:
+            base = item.guest_cluster << cb
+            ws, we = max(offset, base) - base, min(end, base + cs) - base
+            first, last = ws >> sb, (we - 1) >> sb
+            e, bm = item.old_entry, item.old_bitmap
+            problem = self.bitmap_problem(e, bm)
+            if problem:
+                raise self._bad_entry(item.guest_cluster, problem)
+            if item.mode != NEW:
+                touched = subcluster_bits(first, last)
+                if bm & touched == touched:
+                    item.mode = IN_PLACE
+                    item.write_from, item.write_to = ws, we
+                    continue
+                item.mode = REUSE
+                item.write_from = ws if bm >> first & 1 else first << sb
+                item.write_to = we if bm >> last & 1 else (last + 1) << sb
+            else:
+                alloc = bm & _ALL_ALLOC if e & fmt.L2E_OFFSET_MASK else 0
+                if e & fmt.OFLAG_COMPRESSED:
+                    first, last, bm = 0, fmt.SUBCLUSTERS - 1, 0
+                elif alloc:
+                    first = min(first, (alloc & -alloc).bit_length() - 1)
+                    last = max(last, alloc.bit_length() - 1)
+                item.write_from, item.write_to = first << sb, (last + 1) << sb
+            first, last = item.write_from >> sb, (item.write_to - 1) >> sb
+            touched = subcluster_bits(first, last)
+            item.new_bitmap = (bm | touched) & ~(touched << 32)
+
     def plan_conflict(self, plan: WritePlan) -> str | None:
         """Why carrying out ``plan`` would damage the image, or None.
 
@@ -327,6 +416,8 @@ class ClusterMap:
         entries hold) must be plain data inside the file: not metadata (header, tables,
         refcount structures...) and not past the file end.
         """
+        if self.data_file:
+            return None  # data clusters live in the data file, away from the metadata
         meta = self.metadata
         end = self.refcounts.end_cluster
         cb = self.cluster_bits
@@ -343,6 +434,8 @@ class ClusterMap:
 
     def range_conflict(self, gc0: int, gc1: int) -> str | None:
         """As :meth:`plan_conflict`, for zeroing or discarding guest clusters gc0..gc1."""
+        if self.data_file:
+            return None
         for gc in range(gc0, gc1 + 1):
             e, _bm = self.entry(gc)
             if e & (fmt.L2E_OFFSET_MASK | fmt.OFLAG_COMPRESSED):
@@ -418,12 +511,14 @@ class ClusterMap:
     def commit_write(self, item: PlannedCluster, frees: list[int]) -> None:
         """Point the L2 entry of a written (not in-place) cluster at its host cluster."""
         entry = item.host_offset | fmt.OFLAG_COPIED
-        self.set_entry(item.guest_cluster, entry, _ALL_ALLOC if self.extended else 0, frees)
+        self.set_entry(item.guest_cluster, entry, item.new_bitmap if self.extended else 0, frees)
         if item.mode == NEW:
             self.entry_frees(item.old_entry, frees)
 
     def entry_frees(self, e: int, frees: list[int]) -> None:
         """Append the host clusters an L2 entry holds a reference on."""
+        if self.data_file:
+            return  # no refcounts for data-file clusters
         if e & fmt.OFLAG_COMPRESSED:
             frees.extend(fmt.compressed_host_clusters(e, self.cluster_bits))
             return
@@ -435,9 +530,8 @@ class ClusterMap:
     def zero_cluster(self, gc: int, may_unmap: bool, frees: list[int]) -> None:
         """Make a whole guest cluster read as zeros with the zero flag (v3)."""
         e, _bm = self.entry(gc)
-        host = e & fmt.L2E_OFFSET_MASK
         compressed = bool(e & fmt.OFLAG_COMPRESSED)
-        unmap = compressed or (may_unmap and bool(host))
+        unmap = compressed or (may_unmap and self.allocated(e))
         if self.extended:
             new_e = 0 if unmap else e
             self.set_entry(gc, new_e, fmt.SUBCLUSTER_ZERO_MASK, frees)
@@ -462,6 +556,37 @@ class ClusterMap:
                 return
         self.set_entry(gc, new_e, new_bm, frees)
         self.entry_frees(e, frees)
+
+    def zero_subclusters(self, gc: int, first: int, last: int, frees: list[int]) -> bool:
+        """Make subclusters ``first..last`` of a guest cluster read as zeros (zero bits set,
+        allocation bits cleared; the host cluster stays, as in QEMU). False for a compressed
+        cluster, which cannot be zeroed in part."""
+        e, bm = self.entry(gc)
+        if e & fmt.OFLAG_COMPRESSED:
+            return False
+        touched = subcluster_bits(first, last)
+        new_bm = (bm | touched << 32) & ~touched
+        if new_bm != bm:
+            self.set_entry(gc, e, new_bm, frees)
+        return True
+
+    def discard_subclusters(
+        self, gc: int, first: int, last: int, has_backing: bool, frees: list[int]
+    ) -> None:
+        """Discard subclusters ``first..last``: they lose their allocation and read as zeros
+        (where there is a backing file or they held data). A cluster left all zeros is
+        discarded whole, its host cluster freed, as QEMU does. Compressed: ignored."""
+        e, bm = self.entry(gc)
+        if e & fmt.OFLAG_COMPRESSED:
+            return
+        touched = subcluster_bits(first, last)
+        new_bm = bm & ~touched
+        if has_backing or bm & touched:
+            new_bm |= touched << 32
+        if new_bm == _ALL_ZERO:
+            self.deallocate_cluster(gc, zero=True, frees=frees)
+        elif new_bm != bm:
+            self.set_entry(gc, e, new_bm, frees)
 
     # -- write-back -----------------------------------------------------------------------
     def write_l1(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -12,6 +12,7 @@ from ..block import resolve_backing, round_up_to_sector
 from ..errors import FormatError, RequestError, UnsupportedFeatureError, VdiskError, from_oserror
 from ..fileio import pwrite_full
 from ..sizes import parse_size
+from . import datafile
 from . import format as fmt
 from .cache import encode_l2
 
@@ -50,6 +51,8 @@ class _Options:
     extended_l2: bool
     compression_type: int
     preallocation: str
+    data_file: str | None = None  # the external data file's name, as given
+    data_file_raw: bool = False
 
 
 def create(
@@ -83,6 +86,8 @@ def create(
     backing_fmt = opts.pop("backing_fmt", backing_fmt)
     extended_l2 = opts.pop("extended_l2", extended_l2)
     compression_type = opts.pop("compression_type", compression_type)
+    data_file = opts.pop("data_file", None) or None
+    data_file_raw = _bool("data_file_raw", opts.pop("data_file_raw", False))
     _refuse_unsupported(opts, path)
     o = _parse_options(
         path,
@@ -94,6 +99,7 @@ def create(
         compression_type,
         preallocation,
     )
+    o = _data_file_options(o, data_file, data_file_raw, backing_file, path)
     if backing_file is not None and o.preallocation != "off" and not o.extended_l2:
         raise RequestError(
             "Backing file and preallocation can only be used at the same time if extended_l2 is on",
@@ -110,6 +116,10 @@ def create(
         raise RequestError(f"invalid size {vsize}", path=path)
     vsize = round_up_to_sector(vsize)  # as qemu-img sizes new images
     header = _new_header(o, vsize, backing_file, backing_fmt)
+    if o.data_file is not None:  # as qemu-img: emptied, sized and preallocated like raw
+        from ..backends.raw import create_raw
+
+        create_raw(o.data_file, vsize, o.preallocation)
     _write_image(path, header, o.preallocation)
 
 
@@ -119,9 +129,7 @@ def _refuse_unsupported(opts: dict[str, Any], path: str) -> None:
         if opts.get(name) not in (None, False, "off", ""):
             raise UnsupportedFeatureError("encrypted images cannot be created yet", path=path)
         opts.pop(name, None)
-    if opts.pop("data_file", None):
-        raise UnsupportedFeatureError("external data files are not supported yet", path=path)
-    for ignored in ("nocow", "data_file_raw", "size"):
+    for ignored in ("nocow", "size"):
         opts.pop(ignored, None)
     if opts:
         raise RequestError(f"unknown qcow2 option(s): {', '.join(sorted(opts))}", path=path)
@@ -206,10 +214,38 @@ def _new_header(
         header.backing_file = backing_file
         if backing_fmt:
             header.set_extension(fmt.EXT_BACKING_FORMAT, backing_fmt.encode())
+    if o.data_file is not None:
+        header.incompatible_features |= fmt.INCOMPAT_DATA_FILE
+        header.set_extension(fmt.EXT_DATA_FILE, datafile.extension_name(o.data_file))
+        if o.data_file_raw:
+            header.autoclear_features |= fmt.AUTOCLEAR_DATA_FILE_RAW
     if o.version == 3 and o.cluster_bits >= 13:
         # QEMU writes the feature name table only where the first cluster has room for it.
         header.set_extension(fmt.EXT_FEATURE_TABLE, fmt.default_feature_table())
     return header
+
+
+def _data_file_options(
+    o: _Options, data_file: str | None, raw: bool, backing_file: str | None, path: str
+) -> _Options:
+    """The data-file options checked as qemu-img checks them. data_file_raw implies metadata
+    preallocation: every L2 entry is set, so that the data file alone is the guest's disk."""
+    if raw and data_file is None:
+        raise RequestError("data-file-raw requires data-file", path=path)
+    if data_file is None:
+        return o
+    if o.version < 3:
+        raise RequestError(
+            "External data files are only supported with compatibility level 1.1 and above "
+            "(use version=v3 or greater)",
+            path=path,
+        )
+    if raw and backing_file is not None:
+        raise RequestError(
+            "Backing file and data-file-raw cannot be used at the same time", path=path
+        )
+    prealloc = "metadata" if raw and o.preallocation == "off" else o.preallocation
+    return replace(o, data_file=data_file, data_file_raw=raw, preallocation=prealloc)
 
 
 def _probe_backing(path: str, backing_file: str, backing_fmt: str | None) -> tuple[str, int]:
@@ -253,6 +289,8 @@ def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
         )
     l1_clusters = (l1_size * 8 + cs - 1) // cs
     data_clusters = (header.size + cs - 1) // cs if prealloc != "off" else 0
+    if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+        data_clusters = 0  # the data lives in the data file
     l2_tables = l1_size if prealloc != "off" else 0
     rb_entries = 1 << header.refblock_bits
     # The refcount blocks count every cluster, themselves and the table included.
@@ -359,12 +397,15 @@ def _write_preallocated_tables(fd: int, header: fmt.Header, lay: _Layout) -> Non
     cs = header.cluster_size
     cb = np.uint64(header.cluster_bits)
     l2_entries = 1 << header.l2_bits
+    guest_clusters = (header.size + cs - 1) // cs
+    # Data clusters follow the tables in the file, or sit at their guest offset in a data file.
+    data_at = lay.data_at if lay.data_clusters else 0
     l1 = (np.arange(lay.l1_size, dtype=np.uint64) + np.uint64(lay.l2_at)) << cb
     pwrite_full(fd, fmt.encode_table(l1 | np.uint64(fmt.OFLAG_COPIED)), lay.l1_at * cs)
     for t in range(lay.l2_tables):
         first = t * l2_entries
-        n = min(l2_entries, lay.data_clusters - first)
-        hosts = (np.arange(first, first + n, dtype=np.uint64) + np.uint64(lay.data_at)) << cb
+        n = min(l2_entries, guest_clusters - first)
+        hosts = (np.arange(first, first + n, dtype=np.uint64) + np.uint64(data_at)) << cb
         hosts |= np.uint64(fmt.OFLAG_COPIED)
         if header.extended_l2:
             # Host clusters reserved, subclusters unallocated (as QEMU does): bitmaps stay 0.

@@ -39,6 +39,7 @@ import numpy as np
 from typing_extensions import Buffer
 
 from .. import locking
+from ..backends.raw import write_zeroes_fd
 from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents, resolve_backing
 from ..errors import (
     BackingChainError,
@@ -50,6 +51,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fileio import pread_full, pwritev_full
+from . import datafile
 from . import format as fmt
 from .cache import L2, MetadataCache, default_capacity
 from .check import repair_open_file
@@ -85,6 +87,7 @@ class Qcow2Image(BlockDeviceBase):
     """A QCOW2 image (v2 or v3). Open with :meth:`open`; see the module docstring for locks."""
 
     snapshot: fmt.SnapshotEntry | None  # the snapshot a read-only view shows (open(snapshot=))
+    data_file: str | None  # the external data file's path, if the image has one
 
     def __init__(self) -> None:  # use Qcow2Image.open()
         raise TypeError("use Qcow2Image.open(path, ...)")
@@ -121,11 +124,13 @@ class Qcow2Image(BlockDeviceBase):
         keep_size = bool(opts.pop("snapshot_keep_size", False))
         if snapshot is not None:
             readonly = True  # a snapshot view never writes
+        data_file: str | None = opts.pop("data_file", None)
         if opts:
             raise RequestError(
                 f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
             )
         self = cls.__new__(cls)
+        self.data_file = data_file  # overrides the header's data-file name
         self._init(
             path,
             readonly,
@@ -161,6 +166,7 @@ class Qcow2Image(BlockDeviceBase):
         self.path = path
         self.backing: BlockDevice | None = None
         self.fd = -1
+        self.data_fd = -1  # guest data: the fd, or the external data file's
         self.lock_mode: locking.LockMode | None = None  # what the fd's locks say, if taken
         if force_share and not readonly:
             raise RequestError("force-share=on can only be used with read-only images", path=path)
@@ -187,6 +193,9 @@ class Qcow2Image(BlockDeviceBase):
     def _abort(self) -> None:
         if self.backing is not None:
             self.backing.close()
+        if self.data_fd >= 0 and self.data_fd != self.fd:
+            os.close(self.data_fd)
+        self.data_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -214,8 +223,6 @@ class Qcow2Image(BlockDeviceBase):
             raise UnsupportedFeatureError(
                 f"unsupported incompatible feature(s): {', '.join(names)}"
             )
-        if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
-            raise UnsupportedFeatureError("external data files are not supported yet")
         if header.crypt_method:
             raise UnsupportedFeatureError("encrypted images are not supported yet")
         if header.corrupt and not readonly:
@@ -256,6 +263,7 @@ class Qcow2Image(BlockDeviceBase):
         self.map = ClusterMap(
             fd, header, self.cache, self.refcounts, self.metadata, file_size, path
         )
+        self._open_data_file(path, header, readonly, open_backing)
         found = self._find_metadata(file_size)
         self.metadata.update(found.all)
         # Fixed until the first write, which checks that no L2 pointer lands on them.
@@ -286,6 +294,23 @@ class Qcow2Image(BlockDeviceBase):
             l1=np.frombuffer(self.map.l1, dtype=np.uint64),
             reftable=np.frombuffer(self.refcounts.table, dtype=np.uint64),
         )
+
+    def _open_data_file(
+        self, path: str, header: fmt.Header, readonly: bool, open_backing: bool
+    ) -> None:
+        """The fd guest data goes through: the image's own, or its external data file's.
+        Without ``open_backing`` (as qemu-img info opens) a missing data file is no error."""
+        where = datafile.data_file_path(path, header, self.data_file)
+        self.data_raw = datafile.is_raw(header)
+        if where is None:
+            self.data_fd = self.fd
+            return
+        self.map.data_file = True
+        if not open_backing and not os.path.exists(where):
+            return
+        share = self.lock_mode is not None and self.lock_mode.force_share
+        self.data_fd, _locked = datafile.open_data_file(where, readonly, share)
+        self.data_file = where
 
     def _open_backing(self, chain: tuple[str, ...]) -> BlockDevice:
         h = self.header
@@ -363,9 +388,10 @@ class Qcow2Image(BlockDeviceBase):
             raise self._mark_corrupt(problem)
         h = self.header
         if h.version >= 3:
-            if h.autoclear_features:
-                # We keep no bitmaps up to date and know no other autoclear feature.
-                self._write_features(autoclear=0)
+            keep = h.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW if self.map.data_file else 0
+            if h.autoclear_features != keep:
+                # We keep no bitmaps up to date; data_file_raw we keep true.
+                self._write_features(autoclear=keep)
             if h.lazy_refcounts and not h.dirty:
                 self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
                 self._set_dirty = True
@@ -447,12 +473,16 @@ class Qcow2Image(BlockDeviceBase):
         self.refcounts.refuse_after_failed_move()
         if kind == L2:
             wrote = self.refcounts.write_back()
+            if self._unsynced and self.data_fd != self.fd:
+                os.fdatasync(self.data_fd)
             if wrote or self._unsynced:
                 os.fdatasync(self.fd)
                 self._unsynced = False
 
     def _flush_locked(self) -> None:
         self.refcounts.write_back()
+        if self.data_fd != self.fd:
+            os.fdatasync(self.data_fd)
         os.fdatasync(self.fd)
         self._unsynced = False
         tables = self.cache.write_back(L2)
@@ -530,9 +560,9 @@ class Qcow2Image(BlockDeviceBase):
                             self._active.add(ticket)
             if host:
                 try:
-                    got = os.preadv(self.fd, [view], host + (offset & cmask))
+                    got = os.preadv(self.data_fd, [view], host + (offset & cmask))
                     if got < n:
-                        pread_full(self.fd, view[got:], host + (offset & cmask) + got)
+                        pread_full(self.data_fd, view[got:], host + (offset & cmask) + got)
                 except OSError as exc:
                     raise from_oserror(exc, self.path) from None
                 finally:
@@ -551,7 +581,7 @@ class Qcow2Image(BlockDeviceBase):
             self._next_ticket = ticket + 1
             self._active.add(ticket)
         try:
-            fd = self.fd
+            fd = self.data_fd
             for kind, g, length, arg in segs:
                 b = g - offset
                 if kind == SEG_DATA:
@@ -585,6 +615,11 @@ class Qcow2Image(BlockDeviceBase):
         cached = self._compressed_cache
         if cached[0] == entry:
             return cached[1]
+        if self.map.data_file:
+            raise CorruptImageError(
+                "compressed cluster entry found in an image with an external data file",
+                path=self.path,
+            )
         host, length = fmt.decode_compressed(entry, self.cluster_bits)
         raw = bytearray(length)
         pread_full(self.fd, raw, host)
@@ -606,7 +641,13 @@ class Qcow2Image(BlockDeviceBase):
         if self._closed or self._readonly or offset < 0 or offset + n > self._size:
             self.check_request(offset, n, write=True)  # raises the matching error
         cmask = self.cluster_size - 1
-        if n and (offset & cmask) + n <= cmask + 1 and not self._extended and self._write_ready:
+        if (
+            n
+            and (offset & cmask) + n <= cmask + 1
+            and not self._extended
+            and self._write_ready
+            and self.data_fd == self.fd  # data-file clusters have no refcounts
+        ):
             # Hot path: a cluster that is ours (COPIED), its L2 table cached: write in place.
             host = 0
             new = False
@@ -685,21 +726,24 @@ class Qcow2Image(BlockDeviceBase):
         end = offset + len(view)
         frees: list[int] = []
         with self._lock:
-            plan = self._plan_locked(offset >> self.cluster_bits, (end - 1) >> self.cluster_bits)
+            plan = self._plan_locked(
+                offset >> self.cluster_bits, (end - 1) >> self.cluster_bits, (offset, end)
+            )
             ticket = self._take_ticket()
         ok = False
         try:
             head, tail = self._copy_on_write(plan, offset, end)
             for host, iov in self._host_runs(plan, view, offset, head, tail):
-                pwritev_full(self.fd, iov, host)
+                pwritev_full(self.data_fd, iov, host)
             ok = True
         finally:
             with self._lock:
                 self._commit_locked(plan, ticket, ok, frees)
 
-    def _plan_locked(self, gc0: int, gc1: int) -> WritePlan:
+    def _plan_locked(self, gc0: int, gc1: int, span: tuple[int, int] | None = None) -> WritePlan:
         """Under the lock: plan guest clusters gc0..gc1, check the plan against the metadata,
-        then make the L2 tables ours, allocate NEW clusters and mark them in flight."""
+        then make the L2 tables ours, allocate NEW clusters and mark them in flight.
+        ``span`` (guest start, end) narrows an extended-L2 plan to the written subclusters."""
         if self._readonly:
             raise ReadOnlyError("image is read-only", path=self.path)
         if not self._write_ready:
@@ -707,6 +751,8 @@ class Qcow2Image(BlockDeviceBase):
         if self._inflight:
             self._wait_inflight(gc0, gc1)
         plan = self.map.plan_write(gc0, gc1)
+        if self._extended and span is not None:
+            self.map.plan_subclusters(plan, *span)
         problem = self.map.plan_conflict(plan)
         if problem:
             raise self._mark_corrupt(problem)
@@ -748,13 +794,21 @@ class Qcow2Image(BlockDeviceBase):
         cs = self.cluster_size
         head = tail = None
         first, last = plan.clusters[0], plan.clusters[-1]
-        if first.mode != IN_PLACE and offset & (cs - 1):
-            head = bytearray(offset & (cs - 1))
-            self._read(memoryview(head), first.guest_cluster << self.cluster_bits)
-        if last.mode != IN_PLACE and end & (cs - 1):
-            cluster_end = (last.guest_cluster + 1) << self.cluster_bits
-            tail = bytearray(cluster_end - end)
-            avail = min(cluster_end, self._size) - end
+        if first.write_to is not None:  # extended L2: the planned subclusters
+            head_from = (first.guest_cluster << self.cluster_bits) + first.write_from
+        else:
+            head_from = offset if first.mode == IN_PLACE else offset & ~(cs - 1)
+        if head_from < offset:
+            head = bytearray(offset - head_from)
+            self._read(memoryview(head), head_from)
+        cluster_end = (last.guest_cluster + 1) << self.cluster_bits
+        if last.write_to is not None:
+            tail_to = cluster_end - cs + last.write_to
+        else:
+            tail_to = end if last.mode == IN_PLACE else cluster_end
+        if tail_to > end:
+            tail = bytearray(tail_to - end)
+            avail = min(tail_to, self._size) - end
             if avail > 0:
                 self._read(memoryview(tail)[:avail], end)
         return head, tail
@@ -781,7 +835,12 @@ class Qcow2Image(BlockDeviceBase):
             gstart = max(offset, gc << cb)
             gend = min(end, (gc + 1) << cb)
             piece = (gstart - offset, gend - offset)
-            if item.mode == IN_PLACE:
+            if item.write_to is not None:  # extended L2: the planned subclusters
+                hstart = item.host_offset + item.write_from
+                length = item.write_to - item.write_from
+                pre = head if gc == gc0 else None
+                post = tail if gc == gc1 else None
+            elif item.mode == IN_PLACE:
                 hstart = item.host_offset + (gstart & (cs - 1))
                 length = gend - gstart
                 pre = post = None
@@ -836,6 +895,8 @@ class Qcow2Image(BlockDeviceBase):
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
         try:
+            if self.data_raw and length:  # as QEMU: the raw data file first
+                write_zeroes_fd(self.data_fd, offset, length, may_unmap)
             self._zero_or_discard(offset, length, may_unmap, discard=False)
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
@@ -843,12 +904,29 @@ class Qcow2Image(BlockDeviceBase):
     def discard(self, offset: int, length: int) -> None:
         self.check_request(offset, length, write=True)
         try:
+            if self.data_raw:  # the discarded clusters read as zeros: so must the raw file
+                self._zero_raw_data_file(offset, length)
             self._zero_or_discard(offset, length, True, discard=True)
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
 
-    def _zero_or_discard(self, offset: int, length: int, may_unmap: bool, discard: bool) -> None:
+    def _zero_raw_data_file(self, offset: int, length: int) -> None:
+        """Punch the part of [offset, offset+length) that discard deallocates (whole
+        clusters, or subclusters; the image end counts as their end) in the raw data file."""
+        g = self.granularity
+        end = offset + length
+        start = (offset + g - 1) & ~(g - 1)
+        stop = end if end >= self._size else end & ~(g - 1)
+        if start < stop:
+            write_zeroes_fd(self.data_fd, start, stop - start, True)
+
+    def _zero_or_discard(
+        self, offset: int, length: int, may_unmap: bool, discard: bool, by_subcluster: bool = True
+    ) -> None:
         if not length:
+            return
+        if self._extended and by_subcluster:
+            self._zero_or_discard_subclusters(offset, length, may_unmap, discard)
             return
         cb = self.cluster_bits
         cs = self.cluster_size
@@ -883,7 +961,7 @@ class Qcow2Image(BlockDeviceBase):
             for gc in range(gc0, gc1 + 1):
                 if discard:
                     e, _bm = m.entry(gc)
-                    allocated = bool(e & fmt.L2E_OFFSET_MASK or e & fmt.OFLAG_COMPRESSED)
+                    allocated = m.allocated(e)
                     if v3 and (has_backing or allocated):
                         m.deallocate_cluster(gc, zero=True, frees=frees)
                     elif not v3:
@@ -892,7 +970,7 @@ class Qcow2Image(BlockDeviceBase):
                     m.zero_cluster(gc, may_unmap, frees)
                 else:
                     e, _bm = m.entry(gc)
-                    allocated = bool(e & fmt.L2E_OFFSET_MASK or e & fmt.OFLAG_COMPRESSED)
+                    allocated = m.allocated(e)
                     if has_backing or (allocated and not may_unmap):
                         data_zero.append(gc)
                     elif allocated:
@@ -903,6 +981,81 @@ class Qcow2Image(BlockDeviceBase):
         for gc in data_zero:
             start = gc << cb
             self._write_zero_data(start, min(cs, self._size - start))
+
+    def _zero_or_discard_subclusters(
+        self, offset: int, length: int, may_unmap: bool, discard: bool
+    ) -> None:
+        """Extended L2, as QEMU: whole clusters through the zero flag path; whole subclusters
+        of a partial cluster through their bitmap bits; a part of a subcluster is ignored by
+        discard and written as zero data by write_zeroes (unless the rest of the subcluster
+        already reads as zeros, then the subcluster is zeroed whole)."""
+        scs = self.granularity
+        cs = self.cluster_size
+        end = offset + length
+        a = (offset + scs - 1) & ~(scs - 1)
+        b = end if end >= self._size else end & ~(scs - 1)
+        if a > b:  # inside one subcluster
+            if not discard:
+                self._zero_part_of_subcluster(offset, end)
+            return
+        if not discard and offset < a:
+            self._zero_part_of_subcluster(offset, a)
+        ca = (a + cs - 1) & ~(cs - 1)
+        cb = b if b >= self._size else b & ~(cs - 1)
+        self._subcluster_bits_range(a, min(ca, b), discard)
+        if ca < cb:
+            self._zero_or_discard(ca, cb - ca, may_unmap, discard, by_subcluster=False)
+        self._subcluster_bits_range(max(ca, cb), b, discard)
+        if not discard and b < end:
+            self._zero_part_of_subcluster(b, end)
+
+    def _subcluster_bits_range(
+        self, start: int, end: int, discard: bool, if_unallocated: bool = False
+    ) -> bool:
+        """Zero or discard the whole subclusters of [start, end), which lies in one cluster
+        (the image end counts as a subcluster end). ``if_unallocated``: only if the (one)
+        subcluster holds no data, judged under the lock; returns whether it was done."""
+        if start >= end:
+            return True
+        cb, sb = self.cluster_bits, self.cluster_bits - 5
+        gc = start >> cb
+        cmask = self.cluster_size - 1
+        first, last = (start & cmask) >> sb, ((end - 1) & cmask) >> sb
+        with self._lock:
+            if not self._write_ready:
+                self._prepare_first_write()
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            self._wait_inflight(gc, gc)
+            problem = self.map.range_conflict(gc, gc)
+            if problem:
+                raise self._mark_corrupt(problem)
+            e, bm = self.map.entry(gc)
+            if if_unallocated and (e & fmt.OFLAG_COMPRESSED or bm >> first & 1):
+                return False
+            frees: list[int] = []
+            has_backing = self.header.backing_file is not None
+            if discard:
+                self.map.discard_subclusters(gc, first, last, has_backing, frees)
+                zeroed = True
+            else:
+                zeroed = self.map.zero_subclusters(gc, first, last, frees)
+            self._free_later(frees)
+        if not zeroed:  # a compressed cluster: as QEMU, write the zeros as data
+            self._write_zero_data(start, end - start)
+        return True
+
+    def _zero_part_of_subcluster(self, start: int, end: int) -> None:
+        """write_zeroes of [start, end) inside one subcluster: the bitmap can take it only when
+        the subcluster is not allocated and the rest of it reads as zeros already."""
+        scs = self.granularity
+        s0 = start & ~(scs - 1)
+        s1 = min(s0 + scs, self._size)
+        rest = [(s0, start - s0), (end, s1 - end)]
+        reads_zero = all(n == 0 or all(x.zero for x in self._status(o, n)) for o, n in rest)
+        if reads_zero and self._subcluster_bits_range(s0, s1, discard=False, if_unallocated=True):
+            return
+        self._write_zero_data(start, end - start)
 
     def _write_zero_data(self, offset: int, length: int) -> None:
         while length:

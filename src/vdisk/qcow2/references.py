@@ -379,6 +379,9 @@ class ReferenceWalk(_Walk):
                     "compressed clusters"
                 )
                 e &= ~fmt.OFLAG_COPIED
+            if self.h.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+                found.corruption(f"ERROR compressed cluster {i} with data file, entry=0x{e:x}")
+                continue
             if int(bm[i]):
                 found.corruption(
                     f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, "
@@ -405,6 +408,12 @@ class ReferenceWalk(_Walk):
         found, cs = self.found, self.cs
         host = ent & np.uint64(fmt.L2E_OFFSET_MASK)
         alloc = std & (host != 0)
+        data_file = bool(self.h.incompatible_features & fmt.INCOMPAT_DATA_FILE)
+        if data_file:  # COPIED marks an allocated cluster, at host offset 0 too
+            copied = (ent & np.uint64(fmt.OFLAG_COPIED)) != 0
+            if not self.h.extended_l2:  # a zero flag at offset 0 is a plain zero cluster
+                copied &= (ent & np.uint64(fmt.OFLAG_ZERO)) == 0
+            alloc |= std & copied
         if self.h.extended_l2:
             bad_bm = alloc & (((bm >> np.uint64(32)) & bm) != 0)
             for off in host[bad_bm].tolist():
@@ -412,7 +421,7 @@ class ReferenceWalk(_Walk):
                     f"ERROR offset={off:x}: Allocated cluster has corrupted subcluster "
                     "allocation bitmap"
                 )
-            unalloc_bad = std & (host == 0) & ((bm & np.uint64(0xFFFFFFFF)) != 0)
+            unalloc_bad = std & ~alloc & ((bm & np.uint64(0xFFFFFFFF)) != 0)
             for _ in range(int(unalloc_bad.sum())):
                 found.corruption(
                     "ERROR: Unallocated cluster has non-zero subcluster allocation map"
@@ -427,6 +436,8 @@ class ReferenceWalk(_Walk):
             found.fragmented_clusters += int(
                 np.count_nonzero(hosts[1:] != hosts[:-1] + np.uint64(cs))
             )
+        if data_file:
+            return  # data clusters live in the data file: no refcounts
         self._inc_clusters(hosts[~unaligned])
         for off in hosts[unaligned].tolist():
             self._inc(off, cs)

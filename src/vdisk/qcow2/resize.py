@@ -43,6 +43,11 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
             "resizing an image with persistent bitmaps is not supported", path=img.path
         )
     old_size = img.size
+    if preallocation != "off" and img.data_fd != img.fd:
+        raise UnsupportedFeatureError(
+            "preallocation when resizing an image with an external data file is not supported",
+            path=img.path,
+        )
     if preallocation != "off" and new_size < old_size:
         raise RequestError("Preallocation can only be used for growing images", path=img.path)
     # A backing file longer than the old size would show through the new area: QEMU zeroes
@@ -64,6 +69,8 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
             elif new_size < old_size:
                 _shrink(img, new_size)
             img._size = new_size
+            if img.data_fd != img.fd:  # as QEMU: the data file takes the new size too
+                os.ftruncate(img.data_fd, new_size)
             # With extended L2 entries QEMU leaves even fully preallocated subclusters
             # unallocated (zeros written to the host clusters only).
             by_map = preallocation in ("metadata", "falloc") or (
