@@ -10,7 +10,7 @@ QD8, 1M sequential read and write at QD8) and ``qemu-img convert nbd+unix://... 
 The host load (1-minute average) is recorded around every row.
 
     .venv/bin/python bench/nbd_bench.py [--size 256] [--runtime 3] [--pairs 2] [--fs disk,tmpfs]
-                                        [--formats qcow2,raw] [--no-docs]
+                                        [--formats qcow2,raw] [--no-docs] [--from-json FILE]
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ def main() -> int:
     ap.add_argument("--jobs", default=None, help="only workloads whose name contains this")
     ap.add_argument("--no-docs", action="store_true", help="print only; leave docs alone")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--from-json", default=None, help="write the docs from a saved results.json")
     args = ap.parse_args()
     for tool in ("fio", "qemu-nbd", "qemu-img"):
         if shutil.which(tool) is None:
@@ -190,8 +191,14 @@ def main() -> int:
     jobs.append(("qemu-img convert", None))
     if args.jobs:
         jobs = [j for j in jobs if args.jobs in j[0]]
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        args.size, args.runtime, args.pairs = (saved["args"][k] for k in ("size", "runtime", "pairs"))
+        write_docs(saved["rows"], saved["fs_types"], args)
+        return 0
     rows: list[dict[str, object]] = []
     fs_types: dict[str, str] = {}
+    results = workdir / "results.json"  # rewritten after every row: a cut-short run keeps its rows
     for fs in args.fs.split(","):
         where = workdir / "disk" if fs == "disk" else Path(tempfile.mkdtemp(prefix="nbdbench-",
                                                                              dir="/dev/shm"))
@@ -205,11 +212,11 @@ def main() -> int:
                     row = measure_row(fs, fmt, images[fmt], workdir, label, job, sides, args)
                     rows.append(row)
                     print(describe(row), flush=True)
+                    results.write_text(json.dumps({"fs_types": fs_types, "rows": rows,
+                                                   "args": vars(args)}, indent=1))
         finally:
             shutil.rmtree(where, ignore_errors=True)
-    result = {"fs_types": fs_types, "rows": rows}
-    (workdir / "results.json").write_text(json.dumps(result, indent=1))
-    print(f"nbd_bench: results in {workdir / 'results.json'}", flush=True)
+    print(f"nbd_bench: results in {results}", flush=True)
     if not args.no_docs:
         write_docs(rows, fs_types, args)
     return 0
