@@ -1,10 +1,11 @@
 """The NBD server: sockets and threads around the sans-IO ServerConnection.
 
 One thread per client connection (blocking sockets measured faster than asyncio here: a request
-costs one recv_into, one device call and, per batch, one sendmsg). Requests of one connection are
+costs one recv_into, one device call and, per batch, one send). Requests of one connection are
 served in order; replies of all requests already buffered are laid end to end in a per-connection
-arena (headers packed in place, read data read straight into it) and sent with one sendmsg, so a
-deep queue costs few system calls and no copies.
+arena (headers packed in place, read data read straight into it) and sent with one send, so a
+deep queue costs few system calls and no copies. A device backed by a host file (raw) is read
+and written through its descriptor directly, and long READs go out with sendfile(2) from it.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..block import BlockDevice, DirtyBitmap, Extent, is_zero
+from ..block import BlockDevice, DirtyBitmap, Extent, FileBacked, is_zero
 from ..errors import RequestError, VdiskError
 from ..metrics import IoMetrics, register, unregister
 from . import protocol as p
+from .known_data import KnownData
 
 log = logging.getLogger("vdisk.nbd")
 
@@ -37,8 +39,18 @@ SPARSE_READ_MIN = 64 << 10
 #: it up to ARENA_SIZE, and grows past that only to hold one maximal read (bounded per client).
 ARENA_MIN = 64 << 10
 ARENA_SIZE = 2 << 20
+#: Reads at least this long from a host file go out with sendfile(2), header first: the kernel
+#: hands the page-cache pages to the socket, where a read into the arena and a send would copy
+#: each byte twice (a 1 MiB read on tmpfs: preadv 160 us, sendmsg 65 us, measured with strace).
+SENDFILE_MIN = 128 << 10
 #: Longest block status query sent to the device in one request.
 BLOCK_STATUS_MAX = 1 << 30
+#: How far past a sparse read the device's block status is asked (the data found is cached):
+#: a host file's answer costs the same for any length, a qcow2's grows with it (~3 us/MiB).
+DATA_WINDOW_FILE = BLOCK_STATUS_MAX
+DATA_WINDOW_OTHER = 64 << 20
+#: A window answering with more extents than this halves the next window (fragmented files).
+DATA_WINDOW_EXTENTS = 256
 #: Seconds a client has, from accept, to finish negotiation (qemu-nbd's --handshake-limit).
 HANDSHAKE_LIMIT = 10.0
 
@@ -95,6 +107,10 @@ class Export:
         self.skip_flush = self.cache == "unsafe"
         if self.metrics is None:
             self.metrics = IoMetrics(f"nbd:{self.name or 'default'}")
+        #: Data ranges learnt from block status, for sparse reads (see known_data.py).
+        self.known_data = KnownData()
+        file_backed = isinstance(self.device, FileBacked) and self.device.file_descriptor() is not None
+        self.data_window = DATA_WINDOW_FILE if file_backed else DATA_WINDOW_OTHER
 
     def context_extents(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
         """(length, flags) extents of metadata context ``name`` over the range."""
@@ -117,6 +133,33 @@ class Export:
                         for n, dirty in bitmap.dirty_extents(offset, length)]
         raise RequestError(f"unknown metadata context {name!r}")
 
+    def read_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_hole) runs covering a read, joined; one data run if the device's
+        answer falls short. Asks the device over a wider window and caches the data found."""
+        if self.known_data.covers(offset, length):
+            return [(offset, length, False)]
+        window = max(length, min(self.data_window, self.device.size - offset))
+        extents = self.device.block_status(offset, window)
+        if len(extents) > DATA_WINDOW_EXTENTS:
+            self.data_window = max(DATA_WINDOW_OTHER, self.data_window // 2)
+        self.known_data.add(((max(e.offset, offset), min(e.end, offset + window))
+                             for e in extents if e.data and not e.zero), keep_from=offset)
+        runs: list[tuple[int, int, bool]] = []
+        end = offset + length
+        for ext in extents:
+            lo, hi = max(ext.offset, offset), min(ext.end, end)
+            if hi <= lo:
+                continue
+            hole = ext.zero or not ext.data
+            if runs and runs[-1][2] == hole:
+                prev = runs[-1]
+                runs[-1] = (prev[0], prev[1] + hi - lo, hole)
+            else:
+                runs.append((lo, hi - lo, hole))
+        if sum(r[1] for r in runs) != length:  # the device answered short: read it all as data
+            return [(offset, length, False)]
+        return runs
+
     def mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.bitmaps:
             bitmap.mark_dirty(offset, length)
@@ -128,6 +171,11 @@ def _allocation_flags(ext: Extent) -> int:
 
 def _depth_of(ext: Extent) -> int:
     return ext.depth + 1 if ext.present else 0
+
+
+class StreamBroken(ConnectionError):
+    """A reply was cut off half-sent (sendfile failed after its header went out): the byte
+    stream can no longer carry an error reply, so the connection is dropped."""
 
 
 def _error_code(exc: BaseException) -> int:
@@ -146,6 +194,8 @@ class _Client:
         self.arena = bytearray(0)  # allocated on the first reply: idle connections cost little
         self.pos = 0
         self.holds_slot = False
+        #: The export's host file while READ data may be sendfile'd from it (not under TLS).
+        self.sendfile_fd: int | None = None
 
     # -- I/O helpers ---------------------------------------------------------------------------
 
@@ -154,15 +204,32 @@ class _Client:
         if self.tls:
             self.sock.sendall(view)
             return
-        sendmsg = self.sock.sendmsg
+        send = self.sock.send
         while view:
-            n = sendmsg([view])
+            n = send(view)
             view = view[n:]
 
     def flush_replies(self) -> None:
         if self.pos:
             self.send(memoryview(self.arena)[: self.pos])
             self.pos = 0
+
+    def send_file_data(self, offset: int, length: int) -> None:
+        """Send what is queued in the arena (ending with a read header), then ``length``
+        bytes of the host file from ``offset``; past its end, zeros."""
+        assert self.sendfile_fd is not None
+        self.flush_replies()
+        sock_fd = self.sock.fileno()
+        try:
+            while length:
+                n = os.sendfile(sock_fd, self.sendfile_fd, offset, length)
+                if n == 0:  # a file shorter than the device: the rest reads as zeros
+                    self.send(bytes(length))
+                    break
+                offset += n
+                length -= n
+        except OSError as exc:
+            raise StreamBroken(f"sending read data failed: {exc}") from exc
 
     def room(self, need: int) -> memoryview:
         """Make ``need`` bytes free at arena[pos:] (sending what is queued first if needed)."""
@@ -242,13 +309,15 @@ class _Client:
         next_event = conn.next_event
         clock = time.perf_counter_ns
         Request = p.Request
-        hdr_read = conn.read_header_size()
-        structured = conn.structured
-        pack_read_header = conn.pack_read_header
         pack_ok = conn.pack_ok
         always_fua = export.always_fua
         ok_size = conn.chunk_header_size()
         arena_view = memoryview(self.arena)
+        # A host file behind the device: reads and writes go to it directly (the protocol
+        # has checked bounds and read-only), the device only sees the odd short transfer.
+        file_fd = device.file_descriptor() if isinstance(device, FileBacked) else None
+        self.sendfile_fd = None if self.tls else file_fd
+        pwritev = os.pwritev
         while True:
             event = next_event()
             if type(event) is Request:
@@ -262,31 +331,24 @@ class _Client:
                     continue
                 try:
                     if rtype == p.NBD_CMD_READ:
-                        length = req.length
-                        if (structured and length >= SPARSE_READ_MIN
-                                and not req.flags & p.NBD_CMD_FLAG_DF):
-                            self.sparse_read(conn, export, req)
-                        else:
-                            need = hdr_read + length
-                            if self.pos + need > len(self.arena):
-                                arena_view = self.room(need)
-                            pos = self.pos
-                            start = pos + hdr_read
-                            device.readinto(arena_view[start : start + length], req.offset)
-                            pack_read_header(arena_view, pos, req.cookie, req.offset, length)
-                            self.pos = start + length
+                        self.read(conn, export, req, file_fd)
                         record("read", req.length, clock() - t0)
                     elif rtype == p.NBD_CMD_WRITE:
                         payload = req.payload
                         assert payload is not None
+                        fua = always_fua or bool(req.flags & p.NBD_CMD_FLAG_FUA)
                         if export.detect_zeroes != "off" and is_zero(payload):
                             device.write_zeroes(req.offset, req.length,
                                                 may_unmap=export.detect_zeroes == "unmap")
-                            if always_fua or req.flags & p.NBD_CMD_FLAG_FUA:
+                            export.known_data.clear()
+                            if fua:
                                 device.flush()
+                        elif file_fd is not None and not fua:
+                            n = pwritev(file_fd, [payload], req.offset)
+                            if n != req.length:
+                                device.write(payload[n:], req.offset + n)
                         else:
-                            device.write(payload, req.offset,
-                                         fua=always_fua or bool(req.flags & p.NBD_CMD_FLAG_FUA))
+                            device.write(payload, req.offset, fua=fua)
                         if export.bitmaps:
                             export.mark_dirty(req.offset, req.length)
                         if self.pos + ok_size > len(self.arena):
@@ -296,6 +358,8 @@ class _Client:
                     else:
                         self.other_command(conn, export, contexts, req)
                         record(p.CMD_NAMES.get(rtype, "other"), req.length, clock() - t0)
+                except StreamBroken:
+                    raise
                 except Exception as exc:  # the device failed: answer with an error, keep going
                     if not isinstance(exc, VdiskError | OSError):
                         log.exception("nbd: unexpected error serving %s", p.CMD_NAMES.get(rtype))
@@ -319,29 +383,42 @@ class _Client:
                     log.info("nbd: dropping client: %s", event.error)
                 return
 
+    def read(self, conn: p.ServerConnection, export: Export, req: p.Request,
+             file_fd: int | None) -> None:
+        """A READ's reply: sparse (hole chunks) when structured and long, else one data
+        chunk, sent from the host file when long, else read into the arena behind its header."""
+        offset, length = req.offset, req.length
+        if conn.structured and length >= SPARSE_READ_MIN and not req.flags & p.NBD_CMD_FLAG_DF:
+            self.sparse_read(conn, export, req)
+            return
+        hdr = conn.read_header_size()
+        if self.sendfile_fd is not None and length >= SENDFILE_MIN:
+            view = self.room(hdr)
+            self.pos = conn.pack_read_header(view, self.pos, req.cookie, offset, length)
+            self.send_file_data(offset, length)
+            return
+        view = self.room(hdr + length)
+        pos = self.pos
+        start = pos + hdr
+        data = view[start : start + length]
+        n = os.preadv(file_fd, [data], offset) if file_fd is not None else 0
+        if n != length:  # no file, or a short read (past its end: zeros, by the device)
+            export.device.readinto(data[n:], offset + n)
+        conn.pack_read_header(view, pos, req.cookie, offset, length)
+        self.pos = start + length
+
     def reply_error(self, conn: p.ServerConnection, cookie: int, error: int, message: str) -> None:
         view = self.room(conn.error_size(message))
         self.pos = conn.pack_error(view, self.pos, cookie, error, message)
 
     def sparse_read(self, conn: p.ServerConnection, export: Export, req: p.Request) -> None:
         """A structured read that sends zero runs as hole chunks."""
-        offset, length = req.offset, req.length
-        extents = export.device.block_status(offset, length)
-        runs: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
-        for ext in extents:
-            lo, hi = max(ext.offset, offset), min(ext.end, offset + length)
-            if hi <= lo:
-                continue
-            hole = ext.zero or not ext.data
-            if runs and runs[-1][2] == hole:
-                prev = runs[-1]
-                runs[-1] = (prev[0], prev[1] + hi - lo, hole)
-            else:
-                runs.append((lo, hi - lo, hole))
-        covered = sum(r[1] for r in runs)
-        if covered != length:  # the device answered short: read it all as data
-            runs = [(offset, length, False)]
+        runs = export.read_runs(req.offset, req.length)
         hdr = conn.read_header_size()
+        if self.sendfile_fd is not None and any(not hole and n >= SENDFILE_MIN
+                                                for _, n, hole in runs):
+            self.sparse_read_sendfile(conn, req.cookie, runs)
+            return
         need = sum(hdr + (12 if hole else n) for _, n, hole in runs) + hdr
         view = self.room(need)
         start = pos = self.pos
@@ -360,6 +437,21 @@ class _Client:
             raise
         self.pos = pos
 
+    def sparse_read_sendfile(self, conn: p.ServerConnection, cookie: int,
+                             runs: list[tuple[int, int, bool]]) -> None:
+        """sparse_read's chunks with the data sent from the host file (runs of a raw file
+        map to the same offsets in it)."""
+        hdr = conn.read_header_size()
+        for i, (off, n, hole) in enumerate(runs):
+            done = i == len(runs) - 1
+            if hole:
+                view = self.room(hdr + 12)
+                self.pos = conn.pack_hole(view, self.pos, cookie, off, n, done)
+            else:
+                view = self.room(hdr)
+                self.pos = conn.pack_read_header(view, self.pos, cookie, off, n, done)
+                self.send_file_data(off, n)
+
     def other_command(self, conn: p.ServerConnection, export: Export,
                       contexts: list[tuple[int, str]], req: p.Request) -> None:
         device = export.device
@@ -371,6 +463,7 @@ class _Client:
         elif rtype == p.NBD_CMD_TRIM:
             if export.discard == "unmap":
                 device.discard(req.offset, req.length)
+                export.known_data.clear()
                 export.mark_dirty(req.offset, req.length)
             if fua:
                 device.flush()
@@ -380,6 +473,7 @@ class _Client:
                 return
             may_unmap = export.discard == "unmap" and not req.flags & p.NBD_CMD_FLAG_NO_HOLE
             device.write_zeroes(req.offset, req.length, may_unmap=may_unmap)
+            export.known_data.clear()
             export.mark_dirty(req.offset, req.length)
             if fua:
                 device.flush()
