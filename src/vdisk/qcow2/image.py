@@ -66,6 +66,7 @@ from .cluster import (
     read_snapshots,
 )
 from .compress import decompress_cluster
+from .compressed_write import CompressedWriter, PreparedCluster, prepare
 from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
 
@@ -113,6 +114,7 @@ class Qcow2Image(BlockDeviceBase):
         refcount_cache_size = opts.pop("refcount_cache_size", refcount_cache_size)
         opts.pop("format", None)
         open_backing = bool(opts.pop("backing", open_backing))
+        compress = bool(opts.pop("compress", False))
         if opts:
             raise RequestError(
                 f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
@@ -127,6 +129,7 @@ class Qcow2Image(BlockDeviceBase):
             chain,
             force_share,
         )
+        self._compress_writes = compress
         return self
 
     def _init(
@@ -250,6 +253,8 @@ class Qcow2Image(BlockDeviceBase):
         self._write_ready = False
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
+        self._compressed = CompressedWriter(self)
+        self._compress_writes = False  # compress=True: whole-cluster writes go compressed
         # Backing chain.
         self._chain_depth = 0
         if header.backing_file and open_backing:
@@ -403,7 +408,8 @@ class Qcow2Image(BlockDeviceBase):
                 for c in clusters:
                     if not self.refcounts.get(c):
                         continue  # a damaged entry freed it twice: skipping can only leak
-                    self.refcounts.add(c, -1)
+                    if self.refcounts.add(c, -1) == 0:
+                        self._compressed.released(c)
                     if c in self.metadata and self.refcounts.get(c) == 0:
                         self.metadata.discard(c)
                         self.cache.drop(c << self.cluster_bits)
@@ -585,6 +591,14 @@ class Qcow2Image(BlockDeviceBase):
         n = view.nbytes
         if self._closed or self._readonly or offset < 0 or offset + n > self._size:
             self.check_request(offset, n, write=True)  # raises the matching error
+        if self._compress_writes and n:
+            try:
+                self._compressed.write_whole_clusters(view, offset)
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+            if fua:
+                self.flush()
+            return n
         cmask = self.cluster_size - 1
         if n and (offset & cmask) + n <= cmask + 1 and not self._extended and self._write_ready:
             # Hot path: a cluster that is ours (COPIED), its L2 table cached: write in place.
@@ -659,6 +673,29 @@ class Qcow2Image(BlockDeviceBase):
         if fua:
             self.flush()
         return n
+
+    def write_compressed(self, buf: Buffer, offset: int) -> int:
+        """Write whole clusters compressed, as ``qemu-io -c 'write -c'``: ``offset`` cluster
+        aligned, the length whole clusters or up to the image end. A cluster that does not
+        shrink is stored as a normal cluster. Clusters are compressed on the codec pool."""
+        n = len(memoryview(buf).cast("B"))
+        self.write_prepared(prepare(self, buf, offset))
+        return n
+
+    def prepare_compressed(self, buf: Buffer, offset: int) -> list[PreparedCluster]:
+        """The compression half of :meth:`write_compressed`, in the calling thread and
+        without any lock (convert's workers call it); write the result with
+        :meth:`write_prepared` while ``buf`` is still valid."""
+        return prepare(self, buf, offset, parallel=False)
+
+    def write_prepared(self, clusters: list[PreparedCluster]) -> None:
+        """The writing half of :meth:`write_compressed`."""
+        if self._closed or self._readonly:
+            self.check_request(0, 0, write=True)
+        try:
+            self._compressed.write(clusters)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
 
     def _write(self, view: memoryview, offset: int) -> None:
         """The general write: plan, copy-on-write, host runs, commit."""
