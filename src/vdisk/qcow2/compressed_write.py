@@ -1,4 +1,5 @@
-"""Compressed cluster writes of a Qcow2Image (QEMU's ``write -c`` and ``compress=on``).
+"""Compressed cluster writes of a Qcow2Image (QEMU's ``write -c`` and ``compress=on``), and
+the parallel decompression of a read that spans many compressed clusters.
 
 A compressed write takes whole guest clusters (the image's last cluster may be short). Each is
 compressed with the header's codec (``compress.py``); one that does not shrink is written as a
@@ -28,15 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Buffer
 
-from ..errors import ReadOnlyError, RequestError, UnsupportedFeatureError
-from ..fileio import pwritev_full
+from ..errors import CorruptImageError, ReadOnlyError, RequestError, UnsupportedFeatureError
+from ..fileio import pread_full, pwritev_full
 from . import format as fmt
-from .compress import compress_cluster, compress_many
+from .cluster import SEG_COMPRESSED, Segment
+from .compress import compress_cluster, compress_many, decompress_many
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
 
 SECTOR = 512
+PARALLEL_READ_MIN = 4  # compressed clusters in one read worth a trip to the codec pool
 _PAD = bytes(SECTOR)
 
 
@@ -228,6 +231,25 @@ class CompressedWriter:
                     image._inflight.discard(pc.guest_offset >> cb)
                 if image._waiters:
                     image._cond.notify_all()
+
+    def decompress_segments(self, segs: list[Segment]) -> dict[int, bytes]:
+        """The guest data of the compressed clusters among a read's segments, by L2 entry,
+        decompressed on the codec pool when there are enough to share; {} for few."""
+        entries = list(dict.fromkeys(s.arg for s in segs if s.kind == SEG_COMPRESSED))
+        if len(entries) < PARALLEL_READ_MIN:
+            return {}
+        image = self.image
+        raws = []
+        for entry in entries:
+            host, length = fmt.decode_compressed(entry, image.cluster_bits)
+            raw = bytearray(length)
+            pread_full(image.fd, raw, host)
+            raws.append(raw)
+        try:
+            datas = decompress_many(raws, image.header.compression_type, image.cluster_size)
+        except CorruptImageError:
+            return {}  # the one-by-one path names the damaged cluster
+        return dict(zip(entries, datas, strict=True))
 
     def write_whole_clusters(self, view: memoryview, offset: int) -> None:
         """A write on an image opened with ``compress=True``: its whole clusters (and a short

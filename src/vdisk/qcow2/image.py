@@ -538,6 +538,7 @@ class Qcow2Image(BlockDeviceBase):
             self._active.add(ticket)
         try:
             fd = self.fd
+            inflated = self._compressed.decompress_segments(segs)  # many: on the codec pool
             for kind, g, length, arg in segs:
                 b = g - offset
                 if kind == SEG_DATA:
@@ -547,7 +548,7 @@ class Qcow2Image(BlockDeviceBase):
                 elif kind == SEG_BACKING:
                     self._read_backing(view[b : b + length], g)
                 else:
-                    data = self._decompress(arg)
+                    data = inflated.get(arg) or self._decompress(arg)
                     c = g & (self.cluster_size - 1)
                     view[b : b + length] = data[c : c + length]
         except OSError as exc:
