@@ -360,7 +360,9 @@ def convert(
     if compress and not isinstance(target, CompressedTarget):
         raise UnsupportedFeatureError("Compression not supported for this file format")
     steps: Iterator[_Step] = (
-        windows(sources, total, not target_is_zero) if compress else plan(sources, sparse_size > 0)
+        windows(sources, total, not (target_is_zero and sparse_size))
+        if compress
+        else plan(sources, sparse_size > 0)
     )
     limit = 2 * workers  # steps in flight: they bound the memory held
     copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total)
