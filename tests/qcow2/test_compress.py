@@ -382,3 +382,35 @@ def test_op_mix_with_compressed_writes(tmp_path: Path, ops: list, ctype: str) ->
     raw.write_bytes(bytes(model))
     assert_check_clean(image)
     assert_compare_equal(image, raw)
+
+
+@needs_qemu
+def test_freed_host_cluster_is_not_packed_into(tmp_path: Path) -> None:
+    # Two compressed clusters share host cluster H; both go, H is freed at the flush and
+    # reused for plain data: the next compressed write must not land in H's free bytes.
+    cs = 4096
+    rng = random.Random(21)
+    image, raw = tmp_path / "f.qcow2", tmp_path / "f.raw"
+    _create(image, 8 * cs, cs)
+    data = bytearray(8 * cs)
+    with Qcow2Image.open(str(image)) as img:
+        img.write_compressed(_compressible(rng, 2 * cs), 0)
+        (e0, _), (e1, _) = img.map.entry(0), img.map.entry(1)
+        shared = set(fmt.compressed_host_clusters(e0, 12)) & set(
+            fmt.compressed_host_clusters(e1, 12)
+        )
+        assert shared
+        img.discard(0, 2 * cs)
+        img.flush()
+        plain = rng.randbytes(cs)
+        img.write(plain, 4 * cs)
+        data[4 * cs : 5 * cs] = plain
+        host = img.map.entry(4)[0] & fmt.L2E_OFFSET_MASK
+        assert host >> 12 in shared  # the allocator reused H
+        more = _compressible(rng, cs)
+        img.write_compressed(more, 6 * cs)
+        data[6 * cs : 7 * cs] = more
+        assert img.pread(8 * cs, 0) == data
+    raw.write_bytes(bytes(data))
+    assert_check_clean(image)
+    assert_compare_equal(image, raw)

@@ -254,6 +254,7 @@ class Qcow2Image(BlockDeviceBase):
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
         self._compressed = CompressedWriter(self)
+        self.refcounts.on_release = self._compressed.released
         self._compress_writes = False  # compress=True: whole-cluster writes go compressed
         # Backing chain.
         self._chain_depth = 0
@@ -408,8 +409,7 @@ class Qcow2Image(BlockDeviceBase):
                 for c in clusters:
                     if not self.refcounts.get(c):
                         continue  # a damaged entry freed it twice: skipping can only leak
-                    if self.refcounts.add(c, -1) == 0:
-                        self._compressed.released(c)
+                    self.refcounts.add(c, -1)
                     if c in self.metadata and self.refcounts.get(c) == 0:
                         self.metadata.discard(c)
                         self.cache.drop(c << self.cluster_bits)
