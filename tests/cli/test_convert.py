@@ -129,6 +129,10 @@ def test_convert_compressed_like_qemu(src: Path, vdisk_cli: VdiskRunner, ctype: 
         ["-c", "-O", "qcow2", "-o", opt, "-m", "1", "top.qcow2"],
     ):
         _same_as_qemu(src, vdisk_cli, args, "qcow2")
+    # 512-byte clusters: qemu-img's parallel compressed writes allocate L2 tables in an
+    # order of their own, so only the contents (and check) are compared.
+    args = ["-c", "-f", "raw", "-O", "qcow2", "-o", f"{opt},cluster_size=512", "mixed.img"]
+    _same_as_qemu(src, vdisk_cli, args, "qcow2", same_map=False)
 
 
 def test_convert_compressed_clusters_match_qemu(src: Path, vdisk_cli: VdiskRunner) -> None:
