@@ -135,7 +135,7 @@ def decompress_cluster(raw: bytes | bytearray, compression_type: int, cluster_si
 
 def _inflate(raw: bytes | bytearray, cluster_size: int) -> bytes:
     try:
-        return zlib.decompressobj(DEFLATE_WBITS).decompress(bytes(raw), cluster_size)
+        return zlib.decompressobj(DEFLATE_WBITS).decompress(raw, cluster_size)
     except zlib.error as exc:
         raise CorruptImageError(f"deflate: {exc}") from None
 
@@ -149,9 +149,18 @@ def _zstd_decompress(raw: bytes | bytearray, cluster_size: int) -> bytes:
     if dctx is None:  # one per thread: made once (half the cost of a 64 KiB cluster)
         dctx = zstandard.ZstdDecompressor()
         _local.zstd_d = dctx
-    reader = dctx.stream_reader(
-        io.BytesIO(bytes(raw)), read_across_frames=True
-    )
+    try:
+        whole = zstandard.frame_content_size(raw) == cluster_size
+    except zstandard.ZstdError:
+        whole = False  # the stream below names the damage
+    if whole:
+        # One frame that says it holds exactly one cluster (as QEMU and we write them):
+        # decoded in one call, its size checked by the library, what follows ignored.
+        try:
+            return dctx.decompress(raw)
+        except zstandard.ZstdError as exc:
+            raise CorruptImageError(f"zstd: {exc}") from None
+    reader = dctx.stream_reader(io.BytesIO(bytes(raw)), read_across_frames=True)
     out = bytearray()
     try:
         while len(out) < cluster_size:
