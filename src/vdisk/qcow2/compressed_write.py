@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 SECTOR = 512
 PARALLEL_READ_MIN = 4  # compressed clusters in one read worth a trip to the codec pool
+SPAN_GAP = 4096  # bytes between compressed clusters still read in the same pread
 _PAD = bytes(SECTOR)
 
 
@@ -239,12 +240,9 @@ class CompressedWriter:
         if len(entries) < PARALLEL_READ_MIN:
             return {}
         image = self.image
-        raws = []
-        for entry in entries:
-            host, length = fmt.decode_compressed(entry, image.cluster_bits)
-            raw = bytearray(length)
-            pread_full(image.fd, raw, host)
-            raws.append(raw)
+        raws = _read_spans(
+            image.fd, [fmt.decode_compressed(e, image.cluster_bits) for e in entries]
+        )
         try:
             datas = decompress_many(raws, image.header.compression_type, image.cluster_size)
         except CorruptImageError:
@@ -267,6 +265,37 @@ class CompressedWriter:
         self.write(prepare(image, view[start - offset : stop - offset], start))
         if stop < end:
             image._write(view[stop - offset :], stop)
+
+
+def _read_spans(fd: int, places: list[tuple[int, int]]) -> list[memoryview]:
+    """The bytes at each (host offset, length), read with one pread per stretch of nearby
+    places (packed compressed clusters lie back to back). A stretch never spans more than
+    its members plus ``SPAN_GAP`` between each, so memory stays bounded by the request."""
+    out: list[memoryview] = [memoryview(b"")] * len(places)
+    order = sorted(range(len(places)), key=lambda i: places[i][0])
+    members: list[int] = []
+    start = end = 0
+
+    def read_stretch() -> None:
+        buf = bytearray(end - start)
+        pread_full(fd, buf, start)
+        view = memoryview(buf)
+        for i in members:
+            host, length = places[i]
+            out[i] = view[host - start : host - start + length]
+
+    for i in order:
+        host, length = places[i]
+        if members and host <= end + SPAN_GAP:
+            end = max(end, host + length)
+        else:
+            if members:
+                read_stretch()
+            members, start, end = [], host, host + length
+        members.append(i)
+    if members:
+        read_stretch()
+    return out
 
 
 def _host_runs(
