@@ -414,3 +414,26 @@ def test_freed_host_cluster_is_not_packed_into(tmp_path: Path) -> None:
     raw.write_bytes(bytes(data))
     assert_check_clean(image)
     assert_compare_equal(image, raw)
+
+
+@needs_qemu
+@pytest.mark.parametrize("extra", ["extended_l2=on", "refcount_bits=1", "refcount_bits=2"])
+def test_compressed_writes_other_layouts(tmp_path: Path, extra: str) -> None:
+    # Extended L2 (compressed entries carry no subcluster bitmap); a refcount limit of 1
+    # (no host cluster shared) or 3 (at most three clusters share one).
+    cs = 65536 if extra.startswith("extended") else 4096
+    rng = random.Random(9)
+    data = bytearray(_compressible(rng, 16 * cs))
+    image, raw = tmp_path / "l.qcow2", tmp_path / "l.raw"
+    _create(image, 16 * cs, cs, extra=extra)
+    with Qcow2Image.open(str(image)) as img:
+        img.write_compressed(bytes(data[: 12 * cs]), 0)
+        img.write(b"\x5a" * 512, 2 * cs + 1024)
+        data[2 * cs + 1024 : 2 * cs + 1536] = b"\x5a" * 512
+        # Not in one call: the second and fourth prepared clusters are not neighbours.
+        prepared = img.prepare_compressed(bytes(data[12 * cs :]), 12 * cs)
+        img.write_prepared([prepared[0], prepared[2], prepared[1], prepared[3]])
+    raw.write_bytes(bytes(data))
+    assert_check_clean(image)
+    assert_compare_equal(image, raw)
+    assert _kinds(image, 16).count("c") == 15

@@ -142,11 +142,12 @@ class CompressedWriter:
     def write(self, clusters: list[PreparedCluster]) -> None:
         """Write prepared clusters: runs of compressed ones here, the others as normal writes."""
         run: list[PreparedCluster] = []
+        cs = self.image.cluster_size
         for pc in clusters:
+            if run and (pc.compressed is None or pc.guest_offset != run[-1].guest_offset + cs):
+                self._write_run(run)  # a run is consecutive guest clusters
+                run = []
             if pc.compressed is None:
-                if run:
-                    self._write_run(run)
-                    run = []
                 self.image._write(pc.data, pc.guest_offset)
             else:
                 run.append(pc)
