@@ -142,17 +142,26 @@ class CompressedWriter:
     def write(self, clusters: list[PreparedCluster]) -> None:
         """Write prepared clusters: runs of compressed ones here, the others as normal writes."""
         run: list[PreparedCluster] = []
+        plain: list[PreparedCluster] = []
         cs = self.image.cluster_size
         for pc in clusters:
-            if run and (pc.compressed is None or pc.guest_offset != run[-1].guest_offset + cs):
-                self._write_run(run)  # a run is consecutive guest clusters
-                run = []
-            if pc.compressed is None:
-                self.image._write(pc.data, pc.guest_offset)
-            else:
-                run.append(pc)
+            kind = run if pc.compressed is not None else plain
+            other = plain if kind is run else run
+            if other or (kind and pc.guest_offset != kind[-1].guest_offset + cs):
+                self._flush_runs(run, plain)  # a run is consecutive guest clusters
+            kind.append(pc)
+        self._flush_runs(run, plain)
+
+    def _flush_runs(self, run: list[PreparedCluster], plain: list[PreparedCluster]) -> None:
+        """Write the pending run of compressed clusters or of plain ones (one normal write
+        for consecutive plain clusters), and empty both lists."""
         if run:
             self._write_run(run)
+        if plain:
+            data = plain[0].data if len(plain) == 1 else b"".join(p.data for p in plain)
+            self.image._write(memoryview(data), plain[0].guest_offset)
+        run.clear()
+        plain.clear()
 
     def _write_run(self, run: list[PreparedCluster]) -> None:
         image = self.image
