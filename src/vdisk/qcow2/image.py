@@ -16,6 +16,8 @@ Guest data I/O never happens under it, except the small table writes of a flush:
   flight; take a ticket; unlock; read copy-on-write head/tail; one pwritev per contiguous host
   run; lock; store the L2 entries; clear the in-flight marks; return the ticket.
 * write_zeroes / discard: lock; wait as a write does; update L2 entries; unlock.
+* compressed write (``compressed_write.py``): compress with no lock held; then as a write,
+  with byte allocation in place of cluster allocation; compressed writers take turns.
 
 Clusters freed by an overwrite, a discard or a zero request are not reusable at once: they go
 to a pending list tagged with the current ticket number and their refcount drops only at a
