@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,10 +72,15 @@ def make_source(path: Path, size: int) -> None:
                 f.write(binaries[at : at + MIB].ljust(MIB, b"\0"))
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the command and its threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall, cpu
 
 
 def rows(work: Path, raw: Path) -> list[tuple[str, list[str], list[str]]]:
@@ -110,26 +116,30 @@ def rows(work: Path, raw: Path) -> list[tuple[str, list[str], list[str]]]:
 def run(work: Path, raw: Path, rounds: int) -> list[dict[str, object]]:
     results = []
     for label, ours, theirs in rows(work, raw):
-        v: list[float] = []
-        q: list[float] = []
+        v: list[tuple[float, float]] = []
+        q: list[tuple[float, float]] = []
         for r in range(rounds):
             order = ("v", "q", "q", "v") if r % 2 == 0 else ("q", "v", "v", "q")
-            times = {"v": [], "q": []}  # type: dict[str, list[float]]
+            times: dict[str, list[tuple[float, float]]] = {"v": [], "q": []}
             for side in order:
                 times[side].append(timed(ours if side == "v" else theirs))
             v += times["v"]
             q += times["q"]
-        ratios = [b / a for a, b in zip(v, q, strict=True)]
+        ratios = [b[0] / a[0] for a, b in zip(v, q, strict=True)]
+        cpu_ratios = [b[1] / a[1] for a, b in zip(v, q, strict=True)]
         row = {
             "row": label,
-            "vdisk_s": statistics.median(v),
-            "qemu_s": statistics.median(q),
+            "vdisk_s": statistics.median(t[0] for t in v),
+            "qemu_s": statistics.median(t[0] for t in q),
             "ratio": statistics.median(ratios),
             "ratios": ratios,
+            "vdisk_cpu": statistics.median(t[1] for t in v),
+            "qemu_cpu": statistics.median(t[1] for t in q),
+            "cpu_ratio": statistics.median(cpu_ratios),
         }
         print(
             f"{label:18} vdisk {row['vdisk_s']:7.2f} s  qemu-img {row['qemu_s']:7.2f} s  "
-            f"ratio {row['ratio']:.2f}",
+            f"ratio {row['ratio']:.2f}  cpu ratio {row['cpu_ratio']:.2f}",
             flush=True,
         )
         results.append(row)
@@ -143,14 +153,19 @@ def table(results: list[dict[str, object]], size: int, rounds: int) -> str:
         f"process per run, {os.cpu_count()} cores shared with other work; A B B A order, the "
         "ratio is the median of pairwise ratios (qemu-img time / vdisk time, >1: vdisk faster).",
         "",
-        "| row | vdisk (s) | qemu-img (s) | ratio |",
-        "|---|---:|---:|---:|",
+        "| row | vdisk (s) | qemu-img (s) | ratio (wall) | pairwise ratios | vdisk CPU s | "
+        "qemu-img CPU s | ratio (CPU) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
+        f = {k: float(v) for k, v in r.items() if isinstance(v, float)}
+        pairs = ", ".join(f"{x:.2f}" for x in r["ratios"])  # type: ignore[attr-defined]
         lines.append(
-            f"| {r['row']} | {float(r['vdisk_s']):.2f} | {float(r['qemu_s']):.2f} | "  # type: ignore[arg-type]
-            f"{float(r['ratio']):.2f} |"  # type: ignore[arg-type]
+            f"| {r['row']} | {f['vdisk_s']:.2f} | {f['qemu_s']:.2f} | **{f['ratio']:.2f}x** | "
+            f"{pairs} | {f['vdisk_cpu']:.2f} | {f['qemu_cpu']:.2f} | {f['cpu_ratio']:.2f}x |"
         )
+    lines.append("")
+    lines.append(f"Host load average at the end: {os.getloadavg()[0]:.2f}.")
     return "\n".join(lines)
 
 
