@@ -9,6 +9,12 @@ sparse (``sparse_size=0`` turns all of that off and fully allocates the target, 
 Reads (and zero detection) run in the pool; writes happen in guest order on the calling thread
 unless ``out_of_order`` (``-W``) lets each worker write its own chunk at once.
 
+With ``compress`` (``convert -c``) the target must offer compressed writes
+(:class:`CompressedTarget`, as a qcow2 image does): the copy goes by windows of whole target
+clusters; each worker reads its window and compresses its clusters (the codecs release the GIL,
+so this uses every core), zero clusters are skipped, and the compressed clusters are written in
+order. As qemu-img, every cluster is compressed, except one that does not shrink.
+
 A long copy flushes the target every ``flush_interval`` seconds, so that a copy killed outright
 leaves a target whose metadata describes most of what was written. A ``stop`` event (set by a
 signal handler) ends the copy between chunks: the writes in flight finish, the target is
@@ -25,12 +31,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from .block import BlockDevice, Extent
-from .errors import RequestError, VdiskError
+from .errors import RequestError, UnsupportedFeatureError, VdiskError
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
 _PROBE = 1 << 30  # block status window
@@ -57,6 +63,19 @@ class Source(Protocol):
     def block_status(self, offset: int, length: int) -> list[Extent]: ...
 
 
+@runtime_checkable
+class CompressedTarget(Protocol):
+    """A target that takes compressed cluster writes (``Qcow2Image``): the compression half
+    runs in the worker that read the data, the write half in guest order."""
+
+    @property
+    def cluster_size(self) -> int: ...
+
+    def prepare_compressed(self, buf: memoryview, offset: int) -> list[Any]: ...
+
+    def write_prepared(self, clusters: list[Any]) -> None: ...
+
+
 @dataclass(frozen=True)
 class _Copy:
     source: Source
@@ -71,9 +90,20 @@ class _Zero:
     length: int
 
 
-_Step = _Copy | _Zero
-# What a finished read leaves to write: (target offset, data or None for zeros, length).
-_Writes = list[tuple[int, memoryview | None, int]]
+@dataclass(frozen=True)
+class _Window:
+    """A cluster-aligned stretch of the target and the source data in it (the rest reads as
+    zeros): the unit of a compressed copy."""
+
+    dst_offset: int
+    length: int
+    pieces: tuple[_Copy, ...]
+
+
+_Step = _Copy | _Zero | _Window
+# What a finished read leaves to write: (target offset, data or None for zeros, length); the
+# data of a compressed copy is the target's prepared clusters (a list).
+_Writes = list[tuple[int, memoryview | list[Any] | None, int]]
 
 
 def zero_runs(buf: memoryview, dst_offset: int, block: int) -> list[tuple[int, int, bool]]:
@@ -133,6 +163,34 @@ def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> Iterato
         yield zero
 
 
+def windows(sources: Sequence[Source], total: int, every: bool) -> Iterator[_Window]:
+    """The copy as target windows of ``CHUNK`` bytes (a whole number of clusters of any
+    cluster size qcow2 allows), in target order: those holding data, or ``every`` one."""
+    start = 0
+    pieces: list[_Copy] = []
+    for step in plan(sources, True):
+        if not isinstance(step, _Copy):
+            continue
+        # plan() never lets a copy cross a CHUNK boundary of the target.
+        window = step.dst_offset - step.dst_offset % CHUNK
+        if window != start:
+            if pieces or every:
+                yield _Window(start, min(CHUNK, total - start), tuple(pieces))
+            if every:
+                for empty in range(start + CHUNK, window, CHUNK):
+                    yield _Window(empty, min(CHUNK, total - empty), ())
+            start, pieces = window, []
+        pieces.append(step)
+    if pieces or every:
+        yield _Window(start, min(CHUNK, total - start), tuple(pieces))
+    if every:
+        for empty in range(start + CHUNK, total, CHUNK):
+            yield _Window(empty, min(CHUNK, total - empty), ())
+
+
+_ZEROS = bytes(CHUNK)
+
+
 class _Buffers:
     """Reused read buffers (a fresh 2 MiB buffer costs a page fault per 4 KiB each time); at
     most ``limit`` exist, as at most ``limit`` steps are in flight."""
@@ -181,8 +239,47 @@ class _Copier:
         self.done = 0
         self.lock = threading.Lock()
 
+    def read_window(self, step: _Window) -> tuple[bytearray | None, _Writes]:
+        """Read a window and compress its clusters (in a worker); zero clusters are skipped
+        on a zeroed target (unless ``sparse_size`` is 0, as ``-S 0``)."""
+        target = self.target
+        assert isinstance(target, CompressedTarget)
+        buf = self.buffers.take()
+        view = memoryview(buf)[: step.length]
+        try:
+            if sum(p.length for p in step.pieces) < step.length:
+                view[:] = _ZEROS[: step.length]
+            for p in step.pieces:
+                at = p.dst_offset - step.dst_offset
+                p.source.readinto(view[at : at + p.length], p.src_offset)
+            cs = target.cluster_size
+            if self.sparse_size:
+                runs = zero_runs(view, step.dst_offset, cs)
+            else:
+                runs = [(0, step.length, True)]
+            items: _Writes = []
+            for a, b, nonzero in runs:
+                off = step.dst_offset + a
+                if not nonzero:
+                    if not self.target_is_zero:
+                        items.append((off, None, b - a))
+                    continue
+                # Whole clusters, or a short one that ends the target (as qemu-img allows).
+                at_end = step.dst_offset + b == target.size
+                whole = b if at_end or not b & (cs - 1) else b & ~(cs - 1)
+                if whole > a:
+                    items.append((off, target.prepare_compressed(view[a:whole], off), whole - a))
+                if whole < b:  # a short last cluster short of the target's end
+                    items.append((step.dst_offset + whole, view[whole:b], b - whole))
+        except BaseException:
+            self.buffers.give_back(buf)
+            raise
+        return buf, items
+
     def read(self, step: _Step) -> tuple[bytearray | None, _Writes]:
         """Read a step's data (in a worker); what to write for it."""
+        if isinstance(step, _Window):
+            return self.read_window(step)
         if isinstance(step, _Zero):
             return None, [] if self.target_is_zero else [(step.dst_offset, None, step.length)]
         buf = self.buffers.take()
@@ -200,7 +297,10 @@ class _Copier:
     def write(self, step: _Step, buf: bytearray | None, items: _Writes) -> None:
         try:
             for off, data, n in items:
-                if data is not None:
+                if isinstance(data, list):
+                    assert isinstance(self.target, CompressedTarget)
+                    self.target.write_prepared(data)
+                elif data is not None:
                     self.target.write(data, off)
                 elif not self.target_is_zero:
                     self.target.write_zeroes(off, n, may_unmap=True)
@@ -246,15 +346,24 @@ def convert(
     flush: bool = True,
     stop: threading.Event | None = None,
     flush_interval: float | None = FLUSH_INTERVAL,
+    compress: bool = False,
 ) -> None:
     """Copy the concatenation of ``sources`` to the start of ``target``; ``flush`` it after
     (qemu-img convert's default cache mode, ``unsafe``, does not). ``stop`` ends the copy
-    early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way."""
+    early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way;
+    ``compress`` writes compressed clusters (the target must be a :class:`CompressedTarget`)."""
     total = sum(s.size for s in sources)
     if total > target.size:
         raise RequestError("output file is smaller than input file")
     if workers < 1:
         raise RequestError("need at least one worker")
+    if compress and not isinstance(target, CompressedTarget):
+        raise UnsupportedFeatureError("Compression not supported for this file format")
+    steps: Iterator[_Step] = (
+        windows(sources, total, not (target_is_zero and sparse_size))
+        if compress
+        else plan(sources, sparse_size > 0)
+    )
     limit = 2 * workers  # steps in flight: they bound the memory held
     copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total)
     clock = _FlushClock(target, flush_interval)
@@ -269,7 +378,7 @@ def convert(
                 copier.write(step, buf, items)  # in guest order, as qemu-img without -W
 
         try:
-            for step in plan(sources, sparse_size > 0):
+            for step in steps:
                 if stop is not None and stop.is_set():
                     stopped = True
                     break
@@ -292,4 +401,13 @@ def convert(
         target.flush()
 
 
-__all__ = ["CHUNK", "ConvertInterrupted", "Source", "convert", "plan", "zero_runs"]
+__all__ = [
+    "CHUNK",
+    "CompressedTarget",
+    "ConvertInterrupted",
+    "Source",
+    "convert",
+    "plan",
+    "windows",
+    "zero_runs",
+]

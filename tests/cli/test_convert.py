@@ -95,6 +95,74 @@ def test_convert_qcow2_options(src: Path, vdisk_cli: VdiskRunner) -> None:
     _same_as_qemu(src, vdisk_cli, args, "qcow2", same_map=False)
 
 
+def _mixed_raw(path: Path, size: int) -> None:
+    """Per 64 KiB: text, zeros, random bytes (they do not shrink), small-alphabet noise."""
+    import random
+
+    rng = random.Random(4)
+    words = [rng.randbytes(4).hex().encode() for _ in range(50)]
+    out = bytearray()
+    for i in range(size // 65536 + 1):
+        kind = i % 4
+        if kind == 0:
+            out += b" ".join(rng.choices(words, k=8000))[:65536]
+        elif kind == 1:
+            out += bytes(65536)
+        elif kind == 2:
+            out += rng.randbytes(65536)
+        else:
+            out += bytes(rng.randrange(3) for _ in range(65536))
+    path.write_bytes(bytes(out[:size]))
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_convert_compressed_like_qemu(src: Path, vdisk_cli: VdiskRunner, ctype: str) -> None:
+    _mixed_raw(src / "mixed.img", 2 * 1024 * 1024 + 3 * 512)  # ends in a short cluster
+    opt = f"compression_type={ctype}"
+    for args in (
+        ["-c", "-O", "qcow2", "-o", opt, "top.qcow2"],
+        ["-c", "-f", "raw", "-O", "qcow2", "-o", opt, "mixed.img"],
+        ["-c", "-f", "raw", "-O", "qcow2", "-o", f"{opt},cluster_size=4k", "mixed.img"],
+        ["-c", "-O", "qcow2", "-o", f"{opt},cluster_size=2M", "top.qcow2"],
+        ["-c", "-O", "qcow2", "-o", opt, "top.qcow2", "disk.img", "base.qcow2"],
+        ["-c", "-O", "qcow2", "-o", opt, "-S", "0", "top.qcow2"],  # zero clusters compressed
+        ["-c", "-O", "qcow2", "-o", opt, "-m", "1", "top.qcow2"],
+    ):
+        _same_as_qemu(src, vdisk_cli, args, "qcow2")
+    # 512-byte clusters: qemu-img's parallel compressed writes allocate L2 tables in an
+    # order of their own, so only the contents (and check) are compared.
+    args = ["-c", "-f", "raw", "-O", "qcow2", "-o", f"{opt},cluster_size=512", "mixed.img"]
+    _same_as_qemu(src, vdisk_cli, args, "qcow2", same_map=False)
+
+
+def test_convert_compressed_clusters_match_qemu(src: Path, vdisk_cli: VdiskRunner) -> None:
+    """The same guest clusters end up compressed (and the random ones plain) as qemu-img's."""
+    from vdisk.qcow2 import Qcow2Image
+    from vdisk.qcow2 import format as fmt
+
+    _mixed_raw(src / "mixed.img", 1024 * 1024)
+    args = ["convert", "-c", "-f", "raw", "-O", "qcow2", "mixed.img"]
+    assert vdisk_cli([*args, "ours.qcow2"], src).rc == 0
+    _ok(qemu_img([*args, "theirs.qcow2"], src))
+    kinds = []
+    for name in ("ours.qcow2", "theirs.qcow2"):
+        with Qcow2Image.open(str(src / name), readonly=True) as img:
+            entries = [img.map.entry(gc)[0] for gc in range(16)]
+        kinds.append(["c" if e & fmt.OFLAG_COMPRESSED else "d" if e else "-" for e in entries])
+    assert kinds[0] == kinds[1] == ["c", "-", "d", "c"] * 4
+
+
+def test_convert_compressed_into_existing(src: Path, vdisk_cli: VdiskRunner) -> None:
+    """-n -c: zero clusters of the source overwrite the target's old data with zeros."""
+    _ok(qemu_img(["create", "-q", "-f", "qcow2", "old.qcow2", "12M"], src))
+    qemu_io(["-c", "write -P 0xee 0 12M", "old.qcow2"], src)
+    run = vdisk_cli(["convert", "-n", "-c", "-O", "qcow2", "top.qcow2", "old.qcow2"], src)
+    assert run.rc == 0, run
+    _ok(qemu_img(["compare", "top.qcow2", "old.qcow2"], src))
+    check = _ok(qemu_img(["check", "old.qcow2"], src))
+    assert check.out.startswith("No errors were found on the image.")
+
+
 def test_convert_out_of_order(src: Path, vdisk_cli: VdiskRunner) -> None:
     for fmt in ("raw", "qcow2"):
         run = vdisk_cli(["convert", "-W", "-m", "4", "-O", fmt, "top.qcow2", f"w.{fmt}"], src)
@@ -121,7 +189,7 @@ def test_convert_progress(src: Path, vdisk_cli: VdiskRunner) -> None:
 
 def test_convert_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
     cases = [
-        ["-c", "-O", "qcow2", "top.qcow2", "c.qcow2"],  # compression: not supported yet
+        ["-c", "top.qcow2", "x.raw"],  # raw cannot hold compressed clusters
         ["-m", "17", "top.qcow2", "x.raw"],
         ["-m", "0", "top.qcow2", "x.raw"],
         ["-S", "1000", "top.qcow2", "x.raw"],
@@ -133,12 +201,13 @@ def test_convert_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
         ["-n", "-o", "cluster_size=4k", "top.qcow2", "disk.img"],
         ["-O", "vmdk2", "top.qcow2", "x.raw"],
         ["-O", "qcow2", "-o", "backing_file=base.qcow2", "top.qcow2", "x.raw"],
+        ["-c", "-O", "qcow2", "-o", "preallocation=full", "top.qcow2", "x.raw"],
     ]
     for args in cases:
         ours = vdisk_cli(["convert", *args], src)
         assert ours.rc == 1 and ours.out == "" and ours.err.count("\n") == 1, (args, ours)
         assert not (src / "x.raw").exists(), args
-        if args[0] != "-c" and "backing_file=base.qcow2" not in args:
+        if "backing_file=base.qcow2" not in args:
             assert qemu_img(["convert", *args], src).rc == 1, args
             (src / "x.raw").unlink(missing_ok=True)  # qemu-img creates it before some checks
 

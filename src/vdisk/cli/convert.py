@@ -37,6 +37,21 @@ class _Settings:
     workers: int
     out_of_order: bool
     flush: bool
+    compress: bool = False
+
+
+def _compress_settings(settings: _Settings, out_fmt: str, options: tuple[str, ...]) -> _Settings:
+    """``-c``: qemu-img's checks of the target format and its creation options."""
+    if out_fmt != "qcow2":
+        raise UnsupportedFeatureError("Compression not supported for this file format")
+    opts = ",".join(options)
+    if "encrypt" in opts:
+        raise RequestError("Compression and encryption not supported at the same time")
+    if "preallocation=" in opts and "preallocation=off" not in opts:
+        raise RequestError("Compression and preallocation not supported at the same time")
+    return _Settings(
+        settings.sparse_size, settings.workers, settings.out_of_order, settings.flush, True
+    )
 
 
 def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
@@ -184,6 +199,7 @@ def _copy(
                 progress=show,
                 flush=settings.flush,
                 stop=stop,
+                compress=settings.compress,
             )
         except conv.ConvertInterrupted as exc:
             if show is not None:
@@ -204,7 +220,7 @@ def _copy(
 @click.option("-m", "workers", default="8", metavar="N", help="Parallel requests (1-16).")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
-@click.option("-c", "compress", is_flag=True, help="Compress (not supported).")
+@click.option("-c", "compress", is_flag=True, help="Compress the target's clusters.")
 @click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
 @click.option(
@@ -237,8 +253,6 @@ def convert_cmd(
 
     from ..backends.raw import RawDevice
 
-    if compress:
-        raise UnsupportedFeatureError("compression (-c) is not supported yet")
     sparse_size, nworkers = _check_counts(sparse, workers)
     if len(files) < 2:
         raise RequestError("Must specify image file name")
@@ -251,6 +265,8 @@ def convert_cmd(
         raise RequestError(f"Invalid cache option: {cache}")
     # qemu-img convert's default cache mode (unsafe) does not flush at the end.
     settings = _Settings(sparse_size, nworkers, out_of_order, flush=cache != "unsafe")
+    if compress:
+        settings = _compress_settings(settings, out_fmt, options)
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
     signalled: int | None = None

@@ -16,6 +16,8 @@ Guest data I/O never happens under it, except the small table writes of a flush:
   flight; take a ticket; unlock; read copy-on-write head/tail; one pwritev per contiguous host
   run; lock; store the L2 entries; clear the in-flight marks; return the ticket.
 * write_zeroes / discard: lock; wait as a write does; update L2 entries; unlock.
+* compressed write (``compressed_write.py``): compress with no lock held; then as a write,
+  with byte allocation in place of cluster allocation; compressed writers take turns.
 
 Clusters freed by an overwrite, a discard or a zero request are not reusable at once: they go
 to a pending list tagged with the current ticket number and their refcount drops only at a
@@ -68,6 +70,7 @@ from .cluster import (
     read_snapshots,
 )
 from .compress import decompress_cluster
+from .compressed_write import CompressedWriter, PreparedCluster, prepare
 from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
 
@@ -125,6 +128,7 @@ class Qcow2Image(BlockDeviceBase):
         if snapshot is not None:
             readonly = True  # a snapshot view never writes
         data_file: str | None = opts.pop("data_file", None)
+        compress = bool(opts.pop("compress", False))
         if opts:
             raise RequestError(
                 f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
@@ -142,6 +146,7 @@ class Qcow2Image(BlockDeviceBase):
         )
         if snapshot is not None:
             self._open_snapshot_view(snapshot, keep_size)
+        self._compress_writes = compress
         return self
 
     def _open_snapshot_view(self, key: str | dict[str, str], keep_size: bool) -> None:
@@ -278,6 +283,9 @@ class Qcow2Image(BlockDeviceBase):
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
         self.snapshot = None
+        self._compressed = CompressedWriter(self)
+        self.refcounts.on_release = self._compressed.released
+        self._compress_writes = False  # compress=True: whole-cluster writes go compressed
         # Backing chain.
         self._chain_depth = 0
         if header.backing_file and open_backing:
@@ -582,6 +590,7 @@ class Qcow2Image(BlockDeviceBase):
             self._active.add(ticket)
         try:
             fd = self.data_fd
+            inflated = self._compressed.decompress_segments(segs)  # many: on the codec pool
             for kind, g, length, arg in segs:
                 b = g - offset
                 if kind == SEG_DATA:
@@ -591,7 +600,7 @@ class Qcow2Image(BlockDeviceBase):
                 elif kind == SEG_BACKING:
                     self._read_backing(view[b : b + length], g)
                 else:
-                    data = self._decompress(arg)
+                    data = inflated.get(arg) or self._decompress(arg)
                     c = g & (self.cluster_size - 1)
                     view[b : b + length] = data[c : c + length]
         except OSError as exc:
@@ -640,6 +649,14 @@ class Qcow2Image(BlockDeviceBase):
         n = view.nbytes
         if self._closed or self._readonly or offset < 0 or offset + n > self._size:
             self.check_request(offset, n, write=True)  # raises the matching error
+        if self._compress_writes and n:
+            try:
+                self._compressed.write_whole_clusters(view, offset)
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+            if fua:
+                self.flush()
+            return n
         cmask = self.cluster_size - 1
         if (
             n
@@ -720,6 +737,29 @@ class Qcow2Image(BlockDeviceBase):
         if fua:
             self.flush()
         return n
+
+    def write_compressed(self, buf: Buffer, offset: int) -> int:
+        """Write whole clusters compressed, as ``qemu-io -c 'write -c'``: ``offset`` cluster
+        aligned, the length whole clusters or up to the image end. A cluster that does not
+        shrink is stored as a normal cluster. Clusters are compressed on the codec pool."""
+        n = len(memoryview(buf).cast("B"))
+        self.write_prepared(prepare(self, buf, offset))
+        return n
+
+    def prepare_compressed(self, buf: Buffer, offset: int) -> list[PreparedCluster]:
+        """The compression half of :meth:`write_compressed`, in the calling thread and
+        without any lock (convert's workers call it); write the result with
+        :meth:`write_prepared` while ``buf`` is still valid."""
+        return prepare(self, buf, offset, parallel=False)
+
+    def write_prepared(self, clusters: list[PreparedCluster]) -> None:
+        """The writing half of :meth:`write_compressed`."""
+        if self._closed or self._readonly:
+            self.check_request(0, 0, write=True)
+        try:
+            self._compressed.write(clusters)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
 
     def _write(self, view: memoryview, offset: int) -> None:
         """The general write: plan, copy-on-write, host runs, commit."""

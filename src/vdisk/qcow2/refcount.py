@@ -23,6 +23,7 @@ import heapq
 import os
 import struct
 from array import array
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,6 +63,9 @@ class RefcountManager:
         self.move_failed: OSError | None = None
         self.table = array("Q")
         self.tail_used = self.end_cluster
+        # Told of every cluster whose refcount falls to 0 (compressed writes stop packing
+        # into it).
+        self.on_release: Callable[[int], None] | None = None
         if load:
             self._load_table(file_size)
         self.metadata.add(0)  # the header cluster
@@ -184,6 +188,8 @@ class RefcountManager:
 
     def _released(self, cluster: int) -> None:
         self.metadata.discard(cluster)
+        if self.on_release is not None:
+            self.on_release(cluster)
         if cluster < self.scan_cursor:
             heapq.heappush(self.free_heap, cluster)
 
