@@ -45,14 +45,17 @@ STRIPE = 4 * MIB
 class Case:
     name: str
     label: str
-    source: str  # "qcow2" or "raw"
+    source: str  # a key of make_sources(): "full", "half", "empty" (qcow2) or "raw"
+    in_fmt: str
     out_fmt: str
 
 
 CASES = (
-    Case("qcow2-to-raw", "qcow2 -> raw", "qcow2", "raw"),
-    Case("qcow2-to-qcow2", "qcow2 -> qcow2", "qcow2", "qcow2"),
-    Case("raw-to-qcow2", "raw (sparse) -> qcow2", "raw", "qcow2"),
+    Case("full-to-raw", "qcow2 full -> raw", "full", "qcow2", "raw"),
+    Case("half-to-raw", "qcow2 half -> raw", "half", "qcow2", "raw"),
+    Case("empty-to-raw", "qcow2 empty -> raw", "empty", "qcow2", "raw"),
+    Case("half-to-qcow2", "qcow2 half -> qcow2", "half", "qcow2", "qcow2"),
+    Case("raw-to-qcow2", "raw (sparse) -> qcow2", "raw", "raw", "qcow2"),
 )
 
 
@@ -71,21 +74,29 @@ class Result:
         return statistics.median(self.ratios(lib)) if self.vdisk_s else 0.0
 
 
-def make_sources(workdir: str, size: int) -> dict[str, str]:
-    """The qcow2 source (data / zero / unallocated stripes) and its raw conversion."""
-    qcow2 = os.path.join(workdir, "src.qcow2")
-    raw = os.path.join(workdir, "src.raw")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qcow2, str(size)], check=True)
+def _qemu_io_fill(path: str, size: int, full: bool) -> None:
+    """Data in 4 MiB stripes (every stripe with ``full``; otherwise data, zero clusters,
+    data, unallocated)."""
     cmds: list[str] = []
     for i, offset in enumerate(range(0, size, STRIPE)):
-        kind = i % 4
+        kind = 0 if full else i % 4
         if kind in (0, 2):
             cmds += ["-c", f"write -q -P {i % 251 + 1} {offset} {STRIPE}"]
         elif kind == 1:
             cmds += ["-c", f"write -q -z {offset} {STRIPE}"]
-    subprocess.run(["qemu-io", "-f", "qcow2", *cmds, qcow2], check=True, capture_output=True)
-    subprocess.run(["qemu-img", "convert", "-O", "raw", qcow2, raw], check=True)
-    return {"qcow2": qcow2, "raw": raw}
+    subprocess.run(["qemu-io", "-f", "qcow2", *cmds, path], check=True, capture_output=True)
+
+
+def make_sources(workdir: str, size: int) -> dict[str, str]:
+    """The qcow2 sources (all data, half data, empty) and the raw conversion of the half one."""
+    paths = {name: os.path.join(workdir, f"src-{name}.qcow2") for name in ("full", "half", "empty")}
+    for name, path in paths.items():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)], check=True)
+        if name != "empty":
+            _qemu_io_fill(path, size, full=name == "full")
+    paths["raw"] = os.path.join(workdir, "src.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", paths["half"], paths["raw"]], check=True)
+    return paths
 
 
 def timed(cmd: list[str]) -> float:
@@ -98,15 +109,18 @@ def library_convert(case: Case, src: str, out: str) -> float:
     """What ``vdisk convert`` does, called in this process (no interpreter start-up)."""
     import vdisk
     from vdisk.convert import convert
+    from vdisk.qcow2 import Qcow2Image
 
     start = time.perf_counter()
-    with vdisk.open(src, format=case.source, readonly=True) as source:
+    with vdisk.open(src, format=case.in_fmt, readonly=True) as source:
         vdisk.create(out, source.size, format=case.out_fmt)
         if case.out_fmt == "raw":
             with vdisk.open(out, format="raw") as fresh:
                 fresh.write(bytes(4096), 0)  # as vdisk convert does (QEMU's first block)
         with vdisk.open(out, format=case.out_fmt) as target:
-            convert([source], target, target_is_zero=True, flush=False)
+            if isinstance(target, Qcow2Image):
+                target.durable = False  # cache=unsafe, as the command's default
+            convert([source], target, target_is_zero=True, flush=False, flush_interval=None)
     return time.perf_counter() - start
 
 
@@ -115,8 +129,8 @@ def run_case(case: Case, sources: dict[str, str], workdir: str, rounds: int) -> 
     sides = ("vdisk", "qemu", "lib")
     outs = {side: os.path.join(workdir, f"out-{side}.{case.out_fmt}") for side in sides}
     cmds = {
-        "vdisk": [*VDISK, "convert", "-f", case.source, "-O", case.out_fmt, src, outs["vdisk"]],
-        "qemu": ["qemu-img", "convert", "-f", case.source, "-O", case.out_fmt, src, outs["qemu"]],
+        "vdisk": [*VDISK, "convert", "-f", case.in_fmt, "-O", case.out_fmt, src, outs["vdisk"]],
+        "qemu": ["qemu-img", "convert", "-f", case.in_fmt, "-O", case.out_fmt, src, outs["qemu"]],
     }
 
     def one(side: str) -> float:

@@ -170,8 +170,10 @@ class _Copier:
         limit: int,
         progress: Progress | None,
         total: int,
+        fua: bool = False,
     ) -> None:
         self.target = target
+        self.fua = fua
         self.target_is_zero = target_is_zero
         self.sparse_size = sparse_size
         self.out_of_order = out_of_order
@@ -201,7 +203,7 @@ class _Copier:
         try:
             for off, data, n in items:
                 if data is not None:
-                    self.target.write(data, off)
+                    self.target.write(data, off, fua=self.fua)
                 elif not self.target_is_zero:
                     self.target.write_zeroes(off, n, may_unmap=True)
         finally:
@@ -246,17 +248,20 @@ def convert(
     flush: bool = True,
     stop: threading.Event | None = None,
     flush_interval: float | None = FLUSH_INTERVAL,
+    fua: bool = False,
 ) -> None:
     """Copy the concatenation of ``sources`` to the start of ``target``; ``flush`` it after
     (qemu-img convert's default cache mode, ``unsafe``, does not). ``stop`` ends the copy
-    early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way."""
+    early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way;
+    ``fua`` makes every data write durable before the next (cache modes writethrough and
+    directsync)."""
     total = sum(s.size for s in sources)
     if total > target.size:
         raise RequestError("output file is smaller than input file")
     if workers < 1:
         raise RequestError("need at least one worker")
     limit = 2 * workers  # steps in flight: they bound the memory held
-    copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total)
+    copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total, fua)
     clock = _FlushClock(target, flush_interval)
     stopped = False
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vdisk-convert") as pool:

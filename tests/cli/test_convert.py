@@ -86,6 +86,13 @@ def test_convert_like_qemu(src: Path, vdisk_cli: VdiskRunner, fmt: str) -> None:
         _same_as_qemu(src, vdisk_cli, args, fmt)
 
 
+@pytest.mark.parametrize("cache", ["unsafe", "writeback", "none", "writethrough", "directsync"])
+def test_convert_cache_modes(src: Path, vdisk_cli: VdiskRunner, cache: str) -> None:
+    """Every cache mode gives qemu-img's output; unsafe (the default) skips the syncs only."""
+    for fmt in ("raw", "qcow2"):
+        _same_as_qemu(src, vdisk_cli, ["-t", cache, "-T", "writeback", "-O", fmt, "top.qcow2"], fmt)
+
+
 def test_convert_qcow2_options(src: Path, vdisk_cli: VdiskRunner) -> None:
     for opts in ("cluster_size=4k", "compat=0.10"):
         _same_as_qemu(src, vdisk_cli, ["-O", "qcow2", "-o", opts, "top.qcow2"], "qcow2")
@@ -126,6 +133,7 @@ def test_convert_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
         ["-m", "0", "top.qcow2", "x.raw"],
         ["-S", "1000", "top.qcow2", "x.raw"],
         ["-t", "bogus", "top.qcow2", "x.raw"],
+        ["-T", "bogus", "top.qcow2", "x.raw"],
         ["top.qcow2"],
         ["missing.qcow2", "x.raw"],
         ["-n", "top.qcow2", "missing.raw"],

@@ -26,7 +26,17 @@ from .progress import Progress
 
 _MAX_SPARSE = 32768 * SECTOR_SIZE  # qemu-img's limit for -S (16 MiB)
 _MAX_WORKERS = 16  # qemu-img's limit for -m
-_CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+# qemu's cache modes -> (flush at the end, every write durable before the next). vdisk reads
+# and writes through the page cache in every mode: "none"/"off" and "directsync" promise what
+# "writeback" and "writethrough" promise, without O_DIRECT's cache bypass.
+_CACHE_MODES = {
+    "none": (True, False),
+    "off": (True, False),
+    "writeback": (True, False),
+    "writethrough": (True, True),
+    "directsync": (True, True),
+    "unsafe": (False, False),
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,8 @@ class _Settings:
     sparse_size: int
     workers: int
     out_of_order: bool
-    flush: bool
+    flush: bool  # at the end, and every few seconds of a long copy (not with cache=unsafe)
+    fua: bool
 
 
 def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
@@ -85,6 +96,14 @@ def _create_target(dst: str, out_fmt: str, options: tuple[str, ...], total: int)
         # probing); do the same so that the output's allocation matches qemu-img's.
         with vdisk.open(dst, format="raw") as fresh:
             fresh.write(bytes(min(fresh.size, 512 if total < 4096 else 4096)), 0)
+
+
+def _skip_syncs(target: BlockDevice) -> None:
+    """cache=unsafe: a qcow2 target writes its metadata back on close without fdatasync."""
+    from ..qcow2 import Qcow2Image
+
+    if isinstance(target, Qcow2Image):
+        target.durable = False
 
 
 class _Signalled(BaseException):
@@ -158,6 +177,8 @@ def _copy(
                 progress=show,
                 flush=settings.flush,
                 stop=stop,
+                flush_interval=conv.FLUSH_INTERVAL if settings.flush else None,
+                fua=settings.fua,
             )
         except conv.ConvertInterrupted as exc:
             if show is not None:
@@ -179,9 +200,27 @@ def _copy(
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
 @click.option("-c", "compress", is_flag=True, help="Compress (not supported).")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
-@click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
-@click.option("-T", "src_cache", metavar="CACHE", help="Accepted (source cache mode).")
+@click.option(
+    "-U",
+    "--force-share",
+    "force_share",
+    is_flag=True,
+    help="Force share: open read-only beside a writer (no write lock).",
+)
+@click.option(
+    "-t",
+    "cache",
+    default="unsafe",
+    metavar="CACHE",
+    help="Target cache mode (default unsafe: no flush).",
+)
+@click.option(
+    "-T",
+    "src_cache",
+    default="writeback",
+    metavar="CACHE",
+    help="Source cache mode (checked; reads use the page cache).",
+)
 @click.argument("files", nargs=-1)
 def convert_cmd(
     fmt: str | None,
@@ -196,7 +235,7 @@ def convert_cmd(
     compress: bool,
     force_share: bool,
     cache: str,
-    src_cache: str | None,
+    src_cache: str,
     files: tuple[str, ...],
 ) -> int:
     """Convert the source images (concatenated) into DST, like qemu-img convert."""
@@ -216,8 +255,10 @@ def convert_cmd(
         raise RequestError("-o has no effect when skipping image creation")
     if cache not in _CACHE_MODES:
         raise RequestError(f"Invalid cache option: {cache}")
-    # qemu-img convert's default cache mode (unsafe) does not flush at the end.
-    settings = _Settings(sparse_size, nworkers, out_of_order, flush=cache != "unsafe")
+    if src_cache not in _CACHE_MODES:
+        raise RequestError(f"Invalid source cache option: {src_cache}")
+    flush, fua = _CACHE_MODES[cache]
+    settings = _Settings(sparse_size, nworkers, out_of_order, flush=flush, fua=fua)
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
     signalled: int | None = None
@@ -230,6 +271,8 @@ def convert_cmd(
         if not skip_create:
             _create_target(dst, out_fmt, options, total)
         target = vdisk.open(dst, format=out_fmt, readonly=False)
+        if not settings.flush and out_fmt == "qcow2":
+            _skip_syncs(target)
         if target.size < total:
             raise RequestError("output file is smaller than input file", path=dst)
         show = Progress() if progress and not quiet else None

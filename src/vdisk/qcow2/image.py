@@ -247,6 +247,9 @@ class Qcow2Image(BlockDeviceBase):
         self._active: set[int] = set()
         self._pending: list[tuple[int, list[int]]] = []
         self._unsynced = False
+        # False (qemu's cache=unsafe): flush/close still write the metadata back, in order,
+        # but never fdatasync; a crash (of the host) may then lose or tear anything.
+        self.durable = True
         self._write_ready = False
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
@@ -428,21 +431,26 @@ class Qcow2Image(BlockDeviceBase):
         if kind == L2:
             wrote = self.refcounts.write_back()
             if wrote or self._unsynced:
-                os.fdatasync(self.fd)
+                self._sync()
                 self._unsynced = False
+
+    def _sync(self) -> None:
+        """fdatasync the file, unless ``durable`` is off (cache=unsafe)."""
+        if self.durable:
+            os.fdatasync(self.fd)
 
     def _flush_locked(self) -> None:
         self.refcounts.write_back()
-        os.fdatasync(self.fd)
+        self._sync()
         self._unsynced = False
         tables = self.cache.write_back(L2)
         if tables:
-            os.fdatasync(self.fd)
+            self._sync()
         if self.map.write_l1():
-            os.fdatasync(self.fd)
+            self._sync()
         if self._release_pending():
             self.refcounts.write_back()
-            os.fdatasync(self.fd)
+            self._sync()
 
     def flush(self) -> None:
         if self._closed:
