@@ -69,6 +69,7 @@ class _Copy:
 class _Zero:
     dst_offset: int
     length: int
+    from_backing: bool = False  # -B: left unallocated, so that the target's backing shows
 
 
 _Step = _Copy | _Zero
@@ -100,34 +101,76 @@ def zero_runs(buf: memoryview, dst_offset: int, block: int) -> list[tuple[int, i
     ]
 
 
-def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> Iterator[_Step]:
+def _backing_size(src: Source, top_only: bool) -> int:
+    """With ``top_only``, how much of ``src`` its backing file covers (0: none)."""
+    backing = getattr(src, "backing", None) if top_only else None
+    return min(backing.size, src.size) if backing is not None else 0
+
+
+def _split(e: Extent, at: int) -> Iterator[Extent]:
+    """``e`` cut at ``at`` (when inside it)."""
+    if e.offset < at < e.end:
+        yield Extent(e.offset, at - e.offset, e.data, e.zero, e.present, e.depth)
+        yield Extent(at, e.end - at, e.data, e.zero, e.present, e.depth)
+    else:
+        yield e
+
+
+def _source_extents(src: Source, top_only: bool, zeros_from: int) -> Iterator[tuple[Extent, bool]]:
+    """The source's extents, each with whether the copy leaves it to the target's backing
+    file (``top_only``): what the source's own backing file holds, and zeros at or past
+    ``zeros_from`` (the end of the target's backing file, which then reads zeros too)."""
+    covered = _backing_size(src, top_only)
+    pos = 0
+    while pos < src.size:
+        window = min(_PROBE, src.size - pos)
+        for whole in src.block_status(pos, window):
+            for part in _split(whole, covered):
+                for e in _split(part, zeros_from):
+                    below = (e.depth > 0 or not e.present) and e.offset < covered
+                    past_end = e.zero and not e.data and e.offset >= zeros_from
+                    yield e, top_only and (below or past_end)
+        pos += window
+
+
+def plan(
+    sources: Sequence[Source],
+    sparse: bool,
+    chunk: int = CHUNK,
+    top_only: bool = False,
+    backing_end: int | None = None,
+) -> Iterator[_Step]:
     """The copy steps in target order, generated as the copy goes (memory stays bounded):
-    chunked data copies and, with ``sparse``, zero ranges (otherwise holes are copied too)."""
+    chunked data copies and, with ``sparse``, zero ranges (otherwise holes are copied too).
+    With ``top_only`` (convert -B), what a source's backing file provides, and zeros past
+    ``backing_end`` (the target backing file's size), become zero ranges marked
+    ``from_backing``, never written."""
     zero: _Zero | None = None  # a zero range still growing
     base = 0
     for src in sources:
-        pos = 0
-        while pos < src.size:
-            window = min(_PROBE, src.size - pos)
-            for e in src.block_status(pos, window):
-                if sparse and e.zero and not e.data:
-                    if zero is not None and zero.dst_offset + zero.length == base + e.offset:
-                        zero = _Zero(zero.dst_offset, zero.length + e.length)
-                    else:
-                        if zero is not None:
-                            yield zero
-                        zero = _Zero(base + e.offset, e.length)
-                    continue
-                if zero is not None:
-                    yield zero
-                    zero = None
-                off = e.offset
-                while off < e.end:
-                    # Chunk boundaries aligned in the target, so reads stay cluster aligned.
-                    n = min(e.end - off, chunk - (base + off) % chunk)
-                    yield _Copy(src, off, base + off, n)
-                    off += n
-            pos += window
+        zeros_from = src.size if backing_end is None else max(0, backing_end - base)
+        for e, below in _source_extents(src, top_only, zeros_from):
+            if below or (sparse and e.zero and not e.data):
+                if (
+                    zero is not None
+                    and zero.dst_offset + zero.length == base + e.offset
+                    and zero.from_backing == below
+                ):
+                    zero = _Zero(zero.dst_offset, zero.length + e.length, below)
+                else:
+                    if zero is not None:
+                        yield zero
+                    zero = _Zero(base + e.offset, e.length, below)
+                continue
+            if zero is not None:
+                yield zero
+                zero = None
+            off = e.offset
+            while off < e.end:
+                # Chunk boundaries aligned in the target, so reads stay cluster aligned.
+                n = min(e.end - off, chunk - (base + off) % chunk)
+                yield _Copy(src, off, base + off, n)
+                off += n
         base += src.size
     if zero is not None:
         yield zero
@@ -186,7 +229,9 @@ class _Copier:
     def read(self, step: _Step) -> tuple[bytearray | None, _Writes]:
         """Read a step's data (in a worker); what to write for it."""
         if isinstance(step, _Zero):
-            return None, [] if self.target_is_zero else [(step.dst_offset, None, step.length)]
+            if self.target_is_zero or step.from_backing:
+                return None, []
+            return None, [(step.dst_offset, None, step.length)]
         buf = self.buffers.take()
         view = memoryview(buf)[: step.length]
         try:
@@ -249,18 +294,22 @@ def convert(
     stop: threading.Event | None = None,
     flush_interval: float | None = FLUSH_INTERVAL,
     fua: bool = False,
+    top_only: bool = False,
 ) -> None:
     """Copy the concatenation of ``sources`` to the start of ``target``; ``flush`` it after
     (qemu-img convert's default cache mode, ``unsafe``, does not). ``stop`` ends the copy
     early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way;
     ``fua`` makes every data write durable before the next (cache modes writethrough and
-    directsync)."""
+    directsync); ``top_only`` (convert -B: the target's backing file holds what the sources'
+    backing files hold) copies only each source's own layer."""
     total = sum(s.size for s in sources)
     if total > target.size:
         raise RequestError("output file is smaller than input file")
     if workers < 1:
         raise RequestError("need at least one worker")
     limit = 2 * workers  # steps in flight: they bound the memory held
+    target_backing = getattr(target, "backing", None)
+    backing_end = target_backing.size if target_backing is not None else None
     copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total, fua)
     clock = _FlushClock(target, flush_interval)
     stopped = False
@@ -274,7 +323,7 @@ def convert(
                 copier.write(step, buf, items)  # in guest order, as qemu-img without -W
 
         try:
-            for step in plan(sources, sparse_size > 0):
+            for step in plan(sources, sparse_size > 0, top_only=top_only, backing_end=backing_end):
                 if stop is not None and stop.is_set():
                     stopped = True
                     break

@@ -93,6 +93,51 @@ def test_convert_cache_modes(src: Path, vdisk_cli: VdiskRunner, cache: str) -> N
         _same_as_qemu(src, vdisk_cli, ["-t", cache, "-T", "writeback", "-O", fmt, "top.qcow2"], fmt)
 
 
+def test_convert_backing(src: Path, vdisk_cli: VdiskRunner) -> None:
+    """-B / -o backing_file: the target names the backing file and holds only the source's
+    own layer (zero clusters where it reads zeros), as qemu-img's does; also past the end
+    of a backing file shorter than the source, and from a raw source."""
+    _ok(qemu_img(["convert", "-O", "raw", "top.qcow2", "top.raw"], src))
+    for args in (
+        ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+        ["-O", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2", "top.qcow2"],
+        ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "-S", "0", "top.qcow2"],
+        ["-f", "raw", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.raw"],
+    ):
+        ours = vdisk_cli(["convert", *args, "ours.qcow2"], src)
+        assert ours.rc == 0, (args, ours)
+        info = json.loads(_ok(qemu_img(["info", "--output=json", "ours.qcow2"], src)).out)
+        assert (info["backing-filename"], info["backing-filename-format"]) == (
+            "base.qcow2",
+            "qcow2",
+        )
+        _same_as_qemu(src, vdisk_cli, args, "qcow2")
+    # -n -B: the existing target's header stays; only the source's own layer is written.
+    # (Contents only: a zero write on a cluster of a target without a backing file leaves
+    # it unallocated in QEMU, a zero cluster in vdisk.)
+    for name in ("ours.qcow2", "theirs.qcow2"):
+        _ok(qemu_img(["create", "-q", "-f", "qcow2", name, "12M"], src))
+    args = ["-n", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"]
+    assert vdisk_cli(["convert", *args, "ours.qcow2"], src).rc == 0
+    _ok(qemu_img(["convert", *args, "theirs.qcow2"], src))
+    _ok(qemu_img(["compare", "ours.qcow2", "theirs.qcow2"], src))
+    assert "backing" not in _ok(qemu_img(["info", "ours.qcow2"], src)).out
+
+
+def test_convert_backing_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
+    for args, message in (
+        (["-O", "qcow2", "-B", "base.qcow2"], "Use of backing file requires explicit backing"),
+        (["-O", "raw", "-B", "base.qcow2", "-F", "qcow2"], "not supported for file format 'raw'"),
+        (["-O", "qcow2", "-F", "qcow2"], "Backing format cannot be used without backing file"),
+        (["-O", "qcow2", "-B", "missing.qcow2", "-F", "qcow2"], "No such file or directory"),
+    ):
+        ours = vdisk_cli(["convert", *args, "top.qcow2", "x.qcow2"], src)
+        assert ours.rc == 1 and message in ours.err and ours.err.count("\n") == 1, (args, ours)
+        assert not (src / "x.qcow2").exists(), args
+        assert qemu_img(["convert", *args, "top.qcow2", "x.qcow2"], src).rc == 1, args
+        (src / "x.qcow2").unlink(missing_ok=True)
+
+
 def test_convert_qcow2_options(src: Path, vdisk_cli: VdiskRunner) -> None:
     for opts in ("cluster_size=4k", "compat=0.10"):
         _same_as_qemu(src, vdisk_cli, ["-O", "qcow2", "-o", opts, "top.qcow2"], "qcow2")

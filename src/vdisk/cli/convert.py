@@ -21,7 +21,7 @@ import click
 from ..block import SECTOR_SIZE, BlockDevice, SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
-from .options import create_opts, parse_opts
+from .options import ParsedOpt, create_opts, parse_opts
 from .progress import Progress
 
 _MAX_SPARSE = 32768 * SECTOR_SIZE  # qemu-img's limit for -S (16 MiB)
@@ -46,6 +46,7 @@ class _Settings:
     sparse_size: int
     workers: int
     out_of_order: bool
+    top_only: bool  # -B: copy only each source's own layer (the target's backing has the rest)
     flush: bool  # at the end, and every few seconds of a long copy (not with cache=unsafe)
     fua: bool
 
@@ -72,19 +73,35 @@ def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
     return sparse_size, nworkers
 
 
-def _create_target(dst: str, out_fmt: str, options: tuple[str, ...], total: int) -> None:
+def _target_opts(
+    dst: str, out_fmt: str, options: tuple[str, ...], backing: str | None, backing_fmt: str | None
+) -> dict[str, ParsedOpt]:
+    """The target's ``-o`` options with ``-B``/``-F`` folded in, checked as qemu-img checks."""
+    from .create import _backing_flags
+
+    opts = parse_opts(out_fmt, list(options), dst) if options else {}
+    _backing_flags(opts, out_fmt, backing, backing_fmt, dst)
+    if "backing_fmt" in opts and "backing_file" not in opts:
+        raise RequestError(
+            f"error while converting {out_fmt}: Backing format cannot be used without backing file",
+            path=dst,
+        )
+    if "backing_file" in opts and "backing_fmt" not in opts:
+        raise RequestError("Use of backing file requires explicit backing format")
+    return opts
+
+
+def _create_target(dst: str, out_fmt: str, opts: dict[str, ParsedOpt], total: int) -> None:
     """Make the target as qemu-img would: its ``-o`` options, sized for all sources."""
     import vdisk
+
+    from .create import _backing_size
 
     if vdisk.is_uri(dst):
         _check_export_target(dst, out_fmt, total)
         return
-    opts = parse_opts(out_fmt, list(options), dst)
-    if "backing_file" in opts or "backing_fmt" in opts:
-        # qemu-img would then copy only what differs from the backing file.
-        raise UnsupportedFeatureError(
-            "a backing file for the target (-B, -o backing_file) is not supported yet", path=dst
-        )
+    if "backing_file" in opts:
+        _backing_size(dst, opts["backing_file"].value, opts["backing_fmt"].value)
     kwargs = {
         d.kwarg: opts[d.name].value
         for d in create_opts(out_fmt)
@@ -179,6 +196,7 @@ def _copy(
                 stop=stop,
                 flush_interval=conv.FLUSH_INTERVAL if settings.flush else None,
                 fua=settings.fua,
+                top_only=settings.top_only,
             )
         except conv.ConvertInterrupted as exc:
             if show is not None:
@@ -193,6 +211,8 @@ def _copy(
 @click.option("-f", "fmt", metavar="FMT", help="Source format (default: probe).")
 @click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Output format (raw, qcow2).")
 @click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Output creation options.")
+@click.option("-B", "backing", metavar="BACKING", help="The target's backing file.")
+@click.option("-F", "backing_fmt", metavar="FMT", help="Format of the -B backing file.")
 @click.option("-n", "skip_create", is_flag=True, help="Write into an existing target.")
 @click.option("-S", "sparse", default="4k", metavar="SIZE", help="Zero run that stays sparse.")
 @click.option("-W", "out_of_order", is_flag=True, help="Allow out-of-order writes.")
@@ -226,6 +246,8 @@ def convert_cmd(
     fmt: str | None,
     out_fmt: str,
     options: tuple[str, ...],
+    backing: str | None,
+    backing_fmt: str | None,
     skip_create: bool,
     sparse: str,
     out_of_order: bool,
@@ -257,8 +279,10 @@ def convert_cmd(
         raise RequestError(f"Invalid cache option: {cache}")
     if src_cache not in _CACHE_MODES:
         raise RequestError(f"Invalid source cache option: {src_cache}")
+    opts = {} if skip_create else _target_opts(dst, out_fmt, options, backing, backing_fmt)
+    top_only = backing is not None or "backing_file" in opts
     flush, fua = _CACHE_MODES[cache]
-    settings = _Settings(sparse_size, nworkers, out_of_order, flush=flush, fua=fua)
+    settings = _Settings(sparse_size, nworkers, out_of_order, top_only, flush=flush, fua=fua)
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
     signalled: int | None = None
@@ -269,7 +293,7 @@ def convert_cmd(
         inputs = [SectorPadded(s) if isinstance(s, RawDevice) else s for s in sources]
         total = sum(s.size for s in inputs)
         if not skip_create:
-            _create_target(dst, out_fmt, options, total)
+            _create_target(dst, out_fmt, opts, total)
         target = vdisk.open(dst, format=out_fmt, readonly=False)
         if not settings.flush and out_fmt == "qcow2":
             _skip_syncs(target)
@@ -278,7 +302,8 @@ def convert_cmd(
         show = Progress() if progress and not quiet else None
         if show is not None:
             show(0, total)
-        _copy(inputs, target, dst, settings, not skip_create, show)
+        # A target with a backing file reads what it shows, not zeros (qemu-img's has_zero_init).
+        _copy(inputs, target, dst, settings, not skip_create and not top_only, show)
         if show is not None:
             show.close()
     except _Signalled as exc:
