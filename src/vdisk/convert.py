@@ -38,6 +38,8 @@ _PROBE = 1 << 30  # block status window
 FLUSH_INTERVAL = 10.0  # seconds between flushes of a long copy
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+ReadErrorHook = Callable[[int, Exception], None]  # --salvage: (target offset, the error)
+SECTOR = 512  # what --salvage retries and gives up on
 
 
 class ConvertInterrupted(VdiskError):
@@ -201,6 +203,23 @@ class _Buffers:
         self.free.put(buf)
 
 
+class _RateLimit:
+    """Sleeps so that data is written at no more than ``rate`` bytes per second (``-r``)."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.written = 0
+
+    def account(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        self.written += nbytes
+        ahead = self.start + self.written / self.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 class _Copier:
     """One copy's shared state: what each step reads and writes, and how far it has got."""
 
@@ -214,9 +233,14 @@ class _Copier:
         progress: Progress | None,
         total: int,
         fua: bool = False,
+        rate: int | None = None,
+        on_read_error: ReadErrorHook | None = None,
     ) -> None:
         self.target = target
+        self.salvage = on_read_error is not None
+        self.on_read_error = on_read_error
         self.fua = fua
+        self.rate = _RateLimit(rate)
         self.target_is_zero = target_is_zero
         self.sparse_size = sparse_size
         self.out_of_order = out_of_order
@@ -235,7 +259,12 @@ class _Copier:
         buf = self.buffers.take()
         view = memoryview(buf)[: step.length]
         try:
-            step.source.readinto(view, step.src_offset)
+            try:
+                step.source.readinto(view, step.src_offset)
+            except (VdiskError, OSError):
+                if not self.salvage:
+                    raise
+                self._salvage(step, view)
         except BaseException:
             self.buffers.give_back(buf)
             raise
@@ -244,11 +273,23 @@ class _Copier:
         runs = zero_runs(view, step.dst_offset, self.sparse_size)
         return buf, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
 
+    def _salvage(self, step: _Copy, view: memoryview) -> None:
+        """``--salvage``: read the step sector by sector; what fails reads as zeros."""
+        for pos in range(0, len(view), SECTOR):
+            part = view[pos : pos + SECTOR]
+            try:
+                step.source.readinto(part, step.src_offset + pos)
+            except (VdiskError, OSError) as exc:
+                part[:] = bytes(len(part))
+                if self.on_read_error is not None:
+                    self.on_read_error(step.dst_offset + pos, exc)
+
     def write(self, step: _Step, buf: bytearray | None, items: _Writes) -> None:
         try:
             for off, data, n in items:
                 if data is not None:
                     self.target.write(data, off, fua=self.fua)
+                    self.rate.account(n)
                 elif not self.target_is_zero:
                     self.target.write_zeroes(off, n, may_unmap=True)
         finally:
@@ -295,6 +336,8 @@ def convert(
     flush_interval: float | None = FLUSH_INTERVAL,
     fua: bool = False,
     top_only: bool = False,
+    rate: int | None = None,
+    salvage: ReadErrorHook | None = None,
 ) -> None:
     """Copy the concatenation of ``sources`` to the start of ``target``; ``flush`` it after
     (qemu-img convert's default cache mode, ``unsafe``, does not). ``stop`` ends the copy
@@ -310,7 +353,10 @@ def convert(
     limit = 2 * workers  # steps in flight: they bound the memory held
     target_backing = getattr(target, "backing", None)
     backing_end = target_backing.size if target_backing is not None else None
-    copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total, fua)
+    copier = _Copier(
+        target, target_is_zero, sparse_size, out_of_order, limit, progress, total, fua=fua,
+        rate=rate, on_read_error=salvage,
+    )  # fmt: skip
     clock = _FlushClock(target, flush_interval)
     stopped = False
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vdisk-convert") as pool:

@@ -266,3 +266,38 @@ def test_signal_mid_convert_keeps_what_was_copied(tmp_path: Path, signame: str) 
     os.truncate(prefix, copied)
     same = qemu_img(["compare", "-f", "raw", "-F", "qcow2", prefix.name, dst.name], tmp_path)
     assert same.rc == 0, same
+
+
+def test_convert_rate_limit(src: Path, vdisk_cli: VdiskRunner) -> None:
+    """-r slows the copy (not timed here) and keeps qemu-img's output; bad rates refused."""
+    _same_as_qemu(src, vdisk_cli, ["-r", "64M", "-O", "raw", "top.qcow2"], "raw")
+    bad = vdisk_cli(["convert", "-r", "abc", "top.qcow2", "x.raw"], src)
+    assert bad.rc == 1 and "Invalid rate limit specified" in bad.err and not bad.out
+    assert qemu_img(["convert", "-r", "abc", "top.qcow2", "x.raw"], src).rc == 1
+
+
+def test_convert_salvage(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    """A compressed cluster that does not inflate: refused without --salvage; with it, one
+    warning per unreadable sector and zeros in its place, as qemu-img --salvage."""
+    import struct
+
+    d = tmp_path
+    _ok(qemu_img(["create", "-q", "-f", "qcow2", "c.qcow2", "1M"], d))
+    qemu_io(["-c", "write -c -P 9 0 64k", "-c", "write -P 8 64k 64k", "c.qcow2"], d)
+    with (d / "c.qcow2").open("r+b") as f:
+        f.seek(40)
+        (l1,) = struct.unpack(">Q", f.read(8))
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(entry & ((1 << 54) - 1))  # the compressed data's host offset (64 KiB clusters)
+        f.write(b"\xff" * 64)
+    plain = vdisk_cli(["convert", "-O", "raw", "c.qcow2", "x.raw"], d)
+    assert plain.rc == 1 and plain.err.count("\n") == 1
+    ours = vdisk_cli(["convert", "--salvage", "-O", "raw", "c.qcow2", "ours.raw"], d)
+    theirs = qemu_img(["convert", "--salvage", "-O", "raw", "c.qcow2", "theirs.raw"], d)
+    assert (ours.rc, theirs.rc) == (0, 0)
+    assert ours.err.count("warning: error while reading offset") == 128
+    assert theirs.err.count("warning: error while reading offset") == 128
+    assert (d / "ours.raw").read_bytes() == (d / "theirs.raw").read_bytes()

@@ -46,6 +46,8 @@ class _Settings:
     sparse_size: int
     workers: int
     out_of_order: bool
+    rate: int | None  # -r, bytes/s
+    salvage: bool
     top_only: bool  # -B: copy only each source's own layer (the target's backing has the rest)
     flush: bool  # at the end, and every few seconds of a long copy (not with cache=unsafe)
     fua: bool
@@ -71,6 +73,27 @@ def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
             "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
         )
     return sparse_size, nworkers
+
+
+def _warn_read_error(offset: int, exc: Exception) -> None:
+    """--salvage: qemu-img's warning for each sector that could not be read."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, VdiskError):
+        reason = exc.message
+    click.echo(f"vdisk: warning: error while reading offset {offset}: {reason}", err=True)
+
+
+def _check_rate(rate: str | None) -> int | None:
+    """``-r`` as qemu-img reads it (a size; 0 means no limit)."""
+    if rate is None:
+        return None
+    try:
+        return parse_size(rate) or None
+    except VdiskError:
+        raise RequestError(
+            "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        ) from None
 
 
 def _target_opts(
@@ -197,6 +220,8 @@ def _copy(
                 flush_interval=conv.FLUSH_INTERVAL if settings.flush else None,
                 fua=settings.fua,
                 top_only=settings.top_only,
+                rate=settings.rate,
+                salvage=_warn_read_error if settings.salvage else None,
             )
         except conv.ConvertInterrupted as exc:
             if show is not None:
@@ -217,6 +242,8 @@ def _copy(
 @click.option("-S", "sparse", default="4k", metavar="SIZE", help="Zero run that stays sparse.")
 @click.option("-W", "out_of_order", is_flag=True, help="Allow out-of-order writes.")
 @click.option("-m", "workers", default="8", metavar="N", help="Parallel requests (1-16).")
+@click.option("--salvage", is_flag=True, help="Read errors: warn, write zeros, go on.")
+@click.option("-r", "rate", metavar="RATE", help="Rate limit (bytes/s, suffixes allowed).")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
 @click.option("-c", "compress", is_flag=True, help="Compress (not supported).")
@@ -252,6 +279,8 @@ def convert_cmd(
     sparse: str,
     out_of_order: bool,
     workers: str,
+    rate: str | None,
+    salvage: bool,
     progress: bool,
     quiet: bool,
     compress: bool,
@@ -268,6 +297,7 @@ def convert_cmd(
     if compress:
         raise UnsupportedFeatureError("compression (-c) is not supported yet")
     sparse_size, nworkers = _check_counts(sparse, workers)
+    rate_limit = _check_rate(rate)
     if len(files) < 2:
         raise RequestError("Must specify image file name")
     *srcs, dst = files
@@ -282,7 +312,9 @@ def convert_cmd(
     opts = {} if skip_create else _target_opts(dst, out_fmt, options, backing, backing_fmt)
     top_only = backing is not None or "backing_file" in opts
     flush, fua = _CACHE_MODES[cache]
-    settings = _Settings(sparse_size, nworkers, out_of_order, top_only, flush=flush, fua=fua)
+    settings = _Settings(
+        sparse_size, nworkers, out_of_order, rate_limit, salvage, top_only, flush=flush, fua=fua
+    )
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
     signalled: int | None = None
