@@ -379,6 +379,19 @@ class _Checker:
             )
 
 
+def expected_refcounts(fd: int, path: str) -> np.ndarray:
+    """The refcount every host cluster should have (the reference walk), for a new refcount
+    structure; a walk that finds damage refuses (``check -r`` first)."""
+    checker = _Checker(fd, path, 0)
+    counts = checker.calculate()
+    res = checker.res
+    if res.corruptions or res.check_errors:
+        raise CorruptImageError(
+            "the image has errors: repair it first (qemu-img check -r all)", path=path
+        )
+    return counts
+
+
 def check(path: str, fix: int = 0, force_share: bool = False) -> CheckResult:
     """One check pass over the qcow2 image at ``path``; ``fix`` is FIX_LEAKS | FIX_ERRORS.
 
@@ -431,5 +444,6 @@ __all__ = [
     "CheckResult",
     "check",
     "check_and_repair",
+    "expected_refcounts",
     "repair_open_file",
 ]
