@@ -189,6 +189,13 @@ def amend(
 ) -> None:
     """Apply ``opts`` to the closed qcow2 image at ``path`` (qemu-img amend's order: upgrade,
     refcount width, lazy refcounts, size, downgrade last)."""
+    try:
+        _amend(path, opts, progress)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+
+
+def _amend(path: str, opts: AmendOptions, progress: Callable[[int, int], None] | None) -> None:
     from .check import FIX_LEAKS, check_and_repair
 
     steps = 5
