@@ -253,7 +253,18 @@ class _Checker:
         if fixes:
             idx = np.array(fixes, dtype=np.uint64)
             stored.set(idx, counts[idx.astype(np.int64)])
+            self._zero_freed([c for c in fixes if not counts[c]])
         return highest
+
+    def _zero_freed(self, clusters: list[int]) -> None:
+        """Leaked clusters just freed: drop their data (punched, else zeroed), as QEMU
+        discards what a repair frees. Nothing references them, so the order is free."""
+        from ..backends.raw import write_zeroes_fd
+
+        for c in clusters:
+            start = c << self.cb
+            if start < self.file_size:
+                write_zeroes_fd(self.fd, start, min(self.cs, self.file_size - start), True)
 
     # -- rebuilding the refcount structure ---------------------------------------------------
     def rebuild_refcounts(self, counts: np.ndarray) -> None:
