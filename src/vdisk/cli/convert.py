@@ -118,7 +118,7 @@ def _create_target(dst: str, out_fmt: str, opts: dict[str, ParsedOpt], total: in
     """Make the target as qemu-img would: its ``-o`` options, sized for all sources."""
     import vdisk
 
-    from .create import _backing_size
+    from .create import _backing_size, write_first_block
 
     if vdisk.is_uri(dst):
         _check_export_target(dst, out_fmt, total)
@@ -131,11 +131,8 @@ def _create_target(dst: str, out_fmt: str, opts: dict[str, ParsedOpt], total: in
         if d.kwarg is not None and d.name in opts
     }
     vdisk.create(dst, total, format=out_fmt, **kwargs)
-    if out_fmt == "raw" and total:
-        # QEMU writes the first block of every raw file it creates (for its alignment
-        # probing); do the same so that the output's allocation matches qemu-img's.
-        with vdisk.open(dst, format="raw") as fresh:
-            fresh.write(bytes(min(fresh.size, 512 if total < 4096 else 4096)), 0)
+    if out_fmt == "raw":
+        write_first_block(dst, total)
 
 
 def _skip_syncs(target: BlockDevice) -> None:
