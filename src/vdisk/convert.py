@@ -203,7 +203,20 @@ class _Buffers:
         self.free.put(buf)
 
 
-class _RateLimit:
+# qemu's cache modes -> (flush at the end, every write durable before the next). vdisk reads
+# and writes through the page cache in every mode: "none"/"off" and "directsync" promise what
+# "writeback" and "writethrough" promise, without O_DIRECT's cache bypass.
+CACHE_MODES = {
+    "none": (True, False),
+    "off": (True, False),
+    "writeback": (True, False),
+    "writethrough": (True, True),
+    "directsync": (True, True),
+    "unsafe": (False, False),
+}
+
+
+class RateLimit:
     """Sleeps so that data is written at no more than ``rate`` bytes per second (``-r``)."""
 
     def __init__(self, rate: int | None) -> None:
@@ -240,7 +253,7 @@ class _Copier:
         self.salvage = on_read_error is not None
         self.on_read_error = on_read_error
         self.fua = fua
-        self.rate = _RateLimit(rate)
+        self.rate = RateLimit(rate)
         self.target_is_zero = target_is_zero
         self.sparse_size = sparse_size
         self.out_of_order = out_of_order
@@ -392,4 +405,13 @@ def convert(
         target.flush()
 
 
-__all__ = ["CHUNK", "ConvertInterrupted", "Source", "convert", "plan", "zero_runs"]
+__all__ = [
+    "CACHE_MODES",
+    "CHUNK",
+    "ConvertInterrupted",
+    "RateLimit",
+    "Source",
+    "convert",
+    "plan",
+    "zero_runs",
+]

@@ -312,3 +312,13 @@ def test_repair_zeroes_leaked_data(tmp_path: Path, vdisk_cli: VdiskRunner, repai
     size = 1 << img.cluster_bits
     ours, theirs = (p.read_bytes()[host : host + size] for p in (v, q))
     assert ours == theirs == bytes(size)
+
+
+def test_check_source_cache_mode(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    """-T: qemu-img's cache mode names are taken, others refused with its message."""
+    image = _plain(tmp_path)
+    for mode, rc in (("none", 0), ("writeback", 0), ("bogus", 1)):
+        ours = vdisk_cli(["check", "-T", mode, image.name], tmp_path)
+        theirs = qemu_img(["check", "-T", mode, image.name], tmp_path)
+        assert (ours.rc, ours.out) == (theirs.rc, theirs.out) and ours.rc == rc, (mode, ours)
+        assert ours.err == theirs.err.replace("qemu-img:", "vdisk:")

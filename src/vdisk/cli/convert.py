@@ -26,17 +26,6 @@ from .progress import Progress
 
 _MAX_SPARSE = 32768 * SECTOR_SIZE  # qemu-img's limit for -S (16 MiB)
 _MAX_WORKERS = 16  # qemu-img's limit for -m
-# qemu's cache modes -> (flush at the end, every write durable before the next). vdisk reads
-# and writes through the page cache in every mode: "none"/"off" and "directsync" promise what
-# "writeback" and "writethrough" promise, without O_DIRECT's cache bypass.
-_CACHE_MODES = {
-    "none": (True, False),
-    "off": (True, False),
-    "writeback": (True, False),
-    "writethrough": (True, True),
-    "directsync": (True, True),
-    "unsafe": (False, False),
-}
 
 
 @dataclass(frozen=True)
@@ -83,7 +72,17 @@ def _warn_read_error(offset: int, exc: Exception) -> None:
     click.echo(f"vdisk: warning: error while reading offset {offset}: {reason}", err=True)
 
 
-def _check_rate(rate: str | None) -> int | None:
+def check_cache_modes(cache: str | None, src_cache: str | None = None) -> None:
+    """``-t`` / ``-T`` as qemu-img checks them (the mode names of vdisk.convert.CACHE_MODES)."""
+    from ..convert import CACHE_MODES
+
+    if cache is not None and cache not in CACHE_MODES:
+        raise RequestError(f"Invalid cache option: {cache}")
+    if src_cache is not None and src_cache not in CACHE_MODES:
+        raise RequestError(f"Invalid source cache option: {src_cache}")
+
+
+def check_rate(rate: str | None) -> int | None:
     """``-r`` as qemu-img reads it (a size; 0 means no limit)."""
     if rate is None:
         return None
@@ -294,7 +293,7 @@ def convert_cmd(
     if compress:
         raise UnsupportedFeatureError("compression (-c) is not supported yet")
     sparse_size, nworkers = _check_counts(sparse, workers)
-    rate_limit = _check_rate(rate)
+    rate_limit = check_rate(rate)
     if len(files) < 2:
         raise RequestError("Must specify image file name")
     *srcs, dst = files
@@ -302,13 +301,12 @@ def convert_cmd(
     vdisk.check_format(out_fmt, dst)
     if skip_create and options:
         raise RequestError("-o has no effect when skipping image creation")
-    if cache not in _CACHE_MODES:
-        raise RequestError(f"Invalid cache option: {cache}")
-    if src_cache not in _CACHE_MODES:
-        raise RequestError(f"Invalid source cache option: {src_cache}")
+    check_cache_modes(cache, src_cache)
     opts = {} if skip_create else _target_opts(dst, out_fmt, options, backing, backing_fmt)
     top_only = backing is not None or "backing_file" in opts
-    flush, fua = _CACHE_MODES[cache]
+    from ..convert import CACHE_MODES
+
+    flush, fua = CACHE_MODES[cache]
     settings = _Settings(
         sparse_size, nworkers, out_of_order, rate_limit, salvage, top_only, flush=flush, fua=fua
     )
