@@ -165,6 +165,10 @@ def commit(
     ``base`` implies ``drop``); without ``drop`` the top image is emptied afterwards.
     ``settings``: the base's cache mode and a rate limit (``-t``, ``-r``)."""
     drop = drop or base is not None
+    import vdisk
+
+    if vdisk.is_uri(path):  # an export's data is raw: it has no backing file
+        raise UnsupportedFeatureError("Image does not have a backing file")
     if fmt not in (None, "qcow2"):
         raise UnsupportedFeatureError(f"'{fmt}' images have no backing file to commit to")
     # As qemu-img commit: the top is held for writing and the base opened read-write, so no
