@@ -18,6 +18,7 @@ flushed and ``ConvertInterrupted`` is raised; the target keeps what was copied, 
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .block import BlockDevice, Extent
+from .block import BlockDevice, Extent, SectorPadded
 from .errors import RequestError, VdiskError
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
@@ -233,6 +234,55 @@ class RateLimit:
             time.sleep(ahead)
 
 
+def _file_of(dev: object) -> tuple[int, int] | None:
+    """(fd, real size) of a device whose bytes are one host file's at the same offsets (a
+    plain raw file, possibly behind SectorPadded), else None."""
+    inner = dev.dev if isinstance(dev, SectorPadded) else dev
+    get_fd = getattr(inner, "file_descriptor", None)
+    fd = get_fd() if get_fd is not None else None
+    if fd is None:
+        return None
+    return fd, inner.size  # type: ignore[attr-defined]  # a FileBacked device has a size
+
+
+class _Offload:
+    """Copy offload (copy_file_range) from plain raw sources to a plain raw target, for runs
+    that need no zero detection (``-S 0``): the kernel copies, nothing passes through here."""
+
+    def __init__(self, target: BlockDevice, enabled: bool) -> None:
+        found = _file_of(target) if enabled else None
+        self.target_fd = found[0] if found else None
+
+    def copy(self, step: _Copy) -> bool:
+        """Copy the step in the kernel; False (nothing copied) when it cannot be."""
+        if self.target_fd is None:
+            return False
+        found = _file_of(step.source)
+        if found is None or step.src_offset + step.length > found[1]:
+            return False  # not a file, or past its end (the zeros SectorPadded adds)
+        src_fd, done = found[0], 0
+        try:
+            while done < step.length:
+                n = os.copy_file_range(
+                    src_fd,
+                    self.target_fd,
+                    step.length - done,
+                    step.src_offset + done,
+                    step.dst_offset + done,
+                )
+                if n <= 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+        if done and done < step.length:
+            raise VdiskError("copy_file_range stopped short of the source's end")
+        if not done:
+            self.target_fd = None  # not here: read and write from now on
+        return done == step.length
+
+
 class _Copier:
     """One copy's shared state: what each step reads and writes, and how far it has got."""
 
@@ -250,6 +300,8 @@ class _Copier:
         on_read_error: ReadErrorHook | None = None,
     ) -> None:
         self.target = target
+        # Offloaded copies land at once, out of order: fine in a raw file (no layout to keep).
+        self.offload = _Offload(target, enabled=sparse_size == 0)
         self.salvage = on_read_error is not None
         self.on_read_error = on_read_error
         self.fua = fua
@@ -269,6 +321,8 @@ class _Copier:
             if self.target_is_zero or step.from_backing:
                 return None, []
             return None, [(step.dst_offset, None, step.length)]
+        if self.offload.copy(step):
+            return None, []
         buf = self.buffers.take()
         view = memoryview(buf)[: step.length]
         try:

@@ -80,6 +80,7 @@ def test_convert_like_qemu(src: Path, vdisk_cli: VdiskRunner, fmt: str) -> None:
         ["-O", fmt, "top.qcow2", "disk.img", "base.qcow2"],  # concatenated
         ["-O", fmt, "-S", "64k", "top.qcow2"],
         ["-O", fmt, "-S", "0", "top.qcow2"],  # fully allocated
+        ["-f", "raw", "-O", fmt, "-S", "0", "odd.img", "disk.img"],  # raw -> raw: offloaded
         ["-O", fmt, "-m", "1", "top.qcow2"],
         ["-O", fmt, "-m", "16", "-t", "writeback", "top.qcow2"],
     ):
