@@ -2,14 +2,13 @@
 
 Both sides run as the commands users type (a fresh process each time, so vdisk's Python start-up
 is in its figure), with their defaults: 8 parallel requests (``-m 8``), in-order writes, sparse
-output (``-S 4k``) and no flush at the end (qemu-img convert's default cache mode ``unsafe``;
-vdisk does the same, but a qcow2 target is still synced by the library's close).
+output (``-S 4k``) and no flush at the end (qemu-img convert's default cache mode ``unsafe``,
+which vdisk follows: no fdatasync, not even of a qcow2 target's metadata).
 
-Cases (source made once by qemu-img/qemu-io; half of it data, a quarter zero clusters, a
-quarter unallocated, in 4 MiB stripes):
-- ``qcow2-to-raw``: qcow2 source to a raw file.
-- ``qcow2-to-qcow2``: qcow2 source to a new qcow2 image.
-- ``raw-to-qcow2``: the raw conversion of that source (sparse file) to a new qcow2 image.
+Cases (sources made once by qemu-img/qemu-io, in 4 MiB stripes): qcow2 sources all data
+(``full``), half data with a quarter zero clusters and a quarter unallocated (``half``), and
+empty, each to a raw file; the half one to a new qcow2 image; and its raw conversion (a sparse
+file) to a new qcow2 image.
 
 Each side overwrites its own output in place (convert re-creates it). Runs alternate A B B A;
 each pair gives a ratio (vdisk rate / qemu-img rate, i.e. qemu-img time / vdisk time) and the
@@ -256,9 +255,10 @@ def main() -> int:
     meta = (
         f"`python bench/convert_bench.py --size {args.size}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {version}, Python "
-        f"{sys.version.split()[0]}). Source: a {args.size} qcow2 image (64 KiB clusters) written "
-        "by qemu-io in 4 MiB stripes: data, zero clusters, data, unallocated; the raw case "
-        "uses its (sparse) raw conversion. Both commands run with their defaults (`-m 8`, "
+        f"{sys.version.split()[0]}). Sources: {args.size} qcow2 images (64 KiB clusters) written "
+        "by qemu-io in 4 MiB stripes: all data (full), or data, zero clusters, data, "
+        "unallocated (half), or nothing (empty); the raw case uses the half one's (sparse) "
+        "raw conversion. Both commands run with their defaults (`-m 8`, "
         "in-order writes, `-S 4k`, no flush), each as a fresh process, overwriting its own "
         f"output; {args.rounds} runs per side in the order A B B A ... after one warm-up run "
         f"each. vdisk's process start-up (`vdisk --version`) takes {startup:.3f} s and is "
@@ -276,14 +276,14 @@ def main() -> int:
 
 NOTES = """
 Reading the numbers:
-- Both sides skip the zero and unallocated half of the source from block status alone and copy
-  the data half in 2 MiB chunks (reused buffers, 8 reads in flight, writes in order); the work
-  is reading and writing 512 MiB through the page cache.
-- The command's gap to the library column is Python's start-up (interpreter, numpy, click and
-  the package's imports), a fixed cost of a few tenths of a second per run.
-- A qcow2 target is synced when vdisk closes it (the library's close always makes metadata
-  durable, with fdatasync); qemu-img convert, in its default `unsafe` cache mode, never syncs.
-  That sync is in vdisk's qcow2 figures and is most of the difference there.
+- Both sides skip zero and unallocated ranges from block status alone and copy the data in
+  2 MiB chunks (reused buffers, 8 reads in flight, writes in order).
+- Neither side syncs: qemu-img convert's default cache mode is `unsafe`, and vdisk's is too
+  (`-t unsafe`: even a qcow2 target's metadata is written back without fdatasync, through
+  `Qcow2Image.durable = False`). `-t writeback` and the others sync as docs/cli.md says.
+- The command's gap to the library column is Python's start-up (interpreter, click, numpy and
+  the package's imports): a fixed cost per run that no copy speed can hide where qemu-img
+  needs a few milliseconds in all (the empty source: nothing to copy).
 """
 
 

@@ -431,26 +431,24 @@ class Qcow2Image(BlockDeviceBase):
         if kind == L2:
             wrote = self.refcounts.write_back()
             if wrote or self._unsynced:
-                self._sync()
+                if self.durable:
+                    os.fdatasync(self.fd)
                 self._unsynced = False
-
-    def _sync(self) -> None:
-        """fdatasync the file, unless ``durable`` is off (cache=unsafe)."""
-        if self.durable:
-            os.fdatasync(self.fd)
 
     def _flush_locked(self) -> None:
         self.refcounts.write_back()
-        self._sync()
+        if self.durable:
+            os.fdatasync(self.fd)
         self._unsynced = False
         tables = self.cache.write_back(L2)
-        if tables:
-            self._sync()
-        if self.map.write_l1():
-            self._sync()
+        if tables and self.durable:
+            os.fdatasync(self.fd)
+        if self.map.write_l1() and self.durable:  # the L1 write happens either way
+            os.fdatasync(self.fd)
         if self._release_pending():
             self.refcounts.write_back()
-            self._sync()
+            if self.durable:
+                os.fdatasync(self.fd)
 
     def flush(self) -> None:
         if self._closed:
