@@ -2,14 +2,13 @@
 
 Both sides run as the commands users type (a fresh process each time, so vdisk's Python start-up
 is in its figure), with their defaults: 8 parallel requests (``-m 8``), in-order writes, sparse
-output (``-S 4k``) and no flush at the end (qemu-img convert's default cache mode ``unsafe``;
-vdisk does the same, but a qcow2 target is still synced by the library's close).
+output (``-S 4k``) and no flush at the end (qemu-img convert's default cache mode ``unsafe``,
+which vdisk follows: no fdatasync, not even of a qcow2 target's metadata).
 
-Cases (source made once by qemu-img/qemu-io; half of it data, a quarter zero clusters, a
-quarter unallocated, in 4 MiB stripes):
-- ``qcow2-to-raw``: qcow2 source to a raw file.
-- ``qcow2-to-qcow2``: qcow2 source to a new qcow2 image.
-- ``raw-to-qcow2``: the raw conversion of that source (sparse file) to a new qcow2 image.
+Cases (sources made once by qemu-img/qemu-io, in 4 MiB stripes): qcow2 sources all data
+(``full``), half data with a quarter zero clusters and a quarter unallocated (``half``), and
+empty, each to a raw file; the half one to a new qcow2 image; and its raw conversion (a sparse
+file) to a new qcow2 image.
 
 Each side overwrites its own output in place (convert re-creates it). Runs alternate A B B A;
 each pair gives a ratio (vdisk rate / qemu-img rate, i.e. qemu-img time / vdisk time) and the
@@ -45,14 +44,17 @@ STRIPE = 4 * MIB
 class Case:
     name: str
     label: str
-    source: str  # "qcow2" or "raw"
+    source: str  # a key of make_sources(): "full", "half", "empty" (qcow2) or "raw"
+    in_fmt: str
     out_fmt: str
 
 
 CASES = (
-    Case("qcow2-to-raw", "qcow2 -> raw", "qcow2", "raw"),
-    Case("qcow2-to-qcow2", "qcow2 -> qcow2", "qcow2", "qcow2"),
-    Case("raw-to-qcow2", "raw (sparse) -> qcow2", "raw", "qcow2"),
+    Case("full-to-raw", "qcow2 full -> raw", "full", "qcow2", "raw"),
+    Case("half-to-raw", "qcow2 half -> raw", "half", "qcow2", "raw"),
+    Case("empty-to-raw", "qcow2 empty -> raw", "empty", "qcow2", "raw"),
+    Case("half-to-qcow2", "qcow2 half -> qcow2", "half", "qcow2", "qcow2"),
+    Case("raw-to-qcow2", "raw (sparse) -> qcow2", "raw", "raw", "qcow2"),
 )
 
 
@@ -71,21 +73,29 @@ class Result:
         return statistics.median(self.ratios(lib)) if self.vdisk_s else 0.0
 
 
-def make_sources(workdir: str, size: int) -> dict[str, str]:
-    """The qcow2 source (data / zero / unallocated stripes) and its raw conversion."""
-    qcow2 = os.path.join(workdir, "src.qcow2")
-    raw = os.path.join(workdir, "src.raw")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qcow2, str(size)], check=True)
+def _qemu_io_fill(path: str, size: int, full: bool) -> None:
+    """Data in 4 MiB stripes (every stripe with ``full``; otherwise data, zero clusters,
+    data, unallocated)."""
     cmds: list[str] = []
     for i, offset in enumerate(range(0, size, STRIPE)):
-        kind = i % 4
+        kind = 0 if full else i % 4
         if kind in (0, 2):
             cmds += ["-c", f"write -q -P {i % 251 + 1} {offset} {STRIPE}"]
         elif kind == 1:
             cmds += ["-c", f"write -q -z {offset} {STRIPE}"]
-    subprocess.run(["qemu-io", "-f", "qcow2", *cmds, qcow2], check=True, capture_output=True)
-    subprocess.run(["qemu-img", "convert", "-O", "raw", qcow2, raw], check=True)
-    return {"qcow2": qcow2, "raw": raw}
+    subprocess.run(["qemu-io", "-f", "qcow2", *cmds, path], check=True, capture_output=True)
+
+
+def make_sources(workdir: str, size: int) -> dict[str, str]:
+    """The qcow2 sources (all data, half data, empty) and the raw conversion of the half one."""
+    paths = {name: os.path.join(workdir, f"src-{name}.qcow2") for name in ("full", "half", "empty")}
+    for name, path in paths.items():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)], check=True)
+        if name != "empty":
+            _qemu_io_fill(path, size, full=name == "full")
+    paths["raw"] = os.path.join(workdir, "src.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", paths["half"], paths["raw"]], check=True)
+    return paths
 
 
 def timed(cmd: list[str]) -> float:
@@ -98,15 +108,18 @@ def library_convert(case: Case, src: str, out: str) -> float:
     """What ``vdisk convert`` does, called in this process (no interpreter start-up)."""
     import vdisk
     from vdisk.convert import convert
+    from vdisk.qcow2 import Qcow2Image
 
     start = time.perf_counter()
-    with vdisk.open(src, format=case.source, readonly=True) as source:
+    with vdisk.open(src, format=case.in_fmt, readonly=True) as source:
         vdisk.create(out, source.size, format=case.out_fmt)
         if case.out_fmt == "raw":
             with vdisk.open(out, format="raw") as fresh:
                 fresh.write(bytes(4096), 0)  # as vdisk convert does (QEMU's first block)
         with vdisk.open(out, format=case.out_fmt) as target:
-            convert([source], target, target_is_zero=True, flush=False)
+            if isinstance(target, Qcow2Image):
+                target.durable = False  # cache=unsafe, as the command's default
+            convert([source], target, target_is_zero=True, flush=False, flush_interval=None)
     return time.perf_counter() - start
 
 
@@ -115,8 +128,8 @@ def run_case(case: Case, sources: dict[str, str], workdir: str, rounds: int) -> 
     sides = ("vdisk", "qemu", "lib")
     outs = {side: os.path.join(workdir, f"out-{side}.{case.out_fmt}") for side in sides}
     cmds = {
-        "vdisk": [*VDISK, "convert", "-f", case.source, "-O", case.out_fmt, src, outs["vdisk"]],
-        "qemu": ["qemu-img", "convert", "-f", case.source, "-O", case.out_fmt, src, outs["qemu"]],
+        "vdisk": [*VDISK, "convert", "-f", case.in_fmt, "-O", case.out_fmt, src, outs["vdisk"]],
+        "qemu": ["qemu-img", "convert", "-f", case.in_fmt, "-O", case.out_fmt, src, outs["qemu"]],
     }
 
     def one(side: str) -> float:
@@ -242,9 +255,10 @@ def main() -> int:
     meta = (
         f"`python bench/convert_bench.py --size {args.size}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {version}, Python "
-        f"{sys.version.split()[0]}). Source: a {args.size} qcow2 image (64 KiB clusters) written "
-        "by qemu-io in 4 MiB stripes: data, zero clusters, data, unallocated; the raw case "
-        "uses its (sparse) raw conversion. Both commands run with their defaults (`-m 8`, "
+        f"{sys.version.split()[0]}). Sources: {args.size} qcow2 images (64 KiB clusters) written "
+        "by qemu-io in 4 MiB stripes: all data (full), or data, zero clusters, data, "
+        "unallocated (half), or nothing (empty); the raw case uses the half one's (sparse) "
+        "raw conversion. Both commands run with their defaults (`-m 8`, "
         "in-order writes, `-S 4k`, no flush), each as a fresh process, overwriting its own "
         f"output; {args.rounds} runs per side in the order A B B A ... after one warm-up run "
         f"each. vdisk's process start-up (`vdisk --version`) takes {startup:.3f} s and is "
@@ -262,14 +276,14 @@ def main() -> int:
 
 NOTES = """
 Reading the numbers:
-- Both sides skip the zero and unallocated half of the source from block status alone and copy
-  the data half in 2 MiB chunks (reused buffers, 8 reads in flight, writes in order); the work
-  is reading and writing 512 MiB through the page cache.
-- The command's gap to the library column is Python's start-up (interpreter, numpy, click and
-  the package's imports), a fixed cost of a few tenths of a second per run.
-- A qcow2 target is synced when vdisk closes it (the library's close always makes metadata
-  durable, with fdatasync); qemu-img convert, in its default `unsafe` cache mode, never syncs.
-  That sync is in vdisk's qcow2 figures and is most of the difference there.
+- Both sides skip zero and unallocated ranges from block status alone and copy the data in
+  2 MiB chunks (reused buffers, 8 reads in flight, writes in order).
+- Neither side syncs: qemu-img convert's default cache mode is `unsafe`, and vdisk's is too
+  (`-t unsafe`: even a qcow2 target's metadata is written back without fdatasync, through
+  `Qcow2Image.durable = False`). `-t writeback` and the others sync as docs/cli.md says.
+- The command's gap to the library column is Python's start-up (interpreter, click, numpy and
+  the package's imports): a fixed cost per run that no copy speed can hide where qemu-img
+  needs a few milliseconds in all (the empty source: nothing to copy).
 """
 
 

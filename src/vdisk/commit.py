@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .block import BlockDevice
@@ -36,12 +37,27 @@ def _allocated_above(levels: list[ChainLevel], offset: int, length: int) -> list
     return merged
 
 
+@dataclass(frozen=True)
+class CommitSettings:
+    """How the base is written: ``cache`` (qemu's mode names, as vdisk.convert.CACHE_MODES;
+    qemu-img commit's default writeback flushes at the end, unsafe never) and ``rate``
+    (bytes/s of data, None: no limit)."""
+
+    cache: str = "writeback"
+    rate: int | None = None
+
+
 def _copy_into_base(
     top: BlockDevice,
     upper: list[ChainLevel],
     base: BlockDevice,
     progress: Callable[[int, int], None] | None,
+    settings: CommitSettings,
 ) -> None:
+    from .convert import CACHE_MODES, RateLimit
+
+    flush, fua = CACHE_MODES[settings.cache]
+    pace = RateLimit(settings.rate)
     size = top.size
     buf = bytearray(CHUNK)
     for pos in range(0, size, CHUNK):
@@ -53,8 +69,10 @@ def _copy_into_base(
             if buf.count(0, 0, end - start) == end - start:
                 base.write_zeroes(start, end - start)
             else:
-                base.write(view, start)
-    base.flush()
+                base.write(view, start, fua=fua)
+                pace.account(end - start)
+    if flush:
+        base.flush()
     if progress is not None:
         progress(size, size)
 
@@ -141,10 +159,16 @@ def commit(
     base: str | None = None,
     drop: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    settings: CommitSettings | None = None,
 ) -> None:
     """Commit the image at ``path`` into its backing file (or ``base``, deeper in its chain;
-    ``base`` implies ``drop``); without ``drop`` the top image is emptied afterwards."""
+    ``base`` implies ``drop``); without ``drop`` the top image is emptied afterwards.
+    ``settings``: the base's cache mode and a rate limit (``-t``, ``-r``)."""
     drop = drop or base is not None
+    import vdisk
+
+    if vdisk.is_uri(path):  # an export's data is raw: it has no backing file
+        raise UnsupportedFeatureError("Image does not have a backing file")
     if fmt not in (None, "qcow2"):
         raise UnsupportedFeatureError(f"'{fmt}' images have no backing file to commit to")
     # As qemu-img commit: the top is held for writing and the base opened read-write, so no
@@ -152,7 +176,7 @@ def commit(
     # (force_share) so that they do not lock each other out.
     guard = _lock_for_writing(path)
     try:
-        _commit_locked(path, fmt, base, drop, progress)
+        _commit_locked(path, fmt, base, drop, progress, settings or CommitSettings())
         if not drop:
             empty_image(path)
     finally:
@@ -165,6 +189,7 @@ def _commit_locked(
     base: str | None,
     drop: bool,
     progress: Callable[[int, int], None] | None,
+    settings: CommitSettings,
 ) -> None:
     import vdisk
 
@@ -180,9 +205,14 @@ def _commit_locked(
         base_fmt = "qcow2" if levels[bi].image is not None else "raw"
         top = vdisk.open(path, format="qcow2", readonly=True, force_share=True)
         target = vdisk.open(base_name, format=base_fmt, readonly=False)
+        if settings.cache == "unsafe" and base_fmt == "qcow2":
+            from .qcow2 import Qcow2Image
+
+            if isinstance(target, Qcow2Image):
+                target.durable = False
         if target.size < top.size:
             _grow(target, top.size)  # as qemu-img commit grows a smaller base
-        _copy_into_base(top, levels[:bi], target, progress)
+        _copy_into_base(top, levels[:bi], target, progress, settings)
     finally:
         for dev in (target, top):
             if dev is not None:

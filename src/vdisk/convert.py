@@ -24,6 +24,7 @@ flushed and ``ConvertInterrupted`` is raised; the target keeps what was copied, 
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import threading
 import time
@@ -35,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .block import BlockDevice, Extent
+from .block import BlockDevice, Extent, SectorPadded
 from .errors import RequestError, UnsupportedFeatureError, VdiskError
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
@@ -44,6 +45,8 @@ _PROBE = 1 << 30  # block status window
 FLUSH_INTERVAL = 10.0  # seconds between flushes of a long copy
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+ReadErrorHook = Callable[[int, Exception], None]  # --salvage: (target offset, the error)
+SECTOR = 512  # what --salvage retries and gives up on
 
 
 class ConvertInterrupted(VdiskError):
@@ -88,6 +91,7 @@ class _Copy:
 class _Zero:
     dst_offset: int
     length: int
+    from_backing: bool = False  # -B: left unallocated, so that the target's backing shows
 
 
 @dataclass(frozen=True)
@@ -130,34 +134,76 @@ def zero_runs(buf: memoryview, dst_offset: int, block: int) -> list[tuple[int, i
     ]
 
 
-def plan(sources: Sequence[Source], sparse: bool, chunk: int = CHUNK) -> Iterator[_Step]:
+def _backing_size(src: Source, top_only: bool) -> int:
+    """With ``top_only``, how much of ``src`` its backing file covers (0: none)."""
+    backing = getattr(src, "backing", None) if top_only else None
+    return min(backing.size, src.size) if backing is not None else 0
+
+
+def _split(e: Extent, at: int) -> Iterator[Extent]:
+    """``e`` cut at ``at`` (when inside it)."""
+    if e.offset < at < e.end:
+        yield Extent(e.offset, at - e.offset, e.data, e.zero, e.present, e.depth)
+        yield Extent(at, e.end - at, e.data, e.zero, e.present, e.depth)
+    else:
+        yield e
+
+
+def _source_extents(src: Source, top_only: bool, zeros_from: int) -> Iterator[tuple[Extent, bool]]:
+    """The source's extents, each with whether the copy leaves it to the target's backing
+    file (``top_only``): what the source's own backing file holds, and zeros at or past
+    ``zeros_from`` (the end of the target's backing file, which then reads zeros too)."""
+    covered = _backing_size(src, top_only)
+    pos = 0
+    while pos < src.size:
+        window = min(_PROBE, src.size - pos)
+        for whole in src.block_status(pos, window):
+            for part in _split(whole, covered):
+                for e in _split(part, zeros_from):
+                    below = (e.depth > 0 or not e.present) and e.offset < covered
+                    past_end = e.zero and not e.data and e.offset >= zeros_from
+                    yield e, top_only and (below or past_end)
+        pos += window
+
+
+def plan(
+    sources: Sequence[Source],
+    sparse: bool,
+    chunk: int = CHUNK,
+    top_only: bool = False,
+    backing_end: int | None = None,
+) -> Iterator[_Step]:
     """The copy steps in target order, generated as the copy goes (memory stays bounded):
-    chunked data copies and, with ``sparse``, zero ranges (otherwise holes are copied too)."""
+    chunked data copies and, with ``sparse``, zero ranges (otherwise holes are copied too).
+    With ``top_only`` (convert -B), what a source's backing file provides, and zeros past
+    ``backing_end`` (the target backing file's size), become zero ranges marked
+    ``from_backing``, never written."""
     zero: _Zero | None = None  # a zero range still growing
     base = 0
     for src in sources:
-        pos = 0
-        while pos < src.size:
-            window = min(_PROBE, src.size - pos)
-            for e in src.block_status(pos, window):
-                if sparse and e.zero and not e.data:
-                    if zero is not None and zero.dst_offset + zero.length == base + e.offset:
-                        zero = _Zero(zero.dst_offset, zero.length + e.length)
-                    else:
-                        if zero is not None:
-                            yield zero
-                        zero = _Zero(base + e.offset, e.length)
-                    continue
-                if zero is not None:
-                    yield zero
-                    zero = None
-                off = e.offset
-                while off < e.end:
-                    # Chunk boundaries aligned in the target, so reads stay cluster aligned.
-                    n = min(e.end - off, chunk - (base + off) % chunk)
-                    yield _Copy(src, off, base + off, n)
-                    off += n
-            pos += window
+        zeros_from = src.size if backing_end is None else max(0, backing_end - base)
+        for e, below in _source_extents(src, top_only, zeros_from):
+            if below or (sparse and e.zero and not e.data):
+                if (
+                    zero is not None
+                    and zero.dst_offset + zero.length == base + e.offset
+                    and zero.from_backing == below
+                ):
+                    zero = _Zero(zero.dst_offset, zero.length + e.length, below)
+                else:
+                    if zero is not None:
+                        yield zero
+                    zero = _Zero(base + e.offset, e.length, below)
+                continue
+            if zero is not None:
+                yield zero
+                zero = None
+            off = e.offset
+            while off < e.end:
+                # Chunk boundaries aligned in the target, so reads stay cluster aligned.
+                n = min(e.end - off, chunk - (base + off) % chunk)
+                yield _Copy(src, off, base + off, n)
+                off += n
         base += src.size
     if zero is not None:
         yield zero
@@ -216,6 +262,85 @@ class _Buffers:
         self.free.put(buf)
 
 
+# qemu's cache modes -> (flush at the end, every write durable before the next). vdisk reads
+# and writes through the page cache in every mode: "none"/"off" and "directsync" promise what
+# "writeback" and "writethrough" promise, without O_DIRECT's cache bypass.
+CACHE_MODES = {
+    "none": (True, False),
+    "off": (True, False),
+    "writeback": (True, False),
+    "writethrough": (True, True),
+    "directsync": (True, True),
+    "unsafe": (False, False),
+}
+
+
+class RateLimit:
+    """Sleeps so that data is written at no more than ``rate`` bytes per second (``-r``)."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.written = 0
+
+    def account(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        self.written += nbytes
+        ahead = self.start + self.written / self.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def _file_of(dev: object) -> tuple[int, int] | None:
+    """(fd, real size) of a device whose bytes are one host file's at the same offsets (a
+    plain raw file, possibly behind SectorPadded), else None."""
+    inner = dev.dev if isinstance(dev, SectorPadded) else dev
+    get_fd = getattr(inner, "file_descriptor", None)
+    fd = get_fd() if get_fd is not None else None
+    if fd is None:
+        return None
+    return fd, inner.size  # type: ignore[attr-defined]  # a FileBacked device has a size
+
+
+class _Offload:
+    """Copy offload (copy_file_range) from plain raw sources to a plain raw target, for runs
+    that need no zero detection (``-S 0``): the kernel copies, nothing passes through here."""
+
+    def __init__(self, target: BlockDevice, enabled: bool) -> None:
+        found = _file_of(target) if enabled else None
+        self.target_fd = found[0] if found else None
+
+    def copy(self, step: _Copy) -> bool:
+        """Copy the step in the kernel; False (nothing copied) when it cannot be."""
+        if self.target_fd is None:
+            return False
+        found = _file_of(step.source)
+        if found is None or step.src_offset + step.length > found[1]:
+            return False  # not a file, or past its end (the zeros SectorPadded adds)
+        src_fd, done = found[0], 0
+        try:
+            while done < step.length:
+                n = os.copy_file_range(
+                    src_fd,
+                    self.target_fd,
+                    step.length - done,
+                    step.src_offset + done,
+                    step.dst_offset + done,
+                )
+                if n <= 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+        if done and done < step.length:
+            raise VdiskError("copy_file_range stopped short of the source's end")
+        if not done:
+            self.target_fd = None  # not here: read and write from now on
+        return done == step.length
+
+
 class _Copier:
     """One copy's shared state: what each step reads and writes, and how far it has got."""
 
@@ -228,8 +353,17 @@ class _Copier:
         limit: int,
         progress: Progress | None,
         total: int,
+        fua: bool = False,
+        rate: int | None = None,
+        on_read_error: ReadErrorHook | None = None,
     ) -> None:
         self.target = target
+        # Offloaded copies land at once, out of order: fine in a raw file (no layout to keep).
+        self.offload = _Offload(target, enabled=sparse_size == 0)
+        self.salvage = on_read_error is not None
+        self.on_read_error = on_read_error
+        self.fua = fua
+        self.rate = RateLimit(rate)
         self.target_is_zero = target_is_zero
         self.sparse_size = sparse_size
         self.out_of_order = out_of_order
@@ -281,11 +415,20 @@ class _Copier:
         if isinstance(step, _Window):
             return self.read_window(step)
         if isinstance(step, _Zero):
-            return None, [] if self.target_is_zero else [(step.dst_offset, None, step.length)]
+            if self.target_is_zero or step.from_backing:
+                return None, []
+            return None, [(step.dst_offset, None, step.length)]
+        if self.offload.copy(step):
+            return None, []
         buf = self.buffers.take()
         view = memoryview(buf)[: step.length]
         try:
-            step.source.readinto(view, step.src_offset)
+            try:
+                step.source.readinto(view, step.src_offset)
+            except (VdiskError, OSError):
+                if not self.salvage:
+                    raise
+                self._salvage(step, view)
         except BaseException:
             self.buffers.give_back(buf)
             raise
@@ -294,14 +437,27 @@ class _Copier:
         runs = zero_runs(view, step.dst_offset, self.sparse_size)
         return buf, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
 
+    def _salvage(self, step: _Copy, view: memoryview) -> None:
+        """``--salvage``: read the step sector by sector; what fails reads as zeros."""
+        for pos in range(0, len(view), SECTOR):
+            part = view[pos : pos + SECTOR]
+            try:
+                step.source.readinto(part, step.src_offset + pos)
+            except (VdiskError, OSError) as exc:
+                part[:] = bytes(len(part))
+                if self.on_read_error is not None:
+                    self.on_read_error(step.dst_offset + pos, exc)
+
     def write(self, step: _Step, buf: bytearray | None, items: _Writes) -> None:
         try:
             for off, data, n in items:
                 if isinstance(data, list):
                     assert isinstance(self.target, CompressedTarget)
                     self.target.write_prepared(data)
+                    self.rate.account(n)
                 elif data is not None:
-                    self.target.write(data, off)
+                    self.target.write(data, off, fua=self.fua)
+                    self.rate.account(n)
                 elif not self.target_is_zero:
                     self.target.write_zeroes(off, n, may_unmap=True)
         finally:
@@ -347,11 +503,18 @@ def convert(
     stop: threading.Event | None = None,
     flush_interval: float | None = FLUSH_INTERVAL,
     compress: bool = False,
+    fua: bool = False,
+    top_only: bool = False,
+    rate: int | None = None,
+    salvage: ReadErrorHook | None = None,
 ) -> None:
     """Copy the concatenation of ``sources`` to the start of ``target``; ``flush`` it after
     (qemu-img convert's default cache mode, ``unsafe``, does not). ``stop`` ends the copy
     early with ``ConvertInterrupted``; ``flush_interval`` (None: never) flushes on the way;
-    ``compress`` writes compressed clusters (the target must be a :class:`CompressedTarget`)."""
+    ``compress`` writes compressed clusters (the target must be a :class:`CompressedTarget`);
+    ``fua`` makes every data write durable before the next (cache modes writethrough and
+    directsync); ``top_only`` (convert -B: the target's backing file holds what the sources'
+    backing files hold) copies only each source's own layer."""
     total = sum(s.size for s in sources)
     if total > target.size:
         raise RequestError("output file is smaller than input file")
@@ -359,13 +522,18 @@ def convert(
         raise RequestError("need at least one worker")
     if compress and not isinstance(target, CompressedTarget):
         raise UnsupportedFeatureError("Compression not supported for this file format")
+    target_backing = getattr(target, "backing", None)
+    backing_end = target_backing.size if target_backing is not None else None
     steps: Iterator[_Step] = (
         windows(sources, total, not (target_is_zero and sparse_size))
         if compress
-        else plan(sources, sparse_size > 0)
+        else plan(sources, sparse_size > 0, top_only=top_only, backing_end=backing_end)
     )
     limit = 2 * workers  # steps in flight: they bound the memory held
-    copier = _Copier(target, target_is_zero, sparse_size, out_of_order, limit, progress, total)
+    copier = _Copier(
+        target, target_is_zero, sparse_size, out_of_order, limit, progress, total, fua=fua,
+        rate=rate, on_read_error=salvage,
+    )  # fmt: skip
     clock = _FlushClock(target, flush_interval)
     stopped = False
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vdisk-convert") as pool:
@@ -402,9 +570,11 @@ def convert(
 
 
 __all__ = [
+    "CACHE_MODES",
     "CHUNK",
     "CompressedTarget",
     "ConvertInterrupted",
+    "RateLimit",
     "Source",
     "convert",
     "plan",

@@ -20,6 +20,7 @@ from .sizes import format_size
 
 if TYPE_CHECKING:
     from .qcow2.format import SnapshotEntry
+    from .qcow2.summary import Qcow2Summary
 
 Info = dict[str, Any]
 
@@ -224,7 +225,7 @@ def allocated_size(path: str) -> int | None:
         return None
 
 
-def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
+def device_info(device: BlockDevice | Qcow2Summary, filename: str, fmt: str) -> Info:
     """The ImageInfo of an open device (its own layer only; the chain is walked apart)."""
     from . import is_uri
 
@@ -238,10 +239,13 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
             info["actual-size"] = actual
         info["dirty-flag"] = False
         return info
-    from .qcow2 import Qcow2Image
+    from .qcow2.summary import Qcow2Summary
 
-    if not isinstance(device, Qcow2Image):
-        raise VdiskError("not a qcow2 image", path=filename)
+    if not isinstance(device, Qcow2Summary):
+        from .qcow2 import Qcow2Image
+
+        if not isinstance(device, Qcow2Image):
+            raise VdiskError("not a qcow2 image", path=filename)
     header = device.header
     specific = device.specific_info()
     # qemu-img 7.2's disk size is the qcow2 file's alone, external data file or not.
@@ -265,13 +269,18 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
 
 def open_for_info(
     path: str, fmt: str | None, force_share: bool = False
-) -> tuple[BlockDevice, str]:
-    """Open ``path`` read-only without its backing chain (like qemu-img info); return it and its format."""
+) -> tuple[BlockDevice | Qcow2Summary, str]:
+    """Open ``path`` read-only without its backing chain (like qemu-img info); return it and
+    its format. A qcow2 image opens as a header-level summary (quick: no table machinery)."""
     import vdisk
 
-    from . import probe_format
+    from . import is_uri, probe_format
 
     fmt = fmt or probe_format(path)
+    if fmt == "qcow2" and not is_uri(path):
+        from .qcow2.summary import Qcow2Summary
+
+        return Qcow2Summary(path, force_share=force_share), fmt
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image
 

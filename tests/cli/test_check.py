@@ -294,3 +294,31 @@ def test_quiet(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
         qemu_img(["check", "-q", p.name], tmp_path),
     )
     _same(ours, theirs, "-q")
+
+
+@pytest.mark.parametrize("repair", ["leaks", "all"])
+def test_repair_zeroes_leaked_data(tmp_path: Path, vdisk_cli: VdiskRunner, repair: str) -> None:
+    """A data cluster whose L2 entry is lost leaks; the repair frees it and, as QEMU (which
+    discards it), leaves zeros where its data was."""
+    (tmp_path / "src").mkdir()
+    image = _plain(tmp_path / "src")
+    img = Image(image)
+    host = img.host_cluster(5) << img.cluster_bits
+    img.write_u64(img.l2_entry_offset(5), 0)
+    q, v = _twins(tmp_path, image)
+    assert any(v.read_bytes()[host : host + (1 << img.cluster_bits)])
+    assert vdisk_cli(["check", "-r", repair, "img.qcow2"], v.parent).rc == 0
+    assert qemu_img(["check", "-r", repair, "img.qcow2"], q.parent).rc == 0
+    size = 1 << img.cluster_bits
+    ours, theirs = (p.read_bytes()[host : host + size] for p in (v, q))
+    assert ours == theirs == bytes(size)
+
+
+def test_check_source_cache_mode(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    """-T: qemu-img's cache mode names are taken, others refused with its message."""
+    image = _plain(tmp_path)
+    for mode, rc in (("none", 0), ("writeback", 0), ("bogus", 1)):
+        ours = vdisk_cli(["check", "-T", mode, image.name], tmp_path)
+        theirs = qemu_img(["check", "-T", mode, image.name], tmp_path)
+        assert (ours.rc, ours.out) == (theirs.rc, theirs.out) and ours.rc == rc, (mode, ours)
+        assert ours.err == theirs.err.replace("qemu-img:", "vdisk:")

@@ -90,8 +90,10 @@ def test_rebase_like_qemu_img(
         ["commit", "-q", "mid.qcow2"],
         ["commit", "-b", "base.qcow2", "top.qcow2"],
         ["commit", "-p", "top.qcow2"],
+        ["commit", "-t", "unsafe", "top.qcow2"],
+        ["commit", "-t", "writethrough", "-r", "64M", "top.qcow2"],
     ],
-    ids=["into-backing", "drop", "quiet-mid", "into-base", "progress"],
+    ids=["into-backing", "drop", "quiet-mid", "into-base", "progress", "unsafe", "rate"],
 )
 def test_commit_like_qemu_img(
     chains: tuple[Path, Path, Path], vdisk_cli: VdiskRunner, args: list[str]
@@ -122,6 +124,7 @@ def test_commit_like_qemu_img(
         ["rebase", "-u", "-b", "x.qcow2", "top.qcow2"],
         ["commit", "base.qcow2"],
         ["commit", "-b", "nothere.qcow2", "top.qcow2"],
+        ["commit", "-t", "bogus", "top.qcow2"],
     ],
 )
 def test_errors_like_qemu_img(

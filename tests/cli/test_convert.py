@@ -80,10 +80,63 @@ def test_convert_like_qemu(src: Path, vdisk_cli: VdiskRunner, fmt: str) -> None:
         ["-O", fmt, "top.qcow2", "disk.img", "base.qcow2"],  # concatenated
         ["-O", fmt, "-S", "64k", "top.qcow2"],
         ["-O", fmt, "-S", "0", "top.qcow2"],  # fully allocated
+        ["-f", "raw", "-O", fmt, "-S", "0", "odd.img", "disk.img"],  # raw -> raw: offloaded
         ["-O", fmt, "-m", "1", "top.qcow2"],
         ["-O", fmt, "-m", "16", "-t", "writeback", "top.qcow2"],
     ):
         _same_as_qemu(src, vdisk_cli, args, fmt)
+
+
+@pytest.mark.parametrize("cache", ["unsafe", "writeback", "none", "writethrough", "directsync"])
+def test_convert_cache_modes(src: Path, vdisk_cli: VdiskRunner, cache: str) -> None:
+    """Every cache mode gives qemu-img's output; unsafe (the default) skips the syncs only."""
+    for fmt in ("raw", "qcow2"):
+        _same_as_qemu(src, vdisk_cli, ["-t", cache, "-T", "writeback", "-O", fmt, "top.qcow2"], fmt)
+
+
+def test_convert_backing(src: Path, vdisk_cli: VdiskRunner) -> None:
+    """-B / -o backing_file: the target names the backing file and holds only the source's
+    own layer (zero clusters where it reads zeros), as qemu-img's does; also past the end
+    of a backing file shorter than the source, and from a raw source."""
+    _ok(qemu_img(["convert", "-O", "raw", "top.qcow2", "top.raw"], src))
+    for args in (
+        ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+        ["-O", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2", "top.qcow2"],
+        ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "-S", "0", "top.qcow2"],
+        ["-f", "raw", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.raw"],
+    ):
+        ours = vdisk_cli(["convert", *args, "ours.qcow2"], src)
+        assert ours.rc == 0, (args, ours)
+        info = json.loads(_ok(qemu_img(["info", "--output=json", "ours.qcow2"], src)).out)
+        assert (info["backing-filename"], info["backing-filename-format"]) == (
+            "base.qcow2",
+            "qcow2",
+        )
+        _same_as_qemu(src, vdisk_cli, args, "qcow2")
+    # -n -B: the existing target's header stays; only the source's own layer is written.
+    # (Contents only: a zero write on a cluster of a target without a backing file leaves
+    # it unallocated in QEMU, a zero cluster in vdisk.)
+    for name in ("ours.qcow2", "theirs.qcow2"):
+        _ok(qemu_img(["create", "-q", "-f", "qcow2", name, "12M"], src))
+    args = ["-n", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"]
+    assert vdisk_cli(["convert", *args, "ours.qcow2"], src).rc == 0
+    _ok(qemu_img(["convert", *args, "theirs.qcow2"], src))
+    _ok(qemu_img(["compare", "ours.qcow2", "theirs.qcow2"], src))
+    assert "backing" not in _ok(qemu_img(["info", "ours.qcow2"], src)).out
+
+
+def test_convert_backing_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
+    for args, message in (
+        (["-O", "qcow2", "-B", "base.qcow2"], "Use of backing file requires explicit backing"),
+        (["-O", "raw", "-B", "base.qcow2", "-F", "qcow2"], "not supported for file format 'raw'"),
+        (["-O", "qcow2", "-F", "qcow2"], "Backing format cannot be used without backing file"),
+        (["-O", "qcow2", "-B", "missing.qcow2", "-F", "qcow2"], "No such file or directory"),
+    ):
+        ours = vdisk_cli(["convert", *args, "top.qcow2", "x.qcow2"], src)
+        assert ours.rc == 1 and message in ours.err and ours.err.count("\n") == 1, (args, ours)
+        assert not (src / "x.qcow2").exists(), args
+        assert qemu_img(["convert", *args, "top.qcow2", "x.qcow2"], src).rc == 1, args
+        (src / "x.qcow2").unlink(missing_ok=True)
 
 
 def test_convert_qcow2_options(src: Path, vdisk_cli: VdiskRunner) -> None:
@@ -194,6 +247,7 @@ def test_convert_errors(src: Path, vdisk_cli: VdiskRunner) -> None:
         ["-m", "0", "top.qcow2", "x.raw"],
         ["-S", "1000", "top.qcow2", "x.raw"],
         ["-t", "bogus", "top.qcow2", "x.raw"],
+        ["-T", "bogus", "top.qcow2", "x.raw"],
         ["top.qcow2"],
         ["missing.qcow2", "x.raw"],
         ["-n", "top.qcow2", "missing.raw"],
@@ -282,3 +336,38 @@ def test_signal_mid_convert_keeps_what_was_copied(tmp_path: Path, signame: str) 
     os.truncate(prefix, copied)
     same = qemu_img(["compare", "-f", "raw", "-F", "qcow2", prefix.name, dst.name], tmp_path)
     assert same.rc == 0, same
+
+
+def test_convert_rate_limit(src: Path, vdisk_cli: VdiskRunner) -> None:
+    """-r slows the copy (not timed here) and keeps qemu-img's output; bad rates refused."""
+    _same_as_qemu(src, vdisk_cli, ["-r", "64M", "-O", "raw", "top.qcow2"], "raw")
+    bad = vdisk_cli(["convert", "-r", "abc", "top.qcow2", "x.raw"], src)
+    assert bad.rc == 1 and "Invalid rate limit specified" in bad.err and not bad.out
+    assert qemu_img(["convert", "-r", "abc", "top.qcow2", "x.raw"], src).rc == 1
+
+
+def test_convert_salvage(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
+    """A compressed cluster that does not inflate: refused without --salvage; with it, one
+    warning per unreadable sector and zeros in its place, as qemu-img --salvage."""
+    import struct
+
+    d = tmp_path
+    _ok(qemu_img(["create", "-q", "-f", "qcow2", "c.qcow2", "1M"], d))
+    qemu_io(["-c", "write -c -P 9 0 64k", "-c", "write -P 8 64k 64k", "c.qcow2"], d)
+    with (d / "c.qcow2").open("r+b") as f:
+        f.seek(40)
+        (l1,) = struct.unpack(">Q", f.read(8))
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(entry & ((1 << 54) - 1))  # the compressed data's host offset (64 KiB clusters)
+        f.write(b"\xff" * 64)
+    plain = vdisk_cli(["convert", "-O", "raw", "c.qcow2", "x.raw"], d)
+    assert plain.rc == 1 and plain.err.count("\n") == 1
+    ours = vdisk_cli(["convert", "--salvage", "-O", "raw", "c.qcow2", "ours.raw"], d)
+    theirs = qemu_img(["convert", "--salvage", "-O", "raw", "c.qcow2", "theirs.raw"], d)
+    assert (ours.rc, theirs.rc) == (0, 0)
+    assert ours.err.count("warning: error while reading offset") == 128
+    assert theirs.err.count("warning: error while reading offset") == 128
+    assert (d / "ours.raw").read_bytes() == (d / "theirs.raw").read_bytes()

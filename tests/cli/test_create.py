@@ -232,3 +232,17 @@ def test_create_data_file_matches_qemu_img(
     assert check.rc == 0, check.out + check.err
     compare = qemu_img(["compare", "img.qcow2", "img.data"], ours_dir)
     assert compare.rc == 0, compare.out + compare.err
+
+
+@pytest.mark.parametrize("size", ["0", "1000", "3000", "5000", "64M"])
+def test_create_raw_layout_like_qemu(tmp_path: Path, vdisk_cli: VdiskRunner, size: str) -> None:
+    """A new raw file: QEMU's size (whole sectors) and its written first block, so that
+    `qemu-img map` and the file sizes agree."""
+    assert vdisk_cli(["create", "-q", "-f", "raw", "ours.raw", size], tmp_path).rc == 0
+    assert qemu_img(["create", "-q", "-f", "raw", "theirs.raw", size], tmp_path).rc == 0
+    maps = [
+        qemu_img(["map", "-f", "raw", "--output=json", name], tmp_path).out
+        for name in ("ours.raw", "theirs.raw")
+    ]
+    assert maps[0] == maps[1]
+    assert (tmp_path / "ours.raw").stat().st_size == (tmp_path / "theirs.raw").stat().st_size

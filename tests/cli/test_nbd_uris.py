@@ -132,3 +132,23 @@ def test_convert_and_dd_from_and_to_uris(
         run = qemu_img(args, d) if tool == "qemu" else vdisk_cli(args, d)
         assert run.rc == 0, run
     assert (d / "qemu.raw").read_bytes() == (d / "vdisk.raw").read_bytes()
+
+
+def test_header_commands_take_uris(exports: tuple[Path, list[str]], vdisk_cli: VdiskRunner) -> None:
+    """resize, commit, rebase, create and amend on an export: qemu-img's outcomes (an export
+    keeps its size and has no backing file; a raw create on it only opens it)."""
+    d, (unix, tcp) = exports
+    for args in (
+        ["resize", "-f", "raw", tcp, "64M"],
+        ["resize", "-f", "raw", tcp, "128M"],
+        ["commit", "-f", "raw", unix],
+        ["create", "-f", "raw", unix, "1M"],
+        ["amend", "-f", "raw", "-o", "size=1M", unix],
+    ):
+        theirs, ours = qemu_img(args, d), vdisk_cli(args, d)
+        assert (ours.rc, ours.out) == (theirs.rc, theirs.out), (args, ours, theirs)
+        assert ours.err == theirs.err.replace("qemu-img:", "vdisk:"), (args, ours, theirs)
+    for args in (["rebase", "-u", "-b", "", unix], ["create", "-f", "qcow2", unix, "1M"]):
+        ours = vdisk_cli(args, d)
+        assert ours.rc == 1 and ours.err.count("\n") == 1, (args, ours)
+    assert qemu_img(["compare", "-F", "qcow2", unix, "copy.qcow2"], d).rc == 0  # untouched

@@ -47,6 +47,16 @@ def test_info_raw_imports_no_heavy_module(tmp_path: Path) -> None:
     assert _loaded_heavy_modules(["info", str(raw)], ["--help"]) == []
 
 
+def test_info_qcow2_imports_no_heavy_module(tmp_path: Path) -> None:
+    """`vdisk info` on a qcow2 image (with a snapshot and a bitmap, which it lists) reads the
+    header only: none of numpy, zstandard, cryptography, prometheus_client, tqdm."""
+    image = tmp_path / "disk.qcow2"
+    assert qemu_img(["create", "-q", "-f", "qcow2", image.name, "64M"], tmp_path).rc == 0
+    assert qemu_img(["snapshot", "-c", "s1", image.name], tmp_path).rc == 0
+    assert qemu_img(["bitmap", "--add", image.name, "b0"], tmp_path).rc == 0
+    assert _loaded_heavy_modules(["info", str(image)], ["info", "--output=json", str(image)]) == []
+
+
 def test_help_imports_no_command_module() -> None:
     code = (
         "import contextlib, io, sys\nfrom vdisk.cli import main\n"

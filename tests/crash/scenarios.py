@@ -319,6 +319,34 @@ def run_compressed(s: Session) -> None:
     g.close()
 
 
+def make_amendable(where: Path) -> Path:
+    """Data, zero clusters (plain and allocated) and holes, written by qemu-io."""
+    path = where / "image.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "2M")
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 40k", "-c", "write -z 64k 8k",
+         "-c", "write -P 0x11 1M 16k", "-c", "write -z 1M 4k", str(path)],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    return path
+
+
+def run_amend_refcount_bits(s: Session) -> None:
+    from vdisk.qcow2.amend import AmendOptions, amend
+
+    amend(str(s.path), AmendOptions(refcount_bits=4))
+    s.guest.ack("refcount_bits=4")
+
+
+def run_amend_compat(s: Session) -> None:
+    from vdisk.qcow2.amend import AmendOptions, amend
+
+    amend(str(s.path), AmendOptions(compat="0.10"))
+    s.guest.ack("compat=0.10")
+    amend(str(s.path), AmendOptions(compat="1.1", lazy_refcounts=True))
+    s.guest.ack("compat=1.1")
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("allocation", _vdisk_image(4 * MIB, cluster_size=4096), run_allocation),
     Scenario("l1_growth", make_l1_growth, run_l1_growth),
@@ -343,4 +371,6 @@ SCENARIOS: list[Scenario] = [
     Scenario("snapshot_delete", _with_snapshots(("a", "b")), run_snapshot_delete),
     Scenario("data_file", make_data_file, run_data_file),
     Scenario("compressed", _vdisk_image(1 * MIB, cluster_size=4096), run_compressed),
+    Scenario("amend_refcount_bits", make_amendable, run_amend_refcount_bits),
+    Scenario("amend_compat", make_amendable, run_amend_compat),
 ]

@@ -20,6 +20,11 @@ from ..errors import VdiskError
 
 # name -> (module under vdisk.cli, attribute, one-line help shown by --help)
 COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
+    "amend": (
+        "amend",
+        "amend_cmd",
+        "Change the format-specific options of the image FILE, like qemu-img amend.",
+    ),
     "bench": (
         "bench",
         "bench_cmd",

@@ -78,17 +78,37 @@ def check_human(r: CheckResult) -> str:
 @click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
 @click.option("-r", "repair", metavar="leaks|all", help="Repair leaks, or everything.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet: print only errors.")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
+@click.option(
+    "-T",
+    "src_cache",
+    metavar="CACHE",
+    help="Cache mode of FILE (checked; reads use the page cache).",
+)
+@click.option(
+    "-U",
+    "--force-share",
+    "force_share",
+    is_flag=True,
+    help="Force share: open read-only beside a writer (no write lock).",
+)
 @click.argument("file")
 def check_cmd(
-    fmt: str | None, output: str, repair: str | None, quiet: bool, force_share: bool, file: str
+    fmt: str | None,
+    output: str,
+    repair: str | None,
+    quiet: bool,
+    src_cache: str | None,
+    force_share: bool,
+    file: str,
 ) -> int:
     """Check a qcow2 image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 1 failed)."""
     import vdisk
 
     from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, check_and_repair
+    from .convert import check_cache_modes
 
     check_output(output)
+    check_cache_modes(None, src_cache)
     fix = 0
     if repair is not None:
         if repair not in ("leaks", "all"):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..errors import RequestError, VdiskError
-from ..sizes import parse_size
-
 
 @click.command("commit")
 @click.option("-f", "fmt", metavar="FMT", help="Image format (qcow2).")
@@ -14,8 +11,14 @@ from ..sizes import parse_size
 @click.option("-d", "drop", is_flag=True, help="Do not empty FILE afterwards.")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
-@click.option("-r", "rate", metavar="RATE", help="Accepted (rate limit, bytes/s; not applied).")
-@click.option("-t", "cache", metavar="CACHE", help="Accepted (cache mode).")
+@click.option("-r", "rate", metavar="RATE", help="Rate limit (bytes/s, suffixes allowed).")
+@click.option(
+    "-t",
+    "cache",
+    default="writeback",
+    metavar="CACHE",
+    help="Cache mode of the base (default writeback).",
+)
 @click.argument("file")
 def commit_cmd(
     fmt: str | None,
@@ -24,25 +27,23 @@ def commit_cmd(
     progress: bool,
     quiet: bool,
     rate: str | None,
-    cache: str | None,
+    cache: str,
     file: str,
 ) -> int:
     """Commit the changes in FILE into its backing file (or BASE), like qemu-img commit."""
     import vdisk
 
     from .. import commit
+    from .convert import check_cache_modes, check_rate
     from .progress import Progress
 
     vdisk.check_format(fmt, file)
-    if rate is not None:
-        try:
-            parse_size(rate)
-        except VdiskError:
-            raise RequestError("Invalid rate limit specified") from None
+    check_cache_modes(cache)
+    settings = commit.CommitSettings(cache, check_rate(rate))
     show = Progress() if progress and not quiet else None
     if show is not None:
         show(0, 1)
-    commit.commit(file, fmt, base, drop, show)
+    commit.commit(file, fmt, base, drop, show, settings)
     if show is not None:
         show.close()
     if not quiet:

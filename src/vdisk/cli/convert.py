@@ -8,6 +8,7 @@ sees (qemu-img dies by the signal: a shell reports 130 for SIGINT, 143 for SIGTE
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -21,12 +22,11 @@ import click
 from ..block import SECTOR_SIZE, BlockDevice, SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import parse_size
-from .options import create_opts, parse_opts
+from .options import ParsedOpt, create_opts, parse_opts
 from .progress import Progress
 
 _MAX_SPARSE = 32768 * SECTOR_SIZE  # qemu-img's limit for -S (16 MiB)
 _MAX_WORKERS = 16  # qemu-img's limit for -m
-_CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ class _Settings:
     sparse_size: int
     workers: int
     out_of_order: bool
-    flush: bool
+    rate: int | None  # -r, bytes/s
+    salvage: bool
+    top_only: bool  # -B: copy only each source's own layer (the target's backing has the rest)
+    flush: bool  # at the end, and every few seconds of a long copy (not with cache=unsafe)
+    fua: bool
     compress: bool = False
 
 
@@ -49,9 +53,7 @@ def _compress_settings(settings: _Settings, out_fmt: str, options: tuple[str, ..
         raise RequestError("Compression and encryption not supported at the same time")
     if "preallocation=" in opts and "preallocation=off" not in opts:
         raise RequestError("Compression and preallocation not supported at the same time")
-    return _Settings(
-        settings.sparse_size, settings.workers, settings.out_of_order, settings.flush, True
-    )
+    return dataclasses.replace(settings, compress=True)
 
 
 def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
@@ -76,30 +78,82 @@ def _check_counts(sparse: str, workers: str) -> tuple[int, int]:
     return sparse_size, nworkers
 
 
-def _create_target(dst: str, out_fmt: str, options: tuple[str, ...], total: int) -> None:
+def _warn_read_error(offset: int, exc: Exception) -> None:
+    """--salvage: qemu-img's warning for each sector that could not be read."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, VdiskError):
+        reason = exc.message
+    click.echo(f"vdisk: warning: error while reading offset {offset}: {reason}", err=True)
+
+
+def check_cache_modes(cache: str | None, src_cache: str | None = None) -> None:
+    """``-t`` / ``-T`` as qemu-img checks them (the mode names of vdisk.convert.CACHE_MODES)."""
+    from ..convert import CACHE_MODES
+
+    if cache is not None and cache not in CACHE_MODES:
+        raise RequestError(f"Invalid cache option: {cache}")
+    if src_cache is not None and src_cache not in CACHE_MODES:
+        raise RequestError(f"Invalid source cache option: {src_cache}")
+
+
+def check_rate(rate: str | None) -> int | None:
+    """``-r`` as qemu-img reads it (a size; 0 means no limit)."""
+    if rate is None:
+        return None
+    try:
+        return parse_size(rate) or None
+    except VdiskError:
+        raise RequestError(
+            "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        ) from None
+
+
+def _target_opts(
+    dst: str, out_fmt: str, options: tuple[str, ...], backing: str | None, backing_fmt: str | None
+) -> dict[str, ParsedOpt]:
+    """The target's ``-o`` options with ``-B``/``-F`` folded in, checked as qemu-img checks."""
+    from .create import _backing_flags
+
+    opts = parse_opts(out_fmt, list(options), dst) if options else {}
+    _backing_flags(opts, out_fmt, backing, backing_fmt, dst)
+    if "backing_fmt" in opts and "backing_file" not in opts:
+        raise RequestError(
+            f"error while converting {out_fmt}: Backing format cannot be used without backing file",
+            path=dst,
+        )
+    if "backing_file" in opts and "backing_fmt" not in opts:
+        raise RequestError("Use of backing file requires explicit backing format")
+    return opts
+
+
+def _create_target(dst: str, out_fmt: str, opts: dict[str, ParsedOpt], total: int) -> None:
     """Make the target as qemu-img would: its ``-o`` options, sized for all sources."""
     import vdisk
+
+    from .create import _backing_size, write_first_block
 
     if vdisk.is_uri(dst):
         _check_export_target(dst, out_fmt, total)
         return
-    opts = parse_opts(out_fmt, list(options), dst)
-    if "backing_file" in opts or "backing_fmt" in opts:
-        # qemu-img would then copy only what differs from the backing file.
-        raise UnsupportedFeatureError(
-            "a backing file for the target (-B, -o backing_file) is not supported yet", path=dst
-        )
+    if "backing_file" in opts:
+        _backing_size(dst, opts["backing_file"].value, opts["backing_fmt"].value)
     kwargs = {
         d.kwarg: opts[d.name].value
         for d in create_opts(out_fmt)
         if d.kwarg is not None and d.name in opts
     }
     vdisk.create(dst, total, format=out_fmt, **kwargs)
-    if out_fmt == "raw" and total:
-        # QEMU writes the first block of every raw file it creates (for its alignment
-        # probing); do the same so that the output's allocation matches qemu-img's.
-        with vdisk.open(dst, format="raw") as fresh:
-            fresh.write(bytes(min(fresh.size, 512 if total < 4096 else 4096)), 0)
+    if out_fmt == "raw":
+        write_first_block(dst, total)
+
+
+def _skip_syncs(target: BlockDevice) -> None:
+    """cache=unsafe: a qcow2 target writes its metadata back on close without fdatasync."""
+    from ..qcow2 import Qcow2Image
+
+    if isinstance(target, Qcow2Image):
+        target.durable = False
 
 
 class _Signalled(BaseException):
@@ -200,6 +254,11 @@ def _copy(
                 flush=settings.flush,
                 stop=stop,
                 compress=settings.compress,
+                flush_interval=conv.FLUSH_INTERVAL if settings.flush else None,
+                fua=settings.fua,
+                top_only=settings.top_only,
+                rate=settings.rate,
+                salvage=_warn_read_error if settings.salvage else None,
             )
         except conv.ConvertInterrupted as exc:
             if show is not None:
@@ -214,37 +273,63 @@ def _copy(
 @click.option("-f", "fmt", metavar="FMT", help="Source format (default: probe).")
 @click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Output format (raw, qcow2).")
 @click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Output creation options.")
+@click.option("-B", "backing", metavar="BACKING", help="The target's backing file.")
+@click.option("-F", "backing_fmt", metavar="FMT", help="Format of the -B backing file.")
 @click.option("-n", "skip_create", is_flag=True, help="Write into an existing target.")
 @click.option("-S", "sparse", default="4k", metavar="SIZE", help="Zero run that stays sparse.")
 @click.option("-W", "out_of_order", is_flag=True, help="Allow out-of-order writes.")
 @click.option("-m", "workers", default="8", metavar="N", help="Parallel requests (1-16).")
+@click.option("--salvage", is_flag=True, help="Read errors: warn, write zeros, go on.")
+@click.option("-r", "rate", metavar="RATE", help="Rate limit (bytes/s, suffixes allowed).")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
 @click.option("-c", "compress", is_flag=True, help="Compress the target's clusters.")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
-@click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
+@click.option(
+    "-U",
+    "--force-share",
+    "force_share",
+    is_flag=True,
+    help="Force share: open read-only beside a writer (no write lock).",
+)
+@click.option(
+    "-t",
+    "cache",
+    default="unsafe",
+    metavar="CACHE",
+    help="Target cache mode (default unsafe: no flush).",
+)
 @click.option(
     "-l",
     "snapshot",
     metavar="SNAPSHOT",
     help="Convert from an internal snapshot: snapshot.id=ID, snapshot.name=NAME or ID/NAME.",
 )
-@click.option("-T", "src_cache", metavar="CACHE", help="Accepted (source cache mode).")
+@click.option(
+    "-T",
+    "src_cache",
+    default="writeback",
+    metavar="CACHE",
+    help="Source cache mode (checked; reads use the page cache).",
+)
 @click.argument("files", nargs=-1)
 def convert_cmd(
     fmt: str | None,
     out_fmt: str,
     options: tuple[str, ...],
+    backing: str | None,
+    backing_fmt: str | None,
     skip_create: bool,
     sparse: str,
     out_of_order: bool,
     workers: str,
+    rate: str | None,
+    salvage: bool,
     progress: bool,
     quiet: bool,
     compress: bool,
     force_share: bool,
     cache: str,
-    src_cache: str | None,
+    src_cache: str,
     snapshot: str | None,
     files: tuple[str, ...],
 ) -> int:
@@ -254,6 +339,7 @@ def convert_cmd(
     from ..backends.raw import RawDevice
 
     sparse_size, nworkers = _check_counts(sparse, workers)
+    rate_limit = check_rate(rate)
     if len(files) < 2:
         raise RequestError("Must specify image file name")
     *srcs, dst = files
@@ -261,10 +347,15 @@ def convert_cmd(
     vdisk.check_format(out_fmt, dst)
     if skip_create and options:
         raise RequestError("-o has no effect when skipping image creation")
-    if cache not in _CACHE_MODES:
-        raise RequestError(f"Invalid cache option: {cache}")
-    # qemu-img convert's default cache mode (unsafe) does not flush at the end.
-    settings = _Settings(sparse_size, nworkers, out_of_order, flush=cache != "unsafe")
+    check_cache_modes(cache, src_cache)
+    opts = {} if skip_create else _target_opts(dst, out_fmt, options, backing, backing_fmt)
+    top_only = backing is not None or "backing_file" in opts
+    from ..convert import CACHE_MODES
+
+    flush, fua = CACHE_MODES[cache]
+    settings = _Settings(
+        sparse_size, nworkers, out_of_order, rate_limit, salvage, top_only, flush=flush, fua=fua
+    )
     if compress:
         settings = _compress_settings(settings, out_fmt, options)
     sources: list[BlockDevice] = []
@@ -278,14 +369,17 @@ def convert_cmd(
         inputs = [SectorPadded(s) if isinstance(s, RawDevice) else s for s in sources]
         total = sum(s.size for s in inputs)
         if not skip_create:
-            _create_target(dst, out_fmt, options, total)
+            _create_target(dst, out_fmt, opts, total)
         target = vdisk.open(dst, format=out_fmt, readonly=False)
+        if not settings.flush and out_fmt == "qcow2":
+            _skip_syncs(target)
         if target.size < total:
             raise RequestError("output file is smaller than input file", path=dst)
         show = Progress() if progress and not quiet else None
         if show is not None:
             show(0, total)
-        _copy(inputs, target, dst, settings, not skip_create, show)
+        # A target with a backing file reads what it shows, not zeros (qemu-img's has_zero_init).
+        _copy(inputs, target, dst, settings, not skip_create and not top_only, show)
         if show is not None:
             show.close()
     except _Signalled as exc:

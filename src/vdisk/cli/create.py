@@ -127,8 +127,40 @@ def create_cmd(
         for desc in create_opts(fmt)
         if desc.kwarg is not None and desc.name in opts
     }
-    vdisk.create(path, opts["size"].value, format=fmt, **kwargs)
+    size = opts["size"].value
+    if vdisk.is_uri(path):
+        _create_on_export(path, fmt, size)
+        return 0
+    if fmt == "raw":
+        size = -(-size // 512) * 512  # QEMU's raw files are whole sectors
+    vdisk.create(path, size, format=fmt, **kwargs)
+    if fmt == "raw":
+        write_first_block(path, size)
     return 0
+
+
+def _create_on_export(uri: str, fmt: str, size: int) -> None:
+    """An NBD export exists already: a raw "image" on it is the export itself (QEMU checks
+    that it opens); formatting one as qcow2 is not supported here."""
+    import vdisk
+
+    if fmt != "raw":
+        raise UnsupportedFeatureError(
+            f"creating a {fmt} image on an NBD export is not supported", path=uri
+        )
+    with vdisk.open(uri, format="raw", readonly=True):
+        pass
+
+
+def write_first_block(path: str, size: int) -> None:
+    """Write the first 4 KiB of a new raw file (or all of a smaller one) as QEMU does (for its
+    alignment probing), so that the file's allocation matches qemu-img's."""
+    import vdisk
+
+    if not size or vdisk.is_uri(path):
+        return
+    with vdisk.open(path, format="raw") as fresh:
+        fresh.write(bytes(min(fresh.size, 4096)), 0)
 
 
 COMMANDS: tuple[click.Command, ...] = (create_cmd,)

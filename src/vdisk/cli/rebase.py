@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import RequestError
+from ..errors import RequestError, UnsupportedFeatureError
 
 
 @click.command("rebase")
@@ -46,6 +46,10 @@ def rebase_cmd(
     if backing and not backing_fmt:
         raise RequestError(
             f"Could not change the backing file to '{backing}': backing format must be specified"
+        )
+    if vdisk.is_uri(file):  # an export's data is raw: it has no header to change
+        raise UnsupportedFeatureError(
+            f"Could not change the backing file to '{backing or ''}': Operation not supported"
         )
     show = Progress() if progress and not quiet else None
     if show is not None:

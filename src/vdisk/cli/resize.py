@@ -71,6 +71,20 @@ def _resize_raw(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
         os.close(fd)
 
 
+def _resize_export(uri: str, size_text: str, shrink: bool) -> None:
+    """An NBD export keeps its size: only "resizing" to the same size succeeds, as in QEMU."""
+    import vdisk
+
+    with vdisk.open(uri, format="raw", readonly=True) as export:
+        current = export.size
+    size = _new_size(size_text, current)
+    if size < current and not shrink:
+        click.echo(f"vdisk: {_SHRINK_WARNING}", err=True)
+        raise RequestError("Use the --shrink option to perform a shrink operation.")
+    if size != current:
+        raise UnsupportedFeatureError("Cannot resize NBD nodes")
+
+
 def _resize_qcow2(path: str, size_text: str, shrink: bool, prealloc: str) -> None:
     from ..qcow2.image import Qcow2Image
     from ..qcow2.resize import resize, trim_file
@@ -117,7 +131,9 @@ def resize_cmd(
         raise RequestError(f"Invalid preallocation mode '{prealloc}'")
     vdisk.check_format(fmt, path)
     kind = fmt or vdisk.probe_format(path)
-    if kind == "raw":
+    if vdisk.is_uri(path):
+        _resize_export(path, size_text, shrink)
+    elif kind == "raw":
         _resize_raw(path, size_text, shrink, prealloc)
     else:
         _resize_qcow2(path, size_text, shrink, prealloc)

@@ -252,7 +252,18 @@ class _Checker:
         if fixes:
             idx = np.array(fixes, dtype=np.uint64)
             stored.set(idx, counts[idx.astype(np.int64)])
+            self._zero_freed([c for c in fixes if not counts[c]])
         return highest
+
+    def _zero_freed(self, clusters: list[int]) -> None:
+        """Leaked clusters just freed: drop their data (punched, else zeroed), as QEMU
+        discards what a repair frees. Nothing references them, so the order is free."""
+        from ..backends.raw import write_zeroes_fd
+
+        for c in clusters:
+            start = c << self.cb
+            if start < self.file_size:
+                write_zeroes_fd(self.fd, start, min(self.cs, self.file_size - start), True)
 
     # -- rebuilding the refcount structure ---------------------------------------------------
     def rebuild_refcounts(self, counts: np.ndarray) -> None:
@@ -381,6 +392,19 @@ class _Checker:
             )
 
 
+def expected_refcounts(fd: int, path: str) -> np.ndarray:
+    """The refcount every host cluster should have (the reference walk), for a new refcount
+    structure; a walk that finds damage refuses (``check -r`` first)."""
+    checker = _Checker(fd, path, 0)
+    counts = checker.calculate()
+    res = checker.res
+    if res.corruptions or res.check_errors:
+        raise CorruptImageError(
+            "the image has errors: repair it first (qemu-img check -r all)", path=path
+        )
+    return counts
+
+
 def check(path: str, fix: int = 0, force_share: bool = False) -> CheckResult:
     """One check pass over the qcow2 image at ``path``; ``fix`` is FIX_LEAKS | FIX_ERRORS.
 
@@ -441,5 +465,6 @@ __all__ = [
     "CheckResult",
     "check",
     "check_and_repair",
+    "expected_refcounts",
     "repair_open_file",
 ]

@@ -279,6 +279,9 @@ class Qcow2Image(BlockDeviceBase):
         self._active: set[int] = set()
         self._pending: list[tuple[int, list[int]]] = []
         self._unsynced = False
+        # False (qemu's cache=unsafe): flush/close still write the metadata back, in order,
+        # but never fdatasync; a crash (of the host) may then lose or tear anything.
+        self.durable = True
         self._write_ready = False
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
@@ -484,23 +487,26 @@ class Qcow2Image(BlockDeviceBase):
             if self._unsynced and self.data_fd != self.fd:
                 os.fdatasync(self.data_fd)
             if wrote or self._unsynced:
-                os.fdatasync(self.fd)
+                if self.durable:
+                    os.fdatasync(self.fd)
                 self._unsynced = False
 
     def _flush_locked(self) -> None:
         self.refcounts.write_back()
-        if self.data_fd != self.fd:
-            os.fdatasync(self.data_fd)
-        os.fdatasync(self.fd)
+        if self.durable:
+            if self.data_fd != self.fd:
+                os.fdatasync(self.data_fd)
+            os.fdatasync(self.fd)
         self._unsynced = False
         tables = self.cache.write_back(L2)
-        if tables:
+        if tables and self.durable:
             os.fdatasync(self.fd)
-        if self.map.write_l1():
+        if self.map.write_l1() and self.durable:  # the L1 write happens either way
             os.fdatasync(self.fd)
         if self._release_pending():
             self.refcounts.write_back()
-            os.fdatasync(self.fd)
+            if self.durable:
+                os.fdatasync(self.fd)
 
     def flush(self) -> None:
         if self._closed:
