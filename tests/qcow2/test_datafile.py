@@ -419,3 +419,26 @@ def _merged(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
         out.append(dict(e))
     return out
+
+
+def test_compressed_writes_and_snapshots_refused_as_qemu_refuses(tmp_path: Path) -> None:
+    """On a real data-file image: vdisk's library refusals and `vdisk snapshot -c` say what
+    qemu-io's `write -c` and `qemu-img snapshot -c` say."""
+    from vdisk.errors import UnsupportedFeatureError
+
+    image = _qemu_create(tmp_path)
+    with Qcow2Image.open(str(image)) as img:
+        for attempt in (lambda: img.write_compressed(bytes(65536), 0),
+                        lambda: img.create_snapshot("s1")):  # fmt: skip
+            with pytest.raises(UnsupportedFeatureError) as refused:
+                attempt()
+            assert (refused.value.message, refused.value.errno) == ("Operation not supported", 95)
+    theirs = subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(image)],
+                            capture_output=True, text=True)  # fmt: skip
+    ours = subprocess.run([sys.executable, "-m", "vdisk", "snapshot", "-c", "s1", str(image)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert (ours.returncode, ours.stderr.replace("vdisk:", "qemu-img:")) == (
+        theirs.returncode,
+        theirs.stderr,
+    )
+    assert_check_clean(image)

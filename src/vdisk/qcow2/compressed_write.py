@@ -34,6 +34,7 @@ from ..fileio import pread_full, pwritev_full
 from . import format as fmt
 from .cluster import SEG_COMPRESSED, Segment
 from .compress import compress_cluster, compress_many, decompress_many
+from .datafile import refuse_on_data_file
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
@@ -56,8 +57,7 @@ class PreparedCluster:
 def refuse_compression(image: Qcow2Image) -> None:
     """Raise if this image cannot hold compressed clusters (QEMU refuses the same)."""
     h = image.header
-    if h.incompatible_features & fmt.INCOMPAT_DATA_FILE:
-        raise UnsupportedFeatureError("Compression can't be used with data-file", path=image.path)
+    refuse_on_data_file(h, image.path)
     if h.crypt_method:
         raise UnsupportedFeatureError(
             "Compression and encryption not supported at the same time", path=image.path

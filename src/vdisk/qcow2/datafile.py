@@ -80,12 +80,12 @@ def open_data_file(path: str, readonly: bool, force_share: bool) -> tuple[int, b
     return fd, locked
 
 
-def refuse_on_data_file(header: fmt.Header) -> None:
+def refuse_on_data_file(header: fmt.Header, path: str | None = None) -> None:
     """Compressed writes and internal snapshots: QEMU answers ENOTSUP on an image with an
     external data file (qemu-io ``write -c``: "write failed: Operation not supported";
     qemu-img snapshot -c: "Could not create snapshot 'NAME': -95 (Operation not supported)")."""
     if has_data_file(header):
-        raise UnsupportedFeatureError(COMPRESSED_REFUSED, errno=errno.ENOTSUP)
+        raise UnsupportedFeatureError(COMPRESSED_REFUSED, errno=errno.ENOTSUP, path=path)
 
 
 def extension_name(data_file: str) -> bytes:

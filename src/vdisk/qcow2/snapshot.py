@@ -43,6 +43,7 @@ from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cache import L2, decode_l2, encode_l2
 from .cluster import read_snapshots
+from .datafile import refuse_on_data_file
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 MAX_TABLE_BYTES = 1024 * fmt.MAX_SNAPSHOTS  # QEMU's bound on the whole snapshot table
 EXTRA_SIZE = 24  # the extra data QEMU writes: vm_state_size, disk_size, icount
 _HDR_NB_SNAPSHOTS = 60  # u32 nb_snapshots, then u64 snapshots_offset: one write switches both
-_DATA_FILE_REFUSAL = "internal snapshots are not supported with an external data file"
 
 
 class SnapshotNotFoundError(RequestError):
@@ -296,8 +296,7 @@ def _begin(img: Qcow2Image) -> bool:
     the dirty bit (v3). Returns whether this call set the bit."""
     if img._readonly:
         raise ReadOnlyError("image is read-only", path=img.path)
-    if img.header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
-        raise UnsupportedFeatureError(_DATA_FILE_REFUSAL, path=img.path)
+    refuse_on_data_file(img.header, img.path)
     # Drain guest I/O, as QEMU drains before a snapshot: allocating writes (notified) and
     # every request holding a ticket (in-place writes, reads; returned without a notify).
     while img._inflight or img._active:
