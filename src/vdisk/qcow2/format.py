@@ -687,6 +687,33 @@ class BitmapDirectoryEntry:
     def granularity(self) -> int:
         return 1 << self.granularity_bits
 
+    def encode(self) -> bytes:
+        """The entry as the directory stores it, padded to a multiple of 8 bytes."""
+        name = self.name.encode()
+        raw = (
+            _BITMAP_DIR_HEAD.pack(
+                self.bitmap_table_offset,
+                self.bitmap_table_size,
+                self.flags,
+                self.type,
+                self.granularity_bits,
+                len(name),
+                len(self.extra_data),
+            )
+            + self.extra_data
+            + name
+        )
+        return raw + bytes(_align8(len(raw)) - len(raw))
+
+
+def encode_bitmap_directory(entries: list[BitmapDirectoryEntry]) -> bytes:
+    return b"".join(e.encode() for e in entries)
+
+
+def encode_bitmap_table(host_offsets: list[int]) -> bytes:
+    """Bitmap table entries: a data cluster's offset, or 0 (every bit of that range clear)."""
+    return struct.pack(f">{len(host_offsets)}Q", *host_offsets)
+
 
 def decode_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirectoryEntry]:
     out = []

@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..fileio import pread_full, pwritev_full
 from . import format as fmt
+from .bitmap import BitmapSet, PersistentBitmap
 from .cache import L2, MetadataCache, default_capacity
 from .check import repair_open_file
 from .cluster import (
@@ -250,6 +251,9 @@ class Qcow2Image(BlockDeviceBase):
         self._write_ready = False
         self._set_dirty = False
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
+        # Persistent dirty bitmaps (bitmap.py); the write paths mark ``_tracked`` if any.
+        self._bitmaps = BitmapSet(self, readonly)
+        self._tracked = self._bitmaps.tracked
         # Backing chain.
         self._chain_depth = 0
         if header.backing_file and open_backing:
@@ -343,9 +347,12 @@ class Qcow2Image(BlockDeviceBase):
             raise self._mark_corrupt(problem)
         h = self.header
         if h.version >= 3:
-            if h.autoclear_features:
-                # We keep no bitmaps up to date and know no other autoclear feature.
-                self._write_features(autoclear=0)
+            if h.autoclear_features & ~self._bitmaps.kept_autoclear():
+                # Bitmaps are kept up to date (bitmap.py); we know no other autoclear feature.
+                self._write_features(
+                    autoclear=h.autoclear_features & self._bitmaps.kept_autoclear()
+                )
+            self._bitmaps.begin_write()
             if h.lazy_refcounts and not h.dirty:
                 self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
                 self._set_dirty = True
@@ -468,6 +475,8 @@ class Qcow2Image(BlockDeviceBase):
             if self._opened_rw and self.fd >= 0:
                 with self._lock:
                     self._active.clear()
+                    if not self._readonly:
+                        self._bitmaps.store(final=True)
                     self._flush_locked()
                     if self._pending:
                         self._release_pending()
@@ -585,6 +594,8 @@ class Qcow2Image(BlockDeviceBase):
         n = view.nbytes
         if self._closed or self._readonly or offset < 0 or offset + n > self._size:
             self.check_request(offset, n, write=True)  # raises the matching error
+        if self._tracked:
+            self._bitmaps.mark(offset, n)
         cmask = self.cluster_size - 1
         if n and (offset & cmask) + n <= cmask + 1 and not self._extended and self._write_ready:
             # Hot path: a cluster that is ours (COPIED), its L2 table cached: write in place.
@@ -815,6 +826,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
+        if self._tracked:
+            self._bitmaps.mark(offset, length)
         try:
             self._zero_or_discard(offset, length, may_unmap, discard=False)
         except OSError as exc:
@@ -822,6 +835,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def discard(self, offset: int, length: int) -> None:
         self.check_request(offset, length, write=True)
+        if self._tracked:
+            self._bitmaps.mark(offset, length)
         try:
             self._zero_or_discard(offset, length, True, discard=True)
         except OSError as exc:
@@ -942,6 +957,50 @@ class Qcow2Image(BlockDeviceBase):
         """The internal snapshot table (read from disk)."""
         with self._lock:
             return read_snapshots(self.fd, self.header)
+
+    # -- persistent dirty bitmaps (logic in bitmap.py) -------------------------------------
+    def bitmaps(self) -> list[PersistentBitmap]:
+        """The persistent dirty bitmaps, in directory order (bits read on demand)."""
+        with self._lock:
+            return self._bitmaps.all()
+
+    def bitmap(self, name: str) -> PersistentBitmap:
+        """The named bitmap, its bits read; refused when it is inconsistent (in use)."""
+        with self._lock:
+            return self._bitmaps.find(name)
+
+    def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
+        self._change_bitmaps(lambda b, frees: b.add(name, granularity, enabled))
+
+    def remove_bitmap(self, name: str) -> None:
+        self._change_bitmaps(lambda b, frees: b.remove(name, frees))
+
+    def enable_bitmap(self, name: str, enabled: bool = True) -> None:
+        self._change_bitmaps(lambda b, frees: b.set_enabled(name, enabled))
+
+    def clear_bitmap(self, name: str) -> None:
+        self._change_bitmaps(lambda b, frees: b.clear(name))
+
+    def merge_bitmap(self, name: str, source: str, source_image: Qcow2Image | None = None) -> None:
+        """OR bitmap ``source`` (of this image, or of ``source_image``) into ``name``."""
+        src = source_image.bitmap(source) if source_image is not None else None
+        self._change_bitmaps(lambda b, frees: b.merge(name, src or b.find(source)))
+
+    def _change_bitmaps(self, change: Any) -> None:
+        """Run ``change(bitmap_set, frees)`` and store the result durably."""
+        with self._lock:
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            if not self._write_ready:
+                self._prepare_first_write()
+            frees: list[int] = []
+            try:
+                change(self._bitmaps, frees)
+                self._bitmaps.store(final=False)
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+            finally:
+                self._free_later(frees)
 
     def allocated_clusters(self) -> int:
         with self._lock:
