@@ -25,6 +25,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "bench_cmd",
         "Run a simple I/O benchmark on FILE, like qemu-img bench.",
     ),
+    "bitmap": (
+        "bitmap",
+        "bitmap_cmd",
+        "Add, remove, clear, enable, disable or merge persistent dirty bitmaps of FILE.",
+    ),
     "check": (
         "check",
         "check_cmd",

@@ -450,7 +450,11 @@ class BitmapSet:
         if source is bm:
             return
         if source.size != bm.size:
-            raise BitmapError("Bitmaps are incompatible and can't be merged", path=self.image.path)
+            raise BitmapError(
+                f"Bitmaps are of different sizes (destination size is {bm.size}, "
+                f"source size is {source.size}) and can't be merged",
+                path=self.image.path,
+            )
         if source.granularity == bm.granularity:
             with bm._lock, source._lock:
                 merged = np.bitwise_or(
