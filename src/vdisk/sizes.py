@@ -40,4 +40,3 @@ def format_size(n: int) -> str:
 
 
 _UNITS = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
-

@@ -50,6 +50,14 @@ class BitmapError(VdiskError):
     """A bitmap operation is refused (unknown name, duplicate, bad granularity...)."""
 
 
+def _inconsistent(name: str) -> str:
+    """QEMU's words (two lines, as qemu-img prints them)."""
+    return (
+        f"Bitmap '{name}' is inconsistent and cannot be used\n"
+        "Try block-dirty-bitmap-remove to delete this bitmap from disk"
+    )
+
+
 def default_granularity(cluster_size: int) -> int:
     """QEMU's default: the cluster size, but at least 4 KiB and at most 64 KiB."""
     return min(max(cluster_size, 4096), 65536)
@@ -320,9 +328,7 @@ class BitmapSet:
     def _read_stored(self, bm: PersistentBitmap) -> bytearray:
         img = self.image
         if bm.inconsistent:
-            raise BitmapError(
-                f"Bitmap '{bm.name}' is inconsistent and cannot be used", path=img.path
-            )
+            raise BitmapError(_inconsistent(bm.name), path=img.path)
         return _read_bits(img.fd, img.header, bm.entry, img.path)
 
     def all(self) -> list[PersistentBitmap]:
@@ -336,9 +342,7 @@ class BitmapSet:
         if bm is None:
             raise BitmapError(f"Dirty bitmap '{name}' not found", path=self.image.path)
         if usable and bm.inconsistent:
-            raise BitmapError(
-                f"Bitmap '{name}' is inconsistent and cannot be used", path=self.image.path
-            )
+            raise BitmapError(_inconsistent(name), path=self.image.path)
         if usable:
             self._fill(bm)
         return bm
