@@ -188,6 +188,10 @@ def _copy(
 )
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
 @click.option("-T", "src_cache", metavar="CACHE", help="Accepted (source cache mode).")
+@click.option("--bitmaps", "bitmaps", is_flag=True, help="Copy the persistent dirty bitmaps.")
+@click.option(
+    "--skip-broken-bitmaps", "skip_broken", is_flag=True, help="With --bitmaps: skip in-use ones."
+)
 @click.argument("files", nargs=-1)
 def convert_cmd(
     fmt: str | None,
@@ -203,6 +207,8 @@ def convert_cmd(
     force_share: bool,
     cache: str,
     src_cache: str | None,
+    bitmaps: bool,
+    skip_broken: bool,
     files: tuple[str, ...],
 ) -> int:
     """Convert the source images (concatenated) into DST, like qemu-img convert."""
@@ -222,6 +228,10 @@ def convert_cmd(
         raise RequestError("-o has no effect when skipping image creation")
     if cache not in _CACHE_MODES:
         raise RequestError(f"Invalid cache option: {cache}")
+    if bitmaps or skip_broken:
+        from ..qcow2.bitmap import check_copy_args
+
+        check_copy_args(len(srcs), out_fmt, skip_broken and not bitmaps)
     # qemu-img convert's default cache mode (unsafe) does not flush at the end.
     settings = _Settings(sparse_size, nworkers, out_of_order, flush=cache != "unsafe")
     sources: list[BlockDevice] = []
@@ -230,6 +240,10 @@ def convert_cmd(
     try:
         for src in srcs:
             sources.append(vdisk.open(src, format=fmt, readonly=True, force_share=force_share))
+        if bitmaps:
+            from ..qcow2.bitmap import copyable_bitmaps
+
+            to_copy = copyable_bitmaps(sources[0], skip_broken, click.echo)
         # Raw sources as QEMU sizes them (whole sectors).
         inputs = [SectorPadded(s) if isinstance(s, RawDevice) else s for s in sources]
         total = sum(s.size for s in inputs)
@@ -238,10 +252,18 @@ def convert_cmd(
         target = vdisk.open(dst, format=out_fmt, readonly=False)
         if target.size < total:
             raise RequestError("output file is smaller than input file", path=dst)
+        if bitmaps:
+            from ..qcow2.bitmap import check_copy_target
+
+            check_copy_target(target)
         show = Progress() if progress and not quiet else None
         if show is not None:
             show(0, total)
         _copy(inputs, target, dst, settings, not skip_create, show)
+        if bitmaps:
+            from ..qcow2.bitmap import copy_bitmaps
+
+            copy_bitmaps(to_copy, target)
         if show is not None:
             show.close()
     except _Signalled as exc:

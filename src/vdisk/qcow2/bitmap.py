@@ -630,3 +630,57 @@ def _stored_entry(bm: PersistentBitmap, in_use: bool) -> BitmapEntry:
         e.name,
         e.extra_data,
     )
+
+
+# -- convert --bitmaps ----------------------------------------------------------------------
+def check_copy_args(sources: int, out_fmt: str, skip_without_bitmaps: bool) -> None:
+    """qemu-img convert's checks of --bitmaps / --skip-broken-bitmaps, before any open."""
+    if skip_without_bitmaps:
+        raise BitmapError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if sources != 1:
+        raise BitmapError("Copying bitmaps only possible with single source")
+    if out_fmt != "qcow2":
+        raise BitmapError(f"Format driver '{out_fmt}' does not support bitmaps")
+
+
+def copyable_bitmaps(
+    source: object, skip_broken: bool, warn: Callable[..., object]
+) -> list[PersistentBitmap]:
+    """The source's bitmaps to copy, bits read; an inconsistent one is refused (or skipped
+    with a warning under --skip-broken-bitmaps), before anything is copied."""
+    from .image import Qcow2Image
+
+    if not isinstance(source, Qcow2Image):
+        raise BitmapError("Source lacks bitmap support")
+    out = []
+    for bm in source.bitmaps():
+        if bm.in_use:
+            if not skip_broken:
+                raise BitmapError(
+                    f"Cannot copy inconsistent bitmap '{bm.name}'\n"
+                    "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it"
+                )
+            warn(f"vdisk: warning: Skipping inconsistent bitmap '{bm.name}'", err=True)
+            continue
+        out.append(source.bitmap(bm.name))
+    return out
+
+
+def check_copy_target(target: object) -> None:
+    from .image import Qcow2Image
+
+    if not isinstance(target, Qcow2Image) or target.header.version < 3:
+        raise BitmapError("Format driver 'qcow2' does not support bitmaps")
+
+
+def copy_bitmaps(bitmaps: list[PersistentBitmap], target: object) -> None:
+    """Each bitmap into ``target`` (after the data copy, so the copy marks nothing): same
+    name, granularity and enabled flag, then its bits merged in."""
+    from .image import Qcow2Image
+
+    assert isinstance(target, Qcow2Image)  # check_copy_target said so
+    for bm in bitmaps:
+        target.add_bitmap(bm.name, bm.granularity, enabled=True)
+        target.merge_bitmap(bm.name, "", source_bitmap=bm)
+        if not bm.entry.enabled:
+            target.enable_bitmap(bm.name, False)

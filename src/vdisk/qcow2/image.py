@@ -981,9 +981,16 @@ class Qcow2Image(BlockDeviceBase):
     def clear_bitmap(self, name: str) -> None:
         self._change_bitmaps(lambda b, frees: b.clear(name))
 
-    def merge_bitmap(self, name: str, source: str, source_image: Qcow2Image | None = None) -> None:
-        """OR bitmap ``source`` (of this image, or of ``source_image``) into ``name``."""
-        src = source_image.bitmap(source) if source_image is not None else None
+    def merge_bitmap(
+        self,
+        name: str,
+        source: str,
+        source_image: Qcow2Image | None = None,
+        source_bitmap: PersistentBitmap | None = None,
+    ) -> None:
+        """OR bitmap ``source`` (of this image, or of ``source_image``), or ``source_bitmap``,
+        into ``name``."""
+        src = source_image.bitmap(source) if source_image is not None else source_bitmap
         self._change_bitmaps(lambda b, frees: b.merge(name, src or b.find(source)))
 
     def _change_bitmaps(self, change: Any) -> None:
