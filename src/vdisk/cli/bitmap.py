@@ -6,6 +6,8 @@ the next; the work is ``Qcow2Image``'s bitmap methods (``vdisk.qcow2.bitmap``).
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -92,11 +94,11 @@ def bitmap_cmd(
     path, name = args
     vdisk.check_format(fmt, path)
     vdisk.check_format(source_fmt, source_file)
-    device = vdisk.open(path, format=fmt)
+    device = _open(path, fmt, readonly=False)
     source = None
     try:
         if source_file:
-            source = vdisk.open(source_file, format=source_fmt, readonly=True)
+            source = _open(source_file, source_fmt, readonly=True)
         for action, value in actions:
             try:
                 _run(device, source, action, value, name, size or None)
@@ -109,6 +111,19 @@ def bitmap_cmd(
             source.close()
         device.close()
     return 0
+
+
+def _open(path: str, fmt: str | None, readonly: bool) -> Any:
+    """Open as qemu-img reports a file it cannot open (its words twice, as it prints them)."""
+    import vdisk
+
+    try:
+        return vdisk.open(path, format=fmt, readonly=readonly)
+    except VdiskError as exc:
+        if exc.errno in (errno.ENOENT, errno.EACCES, errno.EISDIR):
+            text = f"Could not open '{path}': {os.strerror(exc.errno)}"
+            raise VdiskError(f"Could not open '{path}': {text}", errno=exc.errno) from None
+        raise
 
 
 def _granularity(text: str | None) -> int:

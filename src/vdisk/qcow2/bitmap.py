@@ -395,13 +395,15 @@ class BitmapSet:
     def add(self, name: str, granularity: int | None, enabled: bool) -> PersistentBitmap:
         img = self.image
         h = img.header
+        # QEMU's words; it names the node where we name the file.
+        unstorable = f"Can't make bitmap '{name}' persistent in '{img.path}'"
         if h.version < 3:
-            raise BitmapError("Cannot store dirty bitmaps in qcow2 v2 files", path=img.path)
+            raise BitmapError(f"{unstorable}: Cannot store dirty bitmaps in qcow2 v2 files")
         if any(b.name == name for b in self.all()):
             raise BitmapError(f"Bitmap already exists: {name}", path=img.path)
         if len(name.encode()) > MAX_NAME_BYTES:
             raise BitmapError(
-                f"Name length exceeds maximum ({MAX_NAME_BYTES} characters)", path=img.path
+                f"{unstorable}: Name length exceeds maximum ({MAX_NAME_BYTES} characters)"
             )
         if len(self.items) >= MAX_BITMAPS:
             raise BitmapError("Too many bitmaps in the image", path=img.path)
