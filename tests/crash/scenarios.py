@@ -79,6 +79,8 @@ class Scenario:
     make: Callable[[Path], Path]
     run: Callable[[Session], None]
     known_bug: str = ""  # one line: what fails today (the suite marks it xfail, strict)
+    # Extra judgement of a crash state file (before vdisk opens it): problems found.
+    check: Callable[[Session, Path], list[str]] | None = None
 
 
 def _qemu_img(*args: str) -> None:
@@ -229,6 +231,65 @@ def run_repair_open(s: Session) -> None:
     g.close()
 
 
+def make_bitmaps(where: Path) -> Path:
+    """An image with an enabled bitmap (16 KiB granules) and a disabled one, from qemu-img."""
+    path = where / "image.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "4M")
+    _qemu_img("bitmap", "--add", "-g", "16k", str(path), "track")
+    _qemu_img("bitmap", "--add", "--disable", str(path), "frozen")
+    return path
+
+
+def run_bitmaps(s: Session) -> None:
+    """Writes tracked across two sessions, with a bitmap added and a merge between them."""
+    g = s.open()
+    _random_io(s, g, 4 * MIB, 10, (512, 4 * KIB, 20 * KIB))
+    g.image.add_bitmap("late", granularity=8 * KIB)
+    _random_io(s, g, 4 * MIB, 5, (512, 4 * KIB))
+    g.close()
+    g = s.open()
+    g.write(s.offset(4 * MIB, 4 * KIB), s.data(4 * KIB))
+    g.image.merge_bitmap("frozen", "track")
+    g.close()
+
+
+def judge_bitmaps(s: Session, path: Path) -> list[str]:
+    """'track' follows every write since the start: in a crash state it is stored consistent
+    and covers every sector whose data changed, or it is IN_USE, or (autoclear bit 0 clear)
+    dropped; never stale. qemu-img info must list the same flags."""
+    import json
+
+    with Qcow2Image.open(str(path), readonly=True, open_backing=False) as img:
+        found = {b.name: b for b in img.bitmaps()}
+        listed = {name: b.flags for name, b in found.items()}
+        track = found.get("track")
+        if track is None or track.in_use:
+            dirty = None
+        else:
+            dirty = track.dirty_ranges()
+            data = np.frombuffer(img.pread(img.size, 0), dtype=np.uint8).reshape(-1, SECTOR)
+    problems = []
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True
+    )
+    if info.returncode == 0:
+        specific = json.loads(info.stdout)["format-specific"]["data"]
+        theirs = {b["name"]: b["flags"] for b in specific.get("bitmaps", [])}
+        if theirs != listed:
+            problems.append(f"bitmap flags: qemu-img {theirs}, vdisk {listed}")
+    if dirty is None:
+        return problems
+    initial = s.guest.acks[0].snapshot
+    changed = np.flatnonzero((data[: len(initial)] != initial).any(axis=1))
+    covered = np.zeros(len(data), dtype=bool)
+    for off, n in dirty:
+        covered[off // SECTOR : (off + n) // SECTOR] = True
+    stale = changed[~covered[changed]]
+    if len(stale):
+        problems.append(f"bitmap 'track' is stale: sector {int(stale[0])} changed, bit clear")
+    return problems
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("allocation", _vdisk_image(4 * MIB, cluster_size=4096), run_allocation),
     Scenario("l1_growth", make_l1_growth, run_l1_growth),
@@ -248,4 +309,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("resize_shrink", _vdisk_image(4 * MIB, cluster_size=4096), run_resize_shrink),
     Scenario("repair_check_r_all", make_dirty, run_repair_check),
     Scenario("repair_lazy_open", make_dirty, run_repair_open),
+    Scenario("bitmap_updates", make_bitmaps, run_bitmaps, check=judge_bitmaps),
 ]

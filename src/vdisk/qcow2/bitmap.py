@@ -578,25 +578,27 @@ class BitmapSet:
         return fmt.BitmapsExtension(len(entries), len(data), self._write_blob(data))
 
     def _switch_header(self, ext: fmt.BitmapsExtension | None) -> None:
-        """One write of the first cluster: the bitmaps extension and autoclear bit 0."""
+        """Point the header at the new directory (or drop the extension). The header may
+        span two sectors and a torn write could mix old and new bytes, so, as for the
+        in-place rewrite: autoclear bit 0 off (synced), the new header (synced), bit on."""
         img = self.image
         h = img.header
         new = h.copy()
         new.set_extension(fmt.EXT_BITMAPS, ext.encode() if ext else None)
-        if ext:
-            new.autoclear_features |= fmt.AUTOCLEAR_BITMAPS
-        else:
-            new.autoclear_features &= ~fmt.AUTOCLEAR_BITMAPS
+        new.autoclear_features &= ~fmt.AUTOCLEAR_BITMAPS
         try:
             blob = new.encode()
         except FormatError:
             raise BitmapError("No space left in the file header", path=img.path) from None
+        if h.autoclear_features & fmt.AUTOCLEAR_BITMAPS:
+            img._write_features(autoclear=h.autoclear_features & ~fmt.AUTOCLEAR_BITMAPS)
         pwrite_full(img.fd, blob + bytes(img.cluster_size - len(blob)), 0)
         os.fdatasync(img.fd)
         h.extensions = new.extensions
-        h.autoclear_features = new.autoclear_features
         h.backing_file_offset = new.backing_file_offset
         h.backing_file_size = new.backing_file_size
+        if ext:
+            img._write_features(autoclear=h.autoclear_features | fmt.AUTOCLEAR_BITMAPS)
 
     def _clusters_of(self, entry: BitmapEntry) -> list[int]:
         """Host clusters of a stored bitmap's table and data (for freeing)."""

@@ -488,7 +488,8 @@ class Header:
             )
         elif self.snapshots_offset % cs:
             raise CorruptImageError("snapshots_offset: not aligned to a cluster")
-        bitmaps = self.bitmaps
+        # Without autoclear bit 0 the extension is ignored (QEMU's rule), so not checked.
+        bitmaps = self.bitmaps if self.autoclear_features & AUTOCLEAR_BITMAPS else None
         if bitmaps is not None:
             _check_table(
                 "bitmap_directory_offset",
