@@ -260,9 +260,8 @@ class DirtyBitmap:
     stores it.
     """
 
-    def __init__(
-        self, name: str, size: int, granularity: int, bits: bytearray, enabled: bool = False
-    ) -> None:
+    def __init__(self, name: str, size: int, granularity: int, bits: bytearray,
+                 enabled: bool = False) -> None:
         self.name = name
         self.size = size
         self.granularity = granularity

@@ -265,7 +265,9 @@ def device_info(device: BlockDevice, filename: str, fmt: str) -> Info:
     return info
 
 
-def open_for_info(path: str, fmt: str | None, force_share: bool = False) -> tuple[BlockDevice, str]:
+def open_for_info(
+    path: str, fmt: str | None, force_share: bool = False
+) -> tuple[BlockDevice, str]:
     """Open ``path`` read-only without its backing chain (like qemu-img info); return it and its format."""
     import vdisk
 

@@ -82,7 +82,9 @@ def open_chain(path: str, fmt: str | None, force_share: bool = False) -> list[Ch
                 dev = vdisk.open(name, format="raw", readonly=True, force_share=force_share)
                 levels.append(ChainLevel(dev, display_name(name), None))
                 break
-            img = Qcow2Image.open(name, readonly=True, open_backing=False, force_share=force_share)
+            img = Qcow2Image.open(
+                name, readonly=True, open_backing=False, force_share=force_share
+            )
             levels.append(ChainLevel(img, name, img, force_share))
             backing = img.header.backing_file
             if not backing:

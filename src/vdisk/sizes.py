@@ -40,3 +40,4 @@ def format_size(n: int) -> str:
 
 
 _UNITS = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+

@@ -72,9 +72,8 @@ class ZipMemberDevice(BlockDeviceBase):
             self.data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
             archive_size = os.fstat(self.fd).st_size
             if self.data_offset + info.file_size > archive_size:
-                raise FormatError(
-                    f"member {info.filename!r} runs past the archive's end", path=path
-                )
+                raise FormatError(f"member {info.filename!r} runs past the archive's end",
+                                  path=path)
         except BaseException:
             os.close(self.fd)
             raise
@@ -103,9 +102,8 @@ class ZipMemberDevice(BlockDeviceBase):
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         self.check_request(offset, length)
-        return [
-            Extent(offset, length, data=True, zero=False, host_offset=self.data_offset + offset)
-        ]
+        return [Extent(offset, length, data=True, zero=False,
+                       host_offset=self.data_offset + offset)]
 
     def close(self) -> None:
         if not self._closed:

@@ -153,13 +153,7 @@ class _Bench:
 @click.option("-S", "step", metavar="STEP_SIZE", help="Offset step (default: buffer size).")
 @click.option("-t", "cache", default="writeback", metavar="CACHE", help="Cache mode.")
 @click.option("-w", "write", is_flag=True, help="Write requests instead of reads.")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.option("--pattern", "pattern", metavar="N", help="Byte written by -w (default 0).")
 @click.option("--flush-interval", "flush_interval", metavar="N", help="Flush every N writes.")
 @click.option("--no-drain", "no_drain", is_flag=True, help="Flush without draining the queue.")

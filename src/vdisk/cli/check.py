@@ -78,13 +78,7 @@ def check_human(r: CheckResult) -> str:
 @click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
 @click.option("-r", "repair", metavar="leaks|all", help="Repair leaks, or everything.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet: print only errors.")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("file")
 def check_cmd(
     fmt: str | None, output: str, repair: str | None, quiet: bool, force_share: bool, file: str

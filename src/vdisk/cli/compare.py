@@ -17,13 +17,7 @@ from .progress import Progress
 @click.option("-s", "strict", is_flag=True, help="Strict mode: sizes and allocation must match.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet: print nothing, only set the exit status.")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("file1")
 @click.argument("file2")
 def compare_cmd(

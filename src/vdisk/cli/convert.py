@@ -179,13 +179,7 @@ def _copy(
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
 @click.option("-c", "compress", is_flag=True, help="Compress (not supported).")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
 @click.option("-T", "src_cache", metavar="CACHE", help="Accepted (source cache mode).")
 @click.option("--bitmaps", "bitmaps", is_flag=True, help="Copy the persistent dirty bitmaps.")

@@ -21,13 +21,7 @@ _CHUNK = 1 << 20  # copy in large pieces: the bytes written are the same as bs-s
 @click.command("dd", context_settings={"ignore_unknown_options": False})
 @click.option("-f", "fmt", metavar="FMT", help="Input format (default: probe).")
 @click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Output format (raw, qcow2).")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("operands", nargs=-1, metavar="[bs=N] [count=N] [skip=N] if=IN of=OUT")
 def dd_cmd(fmt: str | None, out_fmt: str, force_share: bool, operands: tuple[str, ...]) -> int:
     """Copy IN into a new image OUT (of format -O), like qemu-img dd."""

@@ -11,13 +11,7 @@ from .options import check_output
 @click.option("-f", "fmt", metavar="FMT", help="Image format (default: probe).")
 @click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
 @click.option("--backing-chain", "chain", is_flag=True, help="Show every image of the chain.")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("file")
 def info_cmd(fmt: str | None, output: str, chain: bool, force_share: bool, file: str) -> int:
     """Show information about the image FILE, like qemu-img info."""

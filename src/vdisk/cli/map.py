@@ -37,13 +37,7 @@ def _json_entry(e: MapEntry) -> str:
 @click.option("--output", "output", default="human", metavar="human|json", help="Output format.")
 @click.option("-s", "--start-offset", "start_offset", metavar="N", help="First byte to map.")
 @click.option("-l", "--max-length", "max_length", metavar="N", help="Bytes to map at most.")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("file")
 def map_cmd(
     fmt: str | None,

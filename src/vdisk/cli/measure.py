@@ -61,13 +61,7 @@ def _is_qcow2_v3(dev: object) -> bool:
 )
 @click.option("--size", "size_text", metavar="SIZE", help="Measure a new image of SIZE bytes.")
 @click.option("-f", "fmt", metavar="FMT", help="Input format (default: probe).")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Force share: open read-only beside a writer (no write lock).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
 @click.argument("files", nargs=-1)
 def measure_cmd(
     output: str,

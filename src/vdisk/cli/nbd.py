@@ -17,97 +17,48 @@ from ..errors import VdiskError
 
 @click.command("nbd")
 @click.argument("files", nargs=-1, required=True)
-@click.option(
-    "-f", "--format", "fmt", default=None, help="image format (qcow2 or raw; probed by default)"
-)
+@click.option("-f", "--format", "fmt", default=None, help="image format (qcow2 or raw; probed by default)")
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="export read-only")
 @click.option("-x", "--export-name", "names", multiple=True, help="export name (one per FILE)")
 @click.option("-D", "--description", "descriptions", multiple=True, help="export description")
 @click.option("-p", "--port", type=int, default=None, help="TCP port (default 10809)")
 @click.option("-b", "--bind", "bind", default=None, help="address to listen on (default 0.0.0.0)")
 @click.option("-k", "--socket", "socket_path", default=None, help="listen on this unix socket")
-@click.option(
-    "-e",
-    "--shared",
-    type=int,
-    default=1,
-    show_default=True,
-    help="clients served at once (0: unlimited)",
-)
-@click.option(
-    "--handshake-limit",
-    type=float,
-    default=10.0,
-    show_default=True,
-    help="seconds a client has to finish negotiation (0: no limit)",
-)
+@click.option("-e", "--shared", type=int, default=1, show_default=True,
+              help="clients served at once (0: unlimited)")
+@click.option("--handshake-limit", type=float, default=10.0, show_default=True,
+              help="seconds a client has to finish negotiation (0: no limit)")
 @click.option("-t", "--persistent", is_flag=True, help="keep serving after the last client leaves")
-@click.option(
-    "--cache",
-    default="writeback",
-    show_default=True,
-    type=click.Choice(["none", "writeback", "writethrough", "directsync", "unsafe"]),
-)
-@click.option(
-    "--discard",
-    default="ignore",
-    show_default=True,
-    type=click.Choice(["ignore", "unmap", "off", "on"]),
-)
-@click.option(
-    "--detect-zeroes", default="off", show_default=True, type=click.Choice(["off", "on", "unmap"])
-)
-@click.option(
-    "-B",
-    "--bitmap",
-    "bitmaps",
-    multiple=True,
-    help="export this qcow2 persistent dirty bitmap as qemu:dirty-bitmap:NAME",
-)
+@click.option("--cache", default="writeback", show_default=True,
+              type=click.Choice(["none", "writeback", "writethrough", "directsync", "unsafe"]))
+@click.option("--discard", default="ignore", show_default=True,
+              type=click.Choice(["ignore", "unmap", "off", "on"]))
+@click.option("--detect-zeroes", default="off", show_default=True,
+              type=click.Choice(["off", "on", "unmap"]))
+@click.option("-B", "--bitmap", "bitmaps", multiple=True,
+              help="export this qcow2 persistent dirty bitmap as qemu:dirty-bitmap:NAME")
 @click.option("-A", "--allocation-depth", is_flag=True, help="export qemu:allocation-depth")
-@click.option(
-    "--tls-creds",
-    default=None,
-    help="directory with server-cert.pem, server-key.pem (and ca-cert.pem)",
-)
+@click.option("--tls-creds", default=None,
+              help="directory with server-cert.pem, server-key.pem (and ca-cert.pem)")
 @click.option("--pid-file", default=None, help="write the server's pid here")
 @click.option("--fork", "fork", is_flag=True, help="run in the background once listening")
 @click.option("-v", "--verbose", is_flag=True, help="log connections")
-def nbd_command(
-    files: tuple[str, ...],
-    fmt: str | None,
-    readonly: bool,
-    names: tuple[str, ...],
-    descriptions: tuple[str, ...],
-    port: int | None,
-    bind: str | None,
-    socket_path: str | None,
-    shared: int,
-    handshake_limit: float,
-    persistent: bool,
-    cache: str,
-    discard: str,
-    detect_zeroes: str,
-    bitmaps: tuple[str, ...],
-    allocation_depth: bool,
-    tls_creds: str | None,
-    pid_file: str | None,
-    fork: bool,
-    verbose: bool,
-) -> int:
+def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: tuple[str, ...],
+                descriptions: tuple[str, ...], port: int | None, bind: str | None,
+                socket_path: str | None, shared: int, handshake_limit: float, persistent: bool,
+                cache: str, discard: str,
+                detect_zeroes: str, bitmaps: tuple[str, ...], allocation_depth: bool,
+                tls_creds: str | None, pid_file: str | None, fork: bool, verbose: bool) -> int:
     """Serve FILE(s) over NBD, as qemu-nbd does (several FILEs: several exports)."""
     import vdisk
     from vdisk import locking
 
     from ..nbd.server import Export, NbdServer, tls_context_from_dir
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="vdisk nbd: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="vdisk nbd: %(message)s")
     if names and len(names) != len(files):
-        raise VdiskError(
-            f"{len(files)} file(s) but {len(names)} export name(s): give one -x per file"
-        )
+        raise VdiskError(f"{len(files)} file(s) but {len(names)} export name(s): give one -x per file")
     if socket_path and (port is not None or bind is not None):
         raise VdiskError("-k cannot be combined with -p or -b")
     if shared < 0:
@@ -132,31 +83,18 @@ def nbd_command(
             if bitmaps and i == 0:
                 sources = [_export_bitmap(device, path, b) for b in bitmaps]
             locking.lock_for_export(device)  # as qemu-nbd: nobody resizes what we announced
-            exports.append(
-                Export(
-                    device,
-                    name=name,
-                    description=descriptions[i] if i < len(descriptions) else "",
-                    readonly=readonly or device.readonly,
-                    discard=discard,
-                    detect_zeroes=detect_zeroes,
-                    cache=cache,
-                    allocation_depth=allocation_depth,
-                    # One device object behind every connection: consistent across them, so
-                    # multi-conn is safe whenever the server takes more than one client.
-                    bitmaps=sources,
-                    multi_conn=shared != 1,
-                )
-            )
+            exports.append(Export(
+                device, name=name, description=descriptions[i] if i < len(descriptions) else "",
+                readonly=readonly or device.readonly, discard=discard,
+                detect_zeroes=detect_zeroes, cache=cache, allocation_depth=allocation_depth,
+                # One device object behind every connection: consistent across them, so
+                # multi-conn is safe whenever the server takes more than one client.
+                bitmaps=sources, multi_conn=shared != 1,
+            ))
         _raise_nofile_limit()
         tls = tls_context_from_dir(tls_creds) if tls_creds else None
-        server = NbdServer(
-            exports,
-            tls_context=tls,
-            shared=shared,
-            persistent=persistent,
-            handshake_limit=handshake_limit,
-        )
+        server = NbdServer(exports, tls_context=tls, shared=shared, persistent=persistent,
+                           handshake_limit=handshake_limit)
         if socket_path:
             server.listen_unix(socket_path)
         else:

@@ -16,13 +16,7 @@ from ..errors import RequestError
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
 @click.option("-t", "cache", metavar="CACHE", help="Accepted (cache mode of FILE).")
 @click.option("-T", "src_cache", metavar="CACHE", help="Accepted (cache mode of the backings).")
-@click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Accepted (not applied: rebase opens the image read-write).",
-)
+@click.option("-U", "--force-share", "force_share", is_flag=True, help="Accepted (not applied: rebase opens the image read-write).")
 @click.argument("file")
 def rebase_cmd(
     fmt: str | None,

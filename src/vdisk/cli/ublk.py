@@ -1,10 +1,10 @@
 """`vdisk ublk`: serve images as /dev/ublkbN, in the manner of ublksrv's `ublk` tool.
 
-vdisk ublk add -t qcow2|raw|mem|null|zip -f FILE [-q N] [-d DEPTH] [-n ID] [--foreground]
-vdisk ublk list [-n ID] [--json]
-vdisk ublk del -n ID | -a
-vdisk ublk recover -n ID [-t TYPE -f FILE]
-vdisk ublk features
+    vdisk ublk add -t qcow2|raw|mem|null|zip -f FILE [-q N] [-d DEPTH] [-n ID] [--foreground]
+    vdisk ublk list [-n ID] [--json]
+    vdisk ublk del -n ID | -a
+    vdisk ublk recover -n ID [-t TYPE -f FILE]
+    vdisk ublk features
 """
 
 from __future__ import annotations
@@ -66,132 +66,73 @@ def ublk_group() -> None:
 
 
 @ublk_group.command("add")
-@click.option(
-    "-t", "--type", "kind", required=True, type=click.Choice(BACKEND_TYPES), help="backend type"
-)
-@click.option(
-    "-f", "--file", "file", default=None, help="image file (zip: ARCHIVE or ARCHIVE:MEMBER)"
-)
+@click.option("-t", "--type", "kind", required=True,
+              type=click.Choice(BACKEND_TYPES), help="backend type")
+@click.option("-f", "--file", "file", default=None,
+              help="image file (zip: ARCHIVE or ARCHIVE:MEMBER)")
 @click.option("-q", "--queues", type=int, default=1, show_default=True, help="hardware queues")
 @click.option("-d", "--depth", type=int, default=128, show_default=True, help="queue depth")
-@click.option(
-    "-n", "--number", "dev_id", type=int, default=-1, help="device id (default: the kernel picks)"
-)
-@click.option(
-    "--size",
-    callback=_size,
-    default=None,
-    help="device size (mem and null; for files at most the file's size)",
-)
+@click.option("-n", "--number", "dev_id", type=int, default=-1,
+              help="device id (default: the kernel picks)")
+@click.option("--size", callback=_size, default=None,
+              help="device size (mem and null; for files at most the file's size)")
 @click.option("--foreground", is_flag=True, help="serve in this process instead of a daemon")
-@click.option(
-    "--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT"
-)
-@click.option(
-    "-r",
-    "--recovery",
-    is_flag=True,
-    help="keep the device when the server dies, for `vdisk ublk recover`",
-)
+@click.option("--metrics-port", type=int, default=None,
+              help="serve Prometheus metrics on 127.0.0.1:PORT")
+@click.option("-r", "--recovery", is_flag=True,
+              help="keep the device when the server dies, for `vdisk ublk recover`")
 @click.option("--read-only", "readonly", is_flag=True, help="a read-only device")
 @click.option("--logical-block-size", callback=_size, default="512", show_default=True)
 @click.option("--physical-block-size", callback=_size, default="4096", show_default=True)
-@click.option(
-    "--max-io-size",
-    callback=_size,
-    default="512k",
-    show_default=True,
-    help="largest request (and per-tag buffer)",
-)
+@click.option("--max-io-size", callback=_size, default="512k", show_default=True,
+              help="largest request (and per-tag buffer)")
 @click.option("--no-discard", is_flag=True, help="do not advertise discard/write-zeroes")
-@click.option(
-    "--writethrough",
-    is_flag=True,
-    help="advertise no volatile cache (the kernel then sends no flushes)",
-)
+@click.option("--writethrough", is_flag=True,
+              help="advertise no volatile cache (the kernel then sends no flushes)")
 @click.option("--rotational", is_flag=True, help="advertise a rotational disk")
 @click.option("--need-get-data", is_flag=True, help="use UBLK_F_NEED_GET_DATA for writes")
 @click.option("-v", "--verbose", is_flag=True, help="log request errors and lifecycle")
-def add_command(
-    kind: str,
-    file: str | None,
-    queues: int,
-    depth: int,
-    dev_id: int,
-    size: int | None,
-    foreground: bool,
-    metrics_port: int | None,
-    recovery: bool,
-    readonly: bool,
-    logical_block_size: int,
-    physical_block_size: int,
-    max_io_size: int,
-    no_discard: bool,
-    writethrough: bool,
-    rotational: bool,
-    need_get_data: bool,
-    verbose: bool,
-) -> int:
+def add_command(kind: str, file: str | None, queues: int, depth: int, dev_id: int,
+                size: int | None, foreground: bool, metrics_port: int | None, recovery: bool,
+                readonly: bool, logical_block_size: int, physical_block_size: int,
+                max_io_size: int, no_discard: bool, writethrough: bool, rotational: bool,
+                need_get_data: bool, verbose: bool) -> int:
     """Create a ublk device serving FILE; print /dev/ublkbN once it is ready."""
     from ..ublk import serve
     from ..ublk.device import UblkParams
 
     _logging(verbose)
     params = UblkParams(
-        queues=queues,
-        depth=depth,
-        max_io_buf_bytes=max_io_size,
-        logical_block_size=logical_block_size,
-        physical_block_size=physical_block_size,
-        discard=not no_discard,
-        volatile_cache=not writethrough,
-        rotational=rotational,
-        dev_id=dev_id,
-        user_recovery=recovery,
-        need_get_data=need_get_data,
+        queues=queues, depth=depth, max_io_buf_bytes=max_io_size,
+        logical_block_size=logical_block_size, physical_block_size=physical_block_size,
+        discard=not no_discard, volatile_cache=not writethrough, rotational=rotational,
+        dev_id=dev_id, user_recovery=recovery, need_get_data=need_get_data,
         readonly=True if readonly or kind == "zip" else None,
         size=size if kind not in ("mem", "null") else None,
     )
     return serve.run(
         lambda: serve.add(open_backend, kind, file, params, size, readonly),
-        foreground,
-        lambda path: click.echo(path),
-        metrics_port,
+        foreground, lambda path: click.echo(path), metrics_port,
     )
 
 
 @ublk_group.command("recover")
 @click.option("-n", "--number", "dev_id", type=int, required=True, help="device id")
-@click.option(
-    "-t",
-    "--type",
-    "kind",
-    default=None,
-    type=click.Choice(BACKEND_TYPES),
-    help="backend type (default: as recorded when the device was added)",
-)
+@click.option("-t", "--type", "kind", default=None,
+              type=click.Choice(BACKEND_TYPES),
+              help="backend type (default: as recorded when the device was added)")
 @click.option("-f", "--file", "file", default=None, help="image file (default: as recorded)")
 @click.option("--foreground", is_flag=True, help="serve in this process instead of a daemon")
 @click.option("--metrics-port", type=int, default=None)
 @click.option("-v", "--verbose", is_flag=True)
-def recover_command(
-    dev_id: int,
-    kind: str | None,
-    file: str | None,
-    foreground: bool,
-    metrics_port: int | None,
-    verbose: bool,
-) -> int:
+def recover_command(dev_id: int, kind: str | None, file: str | None, foreground: bool,
+                    metrics_port: int | None, verbose: bool) -> int:
     """Reattach a device whose server died (added with --recovery)."""
     from ..ublk import serve
 
     _logging(verbose)
-    return serve.run(
-        lambda: serve.recover(open_backend, dev_id, kind, file),
-        foreground,
-        lambda path: click.echo(path),
-        metrics_port,
-    )
+    return serve.run(lambda: serve.recover(open_backend, dev_id, kind, file), foreground,
+                     lambda path: click.echo(path), metrics_port)
 
 
 @ublk_group.command("list")
@@ -221,21 +162,19 @@ def list_command(dev_id: int | None, as_json: bool) -> int:
             except UblkError:
                 params = None
             note = read_note(i) or {}
-            rows.append(
-                {
-                    "dev_id": i,
-                    "state": info.state_name,
-                    "nr_hw_queues": info.nr_hw_queues,
-                    "queue_depth": info.queue_depth,
-                    "max_io_buf_bytes": info.max_io_buf_bytes,
-                    "pid": info.ublksrv_pid,
-                    "flags": uapi.feature_names(info.flags),
-                    "size": (params.basic.dev_sectors << 9) if params else None,
-                    "logical_block_size": (1 << params.basic.logical_bs_shift) if params else None,
-                    "type": note.get("type"),
-                    "file": note.get("file"),
-                }
-            )
+            rows.append({
+                "dev_id": i,
+                "state": info.state_name,
+                "nr_hw_queues": info.nr_hw_queues,
+                "queue_depth": info.queue_depth,
+                "max_io_buf_bytes": info.max_io_buf_bytes,
+                "pid": info.ublksrv_pid,
+                "flags": uapi.feature_names(info.flags),
+                "size": (params.basic.dev_sectors << 9) if params else None,
+                "logical_block_size": (1 << params.basic.logical_bs_shift) if params else None,
+                "type": note.get("type"),
+                "file": note.get("file"),
+            })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return 0
@@ -257,13 +196,8 @@ def list_command(dev_id: int | None, as_json: bool) -> int:
 @ublk_group.command("del")
 @click.option("-n", "--number", "dev_id", type=int, default=None, help="device id")
 @click.option("-a", "--all", "all_", is_flag=True, help="every ublk device")
-@click.option(
-    "--timeout",
-    type=float,
-    default=30.0,
-    show_default=True,
-    help="seconds to wait for the server to let go",
-)
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="seconds to wait for the server to let go")
 def del_command(dev_id: int | None, all_: bool, timeout: float) -> int:
     """Stop and delete device(s); their servers exit."""
     from ..ublk.control import Control, list_device_ids
@@ -303,15 +237,10 @@ def features_command(as_json: bool) -> int:
                 pass
     mode = {True: "ioctl-encoded", False: "legacy", None: "unknown"}[encoded_mode()]
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "features": None if mask is None else uapi.feature_names(mask),
-                    "mask": mask,
-                    "opcodes": mode,
-                }
-            )
-        )
+        click.echo(json.dumps({
+            "features": None if mask is None else uapi.feature_names(mask),
+            "mask": mask, "opcodes": mode,
+        }))
         return 0
     if mask is None:
         click.echo("GET_FEATURES: not supported by this kernel (older ublk driver)")

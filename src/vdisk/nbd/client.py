@@ -88,10 +88,8 @@ def connect_socket(address: str | tuple[str, int]) -> socket.socket:
             sock = socket.create_connection(address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
-        raise VdiskError(
-            f"cannot connect to NBD server {_describe(address)}: {exc.strerror or exc}",
-            errno=exc.errno,
-        ) from None
+        raise VdiskError(f"cannot connect to NBD server {_describe(address)}: "
+                         f"{exc.strerror or exc}", errno=exc.errno) from None
     return sock
 
 
@@ -171,9 +169,8 @@ class NbdClient(BlockDeviceBase):
         except BaseException:
             self.sock.close()
             raise
-        super().__init__(
-            self.export_size, readonly or bool(self.flags & p.NBD_FLAG_READ_ONLY), f"nbd:{export}"
-        )
+        super().__init__(self.export_size, readonly or bool(self.flags & p.NBD_FLAG_READ_ONLY),
+                         f"nbd:{export}")
 
     @classmethod
     def from_uri(cls, uri: str, **kwargs: object) -> NbdClient:
@@ -182,9 +179,8 @@ class NbdClient(BlockDeviceBase):
 
     # -- negotiation ---------------------------------------------------------------------------
 
-    def _handshake(
-        self, export: str, structured: bool, extended: bool, meta_contexts: Sequence[str]
-    ) -> None:
+    def _handshake(self, export: str, structured: bool, extended: bool,
+                   meta_contexts: Sequence[str]) -> None:
         wire = self.wire
         wire.greet()
         if extended and wire.simple_option(p.NBD_OPT_EXTENDED_HEADERS):
@@ -209,25 +205,16 @@ class NbdClient(BlockDeviceBase):
                 break
             elif rtype & p.NBD_REP_FLAG_ERROR:
                 text = payload.decode("utf-8", "replace")
-                raise VdiskError(
-                    f"NBD server {self.where} refused export {export!r}: {text or hex(rtype)}",
-                    errno=errno.ENOENT,
-                )
+                raise VdiskError(f"NBD server {self.where} refused export {export!r}: "
+                                 f"{text or hex(rtype)}", errno=errno.ENOENT)
         self.export_size, self.flags = details.size, details.flags
         self.min_block, self.preferred_block = details.min_block, details.preferred_block
         self.max_block = details.max_block
 
     # -- requests ------------------------------------------------------------------------------
 
-    def request(
-        self,
-        rtype: int,
-        offset: int = 0,
-        length: int = 0,
-        flags: int = 0,
-        payload: Buffer | None = None,
-        into: memoryview | None = None,
-    ) -> Reply:
+    def request(self, rtype: int, offset: int = 0, length: int = 0, flags: int = 0,
+                payload: Buffer | None = None, into: memoryview | None = None) -> Reply:
         """Send one request and collect its whole reply (read data lands in ``into``)."""
         with self._lock:
             try:
@@ -240,15 +227,8 @@ class NbdClient(BlockDeviceBase):
                     self.sock.shutdown(socket.SHUT_RDWR)
                 raise
 
-    def _exchange(
-        self,
-        rtype: int,
-        offset: int,
-        length: int,
-        flags: int,
-        payload: Buffer | None,
-        into: memoryview | None,
-    ) -> Reply:
+    def _exchange(self, rtype: int, offset: int, length: int, flags: int,
+                  payload: Buffer | None, into: memoryview | None) -> Reply:
         self._cookie += 1
         cookie = self._cookie
         header = p.pack_request(self.extended, flags, rtype, cookie, offset, length)
@@ -284,9 +264,8 @@ class NbdClient(BlockDeviceBase):
             if header.done:
                 return reply
 
-    def _read_chunk(
-        self, header: p.ReplyHeader, req_offset: int, into: memoryview | None, reply: Reply
-    ) -> None:
+    def _read_chunk(self, header: p.ReplyHeader, req_offset: int, into: memoryview | None,
+                    reply: Reply) -> None:
         wire, rtype, length = self.wire, header.type, header.length
         if rtype == p.NBD_REPLY_TYPE_OFFSET_DATA:
             if length < 8:
@@ -315,10 +294,8 @@ class NbdClient(BlockDeviceBase):
 
     def _check(self, reply: Reply, what: str) -> Reply:
         if reply.error:
-            raise NbdError(
-                f"NBD {what} failed: error {reply.error} {reply.message}".rstrip(),
-                errno=reply.error,
-            )
+            raise NbdError(f"NBD {what} failed: error {reply.error} {reply.message}".rstrip(),
+                           errno=reply.error)
         return reply
 
     # -- BlockDevice ---------------------------------------------------------------------------
@@ -339,9 +316,8 @@ class NbdClient(BlockDeviceBase):
         step = self.max_block
         for pos in range(0, len(view), step):
             part = view[pos : pos + step]
-            self._check(
-                self.request(p.NBD_CMD_WRITE, offset + pos, len(part), flags, payload=part), "write"
-            )
+            self._check(self.request(p.NBD_CMD_WRITE, offset + pos, len(part), flags, payload=part),
+                        "write")
         return len(view)
 
     def _ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -383,15 +359,8 @@ class NbdClient(BlockDeviceBase):
                 if elen <= 0:
                     break
                 hole = bool(flags & p.NBD_STATE_HOLE)
-                extents.append(
-                    Extent(
-                        pos,
-                        elen,
-                        data=not hole,
-                        zero=bool(flags & p.NBD_STATE_ZERO),
-                        present=not hole,
-                    )
-                )
+                extents.append(Extent(pos, elen, data=not hole,
+                                      zero=bool(flags & p.NBD_STATE_ZERO), present=not hole))
                 pos += elen
         return merge_extents(extents)
 

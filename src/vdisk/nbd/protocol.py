@@ -505,9 +505,7 @@ class ServerConnection:
                     raise ProtocolError("export name too long")
                 self._take(OPTION_HEADER.size)
                 self._drain = length
-                self._error(
-                    option, NBD_REP_ERR_TOO_BIG, f"option payload of {length} bytes is too big"
-                )
+                self._error(option, NBD_REP_ERR_TOO_BIG, f"option payload of {length} bytes is too big")
                 continue
             if not self._need(OPTION_HEADER.size + length):
                 return NEED_DATA
@@ -525,11 +523,7 @@ class ServerConnection:
         return self._drain == 0
 
     def _handle_option(self, option: int, data: bytes) -> Event | None:
-        if (
-            self.tls_required
-            and not self.tls_active
-            and option not in (NBD_OPT_STARTTLS, NBD_OPT_ABORT)
-        ):
+        if self.tls_required and not self.tls_active and option not in (NBD_OPT_STARTTLS, NBD_OPT_ABORT):
             if option == NBD_OPT_EXPORT_NAME:
                 raise ProtocolError("client skipped STARTTLS on a TLS-only server")
             self._error(option, NBD_REP_ERR_TLS_REQD, "TLS is required")
@@ -538,9 +532,7 @@ class ServerConnection:
             export = self._find_export(data.decode("utf-8", "replace"))
             if export is None:
                 raise ProtocolError("unknown export requested with NBD_OPT_EXPORT_NAME")
-            self._out.append(
-                EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags(self.structured))
-            )
+            self._out.append(EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags(self.structured)))
             if not self.no_zeroes:
                 self._out.append(bytes(124))
             return self._enter_transmission(export)
@@ -554,9 +546,7 @@ class ServerConnection:
             for export in self.exports:
                 if export.tls_only and not self.tls_active:
                     continue
-                self._reply(
-                    option, NBD_REP_SERVER, pack_string(export.name) + export.description.encode()
-                )
+                self._reply(option, NBD_REP_SERVER, pack_string(export.name) + export.description.encode())
             self._reply(option, NBD_REP_ACK)
             return None
         if option == NBD_OPT_STARTTLS:
@@ -577,9 +567,7 @@ class ServerConnection:
             if data:
                 self._error(option, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
             elif self.extended:
-                self._error(
-                    option, NBD_REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated"
-                )
+                self._error(option, NBD_REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated")
             elif self.structured:
                 self._error(option, NBD_REP_ERR_INVALID, "structured replies already negotiated")
             else:
@@ -707,13 +695,8 @@ class ServerConnection:
             return NEED_DATA
         start = self._start
         magic, flags, rtype, cookie, offset, length = st.unpack_from(self._buf, start)
-        if (
-            rtype == NBD_CMD_READ
-            and not flags & ~NBD_CMD_FLAG_FUA
-            and magic == self._req_magic
-            and offset + length <= self._size
-            and length <= MAX_PAYLOAD
-        ):
+        if (rtype == NBD_CMD_READ and not flags & ~NBD_CMD_FLAG_FUA and magic == self._req_magic
+                and offset + length <= self._size and length <= MAX_PAYLOAD):
             # The common case, validated in one test.
             start += hsize
             if start == self._end:
@@ -729,16 +712,8 @@ class ServerConnection:
             if length > MAX_PAYLOAD:
                 self._take(hsize)
                 self._drain = length
-                return Request(
-                    cookie,
-                    rtype,
-                    flags,
-                    offset,
-                    length,
-                    None,
-                    NBD_EINVAL,
-                    f"write of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum",
-                )
+                return Request(cookie, rtype, flags, offset, length, None, NBD_EINVAL,
+                               f"write of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
             if self._end - self._start < hsize + length and not self._need(hsize + length):
                 return NEED_DATA
             self._take(hsize)
@@ -805,70 +780,30 @@ class ServerConnection:
             return EXT_REPLY.size + 8
         return STRUCTURED_REPLY.size + 8 if self.structured else SIMPLE_REPLY.size
 
-    def _chunk(
-        self,
-        buf: bytearray | memoryview,
-        pos: int,
-        cookie: int,
-        flags: int,
-        rtype: int,
-        offset: int,
-        length: int,
-    ) -> int:
+    def _chunk(self, buf: bytearray | memoryview, pos: int, cookie: int, flags: int, rtype: int,
+               offset: int, length: int) -> int:
         if self.extended:
-            EXT_REPLY.pack_into(
-                buf, pos, NBD_EXTENDED_REPLY_MAGIC, flags, rtype, cookie, offset, length
-            )
+            EXT_REPLY.pack_into(buf, pos, NBD_EXTENDED_REPLY_MAGIC, flags, rtype, cookie, offset, length)
             return pos + EXT_REPLY.size
-        STRUCTURED_REPLY.pack_into(
-            buf, pos, NBD_STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, length
-        )
+        STRUCTURED_REPLY.pack_into(buf, pos, NBD_STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, length)
         return pos + STRUCTURED_REPLY.size
 
-    def pack_read_header(
-        self,
-        buf: bytearray | memoryview,
-        pos: int,
-        cookie: int,
-        offset: int,
-        length: int,
-        done: bool = True,
-    ) -> int:
+    def pack_read_header(self, buf: bytearray | memoryview, pos: int, cookie: int, offset: int,
+                         length: int, done: bool = True) -> int:
         """Header of a read reply (or one data chunk of it); ``length`` data bytes follow."""
         if not self.structured:
             SIMPLE_REPLY.pack_into(buf, pos, NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
             return pos + SIMPLE_REPLY.size
-        pos = self._chunk(
-            buf,
-            pos,
-            cookie,
-            NBD_REPLY_FLAG_DONE if done else 0,
-            NBD_REPLY_TYPE_OFFSET_DATA,
-            offset,
-            length + 8,
-        )
+        pos = self._chunk(buf, pos, cookie, NBD_REPLY_FLAG_DONE if done else 0,
+                          NBD_REPLY_TYPE_OFFSET_DATA, offset, length + 8)
         _DATA_OFFSET.pack_into(buf, pos, offset)
         return pos + 8
 
-    def pack_hole(
-        self,
-        buf: bytearray | memoryview,
-        pos: int,
-        cookie: int,
-        offset: int,
-        length: int,
-        done: bool,
-    ) -> int:
+    def pack_hole(self, buf: bytearray | memoryview, pos: int, cookie: int, offset: int,
+                  length: int, done: bool) -> int:
         """An OFFSET_HOLE chunk (structured replies only)."""
-        pos = self._chunk(
-            buf,
-            pos,
-            cookie,
-            NBD_REPLY_FLAG_DONE if done else 0,
-            NBD_REPLY_TYPE_OFFSET_HOLE,
-            offset,
-            12,
-        )
+        pos = self._chunk(buf, pos, cookie, NBD_REPLY_FLAG_DONE if done else 0,
+                          NBD_REPLY_TYPE_OFFSET_HOLE, offset, 12)
         HOLE_CHUNK.pack_into(buf, pos, offset, length)
         return pos + 12
 
@@ -881,18 +816,16 @@ class ServerConnection:
     def error_size(self, message: str = "") -> int:
         return self.chunk_header_size() + 6 + len(message.encode()[:MAX_STRING])
 
-    def pack_error(
-        self, buf: bytearray | memoryview, pos: int, cookie: int, error: int, message: str = ""
-    ) -> int:
+    def pack_error(self, buf: bytearray | memoryview, pos: int, cookie: int, error: int,
+                   message: str = "") -> int:
         """A final error reply: a simple reply without structured replies, else an error chunk."""
         error = errno_to_nbd(error)
         if not self.structured:
             SIMPLE_REPLY.pack_into(buf, pos, NBD_SIMPLE_REPLY_MAGIC, error, cookie)
             return pos + SIMPLE_REPLY.size
         text = message.encode()[:MAX_STRING]
-        pos = self._chunk(
-            buf, pos, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 0, 6 + len(text)
-        )
+        pos = self._chunk(buf, pos, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 0,
+                          6 + len(text))
         ERROR_CHUNK_HEAD.pack_into(buf, pos, error, len(text))
         pos += 6
         buf[pos : pos + len(text)] = text
@@ -902,22 +835,13 @@ class ServerConnection:
         per = 16 if self.extended else 8
         return self.chunk_header_size() + 8 + per * nextents
 
-    def pack_block_status(
-        self,
-        buf: bytearray | memoryview,
-        pos: int,
-        cookie: int,
-        context_id: int,
-        extents: Sequence[tuple[int, int]],
-        done: bool,
-    ) -> int:
+    def pack_block_status(self, buf: bytearray | memoryview, pos: int, cookie: int,
+                          context_id: int, extents: Sequence[tuple[int, int]], done: bool) -> int:
         """A block status chunk for one context: ``extents`` are (length, flags)."""
         n = len(extents)
         flags = NBD_REPLY_FLAG_DONE if done else 0
         if self.extended:
-            pos = self._chunk(
-                buf, pos, cookie, flags, NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 0, 8 + 16 * n
-            )
+            pos = self._chunk(buf, pos, cookie, flags, NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 0, 8 + 16 * n)
             STATUS_EXT_HEAD.pack_into(buf, pos, context_id, n)
             pos += 8
             for length, status in extents:
@@ -982,9 +906,8 @@ def pack_option(option: int, data: bytes = b"") -> bytes:
 
 def pack_go(export: str, info_requests: Sequence[int] = (NBD_INFO_BLOCK_SIZE,)) -> bytes:
     """Payload of NBD_OPT_INFO / NBD_OPT_GO."""
-    return pack_string(export) + struct.pack(
-        f">H{len(info_requests)}H", len(info_requests), *info_requests
-    )
+    return pack_string(export) + struct.pack(f">H{len(info_requests)}H", len(info_requests),
+                                             *info_requests)
 
 
 def pack_meta_context(export: str, queries: Sequence[str]) -> bytes:
@@ -1020,9 +943,8 @@ def apply_info(details: ExportDetails, payload: bytes) -> ExportDetails:
     (info,) = U16.unpack_from(payload)
     if info == NBD_INFO_EXPORT and len(payload) == INFO_EXPORT.size:
         _, size, flags = INFO_EXPORT.unpack(payload)
-        return ExportDetails(
-            size, flags, details.min_block, details.preferred_block, details.max_block
-        )
+        return ExportDetails(size, flags, details.min_block, details.preferred_block,
+                             details.max_block)
     if info == NBD_INFO_BLOCK_SIZE and len(payload) == INFO_BLOCK_SIZE.size:
         _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(payload)
         return ExportDetails(details.size, details.flags, minimum, preferred, maximum)
@@ -1048,9 +970,8 @@ def parse_server_entry(payload: bytes) -> tuple[str, str]:
     return name, payload[pos:].decode("utf-8", "replace")
 
 
-def pack_request(
-    extended: bool, flags: int, rtype: int, cookie: int, offset: int, length: int
-) -> bytes:
+def pack_request(extended: bool, flags: int, rtype: int, cookie: int, offset: int,
+                 length: int) -> bytes:
     if extended:
         return EXT_REQUEST.pack(NBD_EXTENDED_REQUEST_MAGIC, flags, rtype, cookie, offset, length)
     return REQUEST.pack(NBD_REQUEST_MAGIC, flags, rtype, cookie, offset, length)

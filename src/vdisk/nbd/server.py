@@ -73,9 +73,7 @@ class Export:
         elif self.discard == "off":
             self.discard = "ignore"
         if self.detect_zeroes not in DETECT_ZEROES_MODES:
-            raise VdiskError(
-                f"invalid detect-zeroes mode {self.detect_zeroes!r} (off, on or unmap)"
-            )
+            raise VdiskError(f"invalid detect-zeroes mode {self.detect_zeroes!r} (off, on or unmap)")
         if self.detect_zeroes == "unmap" and self.discard != "unmap":
             raise VdiskError("--detect-zeroes=unmap requires --discard=unmap")
         if self.cache not in CACHE_MODES:
@@ -115,10 +113,8 @@ class Export:
             return out
         for bitmap in self.bitmaps:
             if name == p.QEMU_DIRTY_BITMAP + bitmap.name:
-                return [
-                    (n, p.NBD_STATE_DIRTY if dirty else 0)
-                    for n, dirty in bitmap.dirty_extents(offset, length)
-                ]
+                return [(n, p.NBD_STATE_DIRTY if dirty else 0)
+                        for n, dirty in bitmap.dirty_extents(offset, length)]
         raise RequestError(f"unknown metadata context {name!r}")
 
     def mark_dirty(self, offset: int, length: int) -> None:
@@ -236,9 +232,8 @@ class _Client:
             raise TimeoutError("client did not finish the handshake in time")
         self.sock.settimeout(remaining)
 
-    def transmission(
-        self, conn: p.ServerConnection, export: Export, contexts: list[tuple[int, str]]
-    ) -> None:
+    def transmission(self, conn: p.ServerConnection, export: Export,
+                     contexts: list[tuple[int, str]]) -> None:
         device = export.device
         metrics = export.metrics
         assert metrics is not None
@@ -268,11 +263,8 @@ class _Client:
                 try:
                     if rtype == p.NBD_CMD_READ:
                         length = req.length
-                        if (
-                            structured
-                            and length >= SPARSE_READ_MIN
-                            and not req.flags & p.NBD_CMD_FLAG_DF
-                        ):
+                        if (structured and length >= SPARSE_READ_MIN
+                                and not req.flags & p.NBD_CMD_FLAG_DF):
                             self.sparse_read(conn, export, req)
                         else:
                             need = hdr_read + length
@@ -288,17 +280,13 @@ class _Client:
                         payload = req.payload
                         assert payload is not None
                         if export.detect_zeroes != "off" and is_zero(payload):
-                            device.write_zeroes(
-                                req.offset, req.length, may_unmap=export.detect_zeroes == "unmap"
-                            )
+                            device.write_zeroes(req.offset, req.length,
+                                                may_unmap=export.detect_zeroes == "unmap")
                             if always_fua or req.flags & p.NBD_CMD_FLAG_FUA:
                                 device.flush()
                         else:
-                            device.write(
-                                payload,
-                                req.offset,
-                                fua=always_fua or bool(req.flags & p.NBD_CMD_FLAG_FUA),
-                            )
+                            device.write(payload, req.offset,
+                                         fua=always_fua or bool(req.flags & p.NBD_CMD_FLAG_FUA))
                         if export.bitmaps:
                             export.mark_dirty(req.offset, req.length)
                         if self.pos + ok_size > len(self.arena):
@@ -372,13 +360,8 @@ class _Client:
             raise
         self.pos = pos
 
-    def other_command(
-        self,
-        conn: p.ServerConnection,
-        export: Export,
-        contexts: list[tuple[int, str]],
-        req: p.Request,
-    ) -> None:
+    def other_command(self, conn: p.ServerConnection, export: Export,
+                      contexts: list[tuple[int, str]], req: p.Request) -> None:
         device = export.device
         rtype = req.type
         fua = export.always_fua or bool(req.flags & p.NBD_CMD_FLAG_FUA)
@@ -408,13 +391,8 @@ class _Client:
         view = self.room(conn.chunk_header_size())
         self.pos = conn.pack_ok(view, self.pos, req.cookie)
 
-    def block_status(
-        self,
-        conn: p.ServerConnection,
-        export: Export,
-        contexts: list[tuple[int, str]],
-        req: p.Request,
-    ) -> None:
+    def block_status(self, conn: p.ServerConnection, export: Export,
+                     contexts: list[tuple[int, str]], req: p.Request) -> None:
         length = min(req.length, BLOCK_STATUS_MAX)
         if not conn.extended:
             length = min(length, 0xFFFFFFFF)
@@ -448,15 +426,9 @@ class NbdServer:
     server stops once a client has come and all have gone.
     """
 
-    def __init__(
-        self,
-        exports: Sequence[Export],
-        *,
-        tls_context: ssl.SSLContext | None = None,
-        shared: int = 0,
-        persistent: bool = True,
-        handshake_limit: float = HANDSHAKE_LIMIT,
-    ) -> None:
+    def __init__(self, exports: Sequence[Export], *, tls_context: ssl.SSLContext | None = None,
+                 shared: int = 0, persistent: bool = True,
+                 handshake_limit: float = HANDSHAKE_LIMIT) -> None:
         if not exports:
             raise VdiskError("an NBD server needs at least one export")
         names = [e.name for e in exports]
@@ -466,13 +438,9 @@ class NbdServer:
             raise VdiskError("shared and handshake_limit must not be negative")
         self.exports = list(exports)
         #: What negotiation offers for each export, as this server will serve it.
-        self.infos = [
-            dataclasses.replace(e.info, can_multi_conn=e.info.can_multi_conn and shared != 1)
-            for e in self.exports
-        ]
-        self.exports_by_info = {
-            id(info): e for info, e in zip(self.infos, self.exports, strict=True)
-        }
+        self.infos = [dataclasses.replace(e.info, can_multi_conn=e.info.can_multi_conn and shared != 1)
+                      for e in self.exports]
+        self.exports_by_info = {id(info): e for info, e in zip(self.infos, self.exports, strict=True)}
         self.tls_context = tls_context
         self.shared = shared
         self.persistent = persistent
@@ -494,9 +462,8 @@ class NbdServer:
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> tuple[str, int]:
         """Listen on a TCP address (port 0: pick a free one); returns the bound address."""
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -504,9 +471,7 @@ class NbdServer:
             sock.bind(addr)
         except OSError as exc:
             sock.close()
-            raise VdiskError(
-                f"cannot listen on {host}:{port}: {exc.strerror}", errno=exc.errno
-            ) from None
+            raise VdiskError(f"cannot listen on {host}:{port}: {exc.strerror}", errno=exc.errno) from None
         sock.listen(128)
         self._listeners.append(sock)
         bound = sock.getsockname()
@@ -545,9 +510,7 @@ class NbdServer:
         try:
             while True:
                 with self._lock:
-                    if self._stop or (
-                        not self.persistent and self._served_any and not self._clients
-                    ):
+                    if self._stop or (not self.persistent and self._served_any and not self._clients):
                         return
                 for key, _ in sel.select():
                     if key.fileobj == self._wake_r:
@@ -572,9 +535,8 @@ class NbdServer:
         with self._lock:
             self._clients.add(sock)
             self._served_any = True
-        thread = threading.Thread(
-            target=self._serve_client, args=(sock,), name="nbd-client", daemon=True
-        )
+        thread = threading.Thread(target=self._serve_client, args=(sock,), name="nbd-client",
+                                  daemon=True)
         thread.start()
 
     def _serve_client(self, sock: socket.socket) -> None:
@@ -702,13 +664,8 @@ def serve(
     else:
         export_list = [Export(exports)]
     tls = tls_context_from_dir(tls_creds) if tls_creds else None
-    server = NbdServer(
-        export_list,
-        tls_context=tls,
-        shared=shared,
-        persistent=persistent,
-        handshake_limit=handshake_limit,
-    )
+    server = NbdServer(export_list, tls_context=tls, shared=shared, persistent=persistent,
+                       handshake_limit=handshake_limit)
     try:
         if socket_path:
             server.listen_unix(socket_path)

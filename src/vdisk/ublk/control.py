@@ -62,8 +62,7 @@ class Control:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UblkError(
-                errno.ENOENT,
-                f"open {path}",
+                errno.ENOENT, f"open {path}",
                 "no such device (is the ublk driver loaded? modprobe ublk_drv)",
             ) from None
         except OSError as exc:
@@ -122,14 +121,8 @@ class Control:
             raise UblkError(err, f"{name} (device {_dev_name(dev_id)})")
 
     def _submit(
-        self,
-        op: int,
-        dev_id: int,
-        buf: bytearray | None,
-        data: int,
-        queue_id: int,
-        timeout: float | None,
-        name: str,
+        self, op: int, dev_id: int, buf: bytearray | None, data: int, queue_id: int,
+        timeout: float | None, name: str,
     ) -> int:
         addr = buffer_address(buf) if buf is not None else 0
         payload = uapi.pack_ctrl_cmd(dev_id, queue_id, len(buf) if buf else 0, addr, data)
@@ -251,6 +244,7 @@ def list_device_ids() -> list[int]:
         except OSError:
             continue
         for name in names:
-            if name.startswith(prefix) and name[len(prefix) :].isdigit():
-                ids.add(int(name[len(prefix) :]))
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                ids.add(int(name[len(prefix):]))
     return sorted(ids)
+

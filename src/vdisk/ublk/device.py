@@ -53,12 +53,7 @@ def run_dir() -> str:
 
 #: the fields a note may carry and their types (a field of another type is dropped)
 _NOTE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "type": str,
-    "file": str,
-    "backend_size": int,
-    "size": int,
-    "pid": int,
-    "dev_id": int,
+    "type": str, "file": str, "backend_size": int, "size": int, "pid": int, "dev_id": int,
 }
 _NOTE_MAX_BYTES = 64 << 10
 
@@ -84,10 +79,10 @@ def decode_note(text: bytes) -> dict[str, Any] | None:
     if not isinstance(note, dict):
         return None
     return {
-        key: value
-        for key, value in note.items()
-        if key not in _NOTE_FIELDS
-        or (isinstance(value, _NOTE_FIELDS[key]) and not isinstance(value, bool))
+        key: value for key, value in note.items()
+        if key not in _NOTE_FIELDS or (
+            isinstance(value, _NOTE_FIELDS[key]) and not isinstance(value, bool)
+        )
     }
 
 
@@ -256,7 +251,9 @@ class _IoLogging:
             q: queue_mod.SimpleQueue[logging.LogRecord] = queue_mod.SimpleQueue()
             logger.addHandler(logging.handlers.QueueHandler(q))
             logger.propagate = False
-            cls._listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+            cls._listener = logging.handlers.QueueListener(
+                q, *handlers, respect_handler_level=True
+            )
             cls._listener.start()
 
     @classmethod
@@ -342,18 +339,12 @@ class Device:
         size = params.size if params.size is not None else backend.size
         params.validate(size)
         if size > backend.size:
-            raise UblkError(
-                errno.EINVAL,
-                "invalid parameters",
-                f"size {size} exceeds the backend's {backend.size} bytes",
-            )
+            raise UblkError(errno.EINVAL, "invalid parameters",
+                            f"size {size} exceeds the backend's {backend.size} bytes")
         readonly = backend.readonly if params.readonly is None else params.readonly
         if backend.readonly and not readonly:
-            raise UblkError(
-                errno.EROFS,
-                "invalid parameters",
-                "the backend is read-only; the device must be too",
-            )
+            raise UblkError(errno.EROFS, "invalid parameters",
+                            "the backend is read-only; the device must be too")
         owns = control is None
         ctl = control or Control()
         flags = 0
@@ -374,13 +365,10 @@ class Device:
             if owns:
                 ctl.close()
             if exc.errno == errno.EEXIST:
-                raise UblkError(
-                    errno.EEXIST, "ADD_DEV", f"device {params.dev_id} already exists"
-                ) from None
+                raise UblkError(errno.EEXIST, "ADD_DEV", f"device {params.dev_id} already exists") from None
             if exc.errno == errno.EINVAL:
                 raise UblkError(
-                    errno.EINVAL,
-                    "ADD_DEV",
+                    errno.EINVAL, "ADD_DEV",
                     f"the kernel refused {params.queues} queue(s) of depth {params.depth} "
                     f"(at most {os.cpu_count()} queues here)",
                 ) from None
@@ -422,9 +410,8 @@ class Device:
             params = ctl.get_params(dev_id)
             size = params.basic.dev_sectors << 9
             if size > backend.size:
-                raise UblkError(
-                    errno.EINVAL, op, f"backend has {backend.size} bytes, the device {size}"
-                )
+                raise UblkError(errno.EINVAL, op,
+                                f"backend has {backend.size} bytes, the device {size}")
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -436,14 +423,10 @@ class Device:
                     if exc.errno not in (errno.EBUSY, errno.EINVAL):
                         raise
                     if time.monotonic() > deadline:
-                        raise UblkError(
-                            exc.errno,
-                            op,
-                            f"START_USER_RECOVERY still refused "
-                            f"after {timeout:g} s ({os.strerror(exc.errno)}): is the old "
-                            "server still holding /dev/ublkc"
-                            f"{dev_id} open?",
-                        ) from None
+                        raise UblkError(exc.errno, op, f"START_USER_RECOVERY still refused "
+                                        f"after {timeout:g} s ({os.strerror(exc.errno)}): is the old "
+                                        "server still holding /dev/ublkc"
+                                        f"{dev_id} open?") from None
                     time.sleep(0.2)
             info = ctl.get_dev_info(dev_id)
         except BaseException:
@@ -507,17 +490,9 @@ class Device:
             self._logging = True
         backing_fd = _async_fd(self.backend)
         for q_id in range(self.info.nr_hw_queues):
-            q = Queue(
-                q_id,
-                self._cdev_fd,
-                self.info,
-                self.backend,
-                self.metrics,
-                bool(encoded_mode()),
-                backing_fd,
-                self._queue_exited,
-                self._queue_cpus(q_id),
-            )
+            q = Queue(q_id, self._cdev_fd, self.info, self.backend, self.metrics,
+                      bool(encoded_mode()), backing_fd, self._queue_exited,
+                      self._queue_cpus(q_id))
             self.queues.append(q)
             q.start()
         deadline = time.monotonic() + QUEUE_READY_TIMEOUT
@@ -617,11 +592,8 @@ class Device:
             else:
                 # A queue thread is stuck with the char device open: DEL_DEV would wait for it
                 # for ever. Leave the device; `vdisk ublk del` can remove it once we are gone.
-                error = UblkError(
-                    errno.EBUSY,
-                    f"DEL_DEV (device {self.dev_id})",
-                    "a queue did not exit; the device is left stopped",
-                )
+                error = UblkError(errno.EBUSY, f"DEL_DEV (device {self.dev_id})",
+                                  "a queue did not exit; the device is left stopped")
             self.state = DeviceState.CLOSED
             self._remove_note()
             if self.metrics is not None:
@@ -653,12 +625,9 @@ class Device:
         # DEL_DEV waits (io_uring cancels it first, the wait is uninterruptible): refuse instead
         # of hanging for ever on our own descriptor.
         for fd, path in fds_open_on(self.block_path, self.char_path):
-            raise UblkError(
-                errno.EBUSY,
-                f"DEL_DEV (device {self.dev_id})",
-                f"this process still has {path} open (fd {fd}); close it, then "
-                f"vdisk ublk del -n {self.dev_id}",
-            )
+            raise UblkError(errno.EBUSY, f"DEL_DEV (device {self.dev_id})",
+                            f"this process still has {path} open (fd {fd}); close it, then "
+                            f"vdisk ublk del -n {self.dev_id}")
         log.info("%s: DEL_DEV", self.block_path)
         try:
             self.control.del_dev(self.dev_id)
@@ -711,12 +680,8 @@ def check_recoverable(dev_id: int, control: Control) -> uapi.DevInfo:
     if not info.flags & uapi.UBLK_F_USER_RECOVERY:
         raise UblkError(errno.EINVAL, op, "the device was not created with user recovery (add -r)")
     if info.state == uapi.UBLK_S_DEV_DEAD:
-        raise UblkError(
-            errno.EINVAL,
-            op,
-            "the device is stopped, not quiesced: nothing to "
-            f"reattach (delete it: vdisk ublk del -n {dev_id})",
-        )
+        raise UblkError(errno.EINVAL, op, "the device is stopped, not quiesced: nothing to "
+                        f"reattach (delete it: vdisk ublk del -n {dev_id})")
     if info.state == uapi.UBLK_S_DEV_LIVE and process_alive(info.ublksrv_pid):
         raise UblkError(errno.EBUSY, op, f"the device is live, served by pid {info.ublksrv_pid}")
     return info
@@ -738,11 +703,8 @@ def delete(dev_id: int, control: Control, timeout: float = 30.0) -> None:
     char_path = f"/dev/ublkc{dev_id}"
     if pid == os.getpid() or fds_open_on(f"/dev/ublkb{dev_id}", char_path):
         # Our own DEL_DEV would wait for our own descriptors, unkillably.
-        raise UblkError(
-            errno.EBUSY,
-            op,
-            "this process serves or holds the device: close it (Device.close()) instead",
-        )
+        raise UblkError(errno.EBUSY, op, "this process serves or holds the device: close it "
+                        "(Device.close()) instead")
     # A live server holds the char device; a recycled pid of a dead one does not.
     server = pid if process_alive(pid) and _holds(pid, char_path) else 0
     try:

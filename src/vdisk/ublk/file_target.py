@@ -90,23 +90,9 @@ class FileTarget:
         #: per op code and tag: the SQE image of the linked READ/WRITE (off/addr/len/flags to
         #: patch, see ring_layout.SQE_IO)
         self.linked_sqe = [
-            [
-                ops.RW_SQE.pack(
-                    opcode,
-                    _LINKED,
-                    0,
-                    BACKING_SLOT,
-                    0,
-                    addr,
-                    0,
-                    0,
-                    LINKED_BACKING << KIND_SHIFT | tag,
-                    0,
-                    0,
-                    0,
-                )
-                for tag, addr in enumerate(buf_addr)
-            ]
+            [ops.RW_SQE.pack(opcode, _LINKED, 0, BACKING_SLOT, 0, addr, 0, 0,
+                             LINKED_BACKING << KIND_SHIFT | tag, 0, 0, 0)
+             for tag, addr in enumerate(buf_addr)]
             for opcode in _RW_OPCODE
         ]
 
@@ -120,30 +106,14 @@ class FileTarget:
         punts: list[bool] = []
         for opcode, length in zip(_RW_OPCODE, (4096, 0), strict=True):
             if not punts or not punts[-1]:  # once a worker exists, later ops cannot be told
-                ops.RW_SQE.pack_into(
-                    self.ring.sqes,
-                    0,
-                    opcode,
-                    ops.IOSQE_FIXED_FILE,
-                    0,
-                    BACKING_SLOT,
-                    0,
-                    self.buf_addr[0],
-                    length,
-                    0,
-                    BACKING << KIND_SHIFT,
-                    0,
-                    0,
-                    0,
-                )
+                ops.RW_SQE.pack_into(self.ring.sqes, 0, opcode, ops.IOSQE_FIXED_FILE, 0,
+                                     BACKING_SLOT, 0, self.buf_addr[0], length, 0,
+                                     BACKING << KIND_SHIFT, 0, 0, 0)
                 self.ring.push([0])
                 self.ring.wait(1, timeout=5.0)
             punts.append(_thread_named(worker))
-        log.info(
-            "%s: backing READs %s, WRITEs %s",
-            self.label,
-            *("inline" if p else "through io_uring" for p in punts),
-        )
+        log.info("%s: backing READs %s, WRITEs %s", self.label,
+                 *("inline" if p else "through io_uring" for p in punts))
         self.linked = [not punts[0], not punts[1]]
 
     def serve(self, tag: int, op: int, op_flags: int, offset: int, length: int) -> int | None:
@@ -159,11 +129,8 @@ class FileTarget:
             # the device).
             view = self.buf_view[tag][:length]
             try:
-                done = (
-                    os.preadv(self.fd, [view], offset)
-                    if op == _READ
-                    else os.pwritev(self.fd, [view], offset)
-                )
+                done = os.preadv(self.fd, [view], offset) if op == _READ else os.pwritev(
+                    self.fd, [view], offset)
                 fua = bool(op_flags & uapi.UBLK_IO_F_FUA)
                 if done < length:
                     return self._complete_short(tag, op, offset, length, done, fua)
@@ -171,9 +138,8 @@ class FileTarget:
                     os.fdatasync(self.fd)
                 return length
             except OSError as exc:
-                log.warning(
-                    "%s %s [%d, +%d): %s", self.label, uapi.IO_OP_NAMES[op], offset, length, exc
-                )
+                log.warning("%s %s [%d, +%d): %s", self.label, uapi.IO_OP_NAMES[op], offset,
+                            length, exc)
                 return -(exc.errno or errno.EIO)
         return self.serve_backend(tag, op, op_flags, offset, length)
 
@@ -182,61 +148,30 @@ class FileTarget:
         loop does the same from ``linked_sqe``)."""
         rw_flags = ops.RWF_DSYNC if op_flags & uapi.UBLK_IO_F_FUA else 0
         ops.RW_SQE.pack_into(
-            self.ring.sqes,
-            backing_slot(tag) * SQE_SIZE,
-            _RW_OPCODE[op],
-            _LINKED,
-            0,
-            BACKING_SLOT,
-            offset,
-            self.buf_addr[tag],
-            length,
-            rw_flags,
-            LINKED_BACKING << KIND_SHIFT | tag,
-            0,
-            0,
-            0,
+            self.ring.sqes, backing_slot(tag) * SQE_SIZE, _RW_OPCODE[op], _LINKED, 0,
+            BACKING_SLOT, offset, self.buf_addr[tag], length, rw_flags,
+            LINKED_BACKING << KIND_SHIFT | tag, 0, 0, 0,
         )
         self.slots.append(backing_slot(tag))
 
     def submit_fsync(self, tag: int) -> None:
         """A FLUSH as an unlinked FSYNC: its CQE always comes, and the commit follows it."""
-        ops.RW_SQE.pack_into(
-            self.ring.sqes,
-            backing_slot(tag) * SQE_SIZE,
-            ops.IORING_OP_FSYNC,
-            ops.IOSQE_FIXED_FILE,
-            0,
-            BACKING_SLOT,
-            0,
-            0,
-            0,
-            ops.IORING_FSYNC_DATASYNC,
-            BACKING << KIND_SHIFT | tag,
-            0,
-            0,
-            0,
-        )
+        ops.RW_SQE.pack_into(self.ring.sqes, backing_slot(tag) * SQE_SIZE, ops.IORING_OP_FSYNC,
+                             ops.IOSQE_FIXED_FILE, 0, BACKING_SLOT, 0, 0, 0,
+                             ops.IORING_FSYNC_DATASYNC, BACKING << KIND_SHIFT | tag, 0, 0, 0)
         self.slots.append(backing_slot(tag))
 
     def finish(self, tag: int, op: int, op_flags: int, offset: int, length: int, res: int) -> int:
         """The CQE of a FLUSH's FSYNC, or of a linked READ/WRITE that failed or came up short:
         the request's result to commit."""
         if res < 0:
-            log.warning(
-                "%s %s [%d, +%d): %s",
-                self.label,
-                uapi.IO_OP_NAMES.get(op, op),
-                offset,
-                length,
-                os.strerror(-res),
-            )
+            log.warning("%s %s [%d, +%d): %s", self.label, uapi.IO_OP_NAMES.get(op, op), offset,
+                        length, os.strerror(-res))
             return res
         if op == _FLUSH:
             return 0
-        return self._complete_short(
-            tag, op, offset, length, res, bool(op_flags & uapi.UBLK_IO_F_FUA)
-        )
+        return self._complete_short(tag, op, offset, length, res,
+                                    bool(op_flags & uapi.UBLK_IO_F_FUA))
 
     def _complete_short(
         self, tag: int, op: int, offset: int, length: int, done: int, fua: bool

@@ -137,21 +137,14 @@ class Queue(threading.Thread):
             try:
                 os.sched_setaffinity(0, self.cpus)
             except OSError as exc:  # e.g. a cpuset that excludes them: serve unpinned
-                log.info(
-                    "ublk%d q%d: cannot pin to CPUs %s: %s",
-                    self.dev_id,
-                    self.q_id,
-                    sorted(self.cpus),
-                    exc,
-                )
+                log.info("ublk%d q%d: cannot pin to CPUs %s: %s", self.dev_id, self.q_id,
+                         sorted(self.cpus), exc)
         depth = self.depth
         # Each tag owns two SQE slots (see _build_templates).
         entries = 1 << max(2 * depth - 1, 1).bit_length()
         self.ring = Ring(entries)
         if self.ring.sq_entries < 2 * depth or self.ring.sqe_size != 64:
-            raise UblkError(
-                errno.EINVAL, f"queue {self.q_id}: io_uring too small for depth {depth}"
-            )
+            raise UblkError(errno.EINVAL, f"queue {self.q_id}: io_uring too small for depth {depth}")
         files = [self.cdev_fd] + ([self.backing_fd] if self.backing_fd is not None else [])
         self.ring.register_files(files)
         try:
@@ -186,16 +179,8 @@ class Queue(threading.Thread):
 
     def _set_up_file(self, fd: int) -> None:
         """Serve READ, WRITE and FLUSH on the backing file ``fd`` (registered in the ring)."""
-        file = FileTarget(
-            fd,
-            self.backend,
-            self.ring,
-            self.buf_addr,
-            self.buf_view,
-            self.slots,
-            self._serve_backend,
-            f"ublk{self.dev_id} q{self.q_id}",
-        )
+        file = FileTarget(fd, self.backend, self.ring, self.buf_addr, self.buf_view,
+                          self.slots, self._serve_backend, f"ublk{self.dev_id} q{self.q_id}")
         if self.ring.features & IORING_FEAT_CQE_SKIP:  # linking needs the success CQE skipped
             file.probe()
         self.file = file
@@ -206,25 +191,9 @@ class Queue(threading.Thread):
     def _queue_cmd(self, op: int, tag: int, result: int, kind: int = CMD) -> None:
         """Queue a command of ``tag`` (FETCH, COMMIT_AND_FETCH, NEED_GET_DATA) in its slot."""
         ops.CMD16_SQE.pack_into(
-            self.ring.sqes,
-            command_slot(tag) * SQE_SIZE,
-            ops.IORING_OP_URING_CMD,
-            ops.IOSQE_FIXED_FILE,
-            0,
-            CDEV_SLOT,
-            op,
-            0,
-            0,
-            0,
-            0,
-            kind << KIND_SHIFT | tag,
-            0,
-            0,
-            0,
-            self.q_id,
-            tag,
-            result,
-            self.buf_addr[tag],
+            self.ring.sqes, command_slot(tag) * SQE_SIZE, ops.IORING_OP_URING_CMD,
+            ops.IOSQE_FIXED_FILE, 0, CDEV_SLOT, op, 0, 0, 0, 0, kind << KIND_SHIFT | tag, 0, 0, 0,
+            self.q_id, tag, result, self.buf_addr[tag],
         )
         self.slots.append(command_slot(tag))
 
@@ -239,25 +208,8 @@ class Queue(threading.Thread):
         out round-robin may hold another command. A tag rewrites its own slots only after its
         next request arrived, which proves the kernel has issued what they held."""
         self.commit_sqe = [
-            ops.CMD16_SQE.pack(
-                ops.IORING_OP_URING_CMD,
-                ops.IOSQE_FIXED_FILE,
-                0,
-                CDEV_SLOT,
-                self.op_commit,
-                0,
-                0,
-                0,
-                0,
-                tag,
-                0,
-                0,
-                0,
-                self.q_id,
-                tag,
-                0,
-                addr,
-            )
+            ops.CMD16_SQE.pack(ops.IORING_OP_URING_CMD, ops.IOSQE_FIXED_FILE, 0, CDEV_SLOT,
+                               self.op_commit, 0, 0, 0, 0, tag, 0, 0, 0, self.q_id, tag, 0, addr)
             for tag, addr in enumerate(self.buf_addr)
         ]
 
@@ -300,14 +252,8 @@ class Queue(threading.Thread):
                 if op <= _WRITE and linked[op]:
                     off = tag << 7  # backing_slot(tag) * SQE_SIZE
                     sqes[off : off + 64] = linked_sqe[op][tag]
-                    set_io(
-                        sqes,
-                        off + io_field,
-                        start_sector << 9,
-                        addrs[tag],
-                        res,
-                        ops.RWF_DSYNC if op_flags & fua else 0,
-                    )
+                    set_io(sqes, off + io_field, start_sector << 9, addrs[tag], res,
+                           ops.RWF_DSYNC if op_flags & fua else 0)
                     queue_slot(tag << 1)
                 else:
                     result = serve_inline(tag, op, op_flags, start_sector << 9, res)
@@ -366,14 +312,8 @@ class Queue(threading.Thread):
                 return -errno.EOPNOTSUPP
             return 0
         except Exception as exc:
-            log.warning(
-                "ublk%d %s [%d, +%d): %s",
-                self.dev_id,
-                uapi.IO_OP_NAMES.get(op, op),
-                offset,
-                length,
-                exc,
-            )
+            log.warning("ublk%d %s [%d, +%d): %s", self.dev_id, uapi.IO_OP_NAMES.get(op, op),
+                        offset, length, exc)
             return -errno_of(exc)
 
     def _commit(self, tag: int, op: int, length: int, res: int, kind: int = CMD) -> None:

@@ -135,12 +135,8 @@ def describe(kind: str, file: str | None, size: int | None) -> dict[str, Any]:
 
 
 def add(
-    open_backend: BackendOpener,
-    kind: str,
-    file: str | None,
-    params: UblkParams,
-    size: int | None,
-    readonly: bool,
+    open_backend: BackendOpener, kind: str, file: str | None, params: UblkParams,
+    size: int | None, readonly: bool,
 ) -> Device:
     """Open the backend, create and start the device; everything is undone on failure."""
     backend = open_backend(kind, file, size, readonly)
@@ -159,7 +155,9 @@ def add(
     return dev
 
 
-def recover(open_backend: BackendOpener, dev_id: int, kind: str | None, file: str | None) -> Device:
+def recover(
+    open_backend: BackendOpener, dev_id: int, kind: str | None, file: str | None
+) -> Device:
     from .control import Control
     from .device import check_recoverable, read_note
 
@@ -170,11 +168,8 @@ def recover(open_backend: BackendOpener, dev_id: int, kind: str | None, file: st
     kind = kind or note.get("type")
     file = file or note.get("file")
     if not kind:
-        raise UblkError(
-            errno.EINVAL,
-            f"recover ublk{dev_id}",
-            "no record of its backend: give -t TYPE and -f FILE",
-        )
+        raise UblkError(errno.EINVAL, f"recover ublk{dev_id}",
+                        "no record of its backend: give -t TYPE and -f FILE")
     size = note.get("backend_size") or note.get("size")
     backend = open_backend(kind, file, size, False)
     try:

@@ -179,9 +179,8 @@ assert PARAM_BASIC.size == 32 and PARAM_DISCARD.size == 20 and PARAM_DEVT.size =
 assert PARAM_ZONED.size == 32 and PARAM_DMA.size == 8 and PARAM_SEGMENT.size == 16
 
 
-def pack_ctrl_cmd(
-    dev_id: int, queue_id: int = 0xFFFF, length: int = 0, addr: int = 0, data: int = 0
-) -> bytes:
+def pack_ctrl_cmd(dev_id: int, queue_id: int = 0xFFFF, length: int = 0, addr: int = 0,
+                  data: int = 0) -> bytes:
     return CTRL_CMD.pack(dev_id & 0xFFFFFFFF, queue_id & 0xFFFF, length, addr, data, 0, 0, 0)
 
 
@@ -202,46 +201,18 @@ class DevInfo:
 
     def pack(self) -> bytes:
         return DEV_INFO.pack(
-            self.nr_hw_queues,
-            self.queue_depth,
-            self.state,
-            0,
-            self.max_io_buf_bytes,
-            self.dev_id & 0xFFFFFFFF,
-            self.ublksrv_pid,
-            0,
-            self.flags,
-            self.ublksrv_flags,
-            self.owner_uid,
-            self.owner_gid,
-            0,
-            0,
+            self.nr_hw_queues, self.queue_depth, self.state, 0, self.max_io_buf_bytes,
+            self.dev_id & 0xFFFFFFFF, self.ublksrv_pid, 0, self.flags, self.ublksrv_flags,
+            self.owner_uid, self.owner_gid, 0, 0,
         )
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> DevInfo:
         if len(data) < DEV_INFO.size:
-            raise UblkError(
-                errno.EPROTO,
-                "decode ublksrv_ctrl_dev_info",
-                f"{len(data)} bytes, not {DEV_INFO.size}",
-            )
-        (
-            nr_q,
-            depth,
-            state,
-            _p0,
-            max_buf,
-            dev_id,
-            pid,
-            _p1,
-            flags,
-            srv_flags,
-            uid,
-            gid,
-            _r1,
-            _r2,
-        ) = DEV_INFO.unpack_from(data)
+            raise UblkError(errno.EPROTO, "decode ublksrv_ctrl_dev_info",
+                            f"{len(data)} bytes, not {DEV_INFO.size}")
+        (nr_q, depth, state, _p0, max_buf, dev_id, pid, _p1, flags, srv_flags, uid, gid,
+         _r1, _r2) = DEV_INFO.unpack_from(data)
         return cls(nr_q, depth, state, max_buf, dev_id, pid, flags, srv_flags, uid, gid)
 
     @property
@@ -318,46 +289,25 @@ class Params:
         PARAM_HEADER.pack_into(buf, 0, size, self.types)
         b = self.basic
         PARAM_BASIC.pack_into(
-            buf,
-            PARAMS_BASIC_OFFSET,
-            b.attrs,
-            b.logical_bs_shift,
-            b.physical_bs_shift,
-            b.io_opt_shift,
-            b.io_min_shift,
-            b.max_sectors,
-            b.chunk_sectors,
-            b.dev_sectors,
+            buf, PARAMS_BASIC_OFFSET, b.attrs, b.logical_bs_shift, b.physical_bs_shift,
+            b.io_opt_shift, b.io_min_shift, b.max_sectors, b.chunk_sectors, b.dev_sectors,
             b.virt_boundary_mask,
         )
         d = self.discard
         PARAM_DISCARD.pack_into(
-            buf,
-            PARAMS_DISCARD_OFFSET,
-            d.discard_alignment,
-            d.discard_granularity,
-            d.max_discard_sectors,
-            d.max_write_zeroes_sectors,
-            d.max_discard_segments,
-            0,
+            buf, PARAMS_DISCARD_OFFSET, d.discard_alignment, d.discard_granularity,
+            d.max_discard_sectors, d.max_write_zeroes_sectors, d.max_discard_segments, 0,
         )
         v = self.devt
-        PARAM_DEVT.pack_into(
-            buf, PARAMS_DEVT_OFFSET, v.char_major, v.char_minor, v.disk_major, v.disk_minor
-        )
+        PARAM_DEVT.pack_into(buf, PARAMS_DEVT_OFFSET, v.char_major, v.char_minor, v.disk_major,
+                             v.disk_minor)
         z = self.zoned
-        PARAM_ZONED.pack_into(
-            buf,
-            PARAMS_ZONED_OFFSET,
-            z.max_open_zones,
-            z.max_active_zones,
-            z.max_zone_append_sectors,
-        )
+        PARAM_ZONED.pack_into(buf, PARAMS_ZONED_OFFSET, z.max_open_zones, z.max_active_zones,
+                              z.max_zone_append_sectors)
         PARAM_DMA.pack_into(buf, PARAMS_DMA_OFFSET, self.dma.alignment)
         s = self.seg
-        PARAM_SEGMENT.pack_into(
-            buf, PARAMS_SEGMENT_OFFSET, s.seg_boundary_mask, s.max_segment_size, s.max_segments
-        )
+        PARAM_SEGMENT.pack_into(buf, PARAMS_SEGMENT_OFFSET, s.seg_boundary_mask,
+                                s.max_segment_size, s.max_segments)
         return buf[:size] if size < len(buf) else buf
 
     @classmethod
@@ -392,10 +342,8 @@ def cpus_of_mask(mask: bytes | bytearray | memoryview) -> set[int]:
     """The CPUs set in a little-endian cpumask (GET_QUEUE_AFFINITY's reply)."""
     return {
         byte_index * 8 + bit
-        for byte_index, byte in enumerate(bytes(mask))
-        if byte
-        for bit in range(8)
-        if byte >> bit & 1
+        for byte_index, byte in enumerate(bytes(mask)) if byte
+        for bit in range(8) if byte >> bit & 1
     }
 
 

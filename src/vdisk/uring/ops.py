@@ -78,9 +78,7 @@ def rw(
     )
 
 
-def read(
-    ring: Ring, fd: int, addr: int, length: int, offset: int, user_data: int, **kw: int
-) -> None:
+def read(ring: Ring, fd: int, addr: int, length: int, offset: int, user_data: int, **kw: int) -> None:
     rw(ring, IORING_OP_READ, fd, addr, length, offset, user_data, **kw)
 
 
@@ -111,68 +109,26 @@ def writev(ring: Ring, fd: int, iov: IovecArray, offset: int, user_data: int, **
 
 
 def read_fixed(
-    ring: Ring,
-    fd: int,
-    addr: int,
-    length: int,
-    offset: int,
-    buf_index: int,
-    user_data: int,
+    ring: Ring, fd: int, addr: int, length: int, offset: int, buf_index: int, user_data: int,
     flags: int = 0,
 ) -> None:
-    rw(
-        ring,
-        IORING_OP_READ_FIXED,
-        fd,
-        addr,
-        length,
-        offset,
-        user_data,
-        flags=flags,
-        buf_index=buf_index,
-    )
+    rw(ring, IORING_OP_READ_FIXED, fd, addr, length, offset, user_data, flags=flags,
+       buf_index=buf_index)
 
 
 def write_fixed(
-    ring: Ring,
-    fd: int,
-    addr: int,
-    length: int,
-    offset: int,
-    buf_index: int,
-    user_data: int,
-    flags: int = 0,
-    rw_flags: int = 0,
+    ring: Ring, fd: int, addr: int, length: int, offset: int, buf_index: int, user_data: int,
+    flags: int = 0, rw_flags: int = 0,
 ) -> None:
-    rw(
-        ring,
-        IORING_OP_WRITE_FIXED,
-        fd,
-        addr,
-        length,
-        offset,
-        user_data,
-        flags=flags,
-        rw_flags=rw_flags,
-        buf_index=buf_index,
-    )
+    rw(ring, IORING_OP_WRITE_FIXED, fd, addr, length, offset, user_data, flags=flags,
+       rw_flags=rw_flags, buf_index=buf_index)
 
 
 def fsync(ring: Ring, fd: int, user_data: int, datasync: bool = False, flags: int = 0) -> None:
     off = ring.sqe()
     _pack_head(
-        ring.sqes,
-        off,
-        IORING_OP_FSYNC,
-        flags,
-        0,
-        fd,
-        0,
-        0,
-        0,
-        IORING_FSYNC_DATASYNC if datasync else 0,
-        user_data,
-        0,
+        ring.sqes, off, IORING_OP_FSYNC, flags, 0, fd, 0, 0, 0,
+        IORING_FSYNC_DATASYNC if datasync else 0, user_data, 0,
     )
 
 
@@ -181,9 +137,8 @@ def fallocate(
 ) -> None:
     """fallocate(fd, mode, offset, length): the length travels in addr, the mode in len."""
     off = ring.sqe()
-    _pack_head(
-        ring.sqes, off, IORING_OP_FALLOCATE, flags, 0, fd, offset, length, mode, 0, user_data, 0
-    )
+    _pack_head(ring.sqes, off, IORING_OP_FALLOCATE, flags, 0, fd, offset, length, mode, 0,
+               user_data, 0)
 
 
 def uring_cmd(

@@ -75,15 +75,8 @@ _syscall.restype = ctypes.c_long
 # per call (the call sits on every ublk batch). syscall(2) takes its arguments in registers
 # whether or not it is declared variadic, so the prototype is exact on x86-64 and arm64.
 _enter = ctypes.CFUNCTYPE(
-    ctypes.c_long,
-    ctypes.c_long,
-    ctypes.c_uint,
-    ctypes.c_uint,
-    ctypes.c_uint,
-    ctypes.c_uint,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    use_errno=True,
+    ctypes.c_long, ctypes.c_long, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+    ctypes.c_void_p, ctypes.c_size_t, use_errno=True,
 )(("syscall", _libc))
 
 _NEEDS_FENCE = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
@@ -150,7 +143,9 @@ class Ring:
         params = bytearray(_PARAMS.size)
         struct.pack_into("<III", params, 0, 0, cq_entries or 0, flags)
         cparams = (ctypes.c_char * len(params)).from_buffer(params)
-        fd = _syscall(ctypes.c_long(SYS_io_uring_setup), ctypes.c_uint(entries), cparams)
+        fd = _syscall(
+            ctypes.c_long(SYS_io_uring_setup), ctypes.c_uint(entries), cparams
+        )
         if fd < 0:
             err = ctypes.get_errno()
             if err == _errno.ENOSYS:
@@ -347,9 +342,7 @@ class Ring:
         cq32[self._cq_head] = tail
         return out
 
-    def wait(
-        self, min_complete: int = 1, timeout: float | None = None
-    ) -> list[tuple[int, int, int]]:
+    def wait(self, min_complete: int = 1, timeout: float | None = None) -> list[tuple[int, int, int]]:
         """Submit anything pending, wait for at least ``min_complete`` CQEs (or the timeout),
         and reap all that are available, with one io_uring_enter at most. An expired timeout
         returns what there is (maybe [])."""
