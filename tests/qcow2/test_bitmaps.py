@@ -411,3 +411,28 @@ def test_readonly_open_reads_nothing_until_asked(tmp_path: Path) -> None:
         assert not bm.loaded
         assert bm.dirty_ranges() == [(0, 64 * KiB)]
     assert os.path.getsize(img) > 0
+
+
+@needs_qemu
+def test_store_bitmaps_mid_session_and_tracking_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = tmp_path / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "8M")
+    qemu_img("bitmap", "--add", str(img), "b")
+    with Qcow2Image.open(str(img)) as q:
+        q.write(b"1" * 512, 0)
+        assert qemu_bitmaps_shared(img)["b"] == ["in-use", "auto"]
+        q.store_bitmaps()
+        assert qemu_bitmaps_shared(img)["b"] == ["auto"]
+        q.write(b"2" * 512, 2 * MiB)  # marked in use again before it lands
+        assert qemu_bitmaps_shared(img)["b"] == ["in-use", "auto"]
+    assert ours(img, "b") == [(0, 64 * KiB), (2 * MiB, 64 * KiB)]
+    assert_check_clean(img)
+    # Bits past the tracking budget are not loaded: that bitmap cannot follow the writes,
+    # so it is stored in use and stays so.
+    monkeypatch.setattr("vdisk.qcow2.bitmap.MAX_TRACKED_BYTES", 8)
+    with Qcow2Image.open(str(img)) as q:
+        q.write(b"3" * 512, 4 * MiB)
+    assert entry_flags(img) == {"b": ["in-use", "auto"]}
+    assert_check_clean(img)

@@ -43,6 +43,9 @@ MIN_GRANULARITY_BITS = 9
 MAX_BITMAPS = 65535
 MAX_NAME_BYTES = 1023
 MAX_BITS_BYTES = 0x20000000  # QEMU's BME_MAX_PHYS_SIZE: memory bound per bitmap
+# Bound on the bits a read-write open holds for tracking; past it a bitmap is not loaded and
+# so cannot be kept consistent: it is stored IN_USE at the first write, as the spec asks.
+MAX_TRACKED_BYTES = 1 << 30
 MAX_DIRECTORY_BYTES = 64 << 20
 
 
@@ -310,12 +313,16 @@ class BitmapSet:
         except (VdiskError, OSError):
             self.usable = False
             return
+        budget = MAX_TRACKED_BYTES
         for entry in entries:
             bm = PersistentBitmap(entry, img.header.size, None)
             bm.reader = self._read_stored
             self.items.append(bm)
             if track and entry.enabled and not entry.in_use:
                 try:
+                    budget -= _bits_bytes(img.header.size, entry.granularity_bits)
+                    if budget < 0:
+                        raise BitmapError(f"bitmap {entry.name!r}: too many bits to track")
                     self._fill(bm)
                 except (VdiskError, OSError):
                     bm.inconsistent = True  # marked IN_USE at the first write, kept so

@@ -993,6 +993,18 @@ class Qcow2Image(BlockDeviceBase):
         src = source_image.bitmap(source) if source_image is not None else source_bitmap
         self._change_bitmaps(lambda b, frees: b.merge(name, src or b.find(source)))
 
+    def store_bitmaps(self) -> None:
+        """Store the tracked bitmaps consistent now, as close does (flush keeps them IN_USE,
+        as QEMU does); the next write marks them in use again."""
+        with self._lock:
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            try:
+                self._bitmaps.store(final=True)
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+            self._write_ready = False  # the next write goes through begin_write again
+
     def _change_bitmaps(self, change: Any) -> None:
         """Run ``change(bitmap_set, frees)`` and store the result durably."""
         with self._lock:
