@@ -221,6 +221,7 @@ class PersistentBitmap(DirtyBitmap):
     def __init__(self, entry: BitmapEntry, size: int, bits: bytearray | None) -> None:
         super().__init__(entry.name, size, entry.granularity, bits or bytearray(), entry.enabled)
         self.entry = entry
+        self.gbits = entry.granularity_bits  # a plain attribute for the write hook
         self.loaded = bits is not None
         self.reader: Callable[[PersistentBitmap], bytearray] | None = None  # reads the bits
         self.changed = False  # the bits in memory differ from the stored ones
@@ -362,8 +363,17 @@ class BitmapSet:
 
     # -- write path -----------------------------------------------------------------------
     def mark(self, offset: int, length: int) -> None:
-        """A write, zero write or discard of [offset, offset+length): set the tracked bits."""
+        """A write, zero write or discard of [offset, offset+length): set the tracked bits.
+        The common case, one granule already dirty, is a lock-free read (bits only go from
+        0 to 1 while tracking)."""
+        if length <= 0:
+            return
+        last = offset + length - 1
         for bm in self.tracked:
+            gb = bm.gbits
+            index = offset >> gb
+            if index == last >> gb and bm.bits[index >> 3] >> (index & 7) & 1:
+                continue
             bm.mark_dirty(offset, length)
 
     def begin_write(self) -> None:
