@@ -5,7 +5,9 @@
 * ``PersistentBitmap`` is one bitmap of an open image: name, granularity, flags and its bits
   (``dirty_ranges()`` for incremental backup).
 * ``BitmapSet`` holds the bitmaps of an open ``Qcow2Image``; the image calls it at its first
-  write, on every write/zero/discard (``mark``) and at close (``store``).
+  write, on every write/zero/discard (``mark``) and at close (``store``). As in QEMU, a flush
+  leaves the tracked bitmaps IN_USE (storing them at every flush would cost several syncs and
+  a rewrite of their bits per guest flush); ``Qcow2Image.store_bitmaps()`` stores them now.
 
 Crash safety, as QEMU does it: at the first write every enabled bitmap is marked IN_USE in
 the stored directory (autoclear bit cleared, directory rewritten in place, bit set again), so
