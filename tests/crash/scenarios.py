@@ -10,7 +10,9 @@ encryption, ``amend refcount_bits``: one function each, appended to SCENARIOS.
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,8 +259,17 @@ def judge_bitmaps(s: Session, path: Path) -> list[str]:
     """'track' follows every write since the start: in a crash state it is stored consistent
     and covers every sector whose data changed, or it is IN_USE, or (autoclear bit 0 clear)
     dropped; never stale. qemu-img info must list the same flags."""
-    import json
+    # A copy of its own: qemu-img threads fork while holding inherited locks on what the
+    # judge opened last, and the judge opens the state itself read-write next.
+    copy = path.with_suffix(".bitmaps.qcow2")
+    shutil.copyfile(path, copy)
+    try:
+        return _judge_bitmap_copy(s, copy)
+    finally:
+        copy.unlink()
 
+
+def _judge_bitmap_copy(s: Session, path: Path) -> list[str]:
     with Qcow2Image.open(str(path), readonly=True, open_backing=False) as img:
         found = {b.name: b for b in img.bitmaps()}
         listed = {name: b.flags for name, b in found.items()}

@@ -28,7 +28,7 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
     "bitmap": (
         "bitmap",
         "bitmap_cmd",
-        "Add, remove, clear, enable, disable or merge persistent dirty bitmaps of FILE.",
+        "Change the persistent dirty bitmaps of FILE, like qemu-img bitmap.",
     ),
     "check": (
         "check",
