@@ -303,7 +303,8 @@ def test_damaged_bitmaps(tmp_path: Path) -> None:
     create(str(img), 8 * MiB)
     with Qcow2Image.open(str(img)) as q:
         q.add_bitmap("b")
-        ext = q.header.bitmaps
+    with Qcow2Image.open(str(img), readonly=True) as q:
+        ext = q.header.bitmaps  # where close stored the directory
         assert ext is not None
     good = img.read_bytes()
     data = bytearray(good)
@@ -435,4 +436,22 @@ def test_store_bitmaps_mid_session_and_tracking_budget(
     with Qcow2Image.open(str(img)) as q:
         q.write(b"3" * 512, 4 * MiB)
     assert entry_flags(img) == {"b": ["in-use", "auto"]}
+    assert_check_clean(img)
+
+
+@needs_qemu
+def test_bitmap_added_after_first_write_is_stored_in_use(tmp_path: Path) -> None:
+    """Added or enabled while the image is being written: stored IN_USE until close, so a
+    crash right after leaves it inconsistent, not stale."""
+    img = tmp_path / "late.qcow2"
+    create(str(img), 8 * MiB)
+    with Qcow2Image.open(str(img)) as q:
+        q.add_bitmap("off", enabled=False)
+        q.write(b"1" * 512, 0)
+        q.add_bitmap("late")
+        q.enable_bitmap("off")
+        assert qemu_bitmaps_shared(img) == {"off": ["in-use", "auto"], "late": ["in-use", "auto"]}
+        q.write(b"2" * 512, 3 * MiB)
+    assert entry_flags(img) == {"off": ["auto"], "late": ["auto"]}
+    assert ours(img, "late") == [(3 * MiB, 64 * KiB)]
     assert_check_clean(img)

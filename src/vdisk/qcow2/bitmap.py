@@ -539,7 +539,9 @@ class BitmapSet:
         for bm in self.items:
             if bm.changed and bm.loaded and not bm.inconsistent:
                 self._write_bits(bm, frees)
-        still_marked = self._marked and not final
+        # While the image is open for writing, a tracked bitmap on disk is IN_USE: writes
+        # may change it at any moment (even one added after the first write).
+        still_marked = not final
         tracked = set(map(id, self.tracked))
         entries = [
             _stored_entry(b, b.inconsistent or (still_marked and id(b) in tracked))
