@@ -40,6 +40,8 @@ class Session:
     rec: Recorder
     rng: random.Random
     guest: Guest = field(init=False)
+    # Per bitmap, the guest sectors when it started tracking (bitmap scenario's judge).
+    bitmap_starts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         with vdisk.open(str(self.path), readonly=True) as img:
@@ -243,10 +245,15 @@ def make_bitmaps(where: Path) -> Path:
 
 
 def run_bitmaps(s: Session) -> None:
-    """Writes tracked across two sessions, with a bitmap added and a merge between them."""
+    """Writes tracked across two sessions, with a bitmap added mid-session and a merge."""
     g = s.open()
     _random_io(s, g, 4 * MIB, 10, (512, 4 * KIB, 20 * KIB))
     g.image.add_bitmap("late", granularity=8 * KIB)
+    # What the guest reads when 'late' starts: every later change must show in it.
+    s.bitmap_starts = {
+        "track": s.guest.acks[0].snapshot,
+        "late": _sectors(g.image.pread(g.image.size, 0)),
+    }
     _random_io(s, g, 4 * MIB, 5, (512, 4 * KIB))
     g.close()
     g = s.open()
@@ -256,9 +263,10 @@ def run_bitmaps(s: Session) -> None:
 
 
 def judge_bitmaps(s: Session, path: Path) -> list[str]:
-    """'track' follows every write since the start: in a crash state it is stored consistent
-    and covers every sector whose data changed, or it is IN_USE, or (autoclear bit 0 clear)
-    dropped; never stale. qemu-img info must list the same flags."""
+    """'track' (from the start) and 'late' (from its creation) follow every write: in a crash
+    state each is stored consistent and covers every sector whose data changed since it
+    started, or it is IN_USE, or (autoclear bit 0 clear) dropped; never stale. qemu-img info
+    must list the same flags."""
     # A copy of its own: qemu-img threads fork while holding inherited locks on what the
     # judge opened last, and the judge opens the state itself read-write next.
     copy = path.with_suffix(".bitmaps.qcow2")
@@ -270,15 +278,15 @@ def judge_bitmaps(s: Session, path: Path) -> list[str]:
 
 
 def _judge_bitmap_copy(s: Session, path: Path) -> list[str]:
+    starts = s.bitmap_starts
+    dirty: dict[str, list[tuple[int, int]]] = {}
     with Qcow2Image.open(str(path), readonly=True, open_backing=False) as img:
         found = {b.name: b for b in img.bitmaps()}
         listed = {name: b.flags for name, b in found.items()}
-        track = found.get("track")
-        if track is None or track.in_use:
-            dirty = None
-        else:
-            dirty = track.dirty_ranges()
-            data = np.frombuffer(img.pread(img.size, 0), dtype=np.uint8).reshape(-1, SECTOR)
+        for name, bm in found.items():
+            if name in starts and not bm.in_use:
+                dirty[name] = bm.dirty_ranges()
+        data = _sectors(img.pread(img.size, 0)) if dirty else None
     problems = []
     info = subprocess.run(
         ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True
@@ -288,16 +296,16 @@ def _judge_bitmap_copy(s: Session, path: Path) -> list[str]:
         theirs = {b["name"]: b["flags"] for b in specific.get("bitmaps", [])}
         if theirs != listed:
             problems.append(f"bitmap flags: qemu-img {theirs}, vdisk {listed}")
-    if dirty is None:
-        return problems
-    initial = s.guest.acks[0].snapshot
-    changed = np.flatnonzero((data[: len(initial)] != initial).any(axis=1))
-    covered = np.zeros(len(data), dtype=bool)
-    for off, n in dirty:
-        covered[off // SECTOR : (off + n) // SECTOR] = True
-    stale = changed[~covered[changed]]
-    if len(stale):
-        problems.append(f"bitmap 'track' is stale: sector {int(stale[0])} changed, bit clear")
+    for name, runs in dirty.items():
+        assert data is not None
+        start = starts[name]
+        changed = np.flatnonzero((data[: len(start)] != start).any(axis=1))
+        covered = np.zeros(len(data), dtype=bool)
+        for off, n in runs:
+            covered[off // SECTOR : (off + n) // SECTOR] = True
+        stale = changed[~covered[changed]]
+        if len(stale):
+            problems.append(f"bitmap {name!r} is stale: sector {int(stale[0])} changed, bit clear")
     return problems
 
 
