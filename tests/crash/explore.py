@@ -18,6 +18,7 @@ import random
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,15 @@ def _dirty(data: bytes) -> bool:
 class _Judge:
     """Judges states of one scenario; qemu-img checks run beside it."""
 
-    def __init__(self, session: Session, where: Path, figures: Figures) -> None:
+    def __init__(
+        self,
+        session: Session,
+        where: Path,
+        figures: Figures,
+        check: Callable[[Session, Path], list[str]] | None = None,
+    ) -> None:
         self.session = session
+        self.check = check  # the scenario's own judgement of a state, if it has one
         self.where = where
         self.figures = figures
         self.seen: set[str] = set()
@@ -111,14 +119,14 @@ class _Judge:
         # image locks of a descriptor the parent just closed, so reusing one name can clash.
         path = self.where / f"state-{index}.qcow2"
         path.write_bytes(state.data)
-        problems: list[str] = []
+        problems: list[str] = self.check(self.session, path) if self.check else []
         try:
             with Qcow2Image.open(str(path)) as img:
-                problems = self.session.guest.judge(
+                problems += self.session.guest.judge(
                     state.durable, lambda n: img.pread(n, 0), img.size
                 )
         except VdiskError as exc:
-            problems = [f"vdisk cannot open it: {exc}"]
+            problems += [f"vdisk cannot open it: {exc}"]
         after = path.read_bytes()
         path.unlink()
         if problems:
@@ -152,7 +160,7 @@ def explore(scenario: Scenario, where: Path, seed: int, randoms_per_epoch: int) 
     figures.distinct = len(states)
     # The backing file stays; the image itself is rewritten per state from here on.
     shutil.copy(session.path, where / "final.qcow2")
-    judge = _Judge(session, where, figures)
+    judge = _Judge(session, where, figures, scenario.check)
     try:
         for index, state in enumerate(states):
             judge.judge(state, index)

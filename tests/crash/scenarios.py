@@ -11,7 +11,9 @@ files (``data_file``) have joined.
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +41,8 @@ class Session:
     rec: Recorder
     rng: random.Random
     guest: Guest = field(init=False)
+    # Per bitmap, the guest sectors when it started tracking (bitmap scenario's judge).
+    bitmap_starts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         with vdisk.open(str(self.path), readonly=True) as img:
@@ -80,6 +84,8 @@ class Scenario:
     make: Callable[[Path], Path]
     run: Callable[[Session], None]
     known_bug: str = ""  # one line: what fails today (the suite marks it xfail, strict)
+    # Extra judgement of a crash state file (before vdisk opens it): problems found.
+    check: Callable[[Session, Path], list[str]] | None = None
 
 
 def _qemu_img(*args: str) -> None:
@@ -347,6 +353,80 @@ def run_amend_compat(s: Session) -> None:
     s.guest.ack("compat=1.1")
 
 
+def make_bitmaps(where: Path) -> Path:
+    """An image with an enabled bitmap (16 KiB granules) and a disabled one, from qemu-img."""
+    path = where / "image.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "4M")
+    _qemu_img("bitmap", "--add", "-g", "16k", str(path), "track")
+    _qemu_img("bitmap", "--add", "--disable", str(path), "frozen")
+    return path
+
+
+def run_bitmaps(s: Session) -> None:
+    """Writes tracked across two sessions, with a bitmap added mid-session and a merge."""
+    g = s.open()
+    _random_io(s, g, 4 * MIB, 10, (512, 4 * KIB, 20 * KIB))
+    g.image.add_bitmap("late", granularity=8 * KIB)
+    # What the guest reads when 'late' starts: every later change must show in it.
+    s.bitmap_starts = {
+        "track": s.guest.acks[0].snapshot,
+        "late": _sectors(g.image.pread(g.image.size, 0)),
+    }
+    _random_io(s, g, 4 * MIB, 5, (512, 4 * KIB))
+    g.close()
+    g = s.open()
+    g.write(s.offset(4 * MIB, 4 * KIB), s.data(4 * KIB))
+    g.image.merge_bitmap("frozen", "track")
+    g.close()
+
+
+def judge_bitmaps(s: Session, path: Path) -> list[str]:
+    """'track' (from the start) and 'late' (from its creation) follow every write: in a crash
+    state each is stored consistent and covers every sector whose data changed since it
+    started, or it is IN_USE, or (autoclear bit 0 clear) dropped; never stale. qemu-img info
+    must list the same flags."""
+    # A copy of its own: qemu-img threads fork while holding inherited locks on what the
+    # judge opened last, and the judge opens the state itself read-write next.
+    copy = path.with_suffix(".bitmaps.qcow2")
+    shutil.copyfile(path, copy)
+    try:
+        return _judge_bitmap_copy(s, copy)
+    finally:
+        copy.unlink()
+
+
+def _judge_bitmap_copy(s: Session, path: Path) -> list[str]:
+    starts = s.bitmap_starts
+    dirty: dict[str, list[tuple[int, int]]] = {}
+    with Qcow2Image.open(str(path), readonly=True, open_backing=False) as img:
+        found = {b.name: b for b in img.bitmaps()}
+        listed = {name: b.flags for name, b in found.items()}
+        for name, bm in found.items():
+            if name in starts and not bm.in_use:
+                dirty[name] = bm.dirty_ranges()
+        data = _sectors(img.pread(img.size, 0)) if dirty else None
+    problems = []
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True
+    )
+    if info.returncode == 0:
+        specific = json.loads(info.stdout)["format-specific"]["data"]
+        theirs = {b["name"]: b["flags"] for b in specific.get("bitmaps", [])}
+        if theirs != listed:
+            problems.append(f"bitmap flags: qemu-img {theirs}, vdisk {listed}")
+    for name, runs in dirty.items():
+        assert data is not None
+        start = starts[name]
+        changed = np.flatnonzero((data[: len(start)] != start).any(axis=1))
+        covered = np.zeros(len(data), dtype=bool)
+        for off, n in runs:
+            covered[off // SECTOR : (off + n) // SECTOR] = True
+        stale = changed[~covered[changed]]
+        if len(stale):
+            problems.append(f"bitmap {name!r} is stale: sector {int(stale[0])} changed, bit clear")
+    return problems
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("allocation", _vdisk_image(4 * MIB, cluster_size=4096), run_allocation),
     Scenario("l1_growth", make_l1_growth, run_l1_growth),
@@ -373,4 +453,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("compressed", _vdisk_image(1 * MIB, cluster_size=4096), run_compressed),
     Scenario("amend_refcount_bits", make_amendable, run_amend_refcount_bits),
     Scenario("amend_compat", make_amendable, run_amend_compat),
+    Scenario("bitmap_updates", make_bitmaps, run_bitmaps, check=judge_bitmaps),
 ]

@@ -30,6 +30,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "bench_cmd",
         "Run a simple I/O benchmark on FILE, like qemu-img bench.",
     ),
+    "bitmap": (
+        "bitmap",
+        "bitmap_cmd",
+        "Change the persistent dirty bitmaps of FILE, like qemu-img bitmap.",
+    ),
     "check": (
         "check",
         "check_cmd",

@@ -311,6 +311,10 @@ def _copy(
     metavar="CACHE",
     help="Source cache mode (checked; reads use the page cache).",
 )
+@click.option("--bitmaps", "bitmaps", is_flag=True, help="Copy the persistent dirty bitmaps.")
+@click.option(
+    "--skip-broken-bitmaps", "skip_broken", is_flag=True, help="With --bitmaps: skip in-use ones."
+)
 @click.argument("files", nargs=-1)
 def convert_cmd(
     fmt: str | None,
@@ -331,6 +335,8 @@ def convert_cmd(
     cache: str,
     src_cache: str,
     snapshot: str | None,
+    bitmaps: bool,
+    skip_broken: bool,
     files: tuple[str, ...],
 ) -> int:
     """Convert the source images (concatenated) into DST, like qemu-img convert."""
@@ -358,6 +364,10 @@ def convert_cmd(
     )
     if compress:
         settings = _compress_settings(settings, out_fmt, options)
+    if bitmaps or skip_broken:
+        from ..qcow2.bitmap import check_copy_args
+
+        check_copy_args(len(srcs), out_fmt, skip_broken and not bitmaps)
     sources: list[BlockDevice] = []
     target: BlockDevice | None = None
     signalled: int | None = None
@@ -365,6 +375,10 @@ def convert_cmd(
         snap_opts = _snapshot_options(snapshot, len(srcs))
         for src in srcs:
             sources.append(_open_source(src, fmt, force_share, snap_opts))
+        if bitmaps:
+            from ..qcow2.bitmap import copyable_bitmaps
+
+            to_copy = copyable_bitmaps(sources[0], skip_broken, click.echo)
         # Raw sources as QEMU sizes them (whole sectors).
         inputs = [SectorPadded(s) if isinstance(s, RawDevice) else s for s in sources]
         total = sum(s.size for s in inputs)
@@ -375,11 +389,19 @@ def convert_cmd(
             _skip_syncs(target)
         if target.size < total:
             raise RequestError("output file is smaller than input file", path=dst)
+        if bitmaps:
+            from ..qcow2.bitmap import check_copy_target
+
+            check_copy_target(target)
         show = Progress() if progress and not quiet else None
         if show is not None:
             show(0, total)
         # A target with a backing file reads what it shows, not zeros (qemu-img's has_zero_init).
         _copy(inputs, target, dst, settings, not skip_create and not top_only, show)
+        if bitmaps:
+            from ..qcow2.bitmap import copy_bitmaps
+
+            copy_bitmaps(to_copy, target)
         if show is not None:
             show.close()
     except _Signalled as exc:

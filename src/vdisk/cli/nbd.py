@@ -77,13 +77,11 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 name = ""
             else:
                 name = os.path.basename(path)
-            sources = []
-            if bitmaps and i == 0:
-                from ..qcow2.bitmap import load_bitmap
-
-                sources = [load_bitmap(path, b) for b in bitmaps]
             device = vdisk.open(path, format=fmt, readonly=readonly)
             devices.append(device)
+            sources = []
+            if bitmaps and i == 0:
+                sources = [_export_bitmap(device, path, b) for b in bitmaps]
             locking.lock_for_export(device)  # as qemu-nbd: nobody resizes what we announced
             exports.append(Export(
                 device, name=name, description=descriptions[i] if i < len(descriptions) else "",
@@ -124,6 +122,16 @@ def nbd_command(files: tuple[str, ...], fmt: str | None, readonly: bool, names: 
                 device.flush()
             device.close()
     return 0
+
+
+def _export_bitmap(device: Any, path: str, name: str) -> Any:
+    """The bitmap a -B export serves: the open image's own (it tracks this export's writes)."""
+    from ..qcow2 import Qcow2Image
+    from ..qcow2.bitmap import load_bitmap
+
+    if isinstance(device, Qcow2Image):
+        return device.bitmap(name)
+    return load_bitmap(path, name)
 
 
 def _raise_nofile_limit() -> None:

@@ -82,7 +82,7 @@ def _validate_for_check(h: fmt.Header, path: str) -> None:
         raise CorruptImageError("Active L1 table offset invalid", path=path)
     if not table_ok(h.refcount_table_offset, h.refcount_table_clusters, cs, cs):
         raise CorruptImageError("Reference count table offset invalid", path=path)
-    bitmaps = h.bitmaps
+    bitmaps = h.bitmaps if h.autoclear_features & fmt.AUTOCLEAR_BITMAPS else None
     if bitmaps is not None and bitmaps.directory_offset % cs:
         raise CorruptImageError("bitmaps_ext: invalid bitmap directory offset", path=path)
 
@@ -204,7 +204,7 @@ class _Checker:
             for snap in read_snapshots(self.fd, h):
                 ranges.append((snap.l1_table_offset, snap.l1_size * 8))
             ranges.append((h.snapshots_offset, h.nb_snapshots * fmt.SNAPSHOT_HEADER_SIZE))
-        bitmaps = h.bitmaps
+        bitmaps = h.bitmaps if h.autoclear_features & fmt.AUTOCLEAR_BITMAPS else None
         if bitmaps is not None:
             ranges.append((bitmaps.directory_offset, bitmaps.directory_size))
         if not active:

@@ -489,7 +489,8 @@ class Header:
             )
         elif self.snapshots_offset % cs:
             raise CorruptImageError("snapshots_offset: not aligned to a cluster")
-        bitmaps = self.bitmaps
+        # Without autoclear bit 0 the extension is ignored (QEMU's rule), so not checked.
+        bitmaps = self.bitmaps if self.autoclear_features & AUTOCLEAR_BITMAPS else None
         if bitmaps is not None:
             _check_table(
                 "bitmap_directory_offset",
@@ -763,6 +764,33 @@ class BitmapDirectoryEntry:
     @property
     def granularity(self) -> int:
         return 1 << self.granularity_bits
+
+    def encode(self) -> bytes:
+        """The entry as the directory stores it, padded to a multiple of 8 bytes."""
+        name = self.name.encode()
+        raw = (
+            _BITMAP_DIR_HEAD.pack(
+                self.bitmap_table_offset,
+                self.bitmap_table_size,
+                self.flags,
+                self.type,
+                self.granularity_bits,
+                len(name),
+                len(self.extra_data),
+            )
+            + self.extra_data
+            + name
+        )
+        return raw + bytes(_align8(len(raw)) - len(raw))
+
+
+def encode_bitmap_directory(entries: list[BitmapDirectoryEntry]) -> bytes:
+    return b"".join(e.encode() for e in entries)
+
+
+def encode_bitmap_table(host_offsets: list[int]) -> bytes:
+    """Bitmap table entries: a data cluster's offset, or 0 (every bit of that range clear)."""
+    return struct.pack(f">{len(host_offsets)}Q", *host_offsets)
 
 
 def decode_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirectoryEntry]:

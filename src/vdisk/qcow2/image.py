@@ -55,6 +55,7 @@ from ..errors import (
 from ..fileio import pread_full, pwritev_full
 from . import datafile
 from . import format as fmt
+from .bitmap import BitmapSet, PersistentBitmap
 from .cache import L2, MetadataCache, default_capacity
 from .check import repair_open_file
 from .cluster import (
@@ -289,6 +290,9 @@ class Qcow2Image(BlockDeviceBase):
         self._compressed = CompressedWriter(self)
         self.refcounts.on_release = self._compressed.released
         self._compress_writes = False  # compress=True: whole-cluster writes go compressed
+        # Persistent dirty bitmaps (bitmap.py); the write paths mark ``_tracked`` if any.
+        self._bitmaps = BitmapSet(self, readonly)
+        self._tracked = self._bitmaps.tracked
         # Backing chain.
         self._chain_depth = 0
         if header.backing_file and open_backing:
@@ -399,10 +403,14 @@ class Qcow2Image(BlockDeviceBase):
             raise self._mark_corrupt(problem)
         h = self.header
         if h.version >= 3:
-            keep = h.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW if self.map.data_file else 0
+            keep = h.autoclear_features & self._bitmaps.kept_autoclear()
+            if self.map.data_file:
+                keep |= h.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW
             if h.autoclear_features != keep:
-                # We keep no bitmaps up to date; data_file_raw we keep true.
+                # Bitmaps are kept up to date (bitmap.py) and data_file_raw stays true; we
+                # know no other autoclear feature.
                 self._write_features(autoclear=keep)
+            self._bitmaps.begin_write()
             if h.lazy_refcounts and not h.dirty:
                 self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
                 self._set_dirty = True
@@ -532,6 +540,8 @@ class Qcow2Image(BlockDeviceBase):
             if self._opened_rw and self.fd >= 0:
                 with self._lock:
                     self._active.clear()
+                    if not self._readonly:
+                        self._bitmaps.store(final=True)
                     self._flush_locked()
                     if self._pending:
                         self._release_pending()
@@ -655,6 +665,8 @@ class Qcow2Image(BlockDeviceBase):
         n = view.nbytes
         if self._closed or self._readonly or offset < 0 or offset + n > self._size:
             self.check_request(offset, n, write=True)  # raises the matching error
+        if self._tracked:
+            self._bitmaps.mark(offset, n)
         if self._compress_writes and n:
             try:
                 self._compressed.write_whole_clusters(view, offset)
@@ -762,6 +774,9 @@ class Qcow2Image(BlockDeviceBase):
         """The writing half of :meth:`write_compressed`."""
         if self._closed or self._readonly:
             self.check_request(0, 0, write=True)
+        if self._tracked:
+            for cluster in clusters:
+                self._bitmaps.mark(cluster.guest_offset, len(cluster.data))
         try:
             self._compressed.write(clusters)
         except OSError as exc:
@@ -940,6 +955,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
+        if self._tracked:
+            self._bitmaps.mark(offset, length)
         try:
             if self.data_raw and length:  # as QEMU: the raw data file first
                 write_zeroes_fd(self.data_fd, offset, length, may_unmap)
@@ -949,6 +966,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def discard(self, offset: int, length: int) -> None:
         self.check_request(offset, length, write=True)
+        if self._tracked:
+            self._bitmaps.mark(offset, length)
         try:
             if self.data_raw:  # the discarded clusters read as zeros: so must the raw file
                 self._zero_raw_data_file(offset, length)
@@ -1182,6 +1201,68 @@ class Qcow2Image(BlockDeviceBase):
         from .snapshot import delete_snapshot
 
         return delete_snapshot(self, name_or_id, by_id, by_name)
+    # -- persistent dirty bitmaps (logic in bitmap.py) -------------------------------------
+    def bitmaps(self) -> list[PersistentBitmap]:
+        """The persistent dirty bitmaps, in directory order (bits read on demand)."""
+        with self._lock:
+            return self._bitmaps.all()
+
+    def bitmap(self, name: str) -> PersistentBitmap:
+        """The named bitmap, its bits read; refused when it is inconsistent (in use)."""
+        with self._lock:
+            return self._bitmaps.find(name)
+
+    def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> None:
+        self._change_bitmaps(lambda b, frees: b.add(name, granularity, enabled))
+
+    def remove_bitmap(self, name: str) -> None:
+        self._change_bitmaps(lambda b, frees: b.remove(name, frees))
+
+    def enable_bitmap(self, name: str, enabled: bool = True) -> None:
+        self._change_bitmaps(lambda b, frees: b.set_enabled(name, enabled))
+
+    def clear_bitmap(self, name: str) -> None:
+        self._change_bitmaps(lambda b, frees: b.clear(name))
+
+    def merge_bitmap(
+        self,
+        name: str,
+        source: str,
+        source_image: Qcow2Image | None = None,
+        source_bitmap: PersistentBitmap | None = None,
+    ) -> None:
+        """OR bitmap ``source`` (of this image, or of ``source_image``), or ``source_bitmap``,
+        into ``name``."""
+        src = source_image.bitmap(source) if source_image is not None else source_bitmap
+        self._change_bitmaps(lambda b, frees: b.merge(name, src or b.find(source)))
+
+    def store_bitmaps(self) -> None:
+        """Store the tracked bitmaps consistent now, as close does (flush keeps them IN_USE,
+        as QEMU does); the next write marks them in use again."""
+        with self._lock:
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            try:
+                self._bitmaps.store(final=True)
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+            self._write_ready = False  # the next write goes through begin_write again
+
+    def _change_bitmaps(self, change: Any) -> None:
+        """Run ``change(bitmap_set, frees)`` and store the result durably."""
+        with self._lock:
+            if self._readonly:
+                raise ReadOnlyError("image is read-only", path=self.path)
+            if not self._write_ready:
+                self._prepare_first_write()
+            frees: list[int] = []
+            try:
+                change(self._bitmaps, frees)
+                self._bitmaps.store(final=False)
+            except OSError as exc:
+                raise from_oserror(exc, self.path) from None
+            finally:
+                self._free_later(frees)
 
     def allocated_clusters(self) -> int:
         with self._lock:

@@ -4,6 +4,8 @@ Growing only rewrites the header's size, unless the L1 table is too small: then 
 table is written at the end of the file (with its refcounts) and synced before one header write
 switches size, ``l1_size`` and ``l1_table_offset`` together; the old table is freed afterwards.
 A crash leaves either the old image or the new one, at worst with a leaked cluster.
+Persistent bitmaps are resized as QEMU does (``BitmapSet.resize_check``/``resized``): stored
+IN_USE across the size change, then stored again at the new size.
 
 Shrinking drops every guest cluster past the new end (whole L2 tables past it are unlinked from
 L1 and freed), syncs, and only then writes the smaller size into the header.
@@ -38,10 +40,6 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
     header = img.header
     if img.snapshots and header.version < 3:
         raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots", path=img.path)
-    if header.bitmaps is not None:
-        raise UnsupportedFeatureError(
-            "resizing an image with persistent bitmaps is not supported", path=img.path
-        )
     old_size = img.size
     if preallocation != "off" and img.data_fd != img.fd:
         raise UnsupportedFeatureError(
@@ -64,6 +62,8 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
             if not img._write_ready:
                 img._prepare_first_write()
             img._flush_locked()  # the cache is clean and everything is on disk
+            # Bitmaps are stored IN_USE while the size changes, then stored at the new size.
+            img._bitmaps.resize_check()
             if new_size > old_size:
                 _grow(img, new_size)
             elif new_size < old_size:
@@ -71,6 +71,7 @@ def resize(img: Qcow2Image, new_size: int, preallocation: str = "off") -> None:
             img._size = new_size
             if img.data_fd != img.fd:  # as QEMU: the data file takes the new size too
                 os.ftruncate(img.data_fd, new_size)
+            img._bitmaps.resized(new_size)
             # With extended L2 entries QEMU leaves even fully preallocated subclusters
             # unallocated (zeros written to the host clusters only).
             by_map = preallocation in ("metadata", "falloc") or (
