@@ -23,6 +23,7 @@ from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cache import L2, MetadataCache, decode_l2
 from .refcount import RefcountManager
+from .summary import read_snapshots
 
 # Segment kinds.
 SEG_ZERO = 0  # arg: host offset of a preallocated zero cluster, or 0
@@ -604,27 +605,6 @@ class ClusterMap:
             prev = i
         self.l1_dirty.clear()
         return True
-
-
-def read_snapshots(fd: int, header: fmt.Header) -> list[fmt.SnapshotEntry]:
-    if not header.nb_snapshots:
-        return []
-    size = 0
-    chunk = 64 << 10
-    buf = bytearray()
-    # Entries have variable length; read until all decode (bounded by 64 KiB * count).
-    limit = header.nb_snapshots * (40 + 1024 + 2 * 65536 + 8)
-    while True:
-        size += chunk
-        part = bytearray(chunk)
-        got = pread_full(fd, part, header.snapshots_offset + len(buf))
-        buf += part
-        try:
-            return fmt.decode_snapshot_table(bytes(buf), header.nb_snapshots)
-        except CorruptImageError:
-            if got < chunk or size >= limit:
-                raise
-        chunk *= 2
 
 
 def _add(segs: list[Segment], kind: int, pos: int, length: int, arg: int) -> None:

@@ -20,6 +20,26 @@ from . import format as fmt
 _SNAPSHOT_ENTRY_MAX = 40 + 1024 + 2 * 65536 + 8  # fixed part, extra data, id and name, padding
 
 
+def read_snapshots(fd: int, header: fmt.Header) -> list[fmt.SnapshotEntry]:
+    """The snapshot table. Entries vary in length: read in growing chunks until all decode,
+    bounded by the largest table the header's count allows."""
+    if not header.nb_snapshots:
+        return []
+    chunk = 64 << 10
+    buf = bytearray()
+    limit = header.nb_snapshots * _SNAPSHOT_ENTRY_MAX
+    while True:
+        part = bytearray(chunk)
+        got = pread_full(fd, part, header.snapshots_offset + len(buf))
+        buf += part
+        try:
+            return fmt.decode_snapshot_table(bytes(buf), header.nb_snapshots)
+        except CorruptImageError:
+            if got < chunk or len(buf) >= limit:
+                raise
+        chunk *= 2
+
+
 class Qcow2Summary:
     """The header-level facts of a qcow2 image, open read-only (use as a context manager)."""
 
@@ -61,23 +81,8 @@ class Qcow2Summary:
 
     @property
     def snapshots(self) -> list[fmt.SnapshotEntry]:
-        """The internal snapshot table (entries vary in length: read until all decode)."""
-        h = self.header
-        if not h.nb_snapshots:
-            return []
-        chunk = 64 << 10
-        buf = bytearray()
-        limit = h.nb_snapshots * _SNAPSHOT_ENTRY_MAX
-        while True:
-            part = bytearray(chunk)
-            got = pread_full(self.fd, part, h.snapshots_offset + len(buf))
-            buf += part
-            try:
-                return fmt.decode_snapshot_table(bytes(buf), h.nb_snapshots)
-            except CorruptImageError:
-                if got < chunk or len(buf) >= limit:
-                    raise
-            chunk *= 2
+        """The internal snapshot table."""
+        return read_snapshots(self.fd, self.header)
 
     def specific_info(self) -> dict[str, Any]:
         """What ``qemu-img info`` prints under "Format specific information"."""
