@@ -722,7 +722,9 @@ def snapshot_table_size(entries: list[SnapshotEntry]) -> int:
         return 0
     last = entries[-1]
     unpadded = SNAPSHOT_HEADER_SIZE + len(last.extra_data) + len(last.id_bytes)
-    return sum(e.encoded_size for e in entries) - last.encoded_size + unpadded + len(last.name_bytes)
+    return (
+        sum(e.encoded_size for e in entries) - last.encoded_size + unpadded + len(last.name_bytes)
+    )
 
 
 def encode_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
