@@ -458,3 +458,21 @@ def test_bitmap_added_after_first_write_is_stored_in_use(tmp_path: Path) -> None
     assert entry_flags(img) == {"off": ["auto"], "late": ["auto"]}
     assert ours(img, "late") == [(3 * MiB, 64 * KiB)]
     assert_check_clean(img)
+
+
+@needs_qemu
+def test_snapshot_apply_marks_tracked_bitmaps_dirty(tmp_path: Path) -> None:
+    """A revert changes data no write reported: every tracked bitmap covers the whole disk
+    after it, so an incremental backup copies what the revert changed."""
+    size = 4 * MiB
+    img = tmp_path / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(size))
+    qemu_img("snapshot", "-c", "before", str(img))
+    qemu_img("bitmap", "--add", str(img), "track")
+    with Qcow2Image.open(str(img)) as q:
+        q.write(b"x" * 4096, 0)
+        q.apply_snapshot("before")
+        assert q.pread(4096, 0) == bytes(4096)  # type: ignore[attr-defined]
+    assert_check_clean(img)
+    assert ours(img, "track") == [(0, size)]
+    assert "in-use" not in entry_flags(img)["track"]

@@ -1189,10 +1189,24 @@ class Qcow2Image(BlockDeviceBase):
         return create_snapshot(self, name, **fields)
 
     def apply_snapshot(self, name_or_id: str) -> fmt.SnapshotEntry:
-        """Revert the active state (and size) to a snapshot, found by ID first, then name."""
-        from .snapshot import apply_snapshot
+        """Revert the active state (and size) to a snapshot, found by ID first, then name.
+        Every tracked bitmap is marked dirty over the whole disk: the revert changes data
+        no write reported, and an incremental backup must copy it."""
+        from .snapshot import apply_snapshot, find_snapshot
 
-        return apply_snapshot(self, name_or_id)
+        if self._tracked:
+            snapshots = self.snapshots
+            target = snapshots[find_snapshot(snapshots, name_or_id)]
+            if target.disk_size not in (None, self._size):
+                raise UnsupportedFeatureError(
+                    "cannot revert to a snapshot of another disk size while persistent "
+                    "bitmaps are tracked; remove the bitmaps first",
+                    path=self.path,
+                )
+        entry = apply_snapshot(self, name_or_id)
+        if self._tracked:
+            self._bitmaps.mark(0, self._size)
+        return entry
 
     def delete_snapshot(
         self, name_or_id: str, by_id: bool = True, by_name: bool = True
