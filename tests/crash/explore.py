@@ -18,6 +18,7 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,12 +54,24 @@ def record(scenario: Scenario, where: Path, seed: int) -> tuple[Session, bytes]:
     return session, start
 
 
+# Held while a qemu-img child is started and while the judge has an image open: a child
+# holds, between its fork and its exec, the locks of every descriptor open at the fork, and a
+# data file is one file shared by every state.
+SPAWN_LOCK = threading.Lock()
+
+
 def qemu_corruption(path: Path) -> str | None:
     """What qemu-img check finds beyond leaks, or None."""
     # -U: the copy is private, but a data file is shared by every state (and vdisk's opens).
-    proc = subprocess.run(
-        ["qemu-img", "check", "-U", "--output=json", str(path)], capture_output=True, text=True
-    )
+    with SPAWN_LOCK:  # Popen returns once the child has exec'd
+        child = subprocess.Popen(
+            ["qemu-img", "check", "-U", "--output=json", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    stdout, stderr = child.communicate()
+    proc = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -121,7 +134,7 @@ class _Judge:
         path.write_bytes(state.data)
         problems: list[str] = self.check(self.session, path) if self.check else []
         try:
-            with Qcow2Image.open(str(path)) as img:
+            with SPAWN_LOCK, Qcow2Image.open(str(path)) as img:
                 problems += self.session.guest.judge(
                     state.durable, lambda n: img.pread(n, 0), img.size
                 )
