@@ -108,8 +108,6 @@ class _Checker:
             )
         if h.incompatible_features & fmt.INCOMPAT_DATA_FILE:
             raise UnsupportedFeatureError("external data files are not supported", path=path)
-        if h.crypt_method:
-            raise UnsupportedFeatureError("encrypted images are not supported", path=path)
         self.h = h
         self.cs = h.cluster_size
         self.cb = h.cluster_bits

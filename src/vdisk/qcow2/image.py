@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from typing_extensions import Buffer
@@ -69,6 +69,9 @@ from .compress import decompress_cluster
 from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
 
+if TYPE_CHECKING:
+    from .encryption import ImageCipher
+
 MAX_CHAIN_DEPTH = 64
 _ZEROS = bytes(1 << 20)
 # Module-level copies for the hot paths (a global load, not a module attribute load).
@@ -83,6 +86,9 @@ def _norm_options(options: dict[str, Any]) -> dict[str, Any]:
 
 class Qcow2Image(BlockDeviceBase):
     """A QCOW2 image (v2 or v3). Open with :meth:`open`; see the module docstring for locks."""
+
+    _passphrase: str | bytes | None = None
+    _unlock_key: bool = True
 
     def __init__(self) -> None:  # use Qcow2Image.open()
         raise TypeError("use Qcow2Image.open(path, ...)")
@@ -113,11 +119,15 @@ class Qcow2Image(BlockDeviceBase):
         refcount_cache_size = opts.pop("refcount_cache_size", refcount_cache_size)
         opts.pop("format", None)
         open_backing = bool(opts.pop("backing", open_backing))
+        passphrase = opts.pop("passphrase", None)
+        unlock = bool(opts.pop("unlock", True))
         if opts:
             raise RequestError(
                 f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
             )
         self = cls.__new__(cls)
+        # Encrypted images (qcow2/encryption.py): unlock=False opens metadata only (info).
+        self._passphrase, self._unlock_key = passphrase, unlock
         self._init(
             path,
             readonly,
@@ -197,8 +207,12 @@ class Qcow2Image(BlockDeviceBase):
             )
         if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
             raise UnsupportedFeatureError("external data files are not supported yet")
-        if header.crypt_method:
-            raise UnsupportedFeatureError("encrypted images are not supported yet")
+        self._encrypted = bool(header.crypt_method)
+        self._crypto: ImageCipher | None = None
+        if self._encrypted and (self._unlock_key or not readonly):
+            from .encryption import open_cipher  # loads cryptography only when needed
+
+            self._crypto = open_cipher(fd, header, self._passphrase, path)
         if header.corrupt and not readonly:
             raise CorruptImageError(
                 "image is marked corrupt (incompatible bit 1); open it read-only, or repair it"
@@ -227,7 +241,8 @@ class Qcow2Image(BlockDeviceBase):
         )
         # Shortcuts for the hot read path.
         self._slots = self.cache._slots
-        self._extended = header.extended_l2
+        # The hot paths serve plain images; extended L2 and encrypted ones take the general.
+        self._extended = header.extended_l2 or self._encrypted
         self._span_bits = header.cluster_bits + header.l2_bits
         self._l2_mask = (1 << header.l2_bits) - 1
         self._bad_bits = (
@@ -532,10 +547,16 @@ class Qcow2Image(BlockDeviceBase):
             self._active.add(ticket)
         try:
             fd = self.fd
+            crypto = self._crypto if self._encrypted else None
+            if self._encrypted and crypto is None:
+                raise self._locked_error()
             for kind, g, length, arg in segs:
                 b = g - offset
                 if kind == SEG_DATA:
-                    pread_full(fd, view[b : b + length], arg)
+                    if crypto is not None:
+                        crypto.read(fd, view[b : b + length], arg, g)
+                    else:
+                        pread_full(fd, view[b : b + length], arg)
                 elif kind == SEG_ZERO:
                     _fill_zero(view, b, length)
                 elif kind == SEG_BACKING:
@@ -662,6 +683,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def _write(self, view: memoryview, offset: int) -> None:
         """The general write: plan, copy-on-write, host runs, commit."""
+        if self._encrypted:
+            view, offset = self._sector_aligned(view, offset)
         end = offset + len(view)
         frees: list[int] = []
         with self._lock:
@@ -671,11 +694,49 @@ class Qcow2Image(BlockDeviceBase):
         try:
             head, tail = self._copy_on_write(plan, offset, end)
             for host, iov in self._host_runs(plan, view, offset, head, tail):
+                if self._encrypted:
+                    iov = self._encrypt_run(plan, host, iov)
                 pwritev_full(self.fd, iov, host)
             ok = True
         finally:
             with self._lock:
                 self._commit_locked(plan, ticket, ok, frees)
+
+    def _sector_aligned(self, view: memoryview, offset: int) -> tuple[memoryview, int]:
+        """Encrypted images are written in whole 512-byte sectors: widen the request with
+        the plaintext of its partial first and last sector."""
+        end = offset + len(view)
+        start, stop = offset & ~511, (end + 511) & ~511
+        if start == offset and stop == end:
+            return view, offset
+        if self._crypto is None:
+            raise self._locked_error()
+        whole = bytearray(stop - start)
+        if start < offset:
+            self._read(memoryview(whole)[:512], start)
+        if stop > end and not (start < offset and stop - 512 == start):
+            self._read(memoryview(whole)[-512:], stop - 512)
+        whole[offset - start : end - start] = view
+        return memoryview(whole), start
+
+    def _encrypt_run(self, plan: WritePlan, host: int, iov: list[Any]) -> list[Any]:
+        """One host run's ciphertext (IVs from the host offset, or for legacy AES the guest)."""
+        crypto = self._crypto
+        if crypto is None:
+            raise self._locked_error()
+        guest = 0
+        if not crypto.by_host_offset:
+            cs = self.cluster_size
+            for item in plan.clusters:
+                if item.host_offset <= host < item.host_offset + cs:
+                    guest = (item.guest_cluster << self.cluster_bits) + host - item.host_offset
+                    break
+        return [crypto.encrypt(b"".join(iov), host, guest)]
+
+    def _locked_error(self) -> VdiskError:
+        from .luks import UnlockError
+
+        return UnlockError("image is encrypted: a passphrase is needed", path=self.path)
 
     def _plan_locked(self, gc0: int, gc1: int) -> WritePlan:
         """Under the lock: plan guest clusters gc0..gc1, check the plan against the metadata,
