@@ -402,16 +402,17 @@ def find_slot(header: LuksHeader, area: bytes, passphrase: bytes) -> int | None:
 def describe(header: LuksHeader) -> dict[str, object]:
     """qemu-img info's ``encrypt`` member (QAPI QCryptoBlockInfoLUKS); no key material."""
     spec = header.cipher
+    # qemu-img's order (its QDict's), ivgen-hash-alg only for essiv.
     info: dict[str, object] = {
         "ivgen-alg": spec.ivgen,
         "hash-alg": header.hash_spec,
         "cipher-alg": spec.alg,
         "uuid": header.uuid,
-        "format": "luks",
-        "cipher-mode": spec.mode,
     }
     if spec.ivgen_hash:
         info["ivgen-hash-alg"] = spec.ivgen_hash
+    info["format"] = "luks"
+    info["cipher-mode"] = spec.mode
     slots: list[dict[str, object]] = []
     for s in header.slots:
         if s.active:
