@@ -25,6 +25,10 @@ _SECTOR_MASK = SECTOR_SIZE - 1
 _warned_legacy = False
 
 
+class InsecureEncryptionWarning(UserWarning):
+    """Legacy qcow2 AES is in use (shown by default, unlike a DeprecationWarning)."""
+
+
 def warn_legacy_aes() -> None:
     """Once per process, as QEMU does."""
     global _warned_legacy
@@ -33,7 +37,7 @@ def warn_legacy_aes() -> None:
         warnings.warn(
             "Use of the legacy qcow2 AES encryption (encrypt.format=aes) is insecure and "
             "deprecated; use encrypt.format=luks",
-            DeprecationWarning,
+            InsecureEncryptionWarning,
             stacklevel=3,
         )
 
