@@ -94,10 +94,21 @@ class ImageCipher:
         view[:] = whole[start:end]
 
 
+_REGISTERED: dict[str, bytes] = {}
+
+
+def register_passphrase(path: str, passphrase: str | bytes) -> None:
+    """The passphrase of the image at ``path`` for every later open in this process that is
+    given none (the CLI's ``--object secret`` + ``encrypt.key-secret``, as QEMU's objects)."""
+    _REGISTERED[os.path.realpath(path)] = passphrase_bytes(passphrase)
+
+
 def open_cipher(
     fd: int, header: fmt.Header, passphrase: str | bytes | None, path: str
 ) -> ImageCipher:
     """Unlock an encrypted image; one clear error when no passphrase or a wrong one."""
+    if passphrase is None:
+        passphrase = _REGISTERED.get(os.path.realpath(path))
     if passphrase is None:
         raise UnlockError("image is encrypted: a passphrase is needed", path=path)
     secret = passphrase_bytes(passphrase)
