@@ -426,6 +426,11 @@ def add_secret_options(name: str, command: click.Command) -> None:
     callback = command.callback
 
     def wrapped(**kwargs: Any) -> Any:
+        from ..qcow2.encryption import forget_passphrases
+
+        # Secrets live for one command (main() may run several in one process).
+        SECRETS.clear()
+        forget_passphrases()
         for text in kwargs.pop("objects", ()):
             ident, value = parse_object(text)
             SECRETS[ident] = value
@@ -435,7 +440,10 @@ def add_secret_options(name: str, command: click.Command) -> None:
             _apply_image_opts(kwargs, spec)
         if target_opts:
             *rest, dst = kwargs["files"]
-            kwargs["files"] = (*rest, parse_image_opts(dst)[0])
+            target, driver = parse_image_opts(dst)
+            kwargs["files"] = (*rest, target)
+            if driver is not None:
+                kwargs["out_fmt"] = driver
         return callback(**kwargs)
 
     command.callback = wrapped

@@ -103,6 +103,10 @@ def register_passphrase(path: str, passphrase: str | bytes) -> None:
     _REGISTERED[os.path.realpath(path)] = passphrase_bytes(passphrase)
 
 
+def forget_passphrases() -> None:
+    _REGISTERED.clear()
+
+
 def open_cipher(
     fd: int, header: fmt.Header, passphrase: str | bytes | None, path: str
 ) -> ImageCipher:
