@@ -126,23 +126,29 @@ class SectorCipher:
         raw = ivs.view(np.uint8).reshape(count, 16)
         if self.spec.ivgen == "essiv":
             enc = _ecb(self._essiv_key, True)
-            raw = np.frombuffer(enc.update(raw.tobytes()), dtype=np.uint8).reshape(count, 16)
+            raw = np.frombuffer(enc.update(_as_bytes(raw)), dtype=np.uint8).reshape(count, 16)
         return raw
 
     def _xts_tweaks(self, sector: int, count: int) -> np.ndarray:
         """(count, 32, 2) little-endian uint64: the tweak of every block of every sector."""
-        first = _ecb(self._tweak_key, True).update(self._ivs(sector, count).tobytes())
+        first = _ecb(self._tweak_key, True).update(_as_bytes(self._ivs(sector, count)))
         t0 = np.frombuffer(first, dtype="<u8").reshape(count, 2, 1)
         lo, hi = t0[:, 0], t0[:, 1]
         # Block j's tweak is t0 * x^j: shift left by j and fold the j bits shifted out of
         # the top back in times x^7 + x^2 + x + 1 (j < 32, so the fold cannot overflow).
         j = _BLOCK_INDEX
         back = _ONE_LESS_BLOCK_INDEX  # 63 - j: two shifts, as a shift by 64 is undefined
-        out_bits = (hi >> _ONE) >> back
         t = np.empty((count, BLOCKS_PER_SECTOR, 2), dtype="<u8")
-        t[:, :, 1] = (hi << j) | ((lo >> _ONE) >> back)
-        t[:, :, 0] = (lo << j) ^ out_bits ^ (out_bits << _ONE) ^ (out_bits << _TWO)
-        t[:, :, 0] ^= out_bits << _SEVEN
+        new_lo, new_hi = t[:, :, 0], t[:, :, 1]
+        out_bits = np.right_shift(hi >> _ONE, back)
+        np.left_shift(hi, j, out=new_hi)
+        new_hi |= np.right_shift(lo >> _ONE, back)
+        np.left_shift(lo, j, out=new_lo)
+        scratch = np.empty_like(out_bits)
+        new_lo ^= out_bits
+        new_lo ^= np.left_shift(out_bits, _ONE, out=scratch)
+        new_lo ^= np.left_shift(out_bits, _TWO, out=scratch)
+        new_lo ^= np.left_shift(out_bits, _SEVEN, out=scratch)
         return t
 
     # -- en/decryption -----------------------------------------------------------------
@@ -153,18 +159,18 @@ class SectorCipher:
         if not count:
             return
         data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
+        dec = _ecb(self._data_key, False)
         if self.spec.mode == "xts":
             t = self._xts_tweaks(sector, count)
-            x = data ^ t
-            y = np.frombuffer(_ecb(self._data_key, False).update(x.tobytes()), dtype="<u8")
-            np.bitwise_xor(y.reshape(data.shape), t, out=data)
+            data ^= t
+            y = np.frombuffer(dec.update(view), dtype="<u8").reshape(data.shape)
+            np.bitwise_xor(y, t, out=data)
             return
-        ivs = np.frombuffer(self._ivs(sector, count).tobytes(), dtype="<u8").reshape(count, 2)
         prev = np.empty_like(data)
-        prev[:, 0] = ivs
+        prev[:, 0] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(count, 2)
         prev[:, 1:] = data[:, :-1]
-        y = np.frombuffer(_ecb(self._data_key, False).update(view.tobytes()), dtype="<u8")
-        np.bitwise_xor(y.reshape(data.shape), prev, out=data)
+        y = np.frombuffer(dec.update(view), dtype="<u8").reshape(data.shape)
+        np.bitwise_xor(y, prev, out=data)
 
     def encrypt(self, buf: Buffer, sector: int) -> bytearray:
         """The ciphertext of ``buf`` (a whole number of sectors), in a new buffer."""
@@ -178,15 +184,20 @@ class SectorCipher:
         enc = _ecb(self._data_key, True)
         if self.spec.mode == "xts":
             t = self._xts_tweaks(sector, count)
-            y = np.frombuffer(enc.update((data ^ t).tobytes()), dtype="<u8")
-            np.bitwise_xor(y.reshape(data.shape), t, out=dst)
+            y = np.frombuffer(enc.update(_as_bytes(data ^ t)), dtype="<u8").reshape(data.shape)
+            np.bitwise_xor(y, t, out=dst)
             return out
-        prev = np.frombuffer(self._ivs(sector, count).tobytes(), dtype="<u8").reshape(count, 2)
+        prev = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(count, 2)
         for j in range(BLOCKS_PER_SECTOR):
-            c = np.frombuffer(enc.update((data[:, j] ^ prev).tobytes()), dtype="<u8")
+            c = np.frombuffer(enc.update(_as_bytes(data[:, j] ^ prev)), dtype="<u8")
             prev = c.reshape(count, 2)
             dst[:, j] = prev
         return out
+
+
+def _as_bytes(array: np.ndarray) -> memoryview:
+    """A contiguous array as the byte buffer cryptography takes (no copy if contiguous)."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def _sectors(length: int) -> int:
