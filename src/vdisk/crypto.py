@@ -197,7 +197,7 @@ class SectorCipher:
 
 def _as_bytes(array: np.ndarray) -> memoryview:
     """A contiguous array as the byte buffer cryptography takes (no copy if contiguous)."""
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    return np.ascontiguousarray(array).data.cast("B")
 
 
 def _sectors(length: int) -> int:
