@@ -46,16 +46,22 @@ def record(scenario: Scenario, where: Path, seed: int) -> tuple[Session, bytes]:
     """Make the scenario's image and run it under a Recorder; (session, file before the run)."""
     path = scenario.make(where)
     start = path.read_bytes()
-    session = Session(path, Recorder([str(path)]), random.Random(seed))
+    session = Session(path, Recorder([str(path)]), random.Random(seed), scenario.passphrase)
     with session.rec:
         scenario.run(session)
     return session, start
 
 
-def qemu_corruption(path: Path) -> str | None:
+def qemu_corruption(path: Path, passphrase: str | None = None) -> str | None:
     """What qemu-img check finds beyond leaks, or None."""
+    target = [str(path)]
+    if passphrase:
+        target = [
+            "--object", f"secret,id=s0,data={passphrase}",
+            "--image-opts", f"driver=qcow2,file.filename={path},encrypt.key-secret=s0",
+        ]  # fmt: skip
     proc = subprocess.run(
-        ["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True
+        ["qemu-img", "check", "--output=json", *target], capture_output=True, text=True
     )
     try:
         report = json.loads(proc.stdout)
@@ -97,7 +103,7 @@ class _Judge:
         self.figures.qemu_checks += 1
 
     def _check_and_drop(self, copy: Path) -> str | None:
-        found = qemu_corruption(copy)
+        found = qemu_corruption(copy, self.session.passphrase)
         if found is None:
             copy.unlink()
         return found
@@ -112,7 +118,7 @@ class _Judge:
         path.write_bytes(state.data)
         problems: list[str] = []
         try:
-            with Qcow2Image.open(str(path)) as img:
+            with Qcow2Image.open(str(path), **self.session.key()) as img:
                 problems = self.session.guest.judge(
                     state.durable, lambda n: img.pread(n, 0), img.size
                 )

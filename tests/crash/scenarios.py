@@ -5,7 +5,8 @@ file) and returns its path; ``run(session)`` does the operations under the recor
 fault and fuzz suites all walk ``SCENARIOS``.
 
 Joins when the feature lands: compressed writes, snapshot create/apply/delete, bitmap updates,
-encryption, ``amend refcount_bits``: one function each, appended to SCENARIOS.
+``amend refcount_bits``: one function each, appended to SCENARIOS. An encrypted scenario names
+its ``passphrase``; every open (and qemu-img check) of its states then passes it.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ class Session:
     path: Path
     rec: Recorder
     rng: random.Random
+    passphrase: str | None = None
     guest: Guest = field(init=False)
 
     def __post_init__(self) -> None:
-        with vdisk.open(str(self.path), readonly=True) as img:
+        with vdisk.open(str(self.path), readonly=True, **self.key()) as img:
             initial = img.pread(img.size, 0)
             underneath = _underneath(img)
         self.guest = Guest(None, self.rec, _sectors(underneath))
@@ -51,8 +53,12 @@ class Session:
 
     def open(self, **options: object) -> Guest:
         """Open the image read-write (under the recorder) for the guest model."""
+        options = {**self.key(), **options}
         self.guest.img = Qcow2Image.open(str(self.path), **options)  # type: ignore[arg-type]
         return self.guest
+
+    def key(self) -> dict[str, str]:
+        return {"passphrase": self.passphrase} if self.passphrase else {}
 
     def data(self, length: int) -> bytes:
         return self.rng.randbytes(length)
@@ -79,6 +85,7 @@ class Scenario:
     make: Callable[[Path], Path]
     run: Callable[[Session], None]
     known_bug: str = ""  # one line: what fails today (the suite marks it xfail, strict)
+    passphrase: str | None = None  # an encrypted image's
 
 
 def _qemu_img(*args: str) -> None:
@@ -229,6 +236,29 @@ def run_repair_open(s: Session) -> None:
     g.close()
 
 
+LUKS_PASSPHRASE = "crash-test"
+
+
+def make_luks(where: Path) -> Path:
+    return _vdisk_image(
+        2 * MIB, cluster_size=4096, encrypt_format="luks", passphrase=LUKS_PASSPHRASE,
+        iter_time=1,
+    )(where)  # fmt: skip
+
+
+def run_luks(s: Session) -> None:
+    """Encrypted writes (copy-on-write re-encrypts at the new host offset), then a key slot
+    added mid-run: every state must unlock with the first passphrase."""
+    from vdisk.qcow2.encryption import amend_encryption
+
+    g = s.open()
+    _random_io(s, g, 2 * MIB, 8, (512, 1536, 6 * KIB))
+    options = {"encrypt.state": "active", "encrypt.new-secret": "n", "encrypt.iter-time": 1}
+    amend_encryption(g.image, options, {"n": b"second"})
+    _random_io(s, g, 2 * MIB, 4, (512, 4 * KIB))
+    g.close()
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("allocation", _vdisk_image(4 * MIB, cluster_size=4096), run_allocation),
     Scenario("l1_growth", make_l1_growth, run_l1_growth),
@@ -248,4 +278,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("resize_shrink", _vdisk_image(4 * MIB, cluster_size=4096), run_resize_shrink),
     Scenario("repair_check_r_all", make_dirty, run_repair_check),
     Scenario("repair_lazy_open", make_dirty, run_repair_open),
+    Scenario("luks", make_luks, run_luks, passphrase=LUKS_PASSPHRASE),
 ]

@@ -15,7 +15,7 @@ from typing import Any
 from typing_extensions import Buffer
 
 from ..crypto import LEGACY_AES, SECTOR_SIZE, CipherSpec, SectorCipher, legacy_aes_key
-from ..errors import FormatError, RequestError, UnsupportedFeatureError
+from ..errors import FormatError, RequestError, UnsupportedFeatureError, from_oserror
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from . import luks
@@ -239,7 +239,8 @@ def amend_encryption(image: Any, options: dict[str, Any], secrets: dict[str, byt
     slot = opts.pop("keyslot", None)
     slot_index = int(slot) if slot is not None else None
     iter_time = int(opts.pop("iter_time", luks.DEFAULT_ITER_TIME_MS))
-    lh, area = read_luks_area(image.fd, h)
+    old_lh, area = read_luks_area(image.fd, h)
+    lh = old_lh
     if state == "active":
         new_id = opts.pop("new_secret", None)
         if new_id is None:
@@ -265,10 +266,17 @@ def amend_encryption(image: Any, options: dict[str, Any], secrets: dict[str, byt
     if opts:
         raise RequestError(f"unknown encrypt option(s): {', '.join(sorted(opts))}")
     # Material first, synced; then the header sector that points at it.
-    pwrite_full(image.fd, area[luks.HEADER_SIZE :], ext.offset + luks.HEADER_SIZE)
-    os.fdatasync(image.fd)
-    pwrite_full(image.fd, area[: luks.HEADER_SIZE], ext.offset)
-    os.fdatasync(image.fd)
+    try:
+        span = lh.material_sectors * SECTOR_SIZE
+        for before, after in zip(old_lh.slots, lh.slots, strict=True):
+            if before != after:  # only the changed slots' key material
+                start = after.key_offset
+                pwrite_full(image.fd, area[start : start + span], ext.offset + start)
+        os.fdatasync(image.fd)
+        pwrite_full(image.fd, area[: luks.HEADER_SIZE], ext.offset)
+        os.fdatasync(image.fd)
+    except OSError as exc:
+        raise from_oserror(exc, image.path) from None
     crypto.luks_header = lh
 
 
