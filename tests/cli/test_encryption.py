@@ -140,3 +140,18 @@ def test_secret_objects(tmp_path: Path) -> None:
     ):
         with pytest.raises(RequestError):
             parse_object(bad)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc",
+        "encrypt.format=aes,encrypt.key-secret=s0",
+    ],
+)
+def test_measure_counts_the_luks_header(vdisk_cli: VdiskRunner, tmp_path: Path, opts: str) -> None:
+    args = ["measure", *SECRET, "-O", "qcow2", "--size", "1G", "-o", opts]
+    ours, theirs = vdisk_cli(args, tmp_path), qemu_img(args, tmp_path)
+    assert theirs.rc == 0, theirs.err
+    assert (ours.rc, ours.out) == (0, theirs.out)

@@ -209,6 +209,19 @@ def pop_encrypt_options(opts: dict[str, Any], path: str) -> EncryptOptions | Non
     )  # fmt: skip
 
 
+def luks_area_size(options: dict[str, Any], cluster_size: int) -> int:
+    """Bytes of clusters a new image's LUKS header takes (qemu-img measure adds them); 0
+    when ``options`` (``encrypt.*`` keys, as qemu-img's -o) ask for no LUKS."""
+    opts = {k.replace("-", "_"): v for k, v in options.items() if k.startswith("encrypt")}
+    if "encrypt.key_secret" in opts:
+        opts["passphrase"] = opts.pop("encrypt.key_secret")
+    parsed = pop_encrypt_options(opts, "")
+    if parsed is None or parsed.format != "luks":
+        return 0
+    area = luks.layout_for(parsed.spec)[1] * SECTOR_SIZE
+    return -(-area // cluster_size) * cluster_size
+
+
 def new_luks_area(opts: EncryptOptions) -> bytes:
     """The header area of a new LUKS image (written into image clusters by create)."""
     try:
