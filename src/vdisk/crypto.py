@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from typing_extensions import Buffer
 
 from .errors import FormatError
@@ -92,6 +91,9 @@ def _essiv_key_len(hash_alg: str) -> int | None:
 
 
 def _ecb(key: bytes, encrypt: bool):  # type: ignore[no-untyped-def]
+    # cryptography loads on first use, so that parsing options or info stays light.
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     cipher = Cipher(algorithms.AES(key), modes.ECB())
     return cipher.encryptor() if encrypt else cipher.decryptor()
 

@@ -11,6 +11,7 @@ file's), with QEMU's defaults filled in. Also here: ``cvtnum`` (qemu-img's size 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -426,11 +427,11 @@ def add_secret_options(name: str, command: click.Command) -> None:
     callback = command.callback
 
     def wrapped(**kwargs: Any) -> Any:
-        from ..qcow2.encryption import forget_passphrases
-
         # Secrets live for one command (main() may run several in one process).
         SECRETS.clear()
-        forget_passphrases()
+        loaded = sys.modules.get("vdisk.qcow2.encryption")
+        if loaded is not None:
+            loaded.forget_passphrases()
         for text in kwargs.pop("objects", ()):
             ident, value = parse_object(text)
             SECRETS[ident] = value

@@ -22,9 +22,6 @@ import uuid as uuid_mod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-
 from ..crypto import HASH_ALGS, SECTOR_SIZE, CipherSpec, SectorCipher
 from ..errors import FormatError, RequestError, VdiskError
 
@@ -208,17 +205,18 @@ def _check_iterations(what: str, iterations: int) -> None:
 
 
 # -- primitives ---------------------------------------------------------------------------
-_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1,
-    "sha224": hashes.SHA224,
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
-
-
 def pbkdf2(hash_alg: str, password: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    kdf = PBKDF2HMAC(_HASHES[hash_alg](), length, salt, iterations)
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+    algorithms: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+        "sha1": hashes.SHA1,
+        "sha224": hashes.SHA224,
+        "sha256": hashes.SHA256,
+        "sha384": hashes.SHA384,
+        "sha512": hashes.SHA512,
+    }
+    kdf = PBKDF2HMAC(algorithms[hash_alg](), length, salt, iterations)
     return kdf.derive(password)
 
 
