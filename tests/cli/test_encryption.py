@@ -155,3 +155,15 @@ def test_measure_counts_the_luks_header(vdisk_cli: VdiskRunner, tmp_path: Path, 
     ours, theirs = vdisk_cli(args, tmp_path), qemu_img(args, tmp_path)
     assert theirs.rc == 0, theirs.err
     assert (ours.rc, ours.out) == (0, theirs.out)
+
+
+def test_map_hides_host_offsets_as_qemu(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    made = qemu_img(["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "m.qcow2", "4M"], tmp_path)
+    assert made.rc == 0, made.err
+    qemu_io([*SECRET, "--image-opts", _opts("m.qcow2"), "-c", "write -P 1 64k 128k", "-c", "write -z 1M 64k"], tmp_path)  # fmt: skip
+    args = ["map", "--output=json", *SECRET, "--image-opts", _opts("m.qcow2")]
+    ours, theirs = vdisk_cli(args, tmp_path), qemu_img(args, tmp_path)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out)
+    assert '"offset"' not in ours.out
+    human = vdisk_cli(["map", *SECRET, "--image-opts", _opts("m.qcow2")], tmp_path)
+    assert human.rc == 1 and "encrypted" in human.err

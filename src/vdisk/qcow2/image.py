@@ -962,11 +962,14 @@ class Qcow2Image(BlockDeviceBase):
         with self._lock:
             self.map.map_range(offset, length, segs, status=True)
         out: list[Extent] = []
+        hide = self._encrypted  # as QEMU: an encrypted cluster's host bytes are no guest data
         for kind, g, n, arg in segs:
             if kind == SEG_DATA:
-                out.append(Extent(g, n, data=True, zero=False, host_offset=arg))
+                out.append(Extent(g, n, data=True, zero=False, host_offset=None if hide else arg))
             elif kind == SEG_ZERO:
-                out.append(Extent(g, n, data=False, zero=True, host_offset=arg or None))
+                out.append(
+                    Extent(g, n, data=False, zero=True, host_offset=None if hide else arg or None)
+                )
             elif kind == SEG_COMPRESSED:
                 out.append(Extent(g, n, data=True, zero=False, compressed=True))
             else:
