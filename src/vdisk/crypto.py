@@ -174,19 +174,20 @@ class SectorCipher:
         y = np.frombuffer(dec.update(view), dtype="<u8").reshape(data.shape)
         np.bitwise_xor(y, prev, out=data)
 
-    def encrypt(self, buf: Buffer, sector: int) -> bytearray:
+    def encrypt(self, buf: Buffer, sector: int) -> memoryview:
         """The ciphertext of ``buf`` (a whole number of sectors), in a new buffer."""
         view = memoryview(buf).cast("B")
         count = _sectors(len(view))
-        out = bytearray(len(view))
+        data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
+        dst = np.empty_like(data)
+        out = dst.data.cast("B")
         if not count:
             return out
-        data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
-        dst = np.frombuffer(out, dtype="<u8").reshape(data.shape)
         enc = _ecb(self._data_key, True)
         if self.spec.mode == "xts":
             t = self._xts_tweaks(sector, count)
-            y = np.frombuffer(enc.update(_as_bytes(data ^ t)), dtype="<u8").reshape(data.shape)
+            np.bitwise_xor(data, t, out=dst)
+            y = np.frombuffer(enc.update(out), dtype="<u8").reshape(data.shape)
             np.bitwise_xor(y, t, out=dst)
             return out
         prev = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(count, 2)

@@ -76,7 +76,7 @@ class ImageCipher:
         base = host if self.by_host_offset else guest
         self.cipher.decrypt(view, base // SECTOR_SIZE)
 
-    def encrypt(self, data: Buffer, host: int, guest: int) -> bytearray:
+    def encrypt(self, data: Buffer, host: int, guest: int) -> memoryview:
         base = host if self.by_host_offset else guest
         return self.cipher.encrypt(data, base // SECTOR_SIZE)
 

@@ -731,7 +731,8 @@ class Qcow2Image(BlockDeviceBase):
                 if item.host_offset <= host < item.host_offset + cs:
                     guest = (item.guest_cluster << self.cluster_bits) + host - item.host_offset
                     break
-        return [crypto.encrypt(b"".join(iov), host, guest)]
+        data = iov[0] if len(iov) == 1 else b"".join(iov)
+        return [crypto.encrypt(data, host, guest)]
 
     def _locked_error(self) -> VdiskError:
         from .luks import UnlockError
