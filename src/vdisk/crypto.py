@@ -169,7 +169,9 @@ class SectorCipher:
             np.bitwise_xor(y, t, out=data)
             return
         prev = np.empty_like(data)
-        prev[:, 0] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(count, 2)
+        prev[:, 0] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(
+            count, 2
+        )
         prev[:, 1:] = data[:, :-1]
         y = np.frombuffer(dec.update(view), dtype="<u8").reshape(data.shape)
         np.bitwise_xor(y, prev, out=data)

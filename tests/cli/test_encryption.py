@@ -34,8 +34,12 @@ def _opts(name: str, secret: str = "s0") -> str:
 
 
 def test_create_formatting_line_and_info_match_qemu(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
-    ours = vdisk_cli(["create", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "v.qcow2", "16M"], tmp_path)
-    theirs = qemu_img(["create", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "16M"], tmp_path)
+    ours = vdisk_cli(
+        ["create", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "v.qcow2", "16M"], tmp_path
+    )
+    theirs = qemu_img(
+        ["create", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "16M"], tmp_path
+    )
     assert ours.rc == theirs.rc == 0, ours.err
     assert ours.out.replace("v.qcow2", "q.qcow2") == theirs.out
     assert (tmp_path / "v.qcow2").stat().st_size == (tmp_path / "q.qcow2").stat().st_size
@@ -55,7 +59,9 @@ def test_create_formatting_line_and_info_match_qemu(vdisk_cli: VdiskRunner, tmp_
 
 
 def test_create_needs_the_secret(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
-    run = vdisk_cli(["create", "-f", "qcow2", "-o", "encrypt.format=luks", "x.qcow2", "1M"], tmp_path)
+    run = vdisk_cli(
+        ["create", "-f", "qcow2", "-o", "encrypt.format=luks", "x.qcow2", "1M"], tmp_path
+    )
     assert run.rc == 1
     assert "Parameter 'encrypt.key-secret' is required for cipher" in run.err
     run = vdisk_cli(["create", "-f", "qcow2", "-o", LUKS_OPTS, "x.qcow2", "1M"], tmp_path)
@@ -63,7 +69,9 @@ def test_create_needs_the_secret(vdisk_cli: VdiskRunner, tmp_path: Path) -> None
 
 
 def test_image_opts_on_reading_commands(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
-    made = qemu_img(["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "4M"], tmp_path)
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "4M"], tmp_path
+    )
     assert made.rc == 0, made.err
     qemu_io([*SECRET, "--image-opts", _opts("q.qcow2"), "-c", "write -P 0x61 4k 100k"], tmp_path)
     raw = tmp_path / "expect.raw"
@@ -93,13 +101,17 @@ def test_image_opts_on_reading_commands(vdisk_cli: VdiskRunner, tmp_path: Path) 
 def test_convert_to_luks_and_back(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
     src = tmp_path / "src.raw"
     src.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))
-    run = vdisk_cli(["convert", *SECRET, "-O", "qcow2", "-o", LUKS_OPTS, "src.raw", "e.qcow2"], tmp_path)
+    run = vdisk_cli(
+        ["convert", *SECRET, "-O", "qcow2", "-o", LUKS_OPTS, "src.raw", "e.qcow2"], tmp_path
+    )
     assert run.rc == 0, run.err
     theirs = qemu_img(["compare", *SECRET, "--image-opts", _opts("e.qcow2"), "driver=raw,file.filename=src.raw"], tmp_path)  # fmt: skip
     assert theirs.rc == 0, theirs.out + theirs.err
     assert qemu_img(["check", *SECRET, "--image-opts", _opts("e.qcow2")], tmp_path).rc == 0
     # --target-image-opts into an existing encrypted image (-n)
-    made = qemu_img(["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "t.qcow2", "4M"], tmp_path)
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "t.qcow2", "4M"], tmp_path
+    )
     assert made.rc == 0, made.err
     run = vdisk_cli(["convert", *SECRET, "-n", "--target-image-opts", "-f", "raw", "src.raw", _opts("t.qcow2")], tmp_path)  # fmt: skip
     assert run.rc == 0, run.err
@@ -114,6 +126,7 @@ def test_legacy_aes_through_the_cli(vdisk_cli: VdiskRunner, tmp_path: Path) -> N
     assert run.rc == 0, run.err
     theirs = qemu_img(["create", "-f", "qcow2", *SECRET, "-o", "encrypt.format=aes,encrypt.key-secret=s0", "b.qcow2", "1M"], tmp_path)  # fmt: skip
     assert run.out.replace("a.qcow2", "b.qcow2") == theirs.out
+
     def lines(text: str) -> list[str]:  # disk size: qemu-img allocates its zeros, vdisk not
         return [line for line in text.splitlines() if not line.startswith("disk size")]
 
@@ -158,7 +171,9 @@ def test_measure_counts_the_luks_header(vdisk_cli: VdiskRunner, tmp_path: Path, 
 
 
 def test_map_hides_host_offsets_as_qemu(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
-    made = qemu_img(["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "m.qcow2", "4M"], tmp_path)
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "m.qcow2", "4M"], tmp_path
+    )
     assert made.rc == 0, made.err
     qemu_io([*SECRET, "--image-opts", _opts("m.qcow2"), "-c", "write -P 1 64k 128k", "-c", "write -z 1M 64k"], tmp_path)  # fmt: skip
     args = ["map", "--output=json", *SECRET, "--image-opts", _opts("m.qcow2")]
