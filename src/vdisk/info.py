@@ -284,7 +284,9 @@ def open_for_info(
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image
 
-        image = Qcow2Image.open(path, readonly=True, open_backing=False, force_share=force_share)
+        image = Qcow2Image.open(
+            path, readonly=True, open_backing=False, force_share=force_share, unlock=False
+        )
         return image, fmt
     return vdisk.open(path, format=fmt, readonly=True, force_share=force_share), fmt
 

@@ -48,7 +48,7 @@ def record(scenario: Scenario, where: Path, seed: int) -> tuple[Session, bytes]:
     """Make the scenario's image and run it under a Recorder; (session, file before the run)."""
     path = scenario.make(where)
     start = path.read_bytes()
-    session = Session(path, Recorder([str(path)]), random.Random(seed))
+    session = Session(path, Recorder([str(path)]), random.Random(seed), scenario.passphrase)
     with session.rec:
         scenario.run(session)
     return session, start
@@ -60,12 +60,18 @@ def record(scenario: Scenario, where: Path, seed: int) -> tuple[Session, bytes]:
 SPAWN_LOCK = threading.Lock()
 
 
-def qemu_corruption(path: Path) -> str | None:
+def qemu_corruption(path: Path, passphrase: str | None = None) -> str | None:
     """What qemu-img check finds beyond leaks, or None."""
     # -U: the copy is private, but a data file is shared by every state (and vdisk's opens).
+    target = [str(path)]
+    if passphrase:
+        target = [
+            "--object", f"secret,id=s0,data={passphrase}",
+            "--image-opts", f"driver=qcow2,file.filename={path},encrypt.key-secret=s0",
+        ]  # fmt: skip
     with SPAWN_LOCK:  # Popen returns once the child has exec'd
         child = subprocess.Popen(
-            ["qemu-img", "check", "-U", "--output=json", str(path)],
+            ["qemu-img", "check", "-U", "--output=json", *target],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -119,7 +125,7 @@ class _Judge:
         self.figures.qemu_checks += 1
 
     def _check_and_drop(self, copy: Path) -> str | None:
-        found = qemu_corruption(copy)
+        found = qemu_corruption(copy, self.session.passphrase)
         if found is None:
             copy.unlink()
         return found
@@ -134,7 +140,7 @@ class _Judge:
         path.write_bytes(state.data)
         problems: list[str] = self.check(self.session, path) if self.check else []
         try:
-            with SPAWN_LOCK, Qcow2Image.open(str(path)) as img:
+            with SPAWN_LOCK, Qcow2Image.open(str(path), **self.session.key()) as img:
                 problems += self.session.guest.judge(
                     state.durable, lambda n: img.pread(n, 0), img.size
                 )

@@ -6,7 +6,8 @@ fault and fuzz suites all walk ``SCENARIOS``.
 
 Joins when the feature lands: compressed writes, snapshot create/apply/delete, bitmap updates,
 encryption, ``amend refcount_bits``: one function each, appended to SCENARIOS. External data
-files (``data_file``) have joined.
+files (``data_file``) have joined. An encrypted scenario names its ``passphrase``; every open
+(and qemu-img check) of its states then passes it.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ class Session:
     path: Path
     rec: Recorder
     rng: random.Random
+    passphrase: str | None = None
     guest: Guest = field(init=False)
     # Per bitmap, the guest sectors when it started tracking (bitmap scenario's judge).
     bitmap_starts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        with vdisk.open(str(self.path), readonly=True) as img:
+        with vdisk.open(str(self.path), readonly=True, **self.key()) as img:
             initial = img.pread(img.size, 0)
             underneath = _underneath(img)
         self.guest = Guest(None, self.rec, _sectors(underneath))
@@ -56,8 +58,12 @@ class Session:
 
     def open(self, **options: object) -> Guest:
         """Open the image read-write (under the recorder) for the guest model."""
+        options = {**self.key(), **options}
         self.guest.img = Qcow2Image.open(str(self.path), **options)  # type: ignore[arg-type]
         return self.guest
+
+    def key(self) -> dict[str, str]:
+        return {"passphrase": self.passphrase} if self.passphrase else {}
 
     def data(self, length: int) -> bytes:
         return self.rng.randbytes(length)
@@ -86,6 +92,7 @@ class Scenario:
     known_bug: str = ""  # one line: what fails today (the suite marks it xfail, strict)
     # Extra judgement of a crash state file (before vdisk opens it): problems found.
     check: Callable[[Session, Path], list[str]] | None = None
+    passphrase: str | None = None  # an encrypted image's
 
 
 def _qemu_img(*args: str) -> None:
@@ -427,6 +434,29 @@ def _judge_bitmap_copy(s: Session, path: Path) -> list[str]:
     return problems
 
 
+LUKS_PASSPHRASE = "crash-test"
+
+
+def make_luks(where: Path) -> Path:
+    return _vdisk_image(
+        2 * MIB, cluster_size=4096, encrypt_format="luks", passphrase=LUKS_PASSPHRASE,
+        iter_time=1,
+    )(where)  # fmt: skip
+
+
+def run_luks(s: Session) -> None:
+    """Encrypted writes (copy-on-write re-encrypts at the new host offset), then a key slot
+    added mid-run: every state must unlock with the first passphrase."""
+    from vdisk.qcow2.encryption import amend_encryption
+
+    g = s.open()
+    _random_io(s, g, 2 * MIB, 8, (512, 1536, 6 * KIB))
+    options = {"encrypt.state": "active", "encrypt.new-secret": "n", "encrypt.iter-time": 1}
+    amend_encryption(g.image, options, {"n": b"second"})
+    _random_io(s, g, 2 * MIB, 4, (512, 4 * KIB))
+    g.close()
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("allocation", _vdisk_image(4 * MIB, cluster_size=4096), run_allocation),
     Scenario("l1_growth", make_l1_growth, run_l1_growth),
@@ -454,4 +484,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("amend_refcount_bits", make_amendable, run_amend_refcount_bits),
     Scenario("amend_compat", make_amendable, run_amend_compat),
     Scenario("bitmap_updates", make_bitmaps, run_bitmaps, check=judge_bitmaps),
+    Scenario("luks", make_luks, run_luks, passphrase=LUKS_PASSPHRASE),
 ]

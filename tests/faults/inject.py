@@ -75,7 +75,7 @@ def vdisk_frames(exc: BaseException) -> list[str]:
 def count_calls(scenario: Scenario, where: Path, seed: int) -> list[FileCall]:
     """The scenario's writes, flushes and size changes in a run without faults."""
     path = scenario.make(where)
-    session = Session(path, Recorder([str(path)]), random.Random(seed))
+    session = Session(path, Recorder([str(path)]), random.Random(seed), scenario.passphrase)
     with session.rec:
         scenario.run(session)
     return [c for c in session.rec.calls if c.kind in (WRITE, FLUSH, TRUNCATE)]
@@ -96,7 +96,7 @@ def _close_quietly(session: Session, problems: list[str]) -> None:
 def run_with_fault(scenario: Scenario, where: Path, seed: int, at: int, fault: int) -> Outcome:
     path = scenario.make(where)
     injector = FaultInjector([str(path)], at, fault)
-    session = Session(path, injector, random.Random(seed))
+    session = Session(path, injector, random.Random(seed), scenario.passphrase)
     problems: list[str] = []
     raised: BaseException | None = None
     with injector:
@@ -123,9 +123,9 @@ def run_with_fault(scenario: Scenario, where: Path, seed: int, at: int, fault: i
 def judge_after(session: Session, path: Path) -> list[str]:
     """Reopen read-write, read back what was acknowledged, close, then qemu-img check."""
     try:
-        with Qcow2Image.open(str(path)) as img:
+        with Qcow2Image.open(str(path), **session.key()) as img:
             problems = session.guest.judge(1 << 62, lambda n: img.pread(n, 0), img.size)
     except VdiskError as exc:
         return [f"reopen failed: {exc}"]
-    found = qemu_corruption(path)
+    found = qemu_corruption(path, session.passphrase)
     return [*problems, found] if found else problems

@@ -120,6 +120,9 @@ class LazyGroup(click.Group):
             return None
         module = importlib.import_module(f"{__name__}.{entry[0]}")
         command: click.Command = getattr(module, entry[1])
+        from .options import add_secret_options  # --object, --image-opts on every command
+
+        add_secret_options(cmd_name, command)
         return command
 
     def resolve_command(

@@ -3,6 +3,8 @@ from an existing image; the arithmetic is ``vdisk.qcow2.measure``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from ..block import round_up_to_sector
@@ -131,6 +133,15 @@ def measure_cmd(
             required_data=data,
             bitmaps=bitmaps,
         )
+        from ..qcow2.encryption import luks_area_size
+
+        crypto = luks_area_size(opts, cs)
+        if crypto:
+            result = replace(
+                result,
+                required=result.required + crypto,
+                fully_allocated=result.fully_allocated + crypto,
+            )
     else:
         result = m.measure_raw(size)
     if output == "json":

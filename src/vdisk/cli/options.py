@@ -4,12 +4,14 @@
 values win), and ``-o help`` / ``-o ?`` lists the options. The ``Formatting ...`` line lists
 options in QEMU's own order (the order of the format's option table followed by the host
 file's), with QEMU's defaults filled in. Also here: ``cvtnum`` (qemu-img's size operands), the
-``--output`` check and offset operands.
+``--output`` check and offset operands; ``--object secret,...`` and ``--image-opts`` /
+``--target-image-opts`` (one parser each, added to every command that reads an image).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,39 @@ class OptDesc:
 
 
 _QCOW2_OPTS = (
+    OptDesc(
+        "encryption",
+        "bool",
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+        None,
+        "encryption",
+    ),
+    OptDesc(
+        "encrypt.format",
+        "str",
+        "Encrypt the image, format choices: 'aes', 'luks'",
+        None,
+        "encrypt_format",
+    ),
+    OptDesc(
+        "encrypt.key-secret",
+        "secret",
+        "ID of secret providing qcow AES key or LUKS passphrase",
+        None,
+        "passphrase",
+    ),
+    OptDesc("encrypt.cipher-alg", "str", "Name of encryption cipher algorithm", None, "cipher_alg"),
+    OptDesc("encrypt.cipher-mode", "str", "Name of encryption cipher mode", None, "cipher_mode"),
+    OptDesc("encrypt.ivgen-alg", "str", "Name of IV generator algorithm", None, "ivgen_alg"),
+    OptDesc(
+        "encrypt.ivgen-hash-alg",
+        "str",
+        "Name of IV generator hash algorithm",
+        None,
+        "ivgen_hash_alg",
+    ),
+    OptDesc("encrypt.hash-alg", "str", "Name of encryption hash algorithm", None, "hash_alg"),
+    OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds", None, "iter_time"),
     OptDesc("cluster_size", "size", "qcow2 cluster size", "65536", "cluster_size"),
     OptDesc("extended_l2", "bool", "Extended L2 tables", "off", "extended_l2"),
     OptDesc(
@@ -79,7 +114,13 @@ _FILE_OPTS = (
 )
 FORMAT_OPTS = {"qcow2": _QCOW2_OPTS, "raw": _RAW_OPTS}
 
-_TYPE_NAMES = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "str"}
+_TYPE_NAMES = {
+    "size": "size",
+    "num": "num",
+    "bool": "bool (on/off)",
+    "str": "str",
+    "secret": "str",
+}
 _BOOL_VALUES = {"on": True, "yes": True, "true": True, "y": True,
                 "off": False, "no": False, "false": False, "n": False}  # fmt: skip
 _COMPAT_VALUES = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
@@ -157,6 +198,12 @@ def parse_opts(fmt: str, options: list[str], path: str) -> dict[str, ParsedOpt]:
             if desc is None:
                 raise RequestError(f"Invalid parameter '{key}'", path=path)
             parsed[key] = ParsedOpt(raw, _parse_value(desc, raw, path))
+    secret = parsed.get("encrypt.key-secret")
+    if secret is not None:
+        # The new image opens with the same secret later in the command (convert's target).
+        from ..qcow2.encryption import register_passphrase
+
+        register_passphrase(path, secret.value)
     return parsed
 
 
@@ -178,6 +225,8 @@ def _parse_value(desc: OptDesc, raw: str, path: str) -> Any:
             return int(raw, 0)
         except ValueError:
             raise RequestError(f"Parameter '{desc.name}' expects a number", path=path) from None
+    if desc.type == "secret":
+        return secret(raw)
     if desc.type == "bool":
         if raw not in _BOOL_VALUES:
             raise RequestError(f"Parameter '{desc.name}' expects 'on' or 'off'", path=path)
@@ -196,7 +245,7 @@ def formatting_line(path: str, fmt: str, opts: dict[str, ParsedOpt]) -> str:
             parts.append(f"{desc.name}={desc.default}")
         elif desc.type in ("size", "num"):
             parts.append(f"{desc.name}={opt.value}")
-        elif desc.type == "str":
+        elif desc.type in ("str", "secret"):
             parts.append(f"{desc.name}={opt.raw.replace(',', ',,')}")
         else:
             parts.append(f"{desc.name}={opt.raw}")
@@ -266,3 +315,168 @@ def parse_offset(text: str, what: str) -> int:
         return parse_size(text)
     except VdiskError:
         raise RequestError(f"Invalid {what} specified") from None
+
+
+# -- secrets and --image-opts ----------------------------------------------------------------------
+
+SECRETS: dict[str, bytes] = {}  # --object secret,id=ID,...: like QEMU's objects, per process
+
+
+def parse_object(text: str) -> tuple[str, bytes]:
+    """``secret,id=ID,data=D|file=PATH[,format=raw|base64]`` -> (ID, the secret's bytes)."""
+    items = split_opts(text)
+    if not items or items[0] != "secret":
+        kind = items[0] if items else ""
+        raise RequestError(f"Invalid object type '{kind}' (only 'secret' objects are supported)")
+    props: dict[str, str] = {}
+    for item in items[1:]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RequestError(f"Invalid object parameter '{item}': expected key=value")
+        props[key.removeprefix("qom-type.")] = value
+    ident = props.pop("id", None)
+    if not ident:
+        raise RequestError("Parameter 'id' is missing")
+    data, path = props.pop("data", None), props.pop("file", None)
+    form = props.pop("format", "raw")
+    if props:
+        raise RequestError(f"Invalid parameter '{sorted(props)[0]}'")
+    if (data is None) == (path is None):
+        raise RequestError("'file' and 'data' are mutually exclusive, and one is needed")
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(1 << 20)
+        except OSError as exc:
+            raise RequestError(f"Unable to read {path}: {exc.strerror}") from None
+    else:
+        assert data is not None
+        raw = data.encode()
+    if form == "base64":
+        import base64
+        import binascii
+
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except binascii.Error:
+            raise RequestError(f"secret {ident}: invalid base64 data") from None
+    elif form != "raw":
+        raise RequestError(f"Parameter 'format' does not accept value '{form}'")
+    return ident, raw
+
+
+def secret(ident: str) -> bytes:
+    if ident not in SECRETS:
+        raise RequestError(f"No secret with id '{ident}' found")
+    return SECRETS[ident]
+
+
+def parse_image_opts(text: str) -> tuple[str, str | None]:
+    """``driver=qcow2,file.filename=F,encrypt.key-secret=ID``: (F, driver). The secret is
+    registered for F, so that every open of F in this command uses it."""
+    props: dict[str, str] = {}
+    for item in split_opts(text):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RequestError(f"Invalid image option '{item}': expected key=value")
+        props[key] = value
+    filename = props.pop("file.filename", None) or props.pop("filename", None)
+    props.pop("file.driver", None)
+    if not filename:
+        raise RequestError(f"--image-opts '{text}': file.filename is missing")
+    driver = props.pop("driver", None)
+    ident = props.pop("encrypt.key-secret", None)
+    if props:
+        raise RequestError(f"--image-opts: unsupported option(s) {', '.join(sorted(props))}")
+    if ident is not None:
+        from ..qcow2.encryption import register_passphrase
+
+        register_passphrase(filename, secret(ident))
+    return filename, driver
+
+
+# command -> (image parameter, which of its values are images, format parameters)
+_IMAGE_PARAMS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "bench": ("files", "first", ("fmt",)),
+    "check": ("file", "one", ("fmt",)),
+    "commit": ("file", "one", ("fmt",)),
+    "compare": ("files2", "one", ("fmt1", "fmt2")),
+    "convert": ("files", "all_but_last", ("fmt",)),
+    "info": ("file", "one", ("fmt",)),
+    "map": ("file", "one", ("fmt",)),
+    "measure": ("files", "all", ("fmt",)),
+    "rebase": ("file", "one", ("fmt",)),
+    "resize": ("args", "first", ("fmt",)),
+    "amend": ("file", "one", ("fmt",)),
+}
+
+
+def add_secret_options(name: str, command: click.Command) -> None:
+    """Give ``command`` qemu-img's ``--object`` and, where it reads images, ``--image-opts``
+    (convert: ``--target-image-opts`` too). Idempotent."""
+    if getattr(command, "_vdisk_secret_options", False) or command.callback is None:
+        return
+    command._vdisk_secret_options = True  # type: ignore[attr-defined]
+    command.params.append(
+        click.Option(["--object", "objects"], multiple=True, metavar="OBJECTDEF",
+                     help="secret,id=ID,data=...|file=PATH[,format=raw|base64]")
+    )  # fmt: skip
+    spec = _IMAGE_PARAMS.get(name)
+    if spec is not None:
+        command.params.append(
+            click.Option(["--image-opts", "image_opts"], is_flag=True,
+                         help="Image operands are option strings (driver=...,file.filename=...).")
+        )  # fmt: skip
+    if name == "convert":
+        command.params.append(
+            click.Option(["--target-image-opts", "target_image_opts"], is_flag=True,
+                         help="The target is an option string (needs -n).")
+        )  # fmt: skip
+    callback = command.callback
+
+    def wrapped(**kwargs: Any) -> Any:
+        # Secrets live for one command (main() may run several in one process).
+        SECRETS.clear()
+        loaded = sys.modules.get("vdisk.qcow2.encryption")
+        if loaded is not None:
+            loaded.forget_passphrases()
+        for text in kwargs.pop("objects", ()):
+            ident, value = parse_object(text)
+            SECRETS[ident] = value
+        image_opts = kwargs.pop("image_opts", False)
+        target_opts = kwargs.pop("target_image_opts", False)
+        if spec is not None and image_opts:
+            _apply_image_opts(kwargs, spec)
+        if target_opts:
+            *rest, dst = kwargs["files"]
+            target, driver = parse_image_opts(dst)
+            kwargs["files"] = (*rest, target)
+            if driver is not None:
+                kwargs["out_fmt"] = driver
+        return callback(**kwargs)
+
+    command.callback = wrapped
+
+
+def _apply_image_opts(kwargs: dict[str, Any], spec: tuple[str, str, tuple[str, ...]]) -> None:
+    param, which, fmt_params = spec
+    if any(kwargs.get(f) for f in fmt_params):
+        raise RequestError("--image-opts and --format are mutually exclusive")
+    names = [param] if param != "files2" else ["file1", "file2"]
+    drivers: list[str | None] = []
+    for name in names:
+        value = kwargs[name]
+        if isinstance(value, str):
+            value, driver = parse_image_opts(value)
+            drivers.append(driver)
+        else:
+            items = list(value)
+            count = {"first": min(1, len(items)), "all": len(items)}.get(which, len(items) - 1)
+            for i in range(count):
+                items[i], driver = parse_image_opts(items[i])
+                drivers.append(driver)
+            value = tuple(items)
+        kwargs[name] = value
+    for f, driver in zip(fmt_params, drivers * len(fmt_params), strict=False):
+        if driver is not None:
+            kwargs[f] = driver

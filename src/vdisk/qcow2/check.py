@@ -107,8 +107,6 @@ class _Checker:
             raise UnsupportedFeatureError(
                 f"unsupported incompatible feature bits {unknown:#x}", path=path
             )
-        if h.crypt_method:
-            raise UnsupportedFeatureError("encrypted images are not supported", path=path)
         self.h = h
         self.cs = h.cluster_size
         self.cb = h.cluster_bits

@@ -9,12 +9,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..block import resolve_backing, round_up_to_sector
-from ..errors import FormatError, RequestError, UnsupportedFeatureError, VdiskError, from_oserror
+from ..errors import FormatError, RequestError, VdiskError, from_oserror
 from ..fileio import pwrite_full
 from ..sizes import parse_size
 from . import datafile
 from . import format as fmt
 from .cache import encode_l2
+from .encryption import EncryptOptions, new_luks_area, pop_encrypt_options, warn_legacy_aes
 
 _TRUE = {"on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
@@ -88,6 +89,7 @@ def create(
     compression_type = opts.pop("compression_type", compression_type)
     data_file = opts.pop("data_file", None) or None
     data_file_raw = _bool("data_file_raw", opts.pop("data_file_raw", False))
+    encrypt = pop_encrypt_options(opts, path)
     _refuse_unsupported(opts, path)
     o = _parse_options(
         path,
@@ -120,15 +122,12 @@ def create(
         from ..backends.raw import create_raw
 
         create_raw(o.data_file, vsize, o.preallocation)
-    _write_image(path, header, o.preallocation)
+    crypto_area = _encryption_header(header, encrypt)
+    _write_image(path, header, o.preallocation, crypto_area)
 
 
 def _refuse_unsupported(opts: dict[str, Any], path: str) -> None:
     """What is left of the options after the known ones: refuse the unsupported and unknown."""
-    for name in ("encryption", "encrypt_format", "encrypt.format"):
-        if opts.get(name) not in (None, False, "off", ""):
-            raise UnsupportedFeatureError("encrypted images cannot be created yet", path=path)
-        opts.pop(name, None)
     for ignored in ("nocow", "size"):
         opts.pop(ignored, None)
     if opts:
@@ -248,6 +247,26 @@ def _data_file_options(
     return replace(o, data_file=data_file, data_file_raw=raw, preallocation=prealloc)
 
 
+def _encryption_header(header: fmt.Header, encrypt: EncryptOptions | None) -> bytes:
+    """Set the header's crypt_method (and for LUKS its extension, before the feature table as
+    QEMU orders them); the LUKS header area to write, or b""."""
+    if encrypt is None:
+        return b""
+    if encrypt.format == "aes":
+        warn_legacy_aes()
+        header.crypt_method = fmt.CRYPT_AES
+        return b""
+    header.crypt_method = fmt.CRYPT_LUKS
+    area = new_luks_area(encrypt)
+    ext = fmt.HeaderExtension(fmt.EXT_CRYPTO, fmt.CryptoExtension(0, len(area)).encode())
+    at = next(
+        (i for i, e in enumerate(header.extensions) if e.type == fmt.EXT_FEATURE_TABLE),
+        len(header.extensions),
+    )
+    header.extensions.insert(at, ext)
+    return area
+
+
 def _probe_backing(path: str, backing_file: str, backing_fmt: str | None) -> tuple[str, int]:
     from .. import open as vopen
     from .. import probe_format
@@ -264,7 +283,8 @@ class _Layout(NamedTuple):
     """Where a new image's structures go, in clusters: header | refcount table | refcount
     blocks | L1 | L2 tables | data. Without preallocation qemu-img's order is kept: header |
     refcount table | first refcount block | L1 | further refcount blocks, and the file ends
-    where the L1 table's bytes end (so the sizes agree: 196616 bytes for a plain 64M image)."""
+    where the L1 table's bytes end (so the sizes agree: 196616 bytes for a plain 64M image).
+    An encrypted image's LUKS header area follows the L1 table (``crypto_at``)."""
 
     reftable_at: int
     reftable_clusters: int
@@ -276,9 +296,11 @@ class _Layout(NamedTuple):
     data_at: int
     data_clusters: int
     total: int
+    crypto_at: int = 0
+    crypto_clusters: int = 0
 
 
-def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
+def _layout(header: fmt.Header, prealloc: str, path: str, crypto_len: int = 0) -> _Layout:
     cs = header.cluster_size
     l1_size = fmt.l1_entries_for(header.size, header.cluster_bits, header.l2_bits)
     if l1_size * 8 > fmt.MAX_L1_BYTES:
@@ -288,6 +310,7 @@ def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
             path=path,
         )
     l1_clusters = (l1_size * 8 + cs - 1) // cs
+    crypto_clusters = (crypto_len + cs - 1) // cs
     data_clusters = (header.size + cs - 1) // cs if prealloc != "off" else 0
     if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
         data_clusters = 0  # the data lives in the data file
@@ -296,7 +319,7 @@ def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
     # The refcount blocks count every cluster, themselves and the table included.
     t_clusters, blocks = 1, 1
     while True:
-        total = 1 + t_clusters + blocks + l1_clusters + l2_tables + data_clusters
+        total = 1 + t_clusters + blocks + l1_clusters + crypto_clusters + l2_tables + data_clusters
         b_new = (total + rb_entries - 1) // rb_entries
         t_new = (b_new * 8 + cs - 1) // cs
         if b_new == blocks and t_new == t_clusters:
@@ -310,12 +333,12 @@ def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
     blocks_at = 1 + t_clusters
     if prealloc == "off" and t_clusters == 1:
         l1_at = blocks_at + 1
-        after_l1 = l1_at + l1_clusters
+        after_l1 = l1_at + l1_clusters + crypto_clusters
         block_clusters = (blocks_at, *range(after_l1, after_l1 + blocks - 1))
     else:
         l1_at = blocks_at + blocks
         block_clusters = tuple(range(blocks_at, blocks_at + blocks))
-    l2_at = max(l1_at + l1_clusters, block_clusters[-1] + 1)
+    l2_at = max(l1_at + l1_clusters + crypto_clusters, block_clusters[-1] + 1)
     data_at = l2_at + l2_tables
     return _Layout(
         1,
@@ -328,12 +351,17 @@ def _layout(header: fmt.Header, prealloc: str, path: str) -> _Layout:
         data_at,
         data_clusters,
         total,
+        l1_at + l1_clusters,
+        crypto_clusters,
     )
 
 
-def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
+def _write_image(path: str, header: fmt.Header, prealloc: str, crypto_area: bytes = b"") -> None:
     cs = header.cluster_size
-    lay = _layout(header, prealloc, path)
+    lay = _layout(header, prealloc, path, len(crypto_area))
+    if crypto_area:
+        ext = fmt.CryptoExtension(lay.crypto_at * cs, len(crypto_area))
+        header.set_extension(fmt.EXT_CRYPTO, ext.encode())
     header.l1_size = lay.l1_size
     header.l1_table_offset = lay.l1_at * cs
     header.refcount_table_offset = lay.reftable_at * cs
@@ -347,6 +375,8 @@ def _write_image(path: str, header: fmt.Header, prealloc: str) -> None:
         os.ftruncate(fd, _file_end(lay, cs))
         pwrite_full(fd, blob, 0)
         _write_refcounts(fd, header, lay)
+        if crypto_area:
+            pwrite_full(fd, crypto_area, lay.crypto_at * cs)
         if lay.l2_tables:
             _write_preallocated_tables(fd, header, lay)
             if prealloc == "falloc" and lay.data_clusters:

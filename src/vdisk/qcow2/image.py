@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from typing_extensions import Buffer
@@ -75,6 +75,9 @@ from .compressed_write import CompressedWriter, PreparedCluster, prepare
 from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
 
+if TYPE_CHECKING:
+    from .encryption import ImageCipher
+
 MAX_CHAIN_DEPTH = 64
 _ZEROS = bytes(1 << 20)
 # Module-level copies for the hot paths (a global load, not a module attribute load).
@@ -92,6 +95,8 @@ class Qcow2Image(BlockDeviceBase):
 
     snapshot: fmt.SnapshotEntry | None  # the snapshot a read-only view shows (open(snapshot=))
     data_file: str | None  # the external data file's path, if the image has one
+    _passphrase: str | bytes | None = None
+    _unlock_key: bool = True
 
     def __init__(self) -> None:  # use Qcow2Image.open()
         raise TypeError("use Qcow2Image.open(path, ...)")
@@ -130,12 +135,16 @@ class Qcow2Image(BlockDeviceBase):
             readonly = True  # a snapshot view never writes
         data_file: str | None = opts.pop("data_file", None)
         compress = bool(opts.pop("compress", False))
+        passphrase = opts.pop("passphrase", None)
+        unlock = bool(opts.pop("unlock", True))
         if opts:
             raise RequestError(
                 f"unknown qcow2 open option(s): {', '.join(sorted(opts))}", path=path
             )
         self = cls.__new__(cls)
         self.data_file = data_file  # overrides the header's data-file name
+        # Encrypted images (qcow2/encryption.py): unlock=False opens metadata only (info).
+        self._passphrase, self._unlock_key = passphrase, unlock
         self._init(
             path,
             readonly,
@@ -229,8 +238,12 @@ class Qcow2Image(BlockDeviceBase):
             raise UnsupportedFeatureError(
                 f"unsupported incompatible feature(s): {', '.join(names)}"
             )
-        if header.crypt_method:
-            raise UnsupportedFeatureError("encrypted images are not supported yet")
+        self._encrypted = bool(header.crypt_method)
+        self._crypto: ImageCipher | None = None
+        if self._encrypted and (self._unlock_key or not readonly):
+            from .encryption import open_cipher  # loads cryptography only when needed
+
+            self._crypto = open_cipher(fd, header, self._passphrase, path)
         if header.corrupt and not readonly:
             raise CorruptImageError(
                 "image is marked corrupt (incompatible bit 1); open it read-only, or repair it"
@@ -259,7 +272,8 @@ class Qcow2Image(BlockDeviceBase):
         )
         # Shortcuts for the hot read path.
         self._slots = self.cache._slots
-        self._extended = header.extended_l2
+        # The hot paths serve plain images; extended L2 and encrypted ones take the general.
+        self._extended = header.extended_l2 or self._encrypted
         self._span_bits = header.cluster_bits + header.l2_bits
         self._l2_mask = (1 << header.l2_bits) - 1
         self._bad_bits = (
@@ -607,10 +621,16 @@ class Qcow2Image(BlockDeviceBase):
         try:
             fd = self.data_fd
             inflated = self._compressed.decompress_segments(segs)  # many: on the codec pool
+            crypto = self._crypto if self._encrypted else None
+            if self._encrypted and crypto is None:
+                raise self._locked_error()
             for kind, g, length, arg in segs:
                 b = g - offset
                 if kind == SEG_DATA:
-                    pread_full(fd, view[b : b + length], arg)
+                    if crypto is not None:
+                        crypto.read(fd, view[b : b + length], arg, g)
+                    else:
+                        pread_full(fd, view[b : b + length], arg)
                 elif kind == SEG_ZERO:
                     _fill_zero(view, b, length)
                 elif kind == SEG_BACKING:
@@ -784,6 +804,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def _write(self, view: memoryview, offset: int) -> None:
         """The general write: plan, copy-on-write, host runs, commit."""
+        if self._encrypted:
+            view, offset = self._sector_aligned(view, offset)
         end = offset + len(view)
         frees: list[int] = []
         with self._lock:
@@ -795,11 +817,50 @@ class Qcow2Image(BlockDeviceBase):
         try:
             head, tail = self._copy_on_write(plan, offset, end)
             for host, iov in self._host_runs(plan, view, offset, head, tail):
+                if self._encrypted:
+                    iov = self._encrypt_run(plan, host, iov)
                 pwritev_full(self.data_fd, iov, host)
             ok = True
         finally:
             with self._lock:
                 self._commit_locked(plan, ticket, ok, frees)
+
+    def _sector_aligned(self, view: memoryview, offset: int) -> tuple[memoryview, int]:
+        """Encrypted images are written in whole 512-byte sectors: widen the request with
+        the plaintext of its partial first and last sector."""
+        end = offset + len(view)
+        start, stop = offset & ~511, (end + 511) & ~511
+        if start == offset and stop == end:
+            return view, offset
+        if self._crypto is None:
+            raise self._locked_error()
+        whole = bytearray(stop - start)
+        if start < offset:
+            self._read(memoryview(whole)[:512], start)
+        if stop > end and not (start < offset and stop - 512 == start):
+            self._read(memoryview(whole)[-512:], stop - 512)
+        whole[offset - start : end - start] = view
+        return memoryview(whole), start
+
+    def _encrypt_run(self, plan: WritePlan, host: int, iov: list[Any]) -> list[Any]:
+        """One host run's ciphertext (IVs from the host offset, or for legacy AES the guest)."""
+        crypto = self._crypto
+        if crypto is None:
+            raise self._locked_error()
+        guest = 0
+        if not crypto.by_host_offset:
+            cs = self.cluster_size
+            for item in plan.clusters:
+                if item.host_offset <= host < item.host_offset + cs:
+                    guest = (item.guest_cluster << self.cluster_bits) + host - item.host_offset
+                    break
+        data = iov[0] if len(iov) == 1 else b"".join(iov)
+        return [crypto.encrypt(data, host, guest)]
+
+    def _locked_error(self) -> VdiskError:
+        from .luks import UnlockError
+
+        return UnlockError("image is encrypted: a passphrase is needed", path=self.path)
 
     def _plan_locked(self, gc0: int, gc1: int, span: tuple[int, int] | None = None) -> WritePlan:
         """Under the lock: plan guest clusters gc0..gc1, check the plan against the metadata,
@@ -1139,11 +1200,14 @@ class Qcow2Image(BlockDeviceBase):
         with self._lock:
             self.map.map_range(offset, length, segs, status=True)
         out: list[Extent] = []
+        hide = self._encrypted  # as QEMU: an encrypted cluster's host bytes are no guest data
         for kind, g, n, arg in segs:
             if kind == SEG_DATA:
-                out.append(Extent(g, n, data=True, zero=False, host_offset=arg))
+                out.append(Extent(g, n, data=True, zero=False, host_offset=None if hide else arg))
             elif kind == SEG_ZERO:
-                out.append(Extent(g, n, data=False, zero=True, host_offset=arg or None))
+                out.append(
+                    Extent(g, n, data=False, zero=True, host_offset=None if hide else arg or None)
+                )
             elif kind == SEG_COMPRESSED:
                 out.append(Extent(g, n, data=True, zero=False, compressed=True))
             else:

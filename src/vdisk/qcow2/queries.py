@@ -30,16 +30,26 @@ def specific_info(image: Qcow2Image) -> dict[str, Any]:
     """The format-specific part of the image's ImageInfo (its ``data`` member)."""
     h = image.header
     compression = fmt.COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type))
+    encrypt = _encrypt_info(image)
     if h.version == 2:
-        return {"compat": "0.10", "compression-type": compression, "refcount-bits": h.refcount_bits}
+        v2: dict[str, Any] = {
+            "compat": "0.10",
+            "compression-type": compression,
+            "refcount-bits": h.refcount_bits,
+        }
+        if encrypt:
+            v2["encrypt"] = encrypt
+        return v2
     data: dict[str, Any] = {
         "compat": "1.1",
         "compression-type": compression,
         "lazy-refcounts": h.lazy_refcounts,
         "refcount-bits": h.refcount_bits,
-        "corrupt": h.corrupt,
-        "extended-l2": h.extended_l2,
     }
+    if encrypt:
+        data["encrypt"] = encrypt
+    data["corrupt"] = h.corrupt
+    data["extended-l2"] = h.extended_l2
     bitmaps = _bitmap_list(image.fd, h)
     if bitmaps:
         data["bitmaps"] = bitmaps
@@ -47,6 +57,14 @@ def specific_info(image: Qcow2Image) -> dict[str, Any]:
         data["data-file"] = h.data_file
         data["data-file-raw"] = bool(h.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW)
     return data
+
+
+def _encrypt_info(image: Qcow2Image) -> dict[str, Any] | None:
+    if not image.header.crypt_method:
+        return None
+    from .encryption import encrypt_info
+
+    return encrypt_info(image.fd, image.header)
 
 
 def _bitmap_list(fd: int, h: fmt.Header) -> list[dict[str, Any]]:

@@ -1,0 +1,184 @@
+"""Encrypted images through the CLI, beside qemu-img: ``--object secret``, ``-o encrypt.*``,
+``--image-opts`` / ``--target-image-opts``, info without a passphrase."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+from cli_helpers import Run, VdiskRunner, qemu_io
+from cli_helpers import qemu_img as _qemu_img
+
+from vdisk.cli.options import parse_object
+from vdisk.errors import RequestError
+
+SECRET = ["--object", "secret,id=s0,data=hunter2"]
+LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
+
+
+def qemu_img(args: list[str], cwd: Path) -> Run:
+    for _attempt in range(8):
+        run = _qemu_img(args, cwd)
+        # qemu-img's PBKDF2 benchmark gives up on a busy host for a short iter-time.
+        if "Unable to get accurate CPU usage" not in run.err:
+            break
+    return run
+
+
+def _opts(name: str, secret: str = "s0") -> str:
+    return f"driver=qcow2,file.filename={name},encrypt.key-secret={secret}"
+
+
+def test_create_formatting_line_and_info_match_qemu(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    ours = vdisk_cli(
+        ["create", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "v.qcow2", "16M"], tmp_path
+    )
+    theirs = qemu_img(
+        ["create", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "16M"], tmp_path
+    )
+    assert ours.rc == theirs.rc == 0, ours.err
+    assert ours.out.replace("v.qcow2", "q.qcow2") == theirs.out
+    assert (tmp_path / "v.qcow2").stat().st_size == (tmp_path / "q.qcow2").stat().st_size
+    for output in ("human", "json"):
+        mine = vdisk_cli(["info", f"--output={output}", "q.qcow2"], tmp_path)
+        qemu = qemu_img(["info", f"--output={output}", "q.qcow2"], tmp_path)
+        assert mine.rc == 0, mine.err
+        assert mine.out == qemu.out
+    info = json.loads(vdisk_cli(["info", "--output=json", "v.qcow2"], tmp_path).out)
+    enc = info["format-specific"]["data"]["encrypt"]
+    assert (enc["cipher-alg"], enc["cipher-mode"], enc["ivgen-alg"], enc["hash-alg"]) == (
+        "aes-256", "xts", "plain64", "sha256",
+    )  # fmt: skip
+    assert enc["slots"][0]["active"] and enc["slots"][0]["stripes"] == 4000
+    text = json.dumps(info)
+    assert "key-material" not in text and "salt" not in text
+
+
+def test_create_needs_the_secret(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    run = vdisk_cli(
+        ["create", "-f", "qcow2", "-o", "encrypt.format=luks", "x.qcow2", "1M"], tmp_path
+    )
+    assert run.rc == 1
+    assert "Parameter 'encrypt.key-secret' is required for cipher" in run.err
+    run = vdisk_cli(["create", "-f", "qcow2", "-o", LUKS_OPTS, "x.qcow2", "1M"], tmp_path)
+    assert run.rc == 1 and "No secret with id 's0' found" in run.err
+
+
+def test_image_opts_on_reading_commands(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "4M"], tmp_path
+    )
+    assert made.rc == 0, made.err
+    qemu_io([*SECRET, "--image-opts", _opts("q.qcow2"), "-c", "write -P 0x61 4k 100k"], tmp_path)
+    raw = tmp_path / "expect.raw"
+    data = bytearray(4 << 20)
+    data[4096 : 4096 + 102400] = b"a" * 102400
+    raw.write_bytes(data)
+    io = ["--image-opts", _opts("q.qcow2")]
+    run = vdisk_cli(["convert", *SECRET, *io, "-O", "raw", "out.raw"], tmp_path)
+    assert run.rc == 0, run.err
+    assert (tmp_path / "out.raw").read_bytes() == bytes(data)
+    run = vdisk_cli(["compare", *SECRET, *io, "driver=raw,file.filename=expect.raw"], tmp_path)
+    assert run.rc == 0, run.out + run.err
+    run = vdisk_cli(["check", *SECRET, *io], tmp_path)
+    assert run.rc == 0 and "No errors were found" in run.out
+    run = vdisk_cli(["map", "--output=json", *SECRET, *io], tmp_path)
+    assert run.rc == 0, run.err
+    run = vdisk_cli(["compare", *SECRET, *io, "-f", "raw", "expect.raw"], tmp_path)
+    assert run.rc == 1 and "mutually exclusive" in run.err
+    wrong = ["--object", "secret,id=s0,data=nope"]
+    run = vdisk_cli(["convert", *wrong, *io, "-O", "raw", "bad.raw"], tmp_path)
+    assert run.rc == 1 and "Invalid password, cannot unlock any keyslot" in run.err
+    run = vdisk_cli(["convert", "-O", "raw", "q.qcow2", "none.raw"], tmp_path)
+    assert run.rc == 1 and "is encrypted: a passphrase is needed" in run.err
+    assert "Traceback" not in run.err
+
+
+def test_convert_to_luks_and_back(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))
+    run = vdisk_cli(
+        ["convert", *SECRET, "-O", "qcow2", "-o", LUKS_OPTS, "src.raw", "e.qcow2"], tmp_path
+    )
+    assert run.rc == 0, run.err
+    theirs = qemu_img(["compare", *SECRET, "--image-opts", _opts("e.qcow2"), "driver=raw,file.filename=src.raw"], tmp_path)  # fmt: skip
+    assert theirs.rc == 0, theirs.out + theirs.err
+    assert qemu_img(["check", *SECRET, "--image-opts", _opts("e.qcow2")], tmp_path).rc == 0
+    # --target-image-opts into an existing encrypted image (-n)
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "t.qcow2", "4M"], tmp_path
+    )
+    assert made.rc == 0, made.err
+    run = vdisk_cli(["convert", *SECRET, "-n", "--target-image-opts", "-f", "raw", "src.raw", _opts("t.qcow2")], tmp_path)  # fmt: skip
+    assert run.rc == 0, run.err
+    theirs = qemu_img(["compare", *SECRET, "--image-opts", _opts("t.qcow2"), "driver=raw,file.filename=src.raw"], tmp_path)  # fmt: skip
+    assert theirs.rc == 0, theirs.out + theirs.err
+
+
+def test_legacy_aes_through_the_cli(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = vdisk_cli(["create", "-f", "qcow2", *SECRET, "-o", "encrypt.format=aes,encrypt.key-secret=s0", "a.qcow2", "1M"], tmp_path)  # fmt: skip
+    assert run.rc == 0, run.err
+    theirs = qemu_img(["create", "-f", "qcow2", *SECRET, "-o", "encrypt.format=aes,encrypt.key-secret=s0", "b.qcow2", "1M"], tmp_path)  # fmt: skip
+    assert run.out.replace("a.qcow2", "b.qcow2") == theirs.out
+
+    def lines(text: str) -> list[str]:  # disk size: qemu-img allocates its zeros, vdisk not
+        return [line for line in text.splitlines() if not line.startswith("disk size")]
+
+    mine = vdisk_cli(["info", "a.qcow2"], tmp_path).out.replace("a.qcow2", "b.qcow2")
+    assert lines(mine) == lines(qemu_img(["info", "b.qcow2"], tmp_path).out)
+    assert "encrypted: yes" in mine and "format: aes" in mine
+
+
+def test_secret_objects(tmp_path: Path) -> None:
+    assert parse_object("secret,id=a,data=xyz") == ("a", b"xyz")
+    encoded = base64.b64encode(b"\x00\xffpw").decode()
+    assert parse_object(f"secret,id=b,data={encoded},format=base64") == ("b", b"\x00\xffpw")
+    key = tmp_path / "key"
+    key.write_bytes(b"from-file")
+    assert parse_object(f"secret,id=c,file={key}") == ("c", b"from-file")
+    for bad in (
+        "memory-backend-ram,id=m",
+        "secret,data=x",
+        "secret,id=d",
+        f"secret,id=e,data=x,file={key}",
+        "secret,id=f,data=!!,format=base64",
+        "secret,id=g,data=x,format=hex",
+        "secret,id=h,file=/nonexistent/key",
+    ):
+        with pytest.raises(RequestError):
+            parse_object(bad)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc",
+        "encrypt.format=aes,encrypt.key-secret=s0",
+    ],
+)
+def test_measure_counts_the_luks_header(vdisk_cli: VdiskRunner, tmp_path: Path, opts: str) -> None:
+    args = ["measure", *SECRET, "-O", "qcow2", "--size", "1G", "-o", opts]
+    ours, theirs = vdisk_cli(args, tmp_path), qemu_img(args, tmp_path)
+    assert theirs.rc == 0, theirs.err
+    assert (ours.rc, ours.out) == (0, theirs.out)
+
+
+def test_map_hides_host_offsets_as_qemu(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "m.qcow2", "4M"], tmp_path
+    )
+    assert made.rc == 0, made.err
+    qemu_io([*SECRET, "--image-opts", _opts("m.qcow2"), "-c", "write -P 1 64k 128k", "-c", "write -z 1M 64k"], tmp_path)  # fmt: skip
+    args = ["map", "--output=json", *SECRET, "--image-opts", _opts("m.qcow2")]
+    ours, theirs = vdisk_cli(args, tmp_path), qemu_img(args, tmp_path)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out)
+    assert '"offset"' not in ours.out
+    human = vdisk_cli(["map", *SECRET, "--image-opts", _opts("m.qcow2")], tmp_path)
+    assert human.rc == 1 and "encrypted" in human.err
