@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -182,3 +183,39 @@ def test_map_hides_host_offsets_as_qemu(vdisk_cli: VdiskRunner, tmp_path: Path) 
     assert '"offset"' not in ours.out
     human = vdisk_cli(["map", *SECRET, "--image-opts", _opts("m.qcow2")], tmp_path)
     assert human.rc == 1 and "encrypted" in human.err
+
+
+def _qemu_io_unlocks(name: str, passphrase: str, cwd: Path) -> bool:
+    run = subprocess.run(
+        ["qemu-io", "--object", f"secret,id=k,data={passphrase}", "--image-opts",
+         _opts(name, "k"), "-c", "read -P 0x61 0 64k"],
+        cwd=cwd, capture_output=True, text=True,
+    )  # fmt: skip
+    return run.returncode == 0 and "Pattern verification failed" not in run.stdout
+
+
+def test_amend_adds_and_erases_key_slots_as_qemu(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    """`vdisk amend -o encrypt.*` on a qemu-img LUKS image: the new passphrase unlocks it in
+    qemu-io, the erased one no longer does, and the last active slot is not erased."""
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "4M"], tmp_path
+    )
+    assert made.rc == 0, made.err
+    qemu_io([*SECRET, "--image-opts", _opts("q.qcow2"), "-c", "write -P 0x61 0 64k"], tmp_path)
+    both = [*SECRET, "--object", "secret,id=s1,data=second"]
+    add = "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10"
+    run = vdisk_cli(["amend", *both, "--image-opts", _opts("q.qcow2"), "-o", add], tmp_path)
+    assert run.rc == 0, run.err
+    assert _qemu_io_unlocks("q.qcow2", "second", tmp_path)
+    assert _qemu_io_unlocks("q.qcow2", "hunter2", tmp_path)
+    erase = "encrypt.state=inactive,encrypt.old-secret=s0"
+    run = vdisk_cli(["amend", *both, "--image-opts", _opts("q.qcow2", "s1"), "-o", erase], tmp_path)
+    assert run.rc == 0, run.err
+    assert _qemu_io_unlocks("q.qcow2", "second", tmp_path)
+    assert not _qemu_io_unlocks("q.qcow2", "hunter2", tmp_path)
+    last = "encrypt.state=inactive,encrypt.old-secret=s1"
+    run = vdisk_cli(["amend", *both, "--image-opts", _opts("q.qcow2", "s1"), "-o", last], tmp_path)
+    assert run.rc == 1 and len(run.err.strip().splitlines()) == 1, run.err
+    assert _qemu_io_unlocks("q.qcow2", "second", tmp_path)
+    check = qemu_img(["check", *both, "--image-opts", _opts("q.qcow2", "s1")], tmp_path)
+    assert check.rc == 0, check.out + check.err

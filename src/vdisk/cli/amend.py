@@ -110,6 +110,10 @@ def build_request(values: dict[str, str]) -> AmendOptions:
     if "data_file_raw" in values:
         opts.data_file_raw = _bool("data_file_raw", values["data_file_raw"])
     opts.encrypt = {k[len("encrypt.") :]: v for k, v in values.items() if k.startswith("encrypt.")}
+    if opts.encrypt:
+        from .options import SECRETS
+
+        opts.secrets = SECRETS
     return opts
 
 

@@ -54,6 +54,7 @@ class AmendOptions:
     data_file: str | None = None
     data_file_raw: bool | None = None
     encrypt: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, bytes] = field(default_factory=dict)  # --object secret ids, for encrypt.*
 
 
 # -- hooks for the options of features that live elsewhere ---------------------------------------
@@ -64,9 +65,15 @@ def amend_data_file(path: str, data_file: str | None, data_file_raw: bool | None
     )
 
 
-def amend_encryption(path: str, options: dict[str, str]) -> None:
-    """``encrypt.*`` (LUKS key slots): the encryption module replaces this."""
-    raise UnsupportedFeatureError("amending encrypt.* options is not supported yet", path=path)
+def amend_encryption(path: str, options: dict[str, str], secrets: dict[str, bytes]) -> None:
+    """``encrypt.*``: add or erase a LUKS key slot (``encryption.amend_encryption``). The
+    image unlocks with the passphrase registered for it (``--image-opts
+    encrypt.key-secret=ID``); new and old secrets are ids into ``secrets``."""
+    from .encryption import amend_encryption as amend_key_slots
+    from .image import Qcow2Image
+
+    with Qcow2Image.open(path) as image:
+        amend_key_slots(image, options, secrets)
 
 
 hooks: dict[str, Callable[..., None]] = {"data_file": amend_data_file, "encrypt": amend_encryption}
@@ -190,6 +197,8 @@ def amend(
     """Apply ``opts`` to the closed qcow2 image at ``path`` (qemu-img amend's order: upgrade,
     refcount width, lazy refcounts, size, downgrade last)."""
     try:
+        if opts.encrypt:  # on an unlocked open of its own, before the header work below
+            hooks["encrypt"](path, opts.encrypt, opts.secrets)
         _amend(path, opts, progress)
     except OSError as exc:
         raise from_oserror(exc, path) from None
@@ -213,8 +222,6 @@ def _amend(path: str, opts: AmendOptions, progress: Callable[[int, int], None] |
         version = check_options(header, opts, path)
         if opts.data_file is not None or opts.data_file_raw is not None:
             hooks["data_file"](path, opts.data_file, opts.data_file_raw)
-        if opts.encrypt:
-            hooks["encrypt"](path, opts.encrypt)
         if header.dirty:
             header, have = _repair(fd, path)
         if version > header.version:

@@ -243,6 +243,8 @@ def amend_encryption(image: Any, options: dict[str, Any], secrets: dict[str, byt
     """
     opts = {k.removeprefix("encrypt.").replace("-", "_"): v for k, v in options.items()}
     crypto: ImageCipher | None = getattr(image, "_crypto", None)
+    if not image.header.crypt_method:
+        raise UnsupportedFeatureError("Can't amend encryption options - encryption not present")
     if crypto is None or crypto.luks_header is None:
         raise UnsupportedFeatureError("amend of key slots needs an unlocked LUKS image")
     h = image.header
