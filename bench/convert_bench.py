@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from docs_section import replace_section  # bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "convert_bench.png"
@@ -213,15 +215,7 @@ def plot(results: list[Result], path: Path) -> None:
 
 
 def write_docs(body: str) -> None:
-    text = DOCS.read_text()
-    section = f"{SECTION}\n\n{body}\n"
-    start = text.find(SECTION)
-    if start < 0:
-        DOCS.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt < 0 else nxt + 1
-    DOCS.write_text(text[:start] + section + text[end:])
+    replace_section(SECTION, body, DOCS)
 
 
 def main() -> int:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import vdisk
+from docs_section import replace_section  # bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
@@ -261,12 +262,7 @@ Reading the numbers:
 
 
 def write_docs(body: str) -> None:
-    text = DOCS.read_text()
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt < 0 else nxt + 1
-    section = f"{SECTION}\n\n{body}\n"
-    DOCS.write_text(text[:start] + section + text[end:])
+    replace_section(SECTION, body, DOCS)
 
 
 def main() -> int:
