@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .block import BlockDevice
-from .errors import RequestError, UnsupportedFeatureError, from_oserror
+from .errors import RequestError, UnsupportedFeatureError
 from .map import ChainLevel, close_chain, open_chain
 
 CHUNK = 1 << 20  # bytes copied at a time
@@ -224,13 +224,4 @@ def _lock_for_writing(path: str) -> int:
     """A descriptor of ``path`` holding a qcow2 writer's image locks (closing it unlocks)."""
     from . import locking
 
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise from_oserror(exc, path) from None
-    try:
-        locking.lock(fd, path, locking.mode_for("qcow2", readonly=False))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return locking.open_locked(path, os.O_RDONLY, locking.mode_for("qcow2", readonly=False))

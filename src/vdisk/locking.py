@@ -197,6 +197,22 @@ def lock(fd: int, path: str, mode: LockMode, previous: LockMode | None = None) -
     return True
 
 
+
+def open_locked(path: str, flags: int, mode: LockMode) -> int:
+    """``os.open(path, flags)`` holding ``mode``'s image locks (closing the fd unlocks)."""
+    from .errors import from_oserror
+
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    try:
+        lock(fd, path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 def export_mode(mode: LockMode) -> LockMode:
     """``mode`` as an NBD or ublk export takes it: the size it announced must stay, so nobody
     else may resize (qemu-nbd unshares resize even on raw). -U still shares everything."""

@@ -155,16 +155,7 @@ def write_header(fd: int, header: fmt.Header, have: int, path: str) -> None:
 
 
 def _open_locked(path: str) -> int:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise from_oserror(exc, path) from None
-    try:
-        locking.lock(fd, path, locking.mode_for("qcow2", readonly=False))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return locking.open_locked(path, os.O_RDWR, locking.mode_for("qcow2", readonly=False))
 
 
 def set_backing(path: str, backing_file: str | None, backing_format: str | None) -> None:

@@ -74,6 +74,7 @@ from .compress import decompress_cluster
 from .compressed_write import CompressedWriter, PreparedCluster, prepare
 from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
+from .summary import read_header
 
 if TYPE_CHECKING:
     from .encryption import ImageCipher
@@ -226,18 +227,7 @@ class Qcow2Image(BlockDeviceBase):
     ) -> None:
         fd = self.fd
         file_size = os.fstat(fd).st_size
-        head = bytearray(min(max(file_size, 0), 1 << 21))
-        pread_full(fd, head, 0)
-        header = fmt.Header.decode(head)
-        header.validate(file_size)
-        unknown = header.incompatible_features & ~fmt.INCOMPAT_KNOWN
-        if unknown:
-            names = [
-                header.feature_name(fmt.FEATURE_INCOMPAT, b) for b in range(64) if unknown >> b & 1
-            ]
-            raise UnsupportedFeatureError(
-                f"unsupported incompatible feature(s): {', '.join(names)}"
-            )
+        header = read_header(fd)
         self._encrypted = bool(header.crypt_method)
         self._crypto: ImageCipher | None = None
         if self._encrypted and (self._unlock_key or not readonly):
@@ -378,11 +368,7 @@ class Qcow2Image(BlockDeviceBase):
         """The dirty bit is set: refcounts may be wrong. As QEMU, run the check with every
         repair on (the one walk and the one rebuild), then take the repaired header."""
         result = repair_open_file(self.fd, self.path)
-        file_size = os.fstat(self.fd).st_size
-        head = bytearray(min(file_size, 1 << 21))
-        pread_full(self.fd, head, 0)
-        repaired = fmt.Header.decode(head)
-        repaired.validate(file_size)
+        repaired = read_header(self.fd)
         if repaired.dirty and not result.check_errors:
             # The refcounts now match the tables (what the dirty bit warns of); what check
             # still reports lies in the tables themselves. QEMU clears the bit too.

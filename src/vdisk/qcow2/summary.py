@@ -20,6 +20,23 @@ from . import format as fmt
 _SNAPSHOT_ENTRY_MAX = 40 + 1024 + 2 * 65536 + 8  # fixed part, extra data, id and name, padding
 
 
+def read_header(fd: int) -> fmt.Header:
+    """The header of the qcow2 file ``fd``, validated as QEMU's open validates it (against
+    the file's size) and refused where it needs an incompatible feature we do not know."""
+    file_size = os.fstat(fd).st_size
+    head = bytearray(min(file_size, 1 << 21))
+    pread_full(fd, head, 0)
+    header = fmt.Header.decode(head)
+    header.validate(file_size)
+    unknown = header.incompatible_features & ~fmt.INCOMPAT_KNOWN
+    if unknown:
+        names = [
+            header.feature_name(fmt.FEATURE_INCOMPAT, b) for b in range(64) if unknown >> b & 1
+        ]
+        raise UnsupportedFeatureError(f"unsupported incompatible feature(s): {', '.join(names)}")
+    return header
+
+
 def read_snapshots(fd: int, header: fmt.Header) -> list[fmt.SnapshotEntry]:
     """The snapshot table. Entries vary in length: read in growing chunks until all decode,
     bounded by the largest table the header's count allows."""
@@ -51,7 +68,7 @@ class Qcow2Summary:
             raise from_oserror(exc, path) from None
         try:
             locking.lock(self.fd, path, locking.mode_for("qcow2", True, force_share))
-            self.header = self._read_header()
+            self.header = read_header(self.fd)
         except VdiskError as exc:
             os.close(self.fd)
             if exc.path is None:
@@ -63,21 +80,6 @@ class Qcow2Summary:
         self.size = self.header.size
         self.cluster_size = self.header.cluster_size
 
-    def _read_header(self) -> fmt.Header:
-        file_size = os.fstat(self.fd).st_size
-        head = bytearray(min(file_size, 1 << 21))
-        pread_full(self.fd, head, 0)
-        header = fmt.Header.decode(head)
-        header.validate(file_size)
-        unknown = header.incompatible_features & ~fmt.INCOMPAT_KNOWN
-        if unknown:
-            names = [
-                header.feature_name(fmt.FEATURE_INCOMPAT, b) for b in range(64) if unknown >> b & 1
-            ]
-            raise UnsupportedFeatureError(
-                f"unsupported incompatible feature(s): {', '.join(names)}"
-            )
-        return header
 
     @property
     def snapshots(self) -> list[fmt.SnapshotEntry]:
