@@ -262,8 +262,9 @@ class Qcow2Image(BlockDeviceBase):
         )
         # Shortcuts for the hot read path.
         self._slots = self.cache._slots
+        self._extended = header.extended_l2
         # The hot paths serve plain images; extended L2 and encrypted ones take the general.
-        self._extended = header.extended_l2 or self._encrypted
+        self._fast_paths = not (header.extended_l2 or self._encrypted)
         self._span_bits = header.cluster_bits + header.l2_bits
         self._l2_mask = (1 << header.l2_bits) - 1
         self._bad_bits = (
@@ -567,7 +568,7 @@ class Qcow2Image(BlockDeviceBase):
         if not n:
             return n
         cmask = self.cluster_size - 1
-        if (offset & cmask) + n <= cmask + 1 and not self._extended:
+        if (offset & cmask) + n <= cmask + 1 and self._fast_paths:
             # Hot path: one cluster, its L2 table cached, a plain data entry.
             host = 0
             with self._lock:
@@ -685,7 +686,7 @@ class Qcow2Image(BlockDeviceBase):
         if (
             n
             and (offset & cmask) + n <= cmask + 1
-            and not self._extended
+            and self._fast_paths
             and self._write_ready
             and self.data_fd == self.fd  # data-file clusters have no refcounts
         ):
