@@ -219,3 +219,94 @@ def test_amend_adds_and_erases_key_slots_as_qemu(vdisk_cli: VdiskRunner, tmp_pat
     assert _qemu_io_unlocks("q.qcow2", "second", tmp_path)
     check = qemu_img(["check", *both, "--image-opts", _opts("q.qcow2", "s1")], tmp_path)
     assert check.rc == 0, check.out + check.err
+
+
+def _luks_with_data(tmp_path: Path) -> bytes:
+    """q.qcow2: a LUKS image qemu-io filled; returns its plaintext."""
+    made = qemu_img(
+        ["create", "-q", "-f", "qcow2", *SECRET, "-o", LUKS_OPTS, "q.qcow2", "1M"], tmp_path
+    )
+    assert made.rc == 0, made.err
+    qemu_io([*SECRET, "--image-opts", _opts("q.qcow2"), "-c", "write -P 0x5a 64k 200k"], tmp_path)
+    data = bytearray(1 << 20)
+    data[65536 : 65536 + 204800] = b"\x5a" * 204800
+    return bytes(data)
+
+
+def test_dd_reads_luks_through_image_opts(vdisk_cli: VdiskRunner, tmp_path: Path) -> None:
+    data = _luks_with_data(tmp_path)
+    run = vdisk_cli(["dd", *SECRET, "--image-opts", f"if={_opts('q.qcow2')}", "of=out.raw", "bs=64k"], tmp_path)  # fmt: skip
+    assert run.rc == 0, run.err
+    assert (tmp_path / "out.raw").read_bytes() == data
+    run = vdisk_cli(["dd", "-f", "qcow2", *SECRET, "--image-opts", f"if={_opts('q.qcow2')}", "of=x.raw"], tmp_path)  # fmt: skip
+    assert run.rc == 1 and "mutually exclusive" in run.err
+    wrong = ["--object", "secret,id=s0,data=nope"]
+    run = vdisk_cli(["dd", *wrong, "--image-opts", f"if={_opts('q.qcow2')}", "of=y.raw"], tmp_path)
+    assert run.rc == 1 and "Invalid password, cannot unlock any keyslot" in run.err
+
+
+def test_nbd_serves_luks_through_image_opts(tmp_path: Path) -> None:
+    import shutil
+    import sys
+    import time
+
+    if shutil.which("nbdinfo") is None:
+        pytest.skip("nbdinfo is not installed")
+    data = _luks_with_data(tmp_path)
+    (tmp_path / "plain.raw").write_bytes(data)
+    sock = str(tmp_path / "e.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vdisk", "nbd", "-t", *SECRET, "--image-opts", _opts("q.qcow2"), "-k", sock],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    uri = f"nbd+unix:///?socket={sock}"
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "the NBD server did not start"
+            time.sleep(0.05)
+        size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True)
+        assert size.stdout.strip() == str(1 << 20), size
+        same = _qemu_img(["compare", "-f", "raw", "-F", "raw", "plain.raw", uri], tmp_path)
+        assert same.rc == 0, same
+    finally:
+        server.terminate()
+        server.wait(20)
+
+
+def test_ublk_add_takes_image_opts(
+    vdisk_cli: VdiskRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Argument parsing only (no ublk device on the host): ``serve.run`` is replaced by one
+    that opens the backend as ``add`` would and reads it, so the secret must reach the open."""
+    from vdisk.ublk import serve
+
+    data = _luks_with_data(tmp_path)
+    read: list[bytes] = []
+
+    def open_and_read(make: object, *args: object) -> int:
+        assert callable(make)
+        device = make()
+        try:
+            buf = bytearray(device.size)
+            device.readinto(buf, 0)
+            read.append(bytes(buf))
+        finally:
+            device.close()
+        return 0
+
+    def add(opener: object, kind: str, file: str, _: object, size: object, ro: bool) -> object:
+        assert callable(opener)
+        return opener(kind, file, size, ro)
+
+    monkeypatch.setattr(serve, "run", open_and_read)
+    monkeypatch.setattr(serve, "add", add)
+    luks = [*SECRET, "--image-opts", "-f", _opts("q.qcow2")]
+    run = vdisk_cli(["ublk", "add", "-t", "qcow2", *luks], tmp_path)
+    assert run.rc == 0, run.err
+    assert read == [data]
+    run = vdisk_cli(["ublk", "add", "-t", "raw", *luks], tmp_path)
+    assert run.rc == 1 and "does not match -t raw" in run.err
+    run = vdisk_cli(["ublk", "add", "-t", "qcow2", "--image-opts", "-f", _opts("q.qcow2")], tmp_path)  # fmt: skip
+    assert run.rc == 1 and "No secret with id 's0' found" in run.err

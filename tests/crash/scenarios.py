@@ -360,6 +360,25 @@ def run_amend_compat(s: Session) -> None:
     s.guest.ack("compat=1.1")
 
 
+def make_raw_data_file(where: Path) -> Path:
+    """A data_file_raw image with data, and a second name (a symlink) for its data file."""
+    path = where / "image.qcow2"
+    data = where / "data.raw"
+    create(str(path), 1 * MIB, cluster_size=4096, data_file=str(data), data_file_raw=True)
+    with Qcow2Image.open(str(path)) as img:
+        img.write(b"\x5a" * (40 * KIB), 8 * KIB)
+    (where / "renamed.raw").symlink_to(data)
+    return path
+
+
+def run_amend_data_file(s: Session) -> None:
+    from vdisk.qcow2.amend import AmendOptions, amend
+
+    renamed = str(s.path.parent / "renamed.raw")
+    amend(str(s.path), AmendOptions(data_file=renamed, data_file_raw=False))
+    s.guest.ack("data_file=renamed.raw,data_file_raw=off")
+
+
 def make_bitmaps(where: Path) -> Path:
     """An image with an enabled bitmap (16 KiB granules) and a disabled one, from qemu-img."""
     path = where / "image.qcow2"
@@ -483,6 +502,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("compressed", _vdisk_image(1 * MIB, cluster_size=4096), run_compressed),
     Scenario("amend_refcount_bits", make_amendable, run_amend_refcount_bits),
     Scenario("amend_compat", make_amendable, run_amend_compat),
+    Scenario("amend_data_file", make_raw_data_file, run_amend_data_file),
     Scenario("bitmap_updates", make_bitmaps, run_bitmaps, check=judge_bitmaps),
     Scenario("luks", make_luks, run_luks, passphrase=LUKS_PASSPHRASE),
 ]

@@ -408,12 +408,19 @@ _IMAGE_PARAMS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rebase": ("file", "one", ("fmt",)),
     "resize": ("args", "first", ("fmt",)),
     "amend": ("file", "one", ("fmt",)),
+    "dd": ("operands", "if_operand", ("fmt",)),  # the if=... operand
+    "nbd": ("files", "all", ("fmt",)),
+    "ublk add": ("file", "one", ()),  # -t names the driver; a driver= must agree with it
 }
 
 
 def add_secret_options(name: str, command: click.Command) -> None:
     """Give ``command`` qemu-img's ``--object`` and, where it reads images, ``--image-opts``
     (convert: ``--target-image-opts`` too). Idempotent."""
+    if name == "ublk" and isinstance(command, click.Group):
+        # The group takes no image; its ``add`` subcommand does.
+        add_secret_options("ublk add", command.commands["add"])
+        return
     if getattr(command, "_vdisk_secret_options", False) or command.callback is None:
         return
     command._vdisk_secret_options = True  # type: ignore[attr-defined]
@@ -446,7 +453,11 @@ def add_secret_options(name: str, command: click.Command) -> None:
         image_opts = kwargs.pop("image_opts", False)
         target_opts = kwargs.pop("target_image_opts", False)
         if spec is not None and image_opts:
-            _apply_image_opts(kwargs, spec)
+            drivers = _apply_image_opts(kwargs, spec)
+            if name == "ublk add" and drivers and drivers[0] not in (None, kwargs["kind"]):
+                raise RequestError(
+                    f"--image-opts driver={drivers[0]} does not match -t {kwargs['kind']}"
+                )
         if target_opts:
             *rest, dst = kwargs["files"]
             target, driver = parse_image_opts(dst)
@@ -458,7 +469,11 @@ def add_secret_options(name: str, command: click.Command) -> None:
     command.callback = wrapped
 
 
-def _apply_image_opts(kwargs: dict[str, Any], spec: tuple[str, str, tuple[str, ...]]) -> None:
+def _apply_image_opts(
+    kwargs: dict[str, Any], spec: tuple[str, str, tuple[str, ...]]
+) -> list[str | None]:
+    """Replace the image operands in ``kwargs`` by their file names (registering their
+    secrets); set the format parameters from ``driver=``. Returns the drivers given."""
     param, which, fmt_params = spec
     if any(kwargs.get(f) for f in fmt_params):
         raise RequestError("--image-opts and --format are mutually exclusive")
@@ -466,9 +481,19 @@ def _apply_image_opts(kwargs: dict[str, Any], spec: tuple[str, str, tuple[str, .
     drivers: list[str | None] = []
     for name in names:
         value = kwargs[name]
+        if value is None:  # ublk add without -f: open_backend says what is missing
+            continue
         if isinstance(value, str):
             value, driver = parse_image_opts(value)
             drivers.append(driver)
+        elif which == "if_operand":
+            items = list(value)
+            for i, item in enumerate(items):
+                if item.startswith("if="):
+                    filename, driver = parse_image_opts(item[len("if=") :])
+                    items[i] = f"if={filename}"
+                    drivers.append(driver)
+            value = tuple(items)
         else:
             items = list(value)
             count = {"first": min(1, len(items)), "all": len(items)}.get(which, len(items) - 1)
@@ -480,3 +505,4 @@ def _apply_image_opts(kwargs: dict[str, Any], spec: tuple[str, str, tuple[str, .
     for f, driver in zip(fmt_params, drivers * len(fmt_params), strict=False):
         if driver is not None:
             kwargs[f] = driver
+    return drivers

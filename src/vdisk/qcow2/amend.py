@@ -3,8 +3,8 @@
 What can change: the version (``compat`` 0.10 <-> 1.1), ``lazy_refcounts``, the refcount width
 (``refcount_bits``) and the virtual size; ``backing_file``/``backing_fmt`` only to their current
 values, as in QEMU 7.2 (``set_backing``, used by rebase, changes them). The options of
-features other modules own (``data_file``, ``data_file_raw``, ``encrypt.*``) go to hooks that
-refuse until those features land.
+features other modules own (``data_file``, ``data_file_raw``, ``encrypt.*``) go to hooks
+(``datafile.amend_header``, ``encryption.amend_encryption``).
 
 Every header change rebuilds the whole first cluster (header, extensions, backing name) in
 memory and writes it with one pwrite, then fdatasyncs: a crash leaves the old or the new header
@@ -58,11 +58,25 @@ class AmendOptions:
 
 
 # -- hooks for the options of features that live elsewhere ---------------------------------------
-def amend_data_file(path: str, data_file: str | None, data_file_raw: bool | None) -> None:
-    """``data_file``/``data_file_raw``: the external data file's module replaces this."""
-    raise UnsupportedFeatureError(
-        "amending data_file/data_file_raw is not supported yet", path=path
-    )
+def amend_data_file(
+    fd: int,
+    header: fmt.Header,
+    have: int,
+    path: str,
+    data_file: str | None,
+    data_file_raw: bool | None,
+) -> None:
+    """``data_file``/``data_file_raw`` (``datafile.amend_header``): checked, then the header
+    rewritten in one write, before any other change."""
+    from .datafile import amend_header, check_data_file_opens
+
+    new = header.copy()
+    amend_header(new, data_file, data_file_raw)
+    check_data_file_opens(path, header)
+    if (new.extensions, new.autoclear_features) != (header.extensions, header.autoclear_features):
+        write_header(fd, new, have, path)
+        header.extensions = new.extensions
+        header.autoclear_features = new.autoclear_features
 
 
 def amend_encryption(path: str, options: dict[str, str], secrets: dict[str, bytes]) -> None:
@@ -118,6 +132,8 @@ def _check_downgrade(header: fmt.Header, bits: int | None, path: str) -> None:
         raise RequestError("compat=0.10 requires refcount_bits=16")
     # QEMU lets a zstd image through (its clusters would then read as zlib); vdisk refuses.
     left = header.incompatible_features & ~fmt.INCOMPAT_DIRTY
+    if left & fmt.INCOMPAT_DATA_FILE:
+        raise RequestError("Cannot downgrade an image with a data file")
     if left:
         raise RequestError(f"Cannot downgrade an image with incompatible features {left:#x} set")
     if header.extension(fmt.EXT_BITMAPS) is not None:
@@ -212,7 +228,7 @@ def _amend(path: str, opts: AmendOptions, progress: Callable[[int, int], None] |
         header, have = _read_header(fd, path)
         version = check_options(header, opts, path)
         if opts.data_file is not None or opts.data_file_raw is not None:
-            hooks["data_file"](path, opts.data_file, opts.data_file_raw)
+            hooks["data_file"](fd, header, have, path, opts.data_file, opts.data_file_raw)
         if header.dirty:
             header, have = _repair(fd, path)
         if version > header.version:

@@ -8,7 +8,9 @@ the data file is always a valid raw image of the guest.
 
 What lives here: where the data file is (the header extension's name as QEMU 7.2 opens it,
 relative to the working directory, else beside the image; or an explicit override), opening and locking it as QEMU does,
-and QEMU's words for what such images refuse.
+QEMU's words for what such images refuse, and what ``amend -o data_file/data_file_raw`` may
+change in the header (QEMU 7.2's rules: a new name only where the data-file bit is already set,
+data_file_raw only switched off).
 """
 
 from __future__ import annotations
@@ -96,11 +98,41 @@ def extension_name(data_file: str) -> bytes:
     return name
 
 
+def check_data_file_opens(image_path: str, header: fmt.Header) -> None:
+    """QEMU opens the current data file before it amends; a missing one stops the amend."""
+    name = data_file_path(image_path, header, None)
+    if name is None:
+        return
+    try:
+        os.close(os.open(name, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        raise RequestError(
+            f"Could not open '{image_path}': Could not open '{name}': {os.strerror(exc.errno or 0)}",
+            errno=exc.errno or errno.EIO,
+        ) from None
+
+
+def amend_header(header: fmt.Header, data_file: str | None, data_file_raw: bool | None) -> None:
+    """Apply ``amend -o data_file=NAME,data_file_raw=on|off`` to ``header`` in memory, refusing
+    (before any change) what QEMU 7.2 refuses. An empty NAME drops the name extension and keeps
+    the data-file bit, as QEMU does (the image then needs ``data-file`` to open)."""
+    if data_file is not None and not has_data_file(header):
+        raise RequestError("data-file can only be set for images that use an external data file")
+    if data_file_raw and not is_raw(header):
+        raise RequestError("data-file-raw cannot be set on existing images")
+    if data_file is not None:
+        header.set_extension(fmt.EXT_DATA_FILE, extension_name(data_file) if data_file else None)
+    if data_file_raw is False:
+        header.autoclear_features &= ~fmt.AUTOCLEAR_DATA_FILE_RAW
+
+
 __all__ = [
     "COMPRESSED_REFUSED",
     "DATA_FILE_READ_ONLY",
     "DATA_FILE_READ_WRITE",
     "SNAPSHOT_REFUSED",
+    "amend_header",
+    "check_data_file_opens",
     "data_file_path",
     "extension_name",
     "has_data_file",
