@@ -175,3 +175,21 @@ def test_refusals(tmp_path: Path) -> None:
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     os.unlink(top)
+
+
+def test_ublk_nbd_backend_opens_the_export(unix_export: str, golden: Path) -> None:
+    """`vdisk ublk add -t nbd URI` serves what this opens (the device itself needs a VM)."""
+    from vdisk.cli.ublk import open_backend
+    from vdisk.ublk.serve import describe
+
+    with open_backend("nbd", unix_export, readonly=True) as dev:
+        assert dev.size == SIZE and dev.readonly
+        buf = bytearray(SIZE)
+        dev.readinto(buf, 0)
+        assert bytes(buf) == golden.read_bytes()
+    assert describe("nbd", unix_export, None)["file"] == unix_export
+    for bad, words in (("nbds://h/", "TLS"), ("/some/file", "needs an nbd://")):
+        with pytest.raises(vdisk.VdiskError, match=words):
+            open_backend("nbd", bad)
+    proc = run(*VDISK, "ublk", "add", "-t", "nbd", "-f", "/x", "nbd://h/", check=False)
+    assert proc.returncode != 0 and "not both" in proc.stderr, proc.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .. import is_uri
 from ..block import BlockDevice
-from ..errors import UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError, VdiskError
 
 #: URI schemes of NBD over TLS, which our client does not speak.
 TLS_SCHEMES = ("nbds://", "nbds+unix://")
@@ -32,3 +32,14 @@ def open_nbd_backing(name: str, backing_format: str | None) -> BlockDevice:
     from .client import NbdClient
 
     return NbdClient.from_uri(name, readonly=True)
+
+
+def open_nbd_export(uri: str, readonly: bool = False) -> BlockDevice:
+    """The export ``uri`` as a BlockDevice (``vdisk ublk add -t nbd URI``)."""
+    if uri.startswith(TLS_SCHEMES):
+        raise UnsupportedFeatureError(f"{uri!r}: NBD over TLS (nbds://) is not supported")
+    if not is_uri(uri):
+        raise VdiskError(f"-t nbd needs an nbd:// or nbd+unix:// URI, not {uri!r}")
+    from .client import NbdClient
+
+    return NbdClient.from_uri(uri, readonly=readonly)
