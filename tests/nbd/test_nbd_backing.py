@@ -122,6 +122,8 @@ def test_qemu_overlay_read_and_written_by_vdisk(
         "backing-filename-format",
     ):
         assert ours.get(key) == theirs.get(key), key
+    chain = ("info", "--backing-chain", str(top))
+    assert run(*VDISK, *chain).stdout == run("qemu-img", *chain).stdout
 
 
 def test_vdisk_create_over_export_as_qemu_img(
@@ -193,3 +195,31 @@ def test_ublk_nbd_backend_opens_the_export(unix_export: str, golden: Path) -> No
             open_backend("nbd", bad)
     proc = run(*VDISK, "ublk", "add", "-t", "nbd", "-f", "/x", "nbd://h/", check=False)
     assert proc.returncode != 0 and "not both" in proc.stderr, proc.stderr
+
+
+def test_commit_into_exports(unix_export: str, golden: Path, tmp_path: Path) -> None:
+    """A read-only export refuses the commit before any write (qemu-img's words); a writable
+    one takes the overlay's data, as qemu-img commit puts it there."""
+    top = tmp_path / "top.qcow2"
+    run(*VDISK, "create", "-q", "-f", "qcow2", "-b", unix_export, "-F", "raw", str(top))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 64k 100k", str(top))
+    before = golden.read_bytes()
+    proc = run(*VDISK, "commit", str(top), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == "vdisk: Can't reopen read-only NBD mount as read/write\n"
+    assert golden.read_bytes() == before
+    writable = tmp_path / "writable.raw"
+    writable.write_bytes(before)
+    sock = unix_export.split("socket=")[1] + "w"
+    proc_w = subprocess.Popen(
+        ["qemu-nbd", "-t", "-e", "0", "-f", "raw", "-k", sock, str(writable)], text=True
+    )
+    try:
+        wait_for_socket(sock, proc=proc_w)
+        run(*VDISK, "rebase", "-u", "-b", f"nbd+unix:///?socket={sock}", "-F", "raw", str(top))
+        run(*VDISK, "commit", str(top))
+    finally:
+        proc_w.terminate()
+        proc_w.wait(timeout=20)
+    expected = _expected(golden, tmp_path, [(64 << 10, b"\x77" * (100 << 10))])
+    assert writable.read_bytes() == expected.read_bytes()
