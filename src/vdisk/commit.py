@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .block import BlockDevice
-from .errors import RequestError, UnsupportedFeatureError
+from .errors import ReadOnlyError, RequestError, UnsupportedFeatureError
 from .map import ChainLevel, close_chain, open_chain
 
 CHUNK = 1 << 20  # bytes copied at a time
@@ -205,6 +205,8 @@ def _commit_locked(
         base_fmt = "qcow2" if levels[bi].image is not None else "raw"
         top = vdisk.open(path, format="qcow2", readonly=True, force_share=True)
         target = vdisk.open(base_name, format=base_fmt, readonly=False)
+        if target.readonly:  # a read-only NBD export: refused before any write, as qemu-img
+            raise ReadOnlyError("Can't reopen read-only NBD mount as read/write")
         if settings.cache == "unsafe" and base_fmt == "qcow2":
             from .qcow2 import Qcow2Image
 

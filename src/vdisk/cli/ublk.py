@@ -1,6 +1,7 @@
 """`vdisk ublk`: serve images as /dev/ublkbN, in the manner of ublksrv's `ublk` tool.
 
     vdisk ublk add -t qcow2|raw|mem|null|zip -f FILE [-q N] [-d DEPTH] [-n ID] [--foreground]
+    vdisk ublk add -t nbd URI   (a remote NBD export, as nbd-client without the nbd module)
     vdisk ublk list [-n ID] [--json]
     vdisk ublk del -n ID | -a
     vdisk ublk recover -n ID [-t TYPE -f FILE]
@@ -23,7 +24,7 @@ from ..sizes import parse_size
 if TYPE_CHECKING:
     from ..block import BlockDevice
 
-BACKEND_TYPES = ("qcow2", "raw", "mem", "null", "zip")
+BACKEND_TYPES = ("qcow2", "raw", "mem", "null", "zip", "nbd")
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -36,6 +37,10 @@ def open_backend(
     """A BlockDevice for ``vdisk ublk add -t KIND -f FILE`` (and recover)."""
     if kind in ("qcow2", "raw", "zip") and not file:
         raise VdiskError(f"-t {kind} needs a file (-f FILE)")
+    if kind == "nbd":
+        from ..nbd.backing import open_nbd_export
+
+        return open_nbd_export(file or "", readonly=readonly)
     if kind in ("qcow2", "raw"):
         import vdisk
         from vdisk import locking
@@ -69,7 +74,8 @@ def ublk_group() -> None:
 @click.option("-t", "--type", "kind", required=True,
               type=click.Choice(BACKEND_TYPES), help="backend type")
 @click.option("-f", "--file", "file", default=None,
-              help="image file (zip: ARCHIVE or ARCHIVE:MEMBER)")
+              help="image file (zip: ARCHIVE or ARCHIVE:MEMBER; nbd: URI)")
+@click.argument("uri", required=False)
 @click.option("-q", "--queues", type=int, default=1, show_default=True, help="hardware queues")
 @click.option("-d", "--depth", type=int, default=128, show_default=True, help="queue depth")
 @click.option("-n", "--number", "dev_id", type=int, default=-1,
@@ -92,7 +98,7 @@ def ublk_group() -> None:
 @click.option("--rotational", is_flag=True, help="advertise a rotational disk")
 @click.option("--need-get-data", is_flag=True, help="use UBLK_F_NEED_GET_DATA for writes")
 @click.option("-v", "--verbose", is_flag=True, help="log request errors and lifecycle")
-def add_command(kind: str, file: str | None, queues: int, depth: int, dev_id: int,
+def add_command(kind: str, file: str | None, uri: str | None, queues: int, depth: int, dev_id: int,
                 size: int | None, foreground: bool, metrics_port: int | None, recovery: bool,
                 readonly: bool, logical_block_size: int, physical_block_size: int,
                 max_io_size: int, no_discard: bool, writethrough: bool, rotational: bool,
@@ -102,6 +108,10 @@ def add_command(kind: str, file: str | None, queues: int, depth: int, dev_id: in
     from ..ublk.device import UblkParams
 
     _logging(verbose)
+    if uri is not None:  # `-t nbd URI`: the export in place of -f FILE
+        if file is not None:
+            raise VdiskError(f"give either -f FILE or {uri!r}, not both")
+        file = uri
     params = UblkParams(
         queues=queues, depth=depth, max_io_buf_bytes=max_io_size,
         logical_block_size=logical_block_size, physical_block_size=physical_block_size,

@@ -336,6 +336,10 @@ class Qcow2Image(BlockDeviceBase):
         h = self.header
         assert h.backing_file is not None
         name = h.backing_file
+        from ..nbd import backing as nbd_backing
+
+        if nbd_backing.is_nbd_backing(name):
+            return nbd_backing.open_nbd_backing(name, h.backing_format)
         if name.startswith("json:") or (":" in name.split("/")[0] and not os.path.exists(name)):
             raise UnsupportedFeatureError(
                 f"backing file {name!r}: protocol backing files are not supported"

@@ -131,7 +131,9 @@ def _one_line(exc: VdiskError | OSError) -> str:
 
 
 def describe(kind: str, file: str | None, size: int | None) -> dict[str, Any]:
-    return {"type": kind, "file": os.path.abspath(file) if file else None, "backend_size": size}
+    if file and kind != "nbd":  # a URI stays as it is
+        file = os.path.abspath(file)
+    return {"type": kind, "file": file or None, "backend_size": size}
 
 
 def add(
