@@ -52,7 +52,7 @@ from ..errors import (
     VdiskError,
     from_oserror,
 )
-from ..fileio import pread_full, pwritev_full
+from ..fileio import pread_full, pwrite_full, pwritev_full
 from . import datafile
 from . import format as fmt
 from .bitmap import BitmapSet, PersistentBitmap
@@ -378,7 +378,7 @@ class Qcow2Image(BlockDeviceBase):
             # The refcounts now match the tables (what the dirty bit warns of); what check
             # still reports lies in the tables themselves. QEMU clears the bit too.
             repaired.incompatible_features &= ~fmt.INCOMPAT_DIRTY
-            os.pwrite(
+            pwrite_full(
                 self.fd,
                 struct.pack(">Q", repaired.incompatible_features),
                 fmt.HDR_INCOMPATIBLE_FEATURES,
@@ -393,10 +393,10 @@ class Qcow2Image(BlockDeviceBase):
         if self.header.version < 3:
             return
         if incompatible is not None:
-            os.pwrite(self.fd, struct.pack(">Q", incompatible), fmt.HDR_INCOMPATIBLE_FEATURES)
+            pwrite_full(self.fd, struct.pack(">Q", incompatible), fmt.HDR_INCOMPATIBLE_FEATURES)
             self.header.incompatible_features = incompatible
         if autoclear is not None:
-            os.pwrite(self.fd, struct.pack(">Q", autoclear), fmt.HDR_AUTOCLEAR_FEATURES)
+            pwrite_full(self.fd, struct.pack(">Q", autoclear), fmt.HDR_AUTOCLEAR_FEATURES)
             self.header.autoclear_features = autoclear
         os.fdatasync(self.fd)
 
