@@ -281,6 +281,9 @@ class Qcow2Image(BlockDeviceBase):
         self._non_l2_metadata = found.others
         self._inflight: set[int] = set()
         self._waiters = 0
+        # Set while an operation drains the I/O in flight: new requests wait at _admit, so
+        # a stream of them cannot starve the drain.
+        self._quiescing = 0
         self._next_ticket = 0
         self._active: set[int] = set()
         self._pending: list[tuple[int, list[int]]] = []
@@ -483,6 +486,16 @@ class Qcow2Image(BlockDeviceBase):
         self._pending = keep
         return released
 
+    def _admit(self) -> None:
+        """Hold a new request until the drain under way (see snapshot.py) has finished."""
+        with self._lock:
+            while self._quiescing:
+                self._waiters += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiters -= 1
+
     def _wait_inflight(self, gc0: int, gc1: int) -> None:
         while self._inflight and any(gc in self._inflight for gc in range(gc0, gc1 + 1)):
             self._waiters += 1
@@ -571,6 +584,8 @@ class Qcow2Image(BlockDeviceBase):
             self.check_request(offset, n)
         if not n:
             return n
+        if self._quiescing:
+            self._admit()
         cmask = self.cluster_size - 1
         if (offset & cmask) + n <= cmask + 1 and self._fast_paths:
             # Hot path: one cluster, its L2 table cached, a plain data entry.
@@ -676,6 +691,8 @@ class Qcow2Image(BlockDeviceBase):
         n = view.nbytes
         if self._closed or self._readonly or offset < 0 or offset + n > self._size:
             self.check_request(offset, n, write=True)  # raises the matching error
+        if self._quiescing:
+            self._admit()
         if self._tracked:
             self._bitmaps.mark(offset, n)
         if self._compress_writes and n:
@@ -785,6 +802,8 @@ class Qcow2Image(BlockDeviceBase):
         """The writing half of :meth:`write_compressed`."""
         if self._closed or self._readonly:
             self.check_request(0, 0, write=True)
+        if self._quiescing:
+            self._admit()
         if self._tracked:
             for cluster in clusters:
                 self._bitmaps.mark(cluster.guest_offset, len(cluster.data))
@@ -1007,6 +1026,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
+        if self._quiescing:
+            self._admit()
         if self._tracked:
             self._bitmaps.mark(offset, length)
         try:
@@ -1018,6 +1039,8 @@ class Qcow2Image(BlockDeviceBase):
 
     def discard(self, offset: int, length: int) -> None:
         self.check_request(offset, length, write=True)
+        if self._quiescing:
+            self._admit()
         if self._tracked:
             self._bitmaps.mark(offset, length)
         try:

@@ -299,12 +299,18 @@ def _begin(img: Qcow2Image) -> bool:
     refuse_on_data_file(img.header, img.path)
     # Drain guest I/O, as QEMU drains before a snapshot: allocating writes (notified) and
     # every request holding a ticket (in-place writes, reads; returned without a notify).
-    while img._inflight or img._active:
-        img._waiters += 1
-        try:
-            img._cond.wait(None if img._inflight else 0.001)
-        finally:
-            img._waiters -= 1
+    # New requests wait meanwhile (Qcow2Image._admit), or a busy writer would starve us.
+    img._quiescing += 1
+    try:
+        while img._inflight or img._active:
+            img._waiters += 1
+            try:
+                img._cond.wait(None if img._inflight else 0.001)
+            finally:
+                img._waiters -= 1
+    finally:
+        img._quiescing -= 1
+        img._cond.notify_all()  # the admitted requests then wait for the lock
     if not img._write_ready:
         img._prepare_first_write()
     img._flush_locked()
