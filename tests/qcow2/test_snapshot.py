@@ -468,6 +468,37 @@ def test_resize_with_vdisk_snapshots(tmp_path: Path) -> None:
     assert_check_clean(path)
 
 
+def test_snapshot_drain_holds_new_requests(tmp_path: Path) -> None:
+    """While create_snapshot waits for a request in flight, a new request waits too, until
+    the snapshot is taken: otherwise a stream of requests could starve the drain."""
+    import threading
+
+    path = _fresh(tmp_path, "cluster_size=4096")
+    with Qcow2Image.open(str(path)) as img:
+        img.write(b"\x01" * 4096, 0)
+        img._active.add(-1)  # a request in flight, as a reader holds its ticket
+        snapper = threading.Thread(target=img.create_snapshot, args=("s",))
+        snapper.start()
+        while not img._quiescing:
+            snapper.join(0.001)
+        done = threading.Event()
+
+        def writer() -> None:
+            img.write(b"\x02" * 4096, 0)
+            done.set()
+
+        late = threading.Thread(target=writer)
+        late.start()
+        assert not done.wait(0.2), "a new write ran while the snapshot drained"
+        img._active.discard(-1)
+        snapper.join()
+        late.join()
+        assert [s.name for s in img.snapshots] == ["s"]
+    with vdisk.open(str(path), snapshot="s") as view:
+        assert view.pread(4096, 0) == b"\x01" * 4096  # the late write went after it
+    assert_check_clean(path)
+
+
 def test_snapshots_beside_concurrent_writers(tmp_path: Path) -> None:
     """Snapshots taken while threads write (each drains the I/O in flight first): the image
     checks clean and every 4 KiB block of every snapshot holds one whole write."""
