@@ -486,23 +486,23 @@ class Qcow2Image(BlockDeviceBase):
         self._pending = keep
         return released
 
+    def _wait(self, timeout: float | None = None) -> None:
+        """Under the lock: wait on the condition, counted so that finishing requests notify."""
+        self._waiters += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiters -= 1
+
     def _admit(self) -> None:
         """Hold a new request until the drain under way (see snapshot.py) has finished."""
         with self._lock:
             while self._quiescing:
-                self._waiters += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self._waiters -= 1
+                self._wait()
 
     def _wait_inflight(self, gc0: int, gc1: int) -> None:
         while self._inflight and any(gc in self._inflight for gc in range(gc0, gc1 + 1)):
-            self._waiters += 1
-            try:
-                self._cond.wait()
-            finally:
-                self._waiters -= 1
+            self._wait()
 
     # -- write-back ---------------------------------------------------------------------
     def _before_table_write(self, kind: int) -> None:

@@ -303,11 +303,7 @@ def _begin(img: Qcow2Image) -> bool:
     img._quiescing += 1
     try:
         while img._inflight or img._active:
-            img._waiters += 1
-            try:
-                img._cond.wait(None if img._inflight else 0.001)
-            finally:
-                img._waiters -= 1
+            img._wait(None if img._inflight else 0.001)
     finally:
         img._quiescing -= 1
         img._cond.notify_all()  # the admitted requests then wait for the lock
