@@ -5,11 +5,12 @@ The front door: ``open()`` an image as a BlockDevice (probing its format) and ``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .errors import VdiskError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .block import BlockDevice, Extent
 
 __all__ = [

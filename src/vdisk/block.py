@@ -4,22 +4,23 @@ Exports (convert, NBD, ublk) consume only this protocol; they never learn which 
 serve. ``BlockDeviceBase`` gives implementations the shared bookkeeping: range checks, read-only
 and closed state, context management and a default ``pread``.
 
-Also here, because every consumer of a device needs them the same way: ``SectorPadded`` (a raw
-file sized as QEMU sizes it, in whole 512-byte sectors) and ``resolve_backing`` (where a backing
-file name points, by QEMU's rule).
+Also here, because every consumer of a device needs it the same way: ``SectorPadded`` (a raw
+file sized as QEMU sizes it, in whole 512-byte sectors).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
 
-from typing_extensions import Buffer
-
 from .errors import ClosedError, ReadOnlyError, RequestError
+from .sizes import round_up_to_sector
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,14 +198,6 @@ def is_zero(buf: Buffer) -> bool:
     return not np.frombuffer(view, dtype=np.uint8).any()
 
 
-SECTOR_SIZE = 512
-
-
-def round_up_to_sector(size: int) -> int:
-    """``size`` rounded up to whole 512-byte sectors (how QEMU sizes raw files and new images)."""
-    return -(-size // SECTOR_SIZE) * SECTOR_SIZE
-
-
 class SectorPadded:
     """A raw file as QEMU sees it: rounded up to whole sectors, the tail reading as zeros.
 
@@ -230,26 +223,6 @@ class SectorPadded:
             tail = offset + real
             out.append(Extent(tail, length - real, data=False, zero=True, host_offset=tail))
         return out
-
-
-def has_protocol(name: str) -> bool:
-    """True for names like ``nbd:...`` or ``json:{...}``: a colon before any slash (as QEMU)."""
-    colon = name.find(":")
-    slash = name.find("/")
-    return colon >= 0 and (slash < 0 or colon < slash)
-
-
-def resolve_backing(image_path: str, backing_name: str) -> str:
-    """Where the backing file ``backing_name`` of the image at ``image_path`` is, as QEMU says.
-
-    An absolute name or a protocol name stands as it is; a relative one is taken relative to
-    the directory of the image, as the image's path is spelled (not made absolute), so
-    ``sub/top.qcow2`` with backing ``base.qcow2`` gives ``sub/base.qcow2`` from any cwd."""
-    if os.path.isabs(backing_name) or has_protocol(backing_name):
-        return backing_name
-    # Keep the image path's protocol prefix or directory, whichever ends later.
-    prefix = max(image_path.find(":") + 1, image_path.rfind("/") + 1)
-    return image_path[:prefix] + backing_name
 
 
 class DirtyBitmap:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .block import SECTOR_SIZE, SectorPadded
+from .block import SectorPadded
 from .convert import Source
 from .errors import VdiskError
+from .sizes import SECTOR_SIZE
 
 CHUNK = 4 << 20  # bytes compared per read
 PROBE = 1 << 30  # block status window

@@ -8,9 +8,12 @@ as ``OSError`` for the caller to turn into a ``VdiskError`` naming its file.
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from typing_extensions import Buffer
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from typing_extensions import Buffer
 
 IOV_MAX = 1024  # Linux's limit on buffers per preadv/pwritev call
 

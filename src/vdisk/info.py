@@ -9,20 +9,22 @@ renderings walk it in bucket order; we sort keys the same way so that our output
 
 from __future__ import annotations
 
-import datetime
 import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
-from .block import BlockDevice, resolve_backing, round_up_to_sector
 from .errors import BackingChainError, VdiskError, from_oserror
-from .sizes import format_size
+from .filenames import resolve_backing
+from .sizes import format_size, round_up_to_sector
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
+    from .block import BlockDevice
     from .qcow2.format import SnapshotEntry
     from .qcow2.summary import Qcow2Summary
 
-Info = dict[str, Any]
+Info = dict[str, "Any"]
 
 _QDICT_BUCKETS = 512
 
@@ -123,7 +125,9 @@ def _dump_entry(label: str, value: Any, indent: int, out: list[str]) -> None:
 def _snapshot_line(sn: Info | None) -> str:
     if sn is None:
         return f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
-    date = datetime.datetime.fromtimestamp(sn["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
+    import time  # not datetime: `vdisk info` starts faster without it
+
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
     clock_ns = sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"]
     secs = clock_ns // 1_000_000_000
     clock = (
@@ -225,7 +229,9 @@ def allocated_size(path: str) -> int | None:
         return None
 
 
-def device_info(device: BlockDevice | Qcow2Summary, filename: str, fmt: str) -> Info:
+def device_info(
+    device: BlockDevice | Qcow2Summary | RawFileSummary, filename: str, fmt: str
+) -> Info:
     """The ImageInfo of an open device (its own layer only; the chain is walked apart)."""
     from . import is_uri
 
@@ -267,11 +273,30 @@ def device_info(device: BlockDevice | Qcow2Summary, filename: str, fmt: str) -> 
     return info
 
 
+class RawFileSummary:
+    """A raw image file open read-only and locked as a read-only RawDevice is: its size is all
+    ``info`` reads, so the BlockDevice machinery (and its imports) stays unloaded."""
+
+    def __init__(self, path: str, force_share: bool = False) -> None:
+        import stat
+
+        from . import locking
+
+        mode = locking.mode_for("raw", readonly=True, force_share=force_share)
+        self.fd = locking.open_locked(path, os.O_RDONLY, mode)
+        st = os.fstat(self.fd)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def open_for_info(
     path: str, fmt: str | None, force_share: bool = False
-) -> tuple[BlockDevice | Qcow2Summary, str]:
+) -> tuple[BlockDevice | Qcow2Summary | RawFileSummary, str]:
     """Open ``path`` read-only without its backing chain (like qemu-img info); return it and
-    its format. A qcow2 image opens as a header-level summary (quick: no table machinery)."""
+    its format. A qcow2 image opens as a header-level summary and a raw file as its size
+    (quick: no table machinery)."""
     import vdisk
 
     from . import is_uri, probe_format
@@ -288,6 +313,8 @@ def open_for_info(
             path, readonly=True, open_backing=False, force_share=force_share, unlock=False
         )
         return image, fmt
+    if fmt == "raw" and not is_uri(path):
+        return RawFileSummary(path, force_share), fmt
     return vdisk.open(path, format=fmt, readonly=True, force_share=force_share), fmt
 
 
@@ -316,3 +343,20 @@ def chain_info(path: str, fmt: str | None = None, force_share: bool = False) -> 
         yield info
         filename = info.get("full-backing-filename")
         fmt = info.get("backing-filename-format")
+
+
+def report(
+    path: str,
+    fmt: str | None = None,
+    output: str = "human",
+    chain: bool = False,
+    force_share: bool = False,
+) -> str:
+    """The whole ``qemu-img info`` output for ``path`` (and its backing chain with ``chain``)."""
+    from . import check_format
+
+    check_format(fmt, path)
+    infos = (
+        list(chain_info(path, fmt, force_share)) if chain else [image_info(path, fmt, force_share)]
+    )
+    return render(infos, output, chain)

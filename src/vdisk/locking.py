@@ -21,22 +21,25 @@ qemu-img/qemu-io 7.2), and :func:`lock`/:func:`unlock`. The opens themselves cal
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import errno
 import fcntl
 import os
-from dataclasses import dataclass
-from typing import Protocol, cast
+import struct
 
 from .errors import LockError
+from .record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 PERM_BASE = 100  # byte PERM_BASE + bit: the holder has the permission
 SHARED_BASE = 200  # byte SHARED_BASE + bit: the holder does not share the permission
 
 
-class Permission(enum.IntFlag):
-    """QEMU's block permissions (BLK_PERM_*), by bit."""
+class Permission:
+    """QEMU's block permissions (BLK_PERM_*), by bit. Plain ints, not an enum: this module is
+    on ``vdisk info``'s start-up path."""
 
     CONSISTENT_READ = 1 << 0
     WRITE = 1 << 1
@@ -44,22 +47,21 @@ class Permission(enum.IntFlag):
     RESIZE = 1 << 3
 
 
-ALL = Permission.CONSISTENT_READ | Permission.WRITE | Permission.WRITE_UNCHANGED | Permission.RESIZE
-
 PERMISSION_NAMES = {
     Permission.CONSISTENT_READ: "consistent read",
     Permission.WRITE: "write",
     Permission.WRITE_UNCHANGED: "write unchanged",
     Permission.RESIZE: "resize",
 }
+ALL = sum(PERMISSION_NAMES)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LockMode:
-    """What an open holds and what it lets others hold at the same time."""
+    """What an open holds and what it lets others hold at the same time (Permission bits)."""
 
-    held: Permission
-    shared: Permission
+    held: int
+    shared: int
     force_share: bool = False  # qemu-img -U: shares everything whatever the user asks
 
 
@@ -87,16 +89,9 @@ def mode_for(format: str, readonly: bool, force_share: bool = False) -> LockMode
     return RAW_READ_ONLY if readonly else RAW_READ_WRITE
 
 
-class _Flock(ctypes.Structure):
-    """struct flock as the kernel reads it on 64-bit Linux (off_t is 64 bits)."""
-
-    _fields_ = [
-        ("l_type", ctypes.c_short),
-        ("l_whence", ctypes.c_short),
-        ("l_start", ctypes.c_int64),
-        ("l_len", ctypes.c_int64),
-        ("l_pid", ctypes.c_int),
-    ]
+# struct flock as the kernel reads it on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid
+# (off_t is 64 bits; native alignment pads it as C does).
+_FLOCK = struct.Struct("hhqqi4x")
 
 
 # Answers meaning "this file (system) has no OFD locks", as QEMU treats them.
@@ -105,13 +100,13 @@ _UNSUPPORTED = {errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 def _fcntl_lock(fd: int, command: int, lock_type: int, start: int, length: int = 1) -> int:
     """One F_OFD_* call on [start, start+length); returns the l_type the kernel answered."""
-    request = _Flock(lock_type, os.SEEK_SET, start, length, 0)
-    answer = fcntl.fcntl(fd, command, bytes(request))
-    return int(_Flock.from_buffer_copy(answer).l_type)
+    answer = fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
+    lock_answered: int = _FLOCK.unpack(answer)[0]
+    return lock_answered
 
 
-def _bytes_of(perms: Permission, base: int) -> list[tuple[Permission, int]]:
-    return [(p, base + p.bit_length() - 1) for p in Permission if p & perms]
+def _bytes_of(perms: int, base: int) -> list[tuple[int, int]]:
+    return [(p, base + p.bit_length() - 1) for p in PERMISSION_NAMES if p & perms]
 
 
 def supported(fd: int) -> bool:
@@ -148,7 +143,7 @@ def _restore(fd: int, previous: LockMode | None) -> None:
         _apply(fd, previous)
 
 
-def _find_conflict(fd: int, mode: LockMode) -> tuple[Permission, bool] | None:
+def _find_conflict(fd: int, mode: LockMode) -> tuple[int, bool] | None:
     """The first clash with another open, as (permission, we_unshare_it), or None.
 
     Checked in QEMU's order: what we hold against others' unshared bytes, then what we do not
@@ -163,7 +158,7 @@ def _find_conflict(fd: int, mode: LockMode) -> tuple[Permission, bool] | None:
     return None
 
 
-def conflict_error(path: str, perm: Permission, unshared: bool) -> LockError:
+def conflict_error(path: str, perm: int, unshared: bool) -> LockError:
     """qemu-img's two-line refusal for a clash on ``perm``."""
     kind = "shared " if unshared else ""
     name = PERMISSION_NAMES[perm]
@@ -197,7 +192,6 @@ def lock(fd: int, path: str, mode: LockMode, previous: LockMode | None = None) -
     return True
 
 
-
 def open_locked(path: str, flags: int, mode: LockMode) -> int:
     """``os.open(path, flags)`` holding ``mode``'s image locks (closing the fd unlocks)."""
     from .errors import from_oserror
@@ -213,6 +207,7 @@ def open_locked(path: str, flags: int, mode: LockMode) -> int:
         raise
     return fd
 
+
 def export_mode(mode: LockMode) -> LockMode:
     """``mode`` as an NBD or ublk export takes it: the size it announced must stay, so nobody
     else may resize (qemu-nbd unshares resize even on raw). -U still shares everything."""
@@ -221,28 +216,19 @@ def export_mode(mode: LockMode) -> LockMode:
     return LockMode(mode.held, mode.shared & ~Permission.RESIZE)
 
 
-class LockedImage(Protocol):
-    """What a locked image file exposes (Qcow2Image, RawDevice)."""
-
-    fd: int
-    path: str
-    lock_mode: LockMode | None
-
-
-def lock_for_export(device: object) -> None:
+def lock_for_export(device: Any) -> None:
     """Narrow the locks of an open image to its ``export_mode``.
 
     Servers call it once after opening what they serve; devices that are not locked image
     files (memory, NBD client, zip member, or where locking was skipped) are left alone.
     """
-    if not isinstance(getattr(device, "lock_mode", None), LockMode):
+    held = getattr(device, "lock_mode", None)
+    if not isinstance(held, LockMode):
         return
-    image = cast(LockedImage, device)
-    assert image.lock_mode is not None
-    narrowed = export_mode(image.lock_mode)
-    if narrowed != image.lock_mode:
-        lock(image.fd, image.path, narrowed, previous=image.lock_mode)
-        image.lock_mode = narrowed
+    narrowed = export_mode(held)
+    if narrowed != held:
+        lock(device.fd, device.path, narrowed, previous=held)
+        device.lock_mode = narrowed
 
 
 def unlock(fd: int) -> None:
@@ -251,7 +237,7 @@ def unlock(fd: int) -> None:
         return
     for base in (PERM_BASE, SHARED_BASE):
         try:
-            _fcntl_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, base, len(Permission))
+            _fcntl_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, base, len(PERMISSION_NAMES))
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise

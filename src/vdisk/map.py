@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .block import BlockDevice, Extent, resolve_backing, round_up_to_sector
+from .block import BlockDevice, Extent
 from .errors import VdiskError
+from .filenames import resolve_backing
 from .info import display_name
+from .sizes import round_up_to_sector
 
 if TYPE_CHECKING:
     from .qcow2 import Qcow2Image

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .block import BlockDevice, resolve_backing
+from .block import BlockDevice
 from .errors import VdiskError
+from .filenames import resolve_backing
 
 CHUNK = 1 << 20  # bytes compared at a time
 

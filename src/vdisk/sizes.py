@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import math
-import re
 
 from .errors import RequestError
 
+SECTOR_SIZE = 512
 _SUFFIXES = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpeb]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpeb]?)(?:i?b)?\s*$"
 
 
 def parse_size(text: str | int, default_suffix: str = "") -> int:
     """Parse '10G', '1.5M', '512', '64K' (qemu-img's suffixes, powers of 1024)."""
+    import re  # here: `vdisk info` formats sizes and never parses one
+
     if isinstance(text, int):
         return text
-    m = _SIZE_RE.match(text)
+    m = re.match(_SIZE_PATTERN, text, re.IGNORECASE)
     if not m:
         raise RequestError(
             f"invalid size {text!r}: expected a number with an optional k, M, G, T, P or E suffix"
@@ -40,4 +42,9 @@ def format_size(n: int) -> str:
 
 
 _UNITS = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
+def round_up_to_sector(size: int) -> int:
+    """``size`` rounded up to whole 512-byte sectors (how QEMU sizes raw files and new images)."""
+    return -(-size // SECTOR_SIZE) * SECTOR_SIZE
 

@@ -1,6 +1,7 @@
-"""Start-up: ``vdisk --help`` and ``vdisk info`` on a raw file import none of the heavy modules,
-the lazy command table agrees with the commands, and a bare ``vdisk`` / ``--version`` behave as
-qemu-img's."""
+"""Start-up: ``vdisk --help`` and ``vdisk info`` import none of the heavy modules, the quick
+commands (``--version``, ``--help``, ``info``) load not even click or typing and answer byte for
+byte as the click tree does, the lazy command table agrees with the commands, and a bare
+``vdisk`` / ``--version`` behave as qemu-img's."""
 
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ import vdisk
 from vdisk.cli import COMMAND_TABLE, cli
 
 HEAVY = ("numpy", "zstandard", "cryptography", "prometheus_client", "tqdm", "importlib.metadata")
+# What the quick commands must not load either: each costs a good part of a bare start.
+STDLIB_HEAVY = (
+    "click",
+    "typing",
+    "typing_extensions",
+    "re",
+    "dataclasses",
+    "inspect",
+    "enum",
+    "ctypes",
+    "json",
+    "datetime",
+    "threading",
+)
 
 _PROBE = """
 import contextlib, io, sys
@@ -27,8 +42,8 @@ print(",".join(sorted(m for m in {heavy!r} if m in sys.modules)))
 """
 
 
-def _loaded_heavy_modules(*argvs: list[str]) -> list[str]:
-    code = _PROBE.format(argvs="".join(f"{a!r}, " for a in argvs), heavy=HEAVY)
+def _loaded_heavy_modules(*argvs: list[str], heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    code = _PROBE.format(argvs="".join(f"{a!r}, " for a in argvs), heavy=heavy)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return [m for m in proc.stdout.strip().split(",") if m]
 
@@ -57,6 +72,26 @@ def test_info_qcow2_imports_no_heavy_module(tmp_path: Path) -> None:
     assert _loaded_heavy_modules(["info", str(image)], ["info", "--output=json", str(image)]) == []
 
 
+def test_quick_commands_load_no_click_nor_typing(tmp_path: Path) -> None:
+    """--version, --help and info (raw; qcow2 with a backing file, a snapshot and a bitmap;
+    human and JSON) run on the bare interpreter's modules plus vdisk's own."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\1" * 65536)
+    image = tmp_path / "disk.qcow2"
+    create = ["create", "-q", "-f", "qcow2", "-b", raw.name, "-F", "raw", image.name]
+    assert qemu_img(create, tmp_path).rc == 0
+    assert qemu_img(["snapshot", "-c", "s1", image.name], tmp_path).rc == 0
+    assert qemu_img(["bitmap", "--add", image.name, "b0"], tmp_path).rc == 0
+    argvs = (
+        ["--version"],
+        ["-h"],
+        ["info", str(raw)],
+        ["info", "-U", "--backing-chain", str(image)],
+        ["info", "--output", "json", "-f", "qcow2", str(image)],
+    )
+    assert _loaded_heavy_modules(*argvs, heavy=HEAVY + STDLIB_HEAVY) == []
+
+
 def test_help_imports_no_command_module() -> None:
     code = (
         "import contextlib, io, sys\nfrom vdisk.cli import main\n"
@@ -64,7 +99,50 @@ def test_help_imports_no_command_module() -> None:
         "print(','.join(m for m in sys.modules if m.startswith('vdisk.cli.')))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == ""
+    assert proc.stdout.strip() == "vdisk.cli.quick"
+
+
+@pytest.mark.parametrize("columns", [*range(40, 82), 200])
+def test_quick_help_is_clicks_help(columns: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At every terminal width, the quick --help prints what click's formatter would."""
+    from vdisk.cli import quick
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    ctx = cli.make_context("vdisk", [], resilient_parsing=True)
+    assert quick.help_text(quick.help_width()) == cli.get_help(ctx) + "\n"
+
+
+def test_quick_info_is_clicks_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each spelling the quick info answers prints what the click command prints."""
+    from vdisk.cli import quick
+    from vdisk.cli.app import run_click
+
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    assert qemu_img(["create", "-q", "-f", "qcow2", base.name, "1M"], tmp_path).rc == 0
+    create = ["create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top.name]
+    assert qemu_img(create, tmp_path).rc == 0
+    spellings = (
+        [str(top)],
+        ["--output=json", str(top)],
+        ["--backing-chain", "--output", "json", str(top)],
+        ["-f", "raw", "-U", str(top)],
+        [str(base), "--force-share"],
+    )
+    for args in spellings:
+        assert quick.answer(["info", *args]) == 0
+        ours = capsys.readouterr().out
+        assert run_click(["info", *args]) == 0
+        assert ours == capsys.readouterr().out, args
+    for odd in (
+        ["-h"],
+        ["--object", "secret,id=s,data=x", str(top)],
+        ["-Uf", "qcow2", str(top)],
+        [str(top), str(base)],
+        ["--output=xml", str(top)],
+        ["--", str(top)],
+    ):
+        assert quick.answer(["info", *odd]) is None, odd  # click's to parse (or refuse)
 
 
 @pytest.mark.parametrize("name", sorted(COMMAND_TABLE))

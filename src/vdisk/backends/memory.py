@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
-from typing_extensions import Buffer
-
 from ..block import BlockDeviceBase, Extent, merge_extents
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 CHUNK_BITS = 16  # 64 KiB chunks allocated on first write
 CHUNK = 1 << CHUNK_BITS

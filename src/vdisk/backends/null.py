@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing_extensions import Buffer
-
 from ..block import BlockDeviceBase, Extent
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _ZEROS = memoryview(bytes(1 << 20))  # copied from, so reads allocate nothing
 

@@ -6,11 +6,13 @@ import errno
 import os
 import stat
 
-from typing_extensions import Buffer
-
 from ..block import BlockDeviceBase, Extent
 from ..errors import VdiskError, from_oserror
 from ..fileio import pread_full, pwrite_full
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["RawDevice", "create_raw", "fallocate", "punch_hole", "write_zeroes_fd"]
 

@@ -10,11 +10,13 @@ import os
 import struct
 import zipfile
 
-from typing_extensions import Buffer
-
 from ..block import BlockDeviceBase, Extent
 from ..errors import FormatError, UnsupportedFeatureError, from_oserror
 from ..fileio import pread_full
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_MAGIC = b"PK\x03\x04"

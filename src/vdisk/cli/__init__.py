@@ -3,20 +3,26 @@
 This package only parses arguments; the work lives in the library. Every VdiskError (and any
 OSError) becomes one line on stderr and a nonzero exit status, never a traceback.
 
-The command tree is lazy: ``COMMAND_TABLE`` maps each command name to its module and one-line
-help, so ``vdisk --help`` lists the commands without importing them and ``vdisk info`` imports
-only ``cli/info.py``.
+Start-up is part of the interface: ``vdisk --version``, ``--help`` and plain ``info`` are
+answered by ``quick`` without importing click (which costs more than the rest of ``vdisk info``
+together). Everything else goes to the click command tree in ``app``, which is lazy too:
+``COMMAND_TABLE`` maps each command name to its module and one-line help, so listing the
+commands imports none of them and ``vdisk map`` imports only ``cli/map.py``.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-import click
-
-from .. import __version__
 from ..errors import VdiskError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .app import cli
+
+__all__ = ["COMMAND_TABLE", "DESCRIPTION", "cli", "main", "run"]
+
+DESCRIPTION = "vdisk: QCOW2 and raw images, exported over ublk and NBD."
 
 # name -> (module under vdisk.cli, attribute, one-line help shown by --help)
 COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
@@ -108,77 +114,39 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
-    """A click group whose subcommands are imported only when run (or asked for their help)."""
+def __getattr__(name: str) -> object:
+    if name == "cli":  # the click group, loaded only when a command needs it
+        from .app import cli
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMAND_TABLE)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        entry = COMMAND_TABLE.get(cmd_name)
-        if entry is None:
-            return None
-        module = importlib.import_module(f"{__name__}.{entry[0]}")
-        command: click.Command = getattr(module, entry[1])
-        from .options import add_secret_options  # --object, --image-opts on every command
-
-        add_secret_options(cmd_name, command)
-        return command
-
-    def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        if args and args[0] not in COMMAND_TABLE and not args[0].startswith("-"):
-            # qemu-img's words for an unknown command.
-            raise click.UsageError(
-                f"Command not found: {args[0]}\nTry 'vdisk --help' for more information"
-            )
-        return super().resolve_command(ctx, args)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, COMMAND_TABLE[name][2]) for name in self.list_commands(ctx)]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@click.group(
-    cls=LazyGroup,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    invoke_without_command=True,
-)
-@click.version_option(
-    __version__, "-V", "--version", prog_name="vdisk", message="%(prog)s version %(version)s"
-)
-@click.pass_context
-def cli(ctx: click.Context) -> None:
-    """vdisk: QCOW2 and raw images, exported over ublk and NBD."""
-    if ctx.invoked_subcommand is None:
-        # A bare qemu-img says what is missing and exits 1.
-        raise click.UsageError("Not enough arguments\nTry 'vdisk --help' for more information")
+def _fail(message: str, status: int = 1) -> int:
+    sys.stderr.write(f"vdisk: {message}\n")
+    sys.stderr.flush()
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning errors into one line and qemu-img's exit codes."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        result = cli.main(args=argv, prog_name="vdisk", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("vdisk: aborted", err=True)
-        return 1
-    except click.ClickException as exc:
-        # qemu-img exits 1 on a bad flag; click's default would be 2.
-        click.echo(f"vdisk: {exc.format_message()}", err=True)
-        return 1
+        from .quick import answer
+
+        status = answer(args)
+        if status is None:
+            from .app import run_click
+
+            status = run_click(args)
     except VdiskError as exc:
-        click.echo(f"vdisk: {exc}", err=True)
-        return 1
+        return _fail(str(exc))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"vdisk: {where}{exc.strerror or exc}", err=True)
-        return 1
+        return _fail(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
-        click.echo("vdisk: interrupted", err=True)
-        return 130
-    return result if isinstance(result, int) else 0
+        return _fail("interrupted", 130)
+    return status
 
 
 def run() -> None:

@@ -14,8 +14,9 @@ import time
 
 import click
 
-from ..block import BlockDevice, round_up_to_sector
+from ..block import BlockDevice
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
+from ..sizes import round_up_to_sector
 from .options import cvtnum
 
 _INT_MAX = (1 << 31) - 1

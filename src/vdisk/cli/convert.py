@@ -19,9 +19,9 @@ from types import FrameType
 
 import click
 
-from ..block import SECTOR_SIZE, BlockDevice, SectorPadded
+from ..block import BlockDevice, SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
-from ..sizes import parse_size
+from ..sizes import SECTOR_SIZE, parse_size
 from .options import ParsedOpt, create_opts, parse_opts
 from .progress import Progress
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import click
 
-from ..block import resolve_backing
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
+from ..filenames import resolve_backing
 from ..sizes import parse_size
 from .options import (
     FORMAT_OPTS,

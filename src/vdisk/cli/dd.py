@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import click
 
-from ..block import BlockDevice, SectorPadded, round_up_to_sector
+from ..block import BlockDevice, SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError
+from ..sizes import round_up_to_sector
 from .options import INT64_MAX, cvtnum
 
 _INT_MAX = (1 << 31) - 1

@@ -15,17 +15,10 @@ from .options import check_output
 @click.argument("file")
 def info_cmd(fmt: str | None, output: str, chain: bool, force_share: bool, file: str) -> int:
     """Show information about the image FILE, like qemu-img info."""
-    import vdisk
-
-    from .. import info
+    from ..info import report
 
     check_output(output)
-    vdisk.check_format(fmt, file)
-    if chain:
-        infos = list(info.chain_info(file, fmt, force_share))
-    else:
-        infos = [info.image_info(file, fmt, force_share)]
-    click.echo(info.render(infos, output, chain), nl=False)
+    click.echo(report(file, fmt, output, chain, force_share), nl=False)
     return 0
 
 

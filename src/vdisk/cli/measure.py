@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import click
 
-from ..block import round_up_to_sector
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
-from ..sizes import parse_size
+from ..sizes import parse_size, round_up_to_sector
 from .options import QCOW2_PREALLOC, parse_opts
 
 

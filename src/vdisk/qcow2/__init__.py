@@ -6,11 +6,12 @@ The image and creation modules (and numpy with them) load on first use, so that 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .format import Header
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .create import create
     from .image import Qcow2Image
 

@@ -27,8 +27,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from typing_extensions import Buffer
-
 from ..errors import CorruptImageError, ReadOnlyError, RequestError, UnsupportedFeatureError
 from ..fileio import pread_full, pwritev_full
 from . import format as fmt
@@ -37,6 +35,8 @@ from .compress import compress_cluster, compress_many, decompress_many
 from .datafile import refuse_on_data_file
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from .image import Qcow2Image
 
 SECTOR = 512

@@ -8,10 +8,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..block import resolve_backing, round_up_to_sector
 from ..errors import FormatError, RequestError, VdiskError, from_oserror
 from ..fileio import pwrite_full
-from ..sizes import parse_size
+from ..filenames import resolve_backing
+from ..sizes import parse_size, round_up_to_sector
 from . import datafile
 from . import format as fmt
 from .cache import encode_l2

@@ -19,8 +19,8 @@ import errno
 import os
 
 from .. import locking
-from ..block import resolve_backing
 from ..errors import RequestError, UnsupportedFeatureError, from_oserror
+from ..filenames import resolve_backing
 from . import format as fmt
 
 # QEMU's locks on a data file (qemu-io 7.2, measured): a writer holds consistent read, write and

@@ -12,14 +12,16 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from typing_extensions import Buffer
-
 from ..crypto import LEGACY_AES, SECTOR_SIZE, CipherSpec, SectorCipher, legacy_aes_key
 from ..errors import FormatError, RequestError, UnsupportedFeatureError, from_oserror
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from . import luks
 from .luks import LuksHeader, UnlockError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _SECTOR_MASK = SECTOR_SIZE - 1
 _warned_legacy = False

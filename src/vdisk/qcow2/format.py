@@ -9,12 +9,12 @@ use it, so that probing and decoding a header stay cheap.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NamedTuple
 
 from .. import QCOW2_MAGIC
 from ..errors import CorruptImageError, FormatError, UnsupportedFeatureError
+from ..record import field, record, replace
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import numpy as np
 
@@ -115,7 +115,7 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-@dataclass(slots=True)
+@record
 class HeaderExtension:
     """One header extension, kept as raw bytes (decoders below give meaning to known ones)."""
 
@@ -123,7 +123,7 @@ class HeaderExtension:
     data: bytes
 
 
-@dataclass(slots=True)
+@record
 class Header:
     """The QCOW2 header (v2 and v3) with its extensions and backing file name."""
 
@@ -549,7 +549,7 @@ _BITMAPS_EXT = struct.Struct(">IIQQ")
 _CRYPTO_EXT = struct.Struct(">QQ")
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True)
 class BitmapsExtension:
     nb_bitmaps: int
     directory_size: int
@@ -570,7 +570,7 @@ class BitmapsExtension:
         return _BITMAPS_EXT.pack(self.nb_bitmaps, 0, self.directory_size, self.directory_offset)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True)
 class CryptoExtension:
     offset: int
     length: int
@@ -590,7 +590,7 @@ _SNAPSHOT_HEAD = struct.Struct(">QIHHIIQII")
 SNAPSHOT_HEADER_SIZE = _SNAPSHOT_HEAD.size  # the fixed part of a snapshot table entry
 
 
-@dataclass(slots=True)
+@record
 class SnapshotEntry:
     l1_table_offset: int
     l1_size: int
@@ -744,7 +744,7 @@ BME_TABLE_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ALL_ONES = 1 << 0
 
 
-@dataclass(slots=True)
+@record
 class BitmapDirectoryEntry:
     bitmap_table_offset: int
     bitmap_table_size: int
@@ -816,17 +816,14 @@ def decode_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirectoryEntry
     return out
 
 
-class BitmapTableEntry(NamedTuple):
-    """One bitmap table entry: the data cluster holding its bits, or none (then every bit
-    reads as ``all_ones``)."""
-
-    host_offset: int
-    all_ones: bool
+# One bitmap table entry: (host_offset, all_ones), the data cluster holding its bits, or 0 (then
+# every bit reads as all_ones).
+BitmapTableEntry = tuple[int, bool]
 
 
 def decode_bitmap_table(buf: bytes | bytearray | memoryview, count: int) -> list[BitmapTableEntry]:
     return [
-        BitmapTableEntry(e & BME_TABLE_OFFSET_MASK, bool(e & BME_TABLE_ALL_ONES))
+        (e & BME_TABLE_OFFSET_MASK, bool(e & BME_TABLE_ALL_ONES))
         for e in struct.unpack_from(f">{count}Q", buf)
     ]
 

@@ -42,7 +42,7 @@ from typing_extensions import Buffer
 
 from .. import locking
 from ..backends.raw import write_zeroes_fd
-from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents, resolve_backing
+from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents
 from ..errors import (
     BackingChainError,
     CorruptImageError,
@@ -53,6 +53,7 @@ from ..errors import (
     from_oserror,
 )
 from ..fileio import pread_full, pwrite_full, pwritev_full
+from ..filenames import resolve_backing
 from . import datafile
 from . import format as fmt
 from .bitmap import BitmapSet, PersistentBitmap

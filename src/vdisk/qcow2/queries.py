@@ -14,12 +14,14 @@ it held. Nothing here writes.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 
 from ..fileio import pread_full
 from . import format as fmt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .image import Qcow2Image
 
 _BME_FLAG_IN_USE = 1 << 0

@@ -10,12 +10,15 @@ either).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from .. import locking
 from ..errors import CorruptImageError, UnsupportedFeatureError, VdiskError, from_oserror
 from ..fileio import pread_full
 from . import format as fmt
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _SNAPSHOT_ENTRY_MAX = 40 + 1024 + 2 * 65536 + 8  # fixed part, extra data, id and name, padding
 
