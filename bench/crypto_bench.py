@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,10 +45,24 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"{' '.join(cmd)}: {proc.stderr}")
 
 
-def _timed(cmd: list[str]) -> float:
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the command and its threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     _run(cmd)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def compile_package() -> None:
+    """Byte-compile vdisk once, as an installed package is (PYTHONDONTWRITEBYTECODE would
+    otherwise make every fresh vdisk process compile its modules again)."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "vdisk")],
+        check=True,
+        capture_output=True,
+    )
 
 
 def _image_opts(path: str) -> list[str]:
@@ -71,10 +86,11 @@ def commands(case: str, tool: list[str], raw: str, luks: str, out: str) -> list[
 
 
 def run_case(case: str, raw: str, luks: str, workdir: str, rounds: int) -> dict[str, object]:
-    times: dict[str, list[float]] = {"qemu": [], "vdisk": []}
+    times: dict[str, list[tuple[float, float]]] = {"qemu": [], "vdisk": []}
     ratios: list[float] = []
+    cpu_ratios: list[float] = []
     for _ in range(rounds):
-        pair: dict[str, list[float]] = {"qemu": [], "vdisk": []}
+        pair: dict[str, list[tuple[float, float]]] = {"qemu": [], "vdisk": []}
         for side in ("vdisk", "qemu", "qemu", "vdisk"):  # A B B A
             tool = VDISK if side == "vdisk" else ["qemu-img"]
             out = os.path.join(workdir, f"out-{side}")
@@ -83,25 +99,45 @@ def run_case(case: str, raw: str, luks: str, workdir: str, rounds: int) -> dict[
             pair[side].append(_timed(commands(case, tool, raw, luks, out)))
         for side in pair:
             times[side].extend(pair[side])
-        ratios.extend(q / v for q, v in zip(pair["qemu"], reversed(pair["vdisk"]), strict=True))
+        # Pairs next to each other in time: (A, B) and (B, A).
+        for q, v in zip(pair["qemu"], pair["vdisk"], strict=True):
+            ratios.append(q[0] / v[0])
+            cpu_ratios.append(q[1] / v[1])
+    load = os.getloadavg()[0]
+    print(f"{case}: ratios {ratios} cpu ratios {cpu_ratios} load {load:.2f}", flush=True)
     return {
         "case": case,
-        "qemu": statistics.median(times["qemu"]),
-        "vdisk": statistics.median(times["vdisk"]),
+        "qemu": statistics.median(t[0] for t in times["qemu"]),
+        "vdisk": statistics.median(t[0] for t in times["vdisk"]),
         "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "qemu_cpu": statistics.median(t[1] for t in times["qemu"]),
+        "vdisk_cpu": statistics.median(t[1] for t in times["vdisk"]),
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "load": load,
     }
 
 
 def table(results: list[dict[str, object]], size: int, rounds: int) -> str:
     lines = [
-        f"{size // MIB} MiB of random data, aes-256-xts-plain64, {rounds} round(s) of A B B A, "
-        f"{os.cpu_count()} cores (shared with other work while measured).",
+        f"`bench/crypto_bench.py --size {size // MIB}M --rounds {rounds}`: {size // MIB} MiB of "
+        f"random data, aes-256-xts-plain64, {rounds} round(s) of A B B A, a fresh process per "
+        f"run (vdisk byte-compiled first, as installed), {os.cpu_count()} cores shared with "
+        "other work. Ratios are qemu-img / vdisk (>1: vdisk faster), the median of the "
+        "pairwise ratios; CPU is user + system seconds of the process.",
         "",
-        "| case | qemu-img (s, median) | vdisk (s, median) | ratio (median of qemu/vdisk) |",
-        "|---|---:|---:|---:|",
+        "| case | qemu-img (s) | vdisk (s) | ratio (wall) | pairwise | qemu-img CPU s | "
+        "vdisk CPU s | ratio (CPU) | load avg |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
-        lines.append(f"| {r['case']} | {r['qemu']:.2f} | {r['vdisk']:.2f} | {r['ratio']:.2f}x |")
+        f = {k: float(v) for k, v in r.items() if isinstance(v, float)}
+        pairs = ", ".join(f"{x:.2f}" for x in r["ratios"])  # type: ignore[attr-defined]
+        lines.append(
+            f"| {r['case']} | {f['qemu']:.2f} | {f['vdisk']:.2f} | **{f['ratio']:.2f}x** | "
+            f"{pairs} | {f['qemu_cpu']:.2f} | {f['vdisk_cpu']:.2f} | {f['cpu_ratio']:.2f}x | "
+            f"{f['load']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -119,6 +155,7 @@ def main() -> int:
     from vdisk.sizes import parse_size
 
     size = parse_size(args.size)
+    compile_package()
     with tempfile.TemporaryDirectory(prefix="vdisk-crypto-bench-", dir="/var/tmp") as workdir:
         raw, luks = make_sources(workdir, size)
         results = [

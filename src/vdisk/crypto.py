@@ -1,15 +1,21 @@
 """Sector ciphers: AES in XTS or CBC mode, 512-byte sectors, with the plain, plain64 and essiv
 IV generators (as dm-crypt, LUKS and QEMU number them). Pure: bytes in, bytes out, no I/O.
 
-A request is en/decrypted in one batch: the IVs of all its sectors are made at once, and the
-AES work is one ECB pass over the whole buffer (XTS: the tweaks are XORed in around it; CBC
-decryption: the previous ciphertext block is XORed in after it). CBC encryption is chained
-inside a sector, so it runs one ECB pass per block position over all sectors together.
+A request is en/decrypted in batches of sectors, never sector by sector: the IVs of a batch
+are made at once, and the AES work is one ECB pass over it (XTS: the tweaks are XORed in around
+it; CBC decryption: the previous ciphertext block is XORed in after it). CBC encryption is
+chained inside a sector, so it runs one ECB pass per block position over all sectors together.
+
+XTS, the LUKS default, is the hot path of encrypted images: it goes through ``_XTS_BATCH``
+sectors at a time (so the tweaks, the data and the ECB output stay in the CPU cache), with the
+ECB contexts and scratch arrays of each thread made once and reused (ECB keeps no state between
+whole blocks; fresh multi-MiB arrays per call cost a page fault per 4 KiB).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +31,9 @@ HASH_ALGS = ("sha1", "sha224", "sha256", "sha384", "sha512")
 AES_KEY_BITS = (128, 192, 256)
 # XTS's GF(2^128): x^128 = x^7 + x^2 + x + 1.
 _BLOCK_INDEX = np.arange(BLOCKS_PER_SECTOR, dtype="<u8")
-_ONE_LESS_BLOCK_INDEX = np.uint64(63) - _BLOCK_INDEX
-_ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
+_BITS_SHIFTED_OUT = np.uint64(64) - _BLOCK_INDEX  # numpy shifts by 64 give 0, as wanted
+_ONE, _FIVE = np.uint64(1), np.uint64(5)
+_XTS_BATCH = 512  # sectors per pass (256 KiB): fewest CPU seconds per GiB, measured
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,26 @@ def _ecb(key: bytes, encrypt: bool):  # type: ignore[no-untyped-def]
     return cipher.encryptor() if encrypt else cipher.decryptor()
 
 
+class _XtsThreadState:
+    """One thread's XTS contexts (ECB keeps no state between whole blocks, so they are made
+    once) and its scratch arrays for a batch of up to ``_XTS_BATCH`` sectors."""
+
+    def __init__(self, data_key: bytes, tweak_key: bytes) -> None:
+        self.tweak_encryptor = _ecb(tweak_key, True)
+        self.encryptor = _ecb(data_key, True)
+        self.decryptor = _ecb(data_key, False)
+        shape = (_XTS_BATCH, BLOCKS_PER_SECTOR)
+        self.tweak_lo = np.empty(shape, dtype="<u8")  # low and high halves of every tweak
+        self.tweak_hi = np.empty(shape, dtype="<u8")
+        self.carry = np.empty(shape, dtype="<u8")
+        self.ivs = np.zeros((_XTS_BATCH, 2), dtype="<u8")
+        self.first_tweaks = bytearray(_XTS_BATCH * 16 + 15)  # update_into wants 15 spare
+        self.ecb_out = bytearray(_XTS_BATCH * SECTOR_SIZE + 15)
+
+
 class SectorCipher:
     """Encrypts and decrypts whole 512-byte sectors numbered from ``sector``. Thread-safe:
-    each call makes its own cipher contexts (one per call, never one per sector)."""
+    XTS keeps its cipher contexts per thread, CBC makes them per call (never per sector)."""
 
     def __init__(self, spec: CipherSpec, key: bytes) -> None:
         if len(key) != spec.key_len:
@@ -115,43 +139,86 @@ class SectorCipher:
         if spec.ivgen == "essiv":
             assert spec.ivgen_hash is not None
             self._essiv_key = hashlib.new(spec.ivgen_hash, key).digest()
+        self._local = threading.local()
 
     # -- IVs ---------------------------------------------------------------------------
     def _ivs(self, sector: int, count: int) -> np.ndarray:
         """(count, 16) uint8: the IV of each sector."""
-        numbers = np.arange(sector, sector + count, dtype="<u8")
         ivs = np.zeros((count, 2), dtype="<u8")
-        if self.spec.ivgen == "plain":
-            ivs[:, 0] = numbers & np.uint64(0xFFFFFFFF)
-        else:
-            ivs[:, 0] = numbers
+        self._fill_ivs(ivs, sector)
         raw = ivs.view(np.uint8).reshape(count, 16)
         if self.spec.ivgen == "essiv":
             enc = _ecb(self._essiv_key, True)
             raw = np.frombuffer(enc.update(_as_bytes(raw)), dtype=np.uint8).reshape(count, 16)
         return raw
 
-    def _xts_tweaks(self, sector: int, count: int) -> np.ndarray:
-        """(count, 32, 2) little-endian uint64: the tweak of every block of every sector."""
-        first = _ecb(self._tweak_key, True).update(_as_bytes(self._ivs(sector, count)))
-        t0 = np.frombuffer(first, dtype="<u8").reshape(count, 2, 1)
-        lo, hi = t0[:, 0], t0[:, 1]
-        # Block j's tweak is t0 * x^j: shift left by j and fold the j bits shifted out of
-        # the top back in times x^7 + x^2 + x + 1 (j < 32, so the fold cannot overflow).
-        j = _BLOCK_INDEX
-        back = _ONE_LESS_BLOCK_INDEX  # 63 - j: two shifts, as a shift by 64 is undefined
-        t = np.empty((count, BLOCKS_PER_SECTOR, 2), dtype="<u8")
-        new_lo, new_hi = t[:, :, 0], t[:, :, 1]
-        out_bits = np.right_shift(hi >> _ONE, back)
-        np.left_shift(hi, j, out=new_hi)
-        new_hi |= np.right_shift(lo >> _ONE, back)
-        np.left_shift(lo, j, out=new_lo)
-        scratch = np.empty_like(out_bits)
-        new_lo ^= out_bits
-        new_lo ^= np.left_shift(out_bits, _ONE, out=scratch)
-        new_lo ^= np.left_shift(out_bits, _TWO, out=scratch)
-        new_lo ^= np.left_shift(out_bits, _SEVEN, out=scratch)
-        return t
+    def _fill_ivs(self, ivs: np.ndarray, sector: int) -> None:
+        """The sector numbers of a plain or plain64 IV into ``ivs`` ((count, 2) uint64,
+        the high word zero)."""
+        numbers = np.arange(sector, sector + len(ivs), dtype="<u8")
+        if self.spec.ivgen == "plain":
+            numbers &= np.uint64(0xFFFFFFFF)
+        ivs[:, 0] = numbers
+
+    def _xts_state(self) -> _XtsThreadState:
+        state: _XtsThreadState | None = getattr(self._local, "xts", None)
+        if state is None:
+            state = _XtsThreadState(self._data_key, self._tweak_key)
+            self._local.xts = state
+        return state
+
+    def _xts_tweaks(
+        self, state: _XtsThreadState, sector: int, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) halves of the tweak of every block of ``count`` sectors, each
+        (count, 32) uint64 (views of ``state``'s scratch arrays).
+
+        Block j's tweak is t0 * x^j (t0: the sector's IV encrypted with the tweak key): t0
+        shifted left by j, the j bits shifted out of the top folded back in times
+        x^7 + x^2 + x + 1 (j < 32, so the fold cannot overflow)."""
+        ivs = state.ivs[:count]
+        if self.spec.ivgen == "essiv":
+            ivs[:] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(
+                count, 2
+            )
+        else:
+            self._fill_ivs(ivs, sector)
+        state.tweak_encryptor.update_into(ivs.data.cast("B"), state.first_tweaks)
+        t0 = np.frombuffer(state.first_tweaks, dtype="<u8", count=count * 2).reshape(count, 2)
+        lo, hi = t0[:, 0:1], t0[:, 1:2]
+        new_lo, new_hi, out = state.tweak_lo[:count], state.tweak_hi[:count], state.carry[:count]
+        np.left_shift(lo, _BLOCK_INDEX, out=new_lo)
+        np.right_shift(hi, _BITS_SHIFTED_OUT, out=out)  # the bits shifted out of the top
+        new_lo ^= out
+        out <<= _ONE
+        new_lo ^= out
+        out <<= _ONE
+        new_lo ^= out
+        out <<= _FIVE
+        new_lo ^= out
+        np.left_shift(hi, _BLOCK_INDEX, out=new_hi)
+        np.right_shift(lo, _BITS_SHIFTED_OUT, out=out)
+        new_hi |= out
+        return new_lo, new_hi
+
+    def _xts(self, src: memoryview, dst: memoryview, sector: int, encrypt: bool) -> None:
+        """XTS of ``src`` into ``dst`` (the same length; may be the same buffer)."""
+        state = self._xts_state()
+        ecb = state.encryptor if encrypt else state.decryptor
+        total = len(src) // SECTOR_SIZE
+        for first in range(0, total, _XTS_BATCH):
+            count = min(_XTS_BATCH, total - first)
+            lo, hi = self._xts_tweaks(state, sector + first, count)
+            part = slice(first * SECTOR_SIZE, (first + count) * SECTOR_SIZE)
+            plain = np.frombuffer(src[part], dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
+            out_view = dst[part]
+            out = np.frombuffer(out_view, dtype="<u8").reshape(plain.shape)
+            np.bitwise_xor(plain[:, :, 0], lo, out=out[:, :, 0])
+            np.bitwise_xor(plain[:, :, 1], hi, out=out[:, :, 1])
+            ecb.update_into(out_view, state.ecb_out)
+            y = np.frombuffer(state.ecb_out, dtype="<u8", count=count * 64).reshape(plain.shape)
+            np.bitwise_xor(y[:, :, 0], lo, out=out[:, :, 0])
+            np.bitwise_xor(y[:, :, 1], hi, out=out[:, :, 1])
 
     # -- en/decryption -----------------------------------------------------------------
     def decrypt(self, buf: Buffer, sector: int) -> None:
@@ -160,14 +227,11 @@ class SectorCipher:
         count = _sectors(len(view))
         if not count:
             return
+        if self.spec.mode == "xts":
+            self._xts(view, view, sector, False)
+            return
         data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
         dec = _ecb(self._data_key, False)
-        if self.spec.mode == "xts":
-            t = self._xts_tweaks(sector, count)
-            data ^= t
-            y = np.frombuffer(dec.update(view), dtype="<u8").reshape(data.shape)
-            np.bitwise_xor(y, t, out=data)
-            return
         prev = np.empty_like(data)
         prev[:, 0] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(
             count, 2
@@ -176,28 +240,29 @@ class SectorCipher:
         y = np.frombuffer(dec.update(view), dtype="<u8").reshape(data.shape)
         np.bitwise_xor(y, prev, out=data)
 
-    def encrypt(self, buf: Buffer, sector: int) -> memoryview:
-        """The ciphertext of ``buf`` (a whole number of sectors), in a new buffer."""
+    def encrypt(self, buf: Buffer, sector: int, out: Buffer | None = None) -> memoryview:
+        """The ciphertext of ``buf`` (a whole number of sectors), in ``out`` (writable, at
+        least as long; not overlapping ``buf``) or else a new buffer."""
         view = memoryview(buf).cast("B")
         count = _sectors(len(view))
-        data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
-        dst = np.empty_like(data)
-        out = dst.data.cast("B")
+        if out is None:
+            dst = memoryview(bytearray(len(view)))
+        else:
+            dst = memoryview(out).cast("B")[: len(view)]
         if not count:
-            return out
-        enc = _ecb(self._data_key, True)
+            return dst
         if self.spec.mode == "xts":
-            t = self._xts_tweaks(sector, count)
-            np.bitwise_xor(data, t, out=dst)
-            y = np.frombuffer(enc.update(out), dtype="<u8").reshape(data.shape)
-            np.bitwise_xor(y, t, out=dst)
-            return out
+            self._xts(view, dst, sector, True)
+            return dst
+        data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
+        ciphertext = np.frombuffer(dst, dtype="<u8").reshape(data.shape)
+        enc = _ecb(self._data_key, True)
         prev = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(count, 2)
         for j in range(BLOCKS_PER_SECTOR):
             c = np.frombuffer(enc.update(_as_bytes(data[:, j] ^ prev)), dtype="<u8")
             prev = c.reshape(count, 2)
-            dst[:, j] = prev
-        return out
+            ciphertext[:, j] = prev
+        return dst
 
 
 def _as_bytes(array: np.ndarray) -> memoryview:
