@@ -758,16 +758,18 @@ class ServerConnection:
             self._drain, req.pending = req.pending, 0
         return req
 
-    def next_io(self) -> tuple[int, int, int, int, memoryview | None] | None:
+    def next_io(self) -> tuple[int, int, int, int, memoryview | None] | _NeedData | None:
         """The serving loop's shortcut (transmission only): the next request when it is a
         valid READ (flags: FUA at most) or a valid WRITE without flags whose payload is all
         buffered, as (type, cookie, offset, length, payload: None for a READ), taken off the
-        buffer; None for anything else, left for next_event() (which also says NEED_DATA).
-        One call and no event object per request."""
+        buffer; NEED_DATA when not even a request header is buffered; None for anything else,
+        left for next_event(). One call and no event object per request."""
         start, end = self._start, self._end
         hsize = self._req_size
-        if end - start < hsize or self._drain:
+        if self._drain:
             return None
+        if end - start < hsize:
+            return NEED_DATA
         magic, flags, rtype, cookie, offset, length = self._req_unpack(self._buf, start)
         if magic != self._req_magic or offset + length > self._size or length > MAX_PAYLOAD:
             return None

@@ -352,13 +352,16 @@ class _Client:
         chunk_magic = p.NBD_STRUCTURED_REPLY_MAGIC
         done_flag = p.NBD_REPLY_FLAG_DONE
         data_type = p.NBD_REPLY_TYPE_OFFSET_DATA
+        tls = self.tls
+        sock_send = self.sock.send
         arena_view = memoryview(self.arena)
         arena_len = len(arena_view)
         reads = read_bytes = writes = write_bytes = 0
         batch_start = clock()
+        event: p.Event
         while True:
             io = next_io()
-            if io is not None:
+            if type(io) is tuple:
                 rtype, cookie, offset, length, payload = io
                 try:
                     if payload is None:
@@ -384,7 +387,7 @@ class _Client:
                             reads += 1
                             read_bytes += length
                             continue
-                        req = Request(cookie, rtype, 0, offset, length)
+                        event = Request(cookie, rtype, 0, offset, length)
                     elif inline_writes:
                         n = pwritev(fd, [payload], offset)
                         if n != length:
@@ -401,42 +404,45 @@ class _Client:
                         write_bytes += length
                         continue
                     else:
-                        req = Request(cookie, rtype, 0, offset, length, payload)
+                        event = Request(cookie, rtype, 0, offset, length, payload)
                 except Exception as exc:  # the device failed: answer with an error, keep going
                     self.fail(conn, metrics, rtype, cookie, exc, 0)
                     arena_view = memoryview(self.arena)
                     arena_len = len(arena_view)
                     continue
+            elif io is NEED_DATA or (event := next_event()) is NEED_DATA:
+                pos = self.pos
+                if pos:  # every reply of the batch in one send
+                    sent = 0 if tls else sock_send(arena_view[:pos])
+                    if sent != pos:
+                        self.send(arena_view[sent:pos])
+                    self.pos = 0
+                if reads or writes:
+                    elapsed = clock() - batch_start
+                    if reads:
+                        record_many("read", reads, read_bytes, elapsed)
+                        reads = read_bytes = 0
+                    if writes:
+                        record_many("write", writes, write_bytes, elapsed)
+                        writes = write_bytes = 0
+                n = recv_into(get_buffer())
+                if not n:
+                    closed = conn.eof()
+                    if closed.error:
+                        log.info("nbd: client went away: %s", closed.error)
+                    return
+                buffer_updated(n)
+                batch_start = clock()
+                continue
             else:
-                event = next_event()
                 if type(event) is not Request:
-                    if event is NEED_DATA:
-                        if self.pos:
-                            self.flush_replies()
-                        if reads or writes:
-                            elapsed = clock() - batch_start
-                            if reads:
-                                record_many("read", reads, read_bytes, elapsed)
-                                reads = read_bytes = 0
-                            if writes:
-                                record_many("write", writes, write_bytes, elapsed)
-                                writes = write_bytes = 0
-                        n = recv_into(get_buffer())
-                        if not n:
-                            closed = conn.eof()
-                            if closed.error:
-                                log.info("nbd: client went away: %s", closed.error)
-                            return
-                        buffer_updated(n)
-                        batch_start = clock()
-                        continue
                     assert isinstance(event, p.Closed)
                     self.flush_replies()
                     if event.error:
                         log.info("nbd: dropping client: %s", event.error)
                     return
-                req = event
-            self.serve(conn, export, contexts, req, file_fd)
+            assert type(event) is Request
+            self.serve(conn, export, contexts, event, file_fd)
             arena_view = memoryview(self.arena)  # serve may have grown it
             arena_len = len(arena_view)
 
