@@ -512,22 +512,36 @@ class _Client:
 
     def streamed_write(self, export: Export, req: p.Request, first: memoryview,
                        file_fd: int | None, fua: bool) -> None:
-        """A long WRITE whose payload was not all buffered: the part that was is copied to a
-        payload buffer, the rest is received straight into it, then all is written at once (a
-        client gone mid-payload leaves nothing half-written)."""
+        """A long WRITE whose payload was not all buffered: the rest is received straight into
+        a payload buffer, then all is written at once (a client gone mid-payload leaves nothing
+        half-written). To a host file both parts go in one pwritev, the first from the receive
+        buffer (untouched until then); a device gets them joined in the payload buffer."""
         length = req.length
+        rest = length - len(first)
         if self.payload_buffer is None or len(self.payload_buffer) < length:
             self.payload_buffer = memoryview(bytearray(length))
-        data = self.payload_buffer[:length]
-        got = len(first)
-        data[:got] = first
+        joined = file_fd is None or fua
+        data = self.payload_buffer[:length] if joined else self.payload_buffer[:rest]
+        got = length - rest if joined else 0
+        if joined:
+            data[:got] = first
         recv_into = self.sock.recv_into
-        while got < length:
+        while got < len(data):
             n = recv_into(data[got:])
             if not n:
                 raise ConnectionError("client went away in the middle of a write payload")
             got += n
-        self.write_data(export.device, data, req.offset, file_fd, fua)
+        if joined:
+            self.write_data(export.device, data, req.offset, file_fd, fua)
+            return
+        assert file_fd is not None
+        n = os.pwritev(file_fd, [first, data], req.offset)
+        if n != length:  # a short write: the device finishes it
+            split = len(first)
+            if n < split:
+                export.device.write(first[n:], req.offset + n)
+                n = split
+            export.device.write(data[n - split :], req.offset + n)
 
     def read(self, conn: p.ServerConnection, export: Export, req: p.Request,
              file_fd: int | None) -> None:
