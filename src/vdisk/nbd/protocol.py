@@ -266,7 +266,10 @@ class Negotiated:
 class Request:
     """One transmission request. ``payload`` (WRITE) is a view into the connection's buffer,
     valid until the next call into the connection. ``error`` nonzero: the request is invalid
-    and must be answered with that NBD error (``message`` says why) and not executed."""
+    and must be answered with that NBD error (``message`` says why) and not executed.
+    ``pending`` nonzero (a streamed WRITE, see ServerConnection's ``stream_writes``): the
+    payload holds only the first bytes; the caller receives the other ``pending`` bytes from
+    the transport itself, before it calls into the connection again."""
 
     cookie: int
     type: int
@@ -276,6 +279,7 @@ class Request:
     payload: memoryview | None = None
     error: int = 0
     message: str = ""
+    pending: int = 0
 
 
 @dataclass(slots=True)
@@ -311,7 +315,12 @@ class ServerConnection:
         tls: bool = False,
         tls_required: bool = False,
         buffer_size: int = 256 << 10,
+        stream_writes: int = 0,
     ) -> None:
+        """``stream_writes`` (0: off; may be set until transmission): a WRITE at least this
+        long whose payload is not all buffered yet is returned at once with what is buffered,
+        and the caller receives the rest (``Request.pending``): a long payload then neither
+        grows nor is copied through the receive buffer."""
         self.exports = list(exports)
         self.tls_available = tls
         self.tls_required = tls and tls_required
@@ -330,6 +339,7 @@ class ServerConnection:
         # Start small: a connection that never sends much (negotiation, idle clients) keeps a
         # page; the first receive that fills the buffer grows it to ``buffer_size``.
         self._buffer_size = buffer_size
+        self.stream_writes = stream_writes
         self._buf = bytearray(min(buffer_size, INITIAL_BUFFER))
         self._view = memoryview(self._buf)
         self._start = 0
@@ -637,8 +647,11 @@ class ServerConnection:
         if not self.structured:
             self.contexts = []
         self._req_struct = EXT_REQUEST if self.extended else REQUEST
+        self._req_unpack = self._req_struct.unpack_from
+        self._req_size = self._req_struct.size
         self._req_magic = NBD_EXTENDED_REQUEST_MAGIC if self.extended else NBD_REQUEST_MAGIC
         self._size = export.size
+        self._writable = not export.readonly
         return Negotiated(export, self.contexts)
 
     def _meta_context(self, option: int, data: bytes) -> None:
@@ -714,8 +727,12 @@ class ServerConnection:
                 self._drain = length
                 return Request(cookie, rtype, flags, offset, length, None, NBD_EINVAL,
                                f"write of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
-            if self._end - self._start < hsize + length and not self._need(hsize + length):
-                return NEED_DATA
+            buffered = self._end - self._start - hsize
+            if buffered < length:
+                if self.stream_writes and length >= self.stream_writes:
+                    return self._streamed_write(cookie, flags, offset, length, buffered)
+                if not self._need(hsize + length):
+                    return NEED_DATA
             self._take(hsize)
             payload = self._take(length)
             req = Request(cookie, rtype, flags, offset, length, payload)
@@ -727,6 +744,48 @@ class ServerConnection:
                 return req
         self._validate(req, export)
         return req
+
+    def _streamed_write(self, cookie: int, flags: int, offset: int, length: int,
+                        buffered: int) -> Request:
+        """A long WRITE handed over with the ``buffered`` payload bytes there are; the caller
+        receives the rest. An invalid one keeps its payload here, to be drained."""
+        self._take(self._req_size)
+        first = self._take(buffered)
+        req = Request(cookie, NBD_CMD_WRITE, flags, offset, length, first, pending=length - buffered)
+        assert self.export is not None
+        self._validate(req, self.export)
+        if req.error:
+            self._drain, req.pending = req.pending, 0
+        return req
+
+    def next_io(self) -> tuple[int, int, int, int, memoryview | None] | _NeedData | None:
+        """The serving loop's shortcut (transmission only): the next request when it is a
+        valid READ (flags: FUA at most) or a valid WRITE without flags whose payload is all
+        buffered, as (type, cookie, offset, length, payload: None for a READ), taken off the
+        buffer; NEED_DATA when not even a request header is buffered; None for anything else,
+        left for next_event(). One call and no event object per request."""
+        start, end = self._start, self._end
+        hsize = self._req_size
+        if self._drain:
+            return None
+        if end - start < hsize:
+            return NEED_DATA
+        magic, flags, rtype, cookie, offset, length = self._req_unpack(self._buf, start)
+        if magic != self._req_magic or offset + length > self._size or length > MAX_PAYLOAD:
+            return None
+        start += hsize
+        if rtype == NBD_CMD_READ and not flags & ~NBD_CMD_FLAG_FUA:
+            payload = None
+        elif rtype == NBD_CMD_WRITE and not flags and self._writable and end - start >= length:
+            payload = self._view[start : start + length]
+            start += length
+        else:
+            return None
+        if start == end:
+            self._start = self._end = 0
+        else:
+            self._start = start
+        return rtype, cookie, offset, length, payload
 
     def _validate(self, req: Request, export: ExportInfo) -> None:
         rtype, flags, offset, length = req.type, req.flags, req.offset, req.length

@@ -19,6 +19,7 @@ import selectors
 import socket
 import ssl
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,12 @@ ARENA_SIZE = 2 << 20
 SENDFILE_MIN = 128 << 10
 #: Send buffer asked for each client socket (see NbdServer._spawn).
 SOCKET_SNDBUF = 4 << 20
+#: WRITEs at least this long are streamed (see ServerConnection's stream_writes): the part of
+#: the payload not yet buffered is received straight into a payload buffer.
+STREAM_WRITE_MIN = 128 << 10
+#: One structured READ reply's header in one pack: chunk header, then the data offset.
+READ_CHUNK_HEADER = struct.Struct(">IHHQIQ")
+SIMPLE_REPLY = p.SIMPLE_REPLY
 #: Longest block status query sent to the device in one request.
 BLOCK_STATUS_MAX = 1 << 30
 #: How far past a sparse read the device's block status is asked (the data found is cached):
@@ -198,6 +205,9 @@ class _Client:
         self.holds_slot = False
         #: The export's host file while READ data may be sendfile'd from it (not under TLS).
         self.sendfile_fd: int | None = None
+        #: Where streamed WRITE payloads are received (allocated on the first one, grown to
+        #: the longest; bounded like the receive buffer by the protocol's maximum payload).
+        self.payload_buffer: memoryview | None = None
 
     # -- I/O helpers ---------------------------------------------------------------------------
 
@@ -303,87 +313,235 @@ class _Client:
 
     def transmission(self, conn: p.ServerConnection, export: Export,
                      contexts: list[tuple[int, str]]) -> None:
+        """Serve requests until the client leaves. The common requests (a READ that fits the
+        arena, a plain WRITE, both on a host file) are served inline from conn.next_io(): no
+        event object, no method call but the syscall, one metrics record per batch. Everything
+        else goes through serve()."""
         device = export.device
         metrics = export.metrics
         assert metrics is not None
-        record = metrics.record
+        record_many = metrics.record_many
         recv_into = self.sock.recv_into
+        next_io = conn.next_io
         next_event = conn.next_event
+        get_buffer = conn.get_buffer
+        buffer_updated = conn.buffer_updated
         clock = time.perf_counter_ns
         Request = p.Request
-        pack_ok = conn.pack_ok
-        always_fua = export.always_fua
-        ok_size = conn.chunk_header_size()
-        arena_view = memoryview(self.arena)
+        NEED_DATA = p.NEED_DATA
         # A host file behind the device: reads and writes go to it directly (the protocol
         # has checked bounds and read-only), the device only sees the odd short transfer.
         file_fd = device.file_descriptor() if isinstance(device, FileBacked) else None
         self.sendfile_fd = None if self.tls else file_fd
-        pwritev = os.pwritev
+        if export.detect_zeroes == "off":
+            conn.stream_writes = STREAM_WRITE_MIN
+        preadv, pwritev = os.preadv, os.pwritev
+        structured = conn.structured
+        # Inline READs: below the sparse check (structured) and sendfile sizes; inline WRITEs:
+        # without FUA, zero detection or bitmaps to keep. Extended headers take serve().
+        inline = file_fd is not None and not conn.extended
+        fd = -1 if file_fd is None else file_fd  # used only when inline
+        inline_read_max = (SPARSE_READ_MIN if structured else SENDFILE_MIN) if inline else 0
+        inline_writes = (inline and not export.always_fua and export.detect_zeroes == "off"
+                         and not export.bitmaps)
+        hdr = conn.read_header_size()
+        ok_size = SIMPLE_REPLY.size
+        pack_data_header = READ_CHUNK_HEADER.pack_into
+        pack_simple = SIMPLE_REPLY.pack_into
+        simple_magic = p.NBD_SIMPLE_REPLY_MAGIC
+        chunk_magic = p.NBD_STRUCTURED_REPLY_MAGIC
+        done_flag = p.NBD_REPLY_FLAG_DONE
+        data_type = p.NBD_REPLY_TYPE_OFFSET_DATA
+        tls = self.tls
+        sock_send = self.sock.send
+        arena_view = memoryview(self.arena)
+        arena_len = len(arena_view)
+        reads = read_bytes = writes = write_bytes = 0
+        batch_start = clock()
+        event: p.Event
         while True:
-            event = next_event()
-            if type(event) is Request:
-                req = event
-                t0 = clock()
-                rtype = req.type
-                if req.error:
-                    self.reply_error(conn, req.cookie, req.error, req.message)
-                    record(p.CMD_NAMES.get(rtype, "other"), 0, clock() - t0, True)
-                    arena_view = memoryview(self.arena)  # reply_error may have grown it
-                    continue
+            io = next_io()
+            if type(io) is tuple:
+                rtype, cookie, offset, length, payload = io
                 try:
-                    if rtype == p.NBD_CMD_READ:
-                        self.read(conn, export, req, file_fd)
-                        record("read", req.length, clock() - t0)
-                    elif rtype == p.NBD_CMD_WRITE:
-                        payload = req.payload
-                        assert payload is not None
-                        fua = always_fua or bool(req.flags & p.NBD_CMD_FLAG_FUA)
-                        if export.detect_zeroes != "off" and is_zero(payload):
-                            device.write_zeroes(req.offset, req.length,
-                                                may_unmap=export.detect_zeroes == "unmap")
-                            export.known_data.clear()
-                            if fua:
-                                device.flush()
-                        elif file_fd is not None and not fua:
-                            n = pwritev(file_fd, [payload], req.offset)
-                            if n != req.length:
-                                device.write(payload[n:], req.offset + n)
-                        else:
-                            device.write(payload, req.offset, fua=fua)
-                        if export.bitmaps:
-                            export.mark_dirty(req.offset, req.length)
-                        if self.pos + ok_size > len(self.arena):
-                            arena_view = self.room(ok_size)
-                        self.pos = pack_ok(arena_view, self.pos, req.cookie)
-                        record("write", req.length, clock() - t0)
+                    if payload is None:
+                        if length < inline_read_max:
+                            pos = self.pos
+                            end = pos + hdr + length
+                            if end > arena_len:
+                                self.room(hdr + length)
+                                arena_view = memoryview(self.arena)
+                                arena_len = len(arena_view)
+                                pos = self.pos
+                                end = pos + hdr + length
+                            data = arena_view[pos + hdr : end]
+                            n = preadv(fd, [data], offset)
+                            if n != length:  # a short read (past the file's end: zeros)
+                                device.readinto(data[n:], offset + n)
+                            if structured:
+                                pack_data_header(arena_view, pos, chunk_magic, done_flag, data_type,
+                                                 cookie, length + 8, offset)
+                            else:
+                                pack_simple(arena_view, pos, simple_magic, 0, cookie)
+                            self.pos = end
+                            reads += 1
+                            read_bytes += length
+                            continue
+                        event = Request(cookie, rtype, 0, offset, length)
+                    elif inline_writes:
+                        n = pwritev(fd, [payload], offset)
+                        if n != length:
+                            device.write(payload[n:], offset + n)
+                        pos = self.pos
+                        if pos + ok_size > arena_len:
+                            self.room(ok_size)
+                            arena_view = memoryview(self.arena)
+                            arena_len = len(arena_view)
+                            pos = self.pos
+                        pack_simple(arena_view, pos, simple_magic, 0, cookie)
+                        self.pos = pos + ok_size
+                        writes += 1
+                        write_bytes += length
+                        continue
                     else:
-                        self.other_command(conn, export, contexts, req)
-                        record(p.CMD_NAMES.get(rtype, "other"), req.length, clock() - t0)
-                except StreamBroken:
-                    raise
+                        event = Request(cookie, rtype, 0, offset, length, payload)
                 except Exception as exc:  # the device failed: answer with an error, keep going
-                    if not isinstance(exc, VdiskError | OSError):
-                        log.exception("nbd: unexpected error serving %s", p.CMD_NAMES.get(rtype))
-                    self.reply_error(conn, req.cookie, _error_code(exc), str(exc))
-                    record(p.CMD_NAMES.get(rtype, "other"), 0, clock() - t0, True)
-                arena_view = memoryview(self.arena)
-            elif event is p.NEED_DATA:
-                if self.pos:
-                    self.flush_replies()
-                n = recv_into(conn.get_buffer())
+                    self.fail(conn, metrics, rtype, cookie, exc, 0)
+                    arena_view = memoryview(self.arena)
+                    arena_len = len(arena_view)
+                    continue
+            elif io is NEED_DATA or (event := next_event()) is NEED_DATA:
+                pos = self.pos
+                if pos:  # every reply of the batch in one send
+                    sent = 0 if tls else sock_send(arena_view[:pos])
+                    if sent != pos:
+                        self.send(arena_view[sent:pos])
+                    self.pos = 0
+                if reads or writes:
+                    elapsed = clock() - batch_start
+                    if reads:
+                        record_many("read", reads, read_bytes, elapsed)
+                        reads = read_bytes = 0
+                    if writes:
+                        record_many("write", writes, write_bytes, elapsed)
+                        writes = write_bytes = 0
+                n = recv_into(get_buffer())
                 if not n:
-                    event = conn.eof()
-                    if event.error:
-                        log.info("nbd: client went away: %s", event.error)
+                    closed = conn.eof()
+                    if closed.error:
+                        log.info("nbd: client went away: %s", closed.error)
                     return
-                conn.buffer_updated(n)
+                buffer_updated(n)
+                batch_start = clock()
+                continue
             else:
-                assert isinstance(event, p.Closed)
-                self.flush_replies()
-                if event.error:
-                    log.info("nbd: dropping client: %s", event.error)
-                return
+                if type(event) is not Request:
+                    assert isinstance(event, p.Closed)
+                    self.flush_replies()
+                    if event.error:
+                        log.info("nbd: dropping client: %s", event.error)
+                    return
+            assert type(event) is Request
+            self.serve(conn, export, contexts, event, file_fd)
+            arena_view = memoryview(self.arena)  # serve may have grown it
+            arena_len = len(arena_view)
+
+    def serve(self, conn: p.ServerConnection, export: Export, contexts: list[tuple[int, str]],
+              req: p.Request, file_fd: int | None) -> None:
+        """One request of any kind, answered (an error reply if it fails)."""
+        metrics = export.metrics
+        assert metrics is not None
+        t0 = time.perf_counter_ns()
+        rtype = req.type
+        if req.error:
+            self.reply_error(conn, req.cookie, req.error, req.message)
+            metrics.record(p.CMD_NAMES.get(rtype, "other"), 0, time.perf_counter_ns() - t0, True)
+            return
+        try:
+            if rtype == p.NBD_CMD_READ:
+                self.read(conn, export, req, file_fd)
+            elif rtype == p.NBD_CMD_WRITE:
+                self.write(conn, export, req, file_fd)
+            else:
+                self.other_command(conn, export, contexts, req)
+        except StreamBroken:
+            raise
+        except Exception as exc:  # the device failed: answer with an error, keep going
+            self.fail(conn, metrics, rtype, req.cookie, exc, t0)
+            return
+        metrics.record(p.CMD_NAMES.get(rtype, "other"), req.length, time.perf_counter_ns() - t0)
+
+    def fail(self, conn: p.ServerConnection, metrics: IoMetrics, rtype: int, cookie: int,
+             exc: Exception, t0: int) -> None:
+        """Answer a request whose device call failed with its error."""
+        if not isinstance(exc, VdiskError | OSError):
+            log.exception("nbd: unexpected error serving %s", p.CMD_NAMES.get(rtype))
+        self.reply_error(conn, cookie, _error_code(exc), str(exc))
+        latency = time.perf_counter_ns() - t0 if t0 else 0
+        metrics.record(p.CMD_NAMES.get(rtype, "other"), 0, latency, True)
+
+    def write(self, conn: p.ServerConnection, export: Export, req: p.Request,
+              file_fd: int | None) -> None:
+        device = export.device
+        payload = req.payload
+        assert payload is not None
+        fua = export.always_fua or bool(req.flags & p.NBD_CMD_FLAG_FUA)
+        if req.pending:
+            self.streamed_write(export, req, payload, file_fd, fua)
+        elif export.detect_zeroes != "off" and is_zero(payload):
+            device.write_zeroes(req.offset, req.length, may_unmap=export.detect_zeroes == "unmap")
+            export.known_data.clear()
+            if fua:
+                device.flush()
+        else:
+            self.write_data(device, payload, req.offset, file_fd, fua)
+        if export.bitmaps:
+            export.mark_dirty(req.offset, req.length)
+        view = self.room(conn.chunk_header_size())
+        self.pos = conn.pack_ok(view, self.pos, req.cookie)
+
+    @staticmethod
+    def write_data(device: BlockDevice, data: memoryview, offset: int, file_fd: int | None,
+                   fua: bool) -> None:
+        if file_fd is not None and not fua:
+            n = os.pwritev(file_fd, [data], offset)
+            if n != len(data):
+                device.write(data[n:], offset + n)
+        else:
+            device.write(data, offset, fua=fua)
+
+    def streamed_write(self, export: Export, req: p.Request, first: memoryview,
+                       file_fd: int | None, fua: bool) -> None:
+        """A long WRITE whose payload was not all buffered: the rest is received straight into
+        a payload buffer, then all is written at once (a client gone mid-payload leaves nothing
+        half-written). To a host file both parts go in one pwritev, the first from the receive
+        buffer (untouched until then); a device gets them joined in the payload buffer."""
+        length = req.length
+        rest = length - len(first)
+        if self.payload_buffer is None or len(self.payload_buffer) < length:
+            self.payload_buffer = memoryview(bytearray(length))
+        joined = file_fd is None or fua
+        data = self.payload_buffer[:length] if joined else self.payload_buffer[:rest]
+        got = length - rest if joined else 0
+        if joined:
+            data[:got] = first
+        recv_into = self.sock.recv_into
+        while got < len(data):
+            n = recv_into(data[got:])
+            if not n:
+                raise ConnectionError("client went away in the middle of a write payload")
+            got += n
+        if joined:
+            self.write_data(export.device, data, req.offset, file_fd, fua)
+            return
+        assert file_fd is not None
+        n = os.pwritev(file_fd, [first, data], req.offset)
+        if n != length:  # a short write: the device finishes it
+            split = len(first)
+            if n < split:
+                export.device.write(first[n:], req.offset + n)
+                n = split
+            export.device.write(data[n - split :], req.offset + n)
 
     def read(self, conn: p.ServerConnection, export: Export, req: p.Request,
              file_fd: int | None) -> None:
