@@ -144,7 +144,7 @@ def guest(
     return results
 
 
-def loop(mode: str, batches: int) -> None:
+def loop(mode: str, batches: int, qd: int = 32) -> None:
     """Run Queue._serve over ``batches`` batches of 32 READs (WRITEs for filewrite) of 4 KiB:
     linked (raw, READ linked to its commit), fileread/filewrite (raw, served inline on the file)
     or null (the null backend)."""
@@ -157,7 +157,7 @@ def loop(mode: str, batches: int) -> None:
     from vdisk.ublk.file_target import FileTarget
     from vdisk.ublk.queue import Queue
 
-    depth, buf_size, qd = 64, 64 << 10, 32
+    depth, buf_size = 64, 64 << 10
     q = Queue.__new__(Queue)
 
     class StandInRing:
@@ -341,10 +341,11 @@ def main() -> int:
     ap.add_argument("--loop", choices=["linked", "fileread", "filewrite", "null"],
                     help="run the queue's fast loop on the host with a stand-in ring")
     ap.add_argument("--batches", type=int, default=1000, help="with --loop")
+    ap.add_argument("--loop-qd", type=int, default=32, help="with --loop: requests per batch")
     args = ap.parse_args()
     if args.loop:
         sys.path.insert(0, str(ROOT / "src"))
-        loop(args.loop, args.batches)
+        loop(args.loop, args.batches, args.loop_qd)
         return 0
     if args.from_results:
         text = Path(args.from_results).read_text()
