@@ -378,29 +378,31 @@ def write_docs(results: dict[str, Any], host_load: str) -> None:
     replace_section(heading, "\n".join(lines).rstrip("\n"), perf)
 
 
-DATA_PLANE_NOTES = """Where the QD1 time went, and what changed (diagnosis runs in the same VM, null backend,
-4k randread QD1, 3 s; per-thread CPU from /proc/PID/task/TID/schedstat, nanosecond-exact):
+DATA_PLANE_NOTES = """Where the QD1 time went, and what changed (diagnosis runs in the same VM before this run,
+null backend, 4k randread QD1, 3 s each; per-thread CPU from /proc/PID/task/TID/schedstat,
+nanosecond-exact; strace -c on the server):
 
-- The queue thread was the cost: 1566 us of CPU per request in the pure-Python loop against
-  701 us for ublksrv's queue thread (host load ~1.2), and 5800-6566 us against 1279-3489 us at
-  load ~3. It slept once per request (1.0 voluntary switch per I/O) and no other thread of
-  ours woke: the main thread used 5-20 us per I/O, the log listener nothing. So no GIL
-  hand-off and no worker hop: the time was the Python code itself, emulated by TCG.
-- strace -c of the queue thread: one io_uring_enter per request (no extra syscalls but
-  clock_gettime, ~3 per request: the metrics' perf_counter_ns calls; the clocksource in the VM
-  is hpet, so each is a real syscall, 6.6 us).
-- Microbenchmarks in the VM: a bare ctypes io_uring_enter(0, 0) costs 41 us (getpid: 3.7 us),
-  a NOP round trip through Ring.wait 156 us (188 us with the 1 s timeout argument), one
-  IoMetrics.record_many 27 us. Ring flags (COOP_TASKRUN, DEFER_TASKRUN) and no timeout did not
-  change the rate beyond the run-to-run noise.
+- The queue thread was the cost. Pure-Python loop: 1566 us of the queue thread's CPU per
+  request against 701 us for ublksrv's queue thread (host load ~1), 5799 against 1279 us in a
+  later run at load ~3. It slept once per request (1.0 voluntary switch per I/O), and no
+  other thread of ours competed for it: the main thread used 5-130 us per I/O, the log
+  listener nothing. No GIL hand-off, no worker hop, no timeout path: the time was the Python
+  code itself, every bytecode of it emulated by TCG.
+- strace -c: one io_uring_enter per request and no other syscall but ~3-4 clock_gettime (the
+  metrics' perf_counter_ns; the guest's clocksource is hpet, so each is a real syscall).
+- In the VM: a bare ctypes io_uring_enter(0, 0) costs 41 us (os.getpid: 3.7 us), a NOP round
+  trip through Ring.wait 156 us (188 us with the 1 s timeout argument), one
+  IoMetrics.record_many 27 us. Ring flags as ublksrv's (COOP_TASKRUN), DEFER_TASKRUN and no
+  timeout did not raise the rate beyond the run-to-run noise.
 - The lever: an optional compiled loop (`src/vdisk/ublk/fastloop.c`, built with the system's
-  `cc` on first use and cached; `vdisk.ublk.fastpath`). It waits in io_uring_enter, copies the
-  SQE templates and queues commits without the interpreter for linked raw READ/WRITE and every
-  null request, and returns to the Python loop only for what needs it (inline backends such
-  as qcow2 and mem, failed or short I/O, aborts, refused commits), on its 1 s timeout, or
-  every 256 requests when metrics are on. In one diagnosis run: null QD1 420 IOPS with it,
-  107 without (queue thread 1422 us vs 6566 us CPU per request). `VDISK_UBLK_FASTPATH=0`
-  (or no compiler) keeps the pure-Python loop.
+  `cc` on first use and cached under ~/.cache/vdisk; `vdisk.ublk.fastpath`). Called through
+  ctypes, so without the GIL, it waits in io_uring_enter, copies the SQE templates and queues
+  the commits for linked raw READ/WRITE and every null request, and returns to the Python loop
+  only for what needs it (inline backends such as qcow2 and mem, failed or short I/O, aborts,
+  refused commits, NEED_GET_DATA), on its 1 s timeout, or every 256 requests when metrics are
+  on (so C-served requests reach the metrics within a second). In one diagnosis run: null QD1
+  420 IOPS with it, 107 without (queue thread 1422 us against 6566 us of CPU per request).
+  `VDISK_UBLK_FASTPATH=0`, or no compiler, keeps the pure-Python loop, with the same outcome.
 """
 
 
