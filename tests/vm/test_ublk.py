@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -517,3 +518,56 @@ def test_close_refuses_to_wait_for_its_own_opener() -> None:
         with Control() as ctl:
             delete(dev.dev_id, ctl)
         assert_gone(dev.dev_id)
+
+
+def test_cli_add_nbd_serves_a_qemu_nbd_export(tmp_path: Path) -> None:
+    """`vdisk ublk add -t nbd URI` (issue 11): a qcow2 image served by qemu-nbd on a unix
+    socket becomes /dev/ublkbN; reads show the image, writes land in it (qemu-img compare)."""
+    image = tmp_path / "exp.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(image))
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-x", "exp", "-f", "qcow2", "-t",
+                               str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
+    try:
+        for _ in range(300):
+            if sock.exists() or server.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert sock.exists(), server.stderr.read() if server.stderr else "qemu-nbd exited"
+        out = sh_env(env, "vdisk", "ublk", "add", "-t", "nbd", f"nbd+unix:///exp?socket={sock}",
+                     "-n", "9")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "/dev/ublkb9"
+        assert Path("/sys/block/ublkb9/size").read_text().strip() == str((16 << 20) >> 9)
+        pattern = os.urandom(1 << 20)
+        fd = os.open("/dev/ublkb9", os.O_RDWR | os.O_DIRECT)
+        try:
+            import mmap
+
+            buf = mmap.mmap(-1, 1 << 20)
+            assert os.preadv(fd, [buf], 0) == 1 << 20
+            assert buf[:] == b"\x5a" * (1 << 20)
+            buf[:] = pattern
+            assert os.pwritev(fd, [buf], 4 << 20) == 1 << 20
+            os.fsync(fd)
+            buf.close()
+        finally:
+            os.close(fd)
+        out = sh_env(env, "vdisk", "ublk", "del", "-n", "9")
+        assert out.returncode == 0, out.stderr
+        assert_gone(9, env)
+    finally:
+        server.terminate()
+        server.wait(30)
+    expected = tmp_path / "expected.raw"
+    with open(expected, "wb") as f:
+        f.truncate(16 << 20)
+        f.write(b"\x5a" * (1 << 20))
+        f.seek(4 << 20)
+        f.write(pattern)
+    out = sh("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(expected), str(image),
+             check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sh("qemu-img", "check", str(image)).returncode == 0

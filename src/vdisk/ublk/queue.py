@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from ..uring import Ring, UringError, ops
 from ..uring.ring import IORING_FEAT_CQE_SKIP, buffer_address
-from . import uapi
+from . import fastpath, uapi
 from .errors import UblkError, errno_of
 from .file_target import FileTarget, ServeFn
 from .ring_layout import (
@@ -61,6 +61,8 @@ PAGE_SIZE = mmap.PAGESIZE
 _READ = uapi.UBLK_IO_OP_READ
 _WRITE = uapi.UBLK_IO_OP_WRITE
 _FLUSH = uapi.UBLK_IO_OP_FLUSH
+#: how long a queue waits in io_uring_enter before it looks around (the loop's only timeout)
+WAIT_TIMEOUT = 1.0
 
 
 class Queue(threading.Thread):
@@ -109,6 +111,8 @@ class Queue(threading.Thread):
         self.serve_inline: ServeFn = self._serve_backend
         #: SQE slots filled since the last push, in submission order (see _build_templates)
         self.slots: list[int] = []
+        #: the compiled loop (``fastpath``), or None: the pure-Python loop serves everything
+        self.fast: fastpath.FastLoop | None = None
         # Per-batch metric tallies, indexed by op code (any u8: unknown ops fail, but count).
         self._counts = [0] * 256
         self._bytes = [0] * 256
@@ -170,6 +174,7 @@ class Queue(threading.Thread):
         self._build_templates()
         if self.backing_fd is not None:
             self._set_up_file(self.backing_fd)
+        self.fast = self._fast_loop()
         for tag in range(depth):
             self._queue_cmd(self.op_fetch, tag, -1)
         self.ring.push(self.slots)
@@ -187,6 +192,24 @@ class Queue(threading.Thread):
         self.linked = file.linked
         self.linked_sqe = file.linked_sqe
         self.serve_inline = file.serve
+
+    def _fast_loop(self) -> fastpath.FastLoop | None:
+        """The compiled loop for this queue, when it can be built (see ``fastpath``)."""
+        lib = fastpath.library()
+        if lib is None:
+            return None
+        linked = [self.linked_sqe[op] if self.linked[op] else [] for op in (0, 1)]
+        try:
+            return fastpath.FastLoop(
+                lib, self.ring, self.cdev_fd, uapi.desc_mmap_length(self.depth, PAGE_SIZE),
+                uapi.desc_mmap_offset(self.q_id, PAGE_SIZE), self.bufs, self.buf_size,
+                self.depth, self.commit_sqe, linked if self.file is not None else None,
+                fastpath.is_null_backend(self.backend), RESULT_OFFSET, ops.RWF_DSYNC,
+                WAIT_TIMEOUT, self.metrics is not None,
+            )
+        except OSError as exc:
+            log.info("ublk%d q%d: fast path off: %s", self.dev_id, self.q_id, exc)
+            return None
 
     def _queue_cmd(self, op: int, tag: int, result: int, kind: int = CMD) -> None:
         """Queue a command of ``tag`` (FETCH, COMMIT_AND_FETCH, NEED_GET_DATA) in its slot."""
@@ -232,15 +255,20 @@ class Queue(threading.Thread):
         other_cqe = self._other_cqe
         clock = time.perf_counter_ns
         fua = uapi.UBLK_IO_F_FUA
+        fast = self.fast
+        metrics = self.metrics
         while self.active > 0:
             try:
                 if slots:
                     ring.push(slots)
                     slots.clear()
-                cqes = ring.wait(1, timeout=1.0)
+                cqes = fast.run() if fast is not None else ring.wait(1, timeout=WAIT_TIMEOUT)
             except UringError as exc:
                 raise UblkError(exc.errno, f"queue {self.q_id}: io_uring_enter") from None
             t0 = clock()
+            if fast is not None and metrics is not None:
+                for op, count, done, mean_ns in fast.take_tallies():
+                    metrics.record_many(uapi.IO_OP_NAMES.get(op, "other"), count, done, mean_ns)
             for user_data, res, _flags in cqes:
                 if res or user_data >> KIND_SHIFT:
                     other_cqe(user_data >> KIND_SHIFT, user_data & TAG_MASK, res)
@@ -269,7 +297,7 @@ class Queue(threading.Thread):
                 sqes[off : off + 64] = commit_sqe[tag]
                 set_result(sqes, off + RESULT_OFFSET, res)
                 queue_slot((tag << 1) + 1)
-            if self.metrics is not None:
+            if metrics is not None and cqes:
                 self._flush_metrics(clock() - t0)
 
     def _flush_metrics(self, latency_ns: int) -> None:
@@ -278,7 +306,7 @@ class Queue(threading.Thread):
         assert self.metrics is not None
         counts, nbytes, errors = self._counts, self._bytes, self._errors
         for op, name in uapi.IO_OP_NAMES.items():
-            if counts[op]:
+            if counts[op] or errors[op]:  # a failed linked op may net a count of 0
                 self.metrics.record_many(name, counts[op], nbytes[op], latency_ns, errors[op])
                 counts[op] = nbytes[op] = errors[op] = 0
 
@@ -392,6 +420,9 @@ class Queue(threading.Thread):
     # -- teardown -----------------------------------------------------------------------
 
     def _teardown(self) -> None:
+        fast = getattr(self, "fast", None)
+        if fast is not None:
+            fast.close()
         ring = getattr(self, "ring", None)
         if ring is not None:
             ring.close()

@@ -261,6 +261,26 @@ class Ring:
             tail = (tail + 1) & 0xFFFFFFFF
         self._local_tail = tail
 
+    def shared_addresses(self) -> dict[str, int]:
+        """Addresses of the shared ring fields, for a compiled loop that drives this ring
+        (ublk's fast path): sq_head, sq_tail, sq_array, cq_head, cq_tail, cqes, sqes."""
+        sq = buffer_address(self._sq_map)
+        cq = buffer_address(self._cq_map)
+        return {
+            "sq_head": sq + self._sq_head * 4, "sq_tail": sq + self._sq_tail * 4,
+            "sq_array": sq + self._sq_array * 4, "cq_head": cq + self._cq_head * 4,
+            "cq_tail": cq + self._cq_tail * 4, "cqes": cq + self._cqes_off,
+            "sqes": buffer_address(self._sqe_map),
+        }
+
+    def publish(self) -> None:
+        """Store the SQ tail so that every pushed SQE is visible (no syscall)."""
+        self._publish()
+
+    def resync(self) -> None:
+        """Take the shared SQ tail as ours again, after a compiled loop queued SQEs itself."""
+        self._local_tail = self._submitted_tail = int(self._sq32[self._sq_tail])
+
     def _publish(self) -> int:
         n = (self._local_tail - self._submitted_tail) & 0xFFFFFFFF
         if n:

@@ -1,0 +1,208 @@
+/* The compiled fast path of a ublk queue (optional; vdisk/ublk/fastpath.py builds and loads it).
+ *
+ * fl_run() is the queue loop of vdisk/ublk/queue.py for the requests that need no Python:
+ * a READ/WRITE linked to its commit on the backing file (the file target's templates) and
+ * every request of the null backend. It submits, waits in io_uring_enter and queues commits
+ * without the GIL (ctypes releases it around the call), and returns to Python only with the
+ * CQEs Python must handle (anything else: inline backends, failed or short I/O, aborts,
+ * NEED_GET_DATA, refused commits), on a timeout or EINTR, or after max_requests requests
+ * (so that Python can hand the tallies to the metrics).
+ *
+ * The ring layout is Python's (ring_layout.py): tag t owns SQE slots 2t (backing op) and
+ * 2t+1 (command); user_data is kind << 16 | tag, kind 0 being a new request. The SQ index
+ * array and its tail are shared with Python's Ring: Python publishes its tail before the call
+ * and re-reads it afterwards. x86-64 and arm64 only need the acquire/release below.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define ENTER_GETEVENTS 1u
+#define ENTER_EXT_ARG 8u
+#define OP_READ 0
+#define OP_WRITE 1
+#define OP_FLUSH 2
+#define OP_DISCARD 3
+#define OP_WRITE_ZEROES 5
+#define NOPS 8
+#define FUA_FLAG (1u << 13)
+
+#define FL_TIMEOUT 1u   /* wait with a timeout (IORING_FEAT_EXT_ARG) */
+#define FL_TIMING 2u    /* measure each batch's service time (for the metrics) */
+#define FL_NULL 4u      /* the null backend: reads are zeros, everything else succeeds */
+
+struct cqe {
+	uint64_t user_data;
+	int32_t res;
+	uint32_t flags;
+};
+
+struct getevents_arg {
+	uint64_t sigmask;
+	uint32_t sigmask_sz;
+	uint32_t pad;
+	uint64_t ts;
+};
+
+struct fl_state {
+	int32_t ring_fd;
+	uint32_t flags;
+	uint32_t sq_mask;
+	uint32_t cq_mask;
+	uint32_t *sq_head;
+	uint32_t *sq_tail;
+	uint32_t *sq_array;
+	uint32_t *cq_head;
+	uint32_t *cq_tail;
+	struct cqe *cqes;
+	uint8_t *sqes;
+	const uint8_t *descs;        /* struct ublksrv_io_desc[depth], 24 bytes each */
+	uint8_t *bufs;               /* tag t's buffer at bufs + t * buf_size */
+	uint64_t buf_size;
+	uint64_t buf_addr_base;      /* the address the commit templates carry for tag 0 */
+	const uint8_t *commit_tpl;   /* 64 bytes per tag */
+	const uint8_t *linked_tpl[2];/* READ, WRITE: 64 bytes per tag, or NULL (not linked) */
+	uint32_t depth;
+	uint32_t result_offset;      /* io_cmd.result in a command SQE */
+	uint32_t rwf_dsync;
+	uint32_t out_cap;
+	struct cqe *out;             /* the CQEs handed back to Python */
+	uint64_t max_requests;       /* return after this many requests (0: never) */
+	int64_t timeout_ns;
+	uint64_t counts[NOPS];
+	uint64_t bytes[NOPS];
+	uint64_t latency_ns[NOPS];   /* sum over requests of their batch's service time */
+	uint64_t max_latency_ns[NOPS];
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static long enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags, void *arg,
+		  size_t argsz)
+{
+	return syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
+}
+
+/* One new request on tag: queue its SQEs, or return 0 when Python must serve it. */
+static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *done_ops)
+{
+	const uint8_t *d = s->descs + (size_t)tag * 24;
+	uint32_t op_flags, nr_sectors;
+	uint64_t start;
+	memcpy(&op_flags, d, 4);
+	memcpy(&nr_sectors, d + 4, 4);
+	memcpy(&start, d + 8, 8);
+	uint32_t op = op_flags & 0xff;
+	uint32_t len = nr_sectors << 9;
+	int32_t res;
+	if (op <= OP_WRITE && s->linked_tpl[op]) {
+		uint8_t *sqe = s->sqes + (size_t)tag * 128;
+		memcpy(sqe, s->linked_tpl[op] + (size_t)tag * 64, 64);
+		uint64_t off = start << 9;
+		uint32_t rw_flags = (op_flags & FUA_FLAG) ? s->rwf_dsync : 0;
+		memcpy(sqe + 8, &off, 8);
+		memcpy(sqe + 24, &len, 4);
+		memcpy(sqe + 28, &rw_flags, 4);
+		s->sq_array[*tail & s->sq_mask] = tag * 2;
+		(*tail)++;
+		res = (int32_t)len;
+	} else if (s->flags & FL_NULL) {
+		if (op == OP_READ) {
+			if (len > s->buf_size)
+				return 0;
+			memset(s->bufs + (size_t)tag * s->buf_size, 0, len);
+			res = (int32_t)len;
+		} else if (op == OP_WRITE) {
+			res = (int32_t)len;
+		} else if (op == OP_FLUSH || op == OP_DISCARD || op == OP_WRITE_ZEROES) {
+			res = 0;
+		} else {
+			return 0;
+		}
+	} else {
+		return 0;
+	}
+	uint8_t *cmd = s->sqes + (size_t)tag * 128 + 64;
+	memcpy(cmd, s->commit_tpl + (size_t)tag * 64, 64);
+	memcpy(cmd + s->result_offset, &res, 4);
+	s->sq_array[*tail & s->sq_mask] = tag * 2 + 1;
+	(*tail)++;
+	s->counts[op]++;
+	s->bytes[op] += (op <= OP_WRITE) ? len : 0;
+	done_ops[op]++;
+	return 1;
+}
+
+/* Serve until Python is needed. Returns how many CQEs were copied to s->out (0 on a timeout,
+ * EINTR or after max_requests), or -errno. */
+long fl_run(struct fl_state *s)
+{
+	uint32_t tail = __atomic_load_n(s->sq_tail, __ATOMIC_RELAXED);
+	uint64_t handled = 0;
+	struct __kernel_timespec { int64_t tv_sec; int64_t tv_nsec; } ts = {
+		s->timeout_ns / 1000000000, s->timeout_ns % 1000000000 };
+	struct getevents_arg arg = { 0, 8, 0, (uint64_t)(uintptr_t)&ts };
+	for (;;) {
+		uint32_t to_submit = tail - __atomic_load_n(s->sq_head, __ATOMIC_ACQUIRE);
+		uint32_t ready = __atomic_load_n(s->cq_tail, __ATOMIC_ACQUIRE) - *s->cq_head;
+		long ret = 0;
+		if (!ready) {
+			if (s->flags & FL_TIMEOUT)
+				ret = enter(s->ring_fd, to_submit, 1, ENTER_GETEVENTS | ENTER_EXT_ARG,
+					    &arg, sizeof(arg));
+			else
+				ret = enter(s->ring_fd, to_submit, 1, ENTER_GETEVENTS, NULL, 0);
+		} else if (to_submit) {
+			ret = enter(s->ring_fd, to_submit, 0, 0, NULL, 0);
+		}
+		if (ret < 0) {
+			int err = errno;
+			if (err == EINTR || err == ETIME)
+				return 0;
+			if (err != EBUSY)
+				return -err;
+		}
+		uint32_t head = *s->cq_head;
+		uint32_t ctail = __atomic_load_n(s->cq_tail, __ATOMIC_ACQUIRE);
+		if (head == ctail && !ready && ret >= 0 && (s->flags & FL_TIMEOUT))
+			return 0; /* woken without a completion: let Python look around */
+		uint64_t t0 = (s->flags & FL_TIMING) ? now_ns() : 0;
+		uint64_t done_ops[NOPS] = { 0 };
+		uint32_t out = 0;
+		for (; head != ctail; head++) {
+			struct cqe *c = &s->cqes[head & s->cq_mask];
+			if (c->res == 0 && c->user_data < s->depth &&
+			    serve(s, (uint32_t)c->user_data, &tail, done_ops)) {
+				handled++;
+				continue;
+			}
+			if (out == s->out_cap)
+				break; /* the rest waits for the next call */
+			s->out[out++] = *c;
+		}
+		__atomic_store_n(s->cq_head, head, __ATOMIC_RELEASE);
+		__atomic_store_n(s->sq_tail, tail, __ATOMIC_RELEASE);
+		if (s->flags & FL_TIMING) {
+			uint64_t spent = now_ns() - t0;
+			for (int op = 0; op < NOPS; op++) {
+				if (!done_ops[op])
+					continue;
+				s->latency_ns[op] += spent * done_ops[op];
+				if (spent > s->max_latency_ns[op])
+					s->max_latency_ns[op] = spent;
+			}
+		}
+		if (out)
+			return out;
+		if (s->max_requests && handled >= s->max_requests)
+			return 0;
+	}
+}

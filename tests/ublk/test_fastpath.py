@@ -1,0 +1,106 @@
+"""The compiled queue loop (vdisk.ublk.fastpath) on the host's io_uring, without ublk: NOPs
+stand in for the kernel's new-request CQEs, a memfd for the descriptor area, and NOP
+templates for the commits and linked READs, so what the loop queued comes back as CQEs."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from vdisk import uring
+from vdisk.ublk import fastpath, uapi
+from vdisk.ublk.ring_layout import LINKED_BACKING, RESULT_OFFSET, RETRY
+from vdisk.uring import Ring, ops
+
+pytestmark = pytest.mark.skipif(not uring.available(), reason="io_uring not available here")
+
+DEPTH = 4
+BUF = 8192
+
+
+def nop_sqe(user_data: int) -> bytes:
+    return ops.RW_SQE.pack(ops.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, user_data, 0, 0, 0)
+
+
+@pytest.fixture
+def lib() -> object:
+    built = fastpath.library()
+    if built is None:
+        pytest.skip("no C compiler: the fast path is off")
+    return built
+
+
+def test_serves_null_and_linked_requests_and_hands_back_the_rest(lib: object) -> None:
+    descs = os.memfd_create("descs")
+    os.ftruncate(descs, 4096)
+    requests = [  # op_flags, nr_sectors, start_sector per tag
+        (uapi.UBLK_IO_OP_READ, 8, 16),
+        (uapi.UBLK_IO_OP_WRITE | uapi.UBLK_IO_F_FUA, 4, 0),
+        (0xFF, 1, 0),  # no such op: Python's to fail
+        (uapi.UBLK_IO_OP_FLUSH, 0, 0),
+    ]
+    os.pwrite(descs, b"".join(uapi.IO_DESC.pack(f, n, s, 0) for f, n, s in requests), 0)
+    bufs = mmap.mmap(-1, DEPTH * BUF)
+    bufs[:] = b"\xaa" * len(bufs)
+    with Ring(16) as ring:
+        fast = fastpath.FastLoop(
+            lib, ring, descs, 4096, 0, bufs, BUF, DEPTH,  # type: ignore[arg-type]
+            [nop_sqe(RETRY << 16 | tag) for tag in range(DEPTH)], None, True, RESULT_OFFSET,
+            ops.RWF_DSYNC, 5.0, True,
+        )
+        try:
+            # Four "new requests" (kind 0, res 0), in slots the tags do not own.
+            for tag in range(DEPTH):
+                ring.sqes[(8 + tag) * 64 : (9 + tag) * 64] = nop_sqe(tag)
+            ring.push([8, 9, 10, 11])
+            assert fast.run() == [(2, 0, 0)]  # the unknown op comes back, the rest was served
+            assert bufs[:4096] == bytes(4096)  # the null READ zeroed its 4 KiB
+            assert bufs[4096:BUF] == b"\xaa" * 4096
+            assert bufs[BUF : 2 * BUF] == b"\xaa" * BUF  # a WRITE leaves its buffer alone
+            results = {tag: struct.unpack_from("<i", ring.sqes, (2 * tag + 1) * 64 + RESULT_OFFSET)[0]
+                       for tag in (0, 1, 3)}
+            assert results == {0: 4096, 1: 2048, 3: 0}
+            tallies = [t[:3] for t in fast.take_tallies()]  # (op, count, bytes); means vary
+            assert tallies == [(0, 1, 4096), (1, 1, 2048), (2, 1, 0)]
+            assert fast.take_tallies() == []  # taken
+            # The three commits it queued (NOP stand-ins) complete on the next call.
+            got: list[tuple[int, int, int]] = []
+            while len(got) < 3:
+                got += fast.run()
+            assert sorted(ud for ud, _res, _flags in got) == [RETRY << 16 | t for t in (0, 1, 3)]
+        finally:
+            fast.close()
+    bufs.close()
+    os.close(descs)
+
+
+def test_linked_read_queues_its_backing_op_with_the_request_patched_in(lib: object) -> None:
+    descs = os.memfd_create("descs")
+    os.ftruncate(descs, 4096)
+    os.pwrite(descs, uapi.IO_DESC.pack(uapi.UBLK_IO_OP_READ, 16, 100, 0), 24)  # tag 1
+    bufs = mmap.mmap(-1, DEPTH * BUF)
+    with Ring(16) as ring:
+        linked = [[nop_sqe(LINKED_BACKING << 16 | tag) for tag in range(DEPTH)], []]
+        fast = fastpath.FastLoop(
+            lib, ring, descs, 4096, 0, bufs, BUF, DEPTH,  # type: ignore[arg-type]
+            [nop_sqe(RETRY << 16 | tag) for tag in range(DEPTH)], linked, False, RESULT_OFFSET,
+            ops.RWF_DSYNC, 5.0, False,
+        )
+        try:
+            ring.sqes[8 * 64 : 9 * 64] = nop_sqe(1)
+            ring.push([8])
+            # Served in C: the linked READ and the commit (NOPs here) complete, and come back.
+            got: list[tuple[int, int, int]] = []
+            while len(got) < 2:
+                got += fast.run()
+            off, _addr, length, rw_flags = struct.unpack_from("<QQII", ring.sqes, 2 * 64 + 8)
+            assert (off, length, rw_flags) == (100 << 9, 16 << 9, 0)
+            assert sorted(ud for ud, _r, _f in got) == [RETRY << 16 | 1, LINKED_BACKING << 16 | 1]
+            assert fast.take_tallies()[0][:3] == (0, 1, 16 << 9)
+        finally:
+            fast.close()
+    bufs.close()
+    os.close(descs)
