@@ -34,8 +34,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-
 from .block import BlockDevice, Extent, SectorPadded
 from .errors import RequestError, UnsupportedFeatureError, VdiskError
 
@@ -110,28 +108,77 @@ _Step = _Copy | _Zero | _Window
 _Writes = list[tuple[int, memoryview | list[Any] | None, int]]
 
 
-def zero_runs(buf: memoryview, dst_offset: int, block: int) -> list[tuple[int, int, bool]]:
-    """Split ``buf`` (to be written at ``dst_offset``) at multiples of ``block`` in the target;
-    returns (start, end, nonzero) runs with adjacent blocks of the same kind merged."""
-    n = len(buf)
+_zero_pool = bytes(CHUNK)
+_NEEDLE = 256  # zeros searched for: long enough to skip data fast, short to set up
+
+
+def _zeros(n: int) -> memoryview:
+    """A read-only view of at least ``n`` zero bytes (the pool grows for a bigger request)."""
+    global _zero_pool
+    if len(_zero_pool) < n:
+        _zero_pool = bytes(n)
+    return memoryview(_zero_pool)
+
+
+def zero_runs(
+    buf: bytes | bytearray, dst_offset: int, block: int, length: int | None = None
+) -> list[tuple[int, int, bool]]:
+    """Split ``buf[:length]`` (to be written at ``dst_offset``) at multiples of ``block`` in
+    the target; returns (start, end, nonzero) runs with adjacent blocks of the same kind
+    merged. A block is zero when all its bytes are (a partial first or last block too).
+
+    ``bytes.find`` of a run of zeros skips data in C (it shifts by the whole pattern on a
+    non-zero byte), and ``startswith`` compares a block with zeros by memcmp: only zero
+    blocks are looked at one by one, in Python."""
+    n = len(buf) if length is None else length
     if n == 0:
         return []
-    head = (-dst_offset) % block
-    edges = np.arange(head if head else block, n, block, dtype=np.int64)
-    starts = np.concatenate([np.zeros(1, dtype=np.int64), edges])
-    if dst_offset % 8 == 0 and n % 8 == 0 and block % 8 == 0:
-        arr = np.frombuffer(buf, dtype=np.uint64)
-        flags = np.maximum.reduceat(arr, starts // 8) != 0
-    else:
-        flags = np.maximum.reduceat(np.frombuffer(buf, dtype=np.uint8), starts) != 0
-    ends = np.append(starts[1:], n)
-    change = np.flatnonzero(flags[1:] != flags[:-1]) + 1
-    run_starts = np.concatenate([[0], change])
-    run_ends = np.append(change, flags.size)
-    return [
-        (int(starts[a]), int(ends[b - 1]), bool(flags[a]))
-        for a, b in zip(run_starts.tolist(), run_ends.tolist(), strict=True)
-    ]
+    zeros = _zeros(max(n, block))
+    if buf.startswith(zeros[:n]):
+        return [(0, n, False)]
+    runs: list[tuple[int, int, bool]] = []
+
+    def emit(a: int, b: int, nonzero: bool) -> None:
+        if a >= b:
+            return
+        if runs and runs[-1][2] == nonzero:
+            runs[-1] = (runs[-1][0], b, nonzero)
+        else:
+            runs.append((a, b, nonzero))
+
+    head = min((-dst_offset) % block, n)  # a partial first block [0, head)
+    if head:
+        emit(0, head, not buf.startswith(zeros[:head], 0, head))
+    whole = zeros[:block]
+    needle = zeros[: min(block, _NEEDLE)]
+    stop = head + (n - head) // block * block  # whole blocks end here; a partial one follows
+    pos = head
+    while pos < stop:
+        found = buf.find(needle, pos, stop)
+        if found < 0:
+            emit(pos, stop, True)
+            break
+        # The first block boundary at or after the zeros found: every block before it is data.
+        at = head + -(-(found - head) // block) * block
+        if at >= stop:
+            emit(pos, stop, True)
+            break
+        if not buf.startswith(whole, at, stop):
+            emit(pos, at + block, True)
+            pos = at + block
+            continue
+        emit(pos, at, True)
+        if buf.startswith(zeros[: stop - at], at, stop):
+            emit(at, stop, False)
+            break
+        end = at + block
+        while buf.startswith(whole, end, stop):
+            end += block
+        emit(at, end, False)
+        pos = end
+    if stop < n:
+        emit(stop, n, not buf.startswith(zeros[: n - stop], stop, n))
+    return runs
 
 
 def _backing_size(src: Source, top_only: bool) -> int:
@@ -388,7 +435,7 @@ class _Copier:
                 p.source.readinto(view[at : at + p.length], p.src_offset)
             cs = target.cluster_size
             if self.sparse_size:
-                runs = zero_runs(view, step.dst_offset, cs)
+                runs = zero_runs(buf, step.dst_offset, cs, step.length)
             else:
                 runs = [(0, step.length, True)]
             items: _Writes = []
@@ -434,7 +481,7 @@ class _Copier:
             raise
         if not self.sparse_size:
             return buf, [(step.dst_offset, view, step.length)]
-        runs = zero_runs(view, step.dst_offset, self.sparse_size)
+        runs = zero_runs(buf, step.dst_offset, self.sparse_size, step.length)
         return buf, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
 
     def _salvage(self, step: _Copy, view: memoryview) -> None:
