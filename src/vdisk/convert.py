@@ -109,7 +109,6 @@ _Writes = list[tuple[int, memoryview | list[Any] | None, int]]
 
 
 _zero_pool = bytes(CHUNK)
-_NEEDLE = 256  # zeros searched for: long enough to skip data fast, short to set up
 
 
 def _zeros(n: int) -> memoryview:
@@ -127,9 +126,9 @@ def zero_runs(
     the target; returns (start, end, nonzero) runs with adjacent blocks of the same kind
     merged. A block is zero when all its bytes are (a partial first or last block too).
 
-    ``bytes.find`` of a run of zeros skips data in C (it shifts by the whole pattern on a
-    non-zero byte), and ``startswith`` compares a block with zeros by memcmp: only zero
-    blocks are looked at one by one, in Python."""
+    As qemu's buffer_is_zero, data is told apart by its first non-zero byte, not by reading
+    it all: the first and last byte of every block are gathered at once (a strided view),
+    and only a block where both are 0 is compared with zeros (memcmp, in ``startswith``)."""
     n = len(buf) if length is None else length
     if n == 0:
         return []
@@ -149,33 +148,32 @@ def zero_runs(
     head = min((-dst_offset) % block, n)  # a partial first block [0, head)
     if head:
         emit(0, head, not buf.startswith(zeros[:head], 0, head))
-    whole = zeros[:block]
-    needle = zeros[: min(block, _NEEDLE)]
     stop = head + (n - head) // block * block  # whole blocks end here; a partial one follows
-    pos = head
-    while pos < stop:
-        found = buf.find(needle, pos, stop)
-        if found < 0:
-            emit(pos, stop, True)
-            break
-        # The first block boundary at or after the zeros found: every block before it is data.
-        at = head + -(-(found - head) // block) * block
-        if at >= stop:
-            emit(pos, stop, True)
-            break
-        if not buf.startswith(whole, at, stop):
-            emit(pos, at + block, True)
-            pos = at + block
-            continue
-        emit(pos, at, True)
-        if buf.startswith(zeros[: stop - at], at, stop):
-            emit(at, stop, False)
-            break
-        end = at + block
-        while buf.startswith(whole, end, stop):
-            end += block
-        emit(at, end, False)
-        pos = end
+    count = (stop - head) // block
+    if count:
+        view = memoryview(buf)
+        firsts = int.from_bytes(bytes(view[head:stop:block]), "little")
+        lasts = int.from_bytes(bytes(view[head + block - 1 : stop : block]), "little")
+        sampled = (firsts | lasts).to_bytes(count, "little")  # byte i: block i's samples
+        whole = zeros[:block]
+        pos = head
+        i = sampled.find(0)
+        while i >= 0:
+            # Blocks i..j-1 all sampled 0: one compare for the lot, else block by block.
+            j = count - len(sampled[i:].lstrip(b"\0"))
+            at, end = head + i * block, head + j * block
+            if buf.startswith(zeros[: end - at], at, end):
+                emit(pos, at, True)
+                emit(at, end, False)
+                pos = end
+            else:
+                for b in range(at, end, block):
+                    if buf.startswith(whole, b, stop):
+                        emit(pos, b, True)
+                        emit(b, b + block, False)
+                        pos = b + block
+            i = sampled.find(0, j)
+        emit(pos, stop, True)
     if stop < n:
         emit(stop, n, not buf.startswith(zeros[: n - stop], stop, n))
     return runs

@@ -375,7 +375,8 @@ def test_convert_salvage(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
 
 def _zero_block_raw(path: Path) -> None:
     """Data with zeros inside: whole 4 KiB blocks, runs not block aligned, a zero 512-byte
-    sector, alternating blocks, 64 KiB of zeros mid-chunk, and a size that ends mid-block."""
+    sector, alternating blocks, 64 KiB of zeros mid-chunk, blocks whose first and last bytes
+    are 0 around data, and a size that ends mid-block."""
     import random
 
     rng = random.Random(7)
@@ -386,6 +387,9 @@ def _zero_block_raw(path: Path) -> None:
         out[start : start + length] = bytes(length)
     for block in range(160, 200, 2):  # alternating zero and data blocks
         out[block * 4096 : (block + 1) * 4096] = bytes(4096)
+    for block in range(210, 220):  # data between a zero first and last byte of each block
+        out[block * 4096] = out[block * 4096 + 4095] = 0
+        out[block * 4096 + 2000 : block * 4096 + 2095] = bytes(95)
     out[-3000:] = bytes(3000)  # a zero tail in the last, partial block
     path.write_bytes(bytes(out[:-1000]))
 
