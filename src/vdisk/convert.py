@@ -30,7 +30,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -521,6 +520,67 @@ class _Copier:
         return buf, items
 
 
+_Result = tuple[bytearray | None, _Writes]
+
+
+class _Task:
+    """One step handed to a worker: the outcome, ready once ``result`` can return."""
+
+    __slots__ = ("cancelled", "done", "error", "value")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.value: _Result = (None, [])
+        self.error: BaseException | None = None
+        self.done = threading.Lock()
+        self.done.acquire()  # released by the worker
+
+    def result(self) -> _Result:
+        with self.done:
+            if self.error is not None:
+                raise self.error
+            return self.value
+
+
+class _Pool:
+    """The copy's worker threads, started as steps arrive (concurrent.futures would do, but
+    importing it, and logging with it, costs each ``vdisk convert`` more than the empty copy)."""
+
+    def __init__(self, workers: int, run: Callable[[_Step], _Result]) -> None:
+        self.workers = workers
+        self.run = run
+        self.queue: queue.SimpleQueue[tuple[_Step, _Task] | None] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, step: _Step) -> _Task:
+        task = _Task()
+        self.queue.put((step, task))
+        if len(self.threads) < self.workers:
+            thread = threading.Thread(
+                target=self._work, name=f"vdisk-convert_{len(self.threads)}", daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+        return task
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            step, task = item
+            if not task.cancelled:
+                try:
+                    task.value = self.run(step)
+                except BaseException as exc:  # handed to the caller by result()
+                    task.error = exc
+            task.done.release()
+
+    def close(self) -> None:
+        """Wait for the workers; steps not started yet are skipped if cancelled."""
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+
+
 class _FlushClock:
     """Flushes the target when ``interval`` seconds have passed since the last flush."""
 
@@ -581,29 +641,30 @@ def convert(
     )  # fmt: skip
     clock = _FlushClock(target, flush_interval)
     stopped = False
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vdisk-convert") as pool:
-        pending: deque[tuple[_Step, Future[tuple[bytearray | None, _Writes]]]] = deque()
+    pool = _Pool(workers, copier.task)
+    pending: deque[tuple[_Step, _Task]] = deque()
 
-        def finish() -> None:
-            step, fut = pending.popleft()
-            buf, items = fut.result()
-            if not out_of_order:
-                copier.write(step, buf, items)  # in guest order, as qemu-img without -W
+    def finish() -> None:
+        step, task = pending.popleft()
+        buf, items = task.result()
+        if not out_of_order:
+            copier.write(step, buf, items)  # in guest order, as qemu-img without -W
 
-        try:
-            for step in steps:
-                if stop is not None and stop.is_set():
-                    stopped = True
-                    break
-                pending.append((step, pool.submit(copier.task, step)))
-                while len(pending) >= limit:
-                    finish()
-                clock.tick()
-            while pending:
+    try:
+        for step in steps:
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            pending.append((step, pool.submit(step)))
+            while len(pending) >= limit:
                 finish()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
+            clock.tick()
+        while pending:
+            finish()
+    finally:
+        for _, task in pending:
+            task.cancelled = True
+        pool.close()
     if stopped:
         target.flush()
         raise ConvertInterrupted(
