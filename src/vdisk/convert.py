@@ -30,11 +30,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
-
-import numpy as np
 
 from .block import BlockDevice, Extent, SectorPadded
 from .errors import RequestError, UnsupportedFeatureError, VdiskError
@@ -110,28 +107,75 @@ _Step = _Copy | _Zero | _Window
 _Writes = list[tuple[int, memoryview | list[Any] | None, int]]
 
 
-def zero_runs(buf: memoryview, dst_offset: int, block: int) -> list[tuple[int, int, bool]]:
-    """Split ``buf`` (to be written at ``dst_offset``) at multiples of ``block`` in the target;
-    returns (start, end, nonzero) runs with adjacent blocks of the same kind merged."""
-    n = len(buf)
+_zero_pool = bytes(CHUNK)
+
+
+def _zeros(n: int) -> memoryview:
+    """A read-only view of at least ``n`` zero bytes (the pool grows for a bigger request)."""
+    global _zero_pool
+    if len(_zero_pool) < n:
+        _zero_pool = bytes(n)
+    return memoryview(_zero_pool)
+
+
+def zero_runs(
+    buf: bytes | bytearray, dst_offset: int, block: int, length: int | None = None
+) -> list[tuple[int, int, bool]]:
+    """Split ``buf[:length]`` (to be written at ``dst_offset``) at multiples of ``block`` in
+    the target; returns (start, end, nonzero) runs with adjacent blocks of the same kind
+    merged. A block is zero when all its bytes are (a partial first or last block too).
+
+    As qemu's buffer_is_zero, data is told apart by its first non-zero byte, not by reading
+    it all: the first and last byte of every block are gathered at once (a strided view),
+    and only a block where both are 0 is compared with zeros (memcmp, in ``startswith``)."""
+    n = len(buf) if length is None else length
     if n == 0:
         return []
-    head = (-dst_offset) % block
-    edges = np.arange(head if head else block, n, block, dtype=np.int64)
-    starts = np.concatenate([np.zeros(1, dtype=np.int64), edges])
-    if dst_offset % 8 == 0 and n % 8 == 0 and block % 8 == 0:
-        arr = np.frombuffer(buf, dtype=np.uint64)
-        flags = np.maximum.reduceat(arr, starts // 8) != 0
-    else:
-        flags = np.maximum.reduceat(np.frombuffer(buf, dtype=np.uint8), starts) != 0
-    ends = np.append(starts[1:], n)
-    change = np.flatnonzero(flags[1:] != flags[:-1]) + 1
-    run_starts = np.concatenate([[0], change])
-    run_ends = np.append(change, flags.size)
-    return [
-        (int(starts[a]), int(ends[b - 1]), bool(flags[a]))
-        for a, b in zip(run_starts.tolist(), run_ends.tolist(), strict=True)
-    ]
+    zeros = _zeros(max(n, block))
+    if buf.startswith(zeros[:n]):
+        return [(0, n, False)]
+    runs: list[tuple[int, int, bool]] = []
+
+    def emit(a: int, b: int, nonzero: bool) -> None:
+        if a >= b:
+            return
+        if runs and runs[-1][2] == nonzero:
+            runs[-1] = (runs[-1][0], b, nonzero)
+        else:
+            runs.append((a, b, nonzero))
+
+    head = min((-dst_offset) % block, n)  # a partial first block [0, head)
+    if head:
+        emit(0, head, not buf.startswith(zeros[:head], 0, head))
+    stop = head + (n - head) // block * block  # whole blocks end here; a partial one follows
+    count = (stop - head) // block
+    if count:
+        view = memoryview(buf)
+        firsts = int.from_bytes(bytes(view[head:stop:block]), "little")
+        lasts = int.from_bytes(bytes(view[head + block - 1 : stop : block]), "little")
+        sampled = (firsts | lasts).to_bytes(count, "little")  # byte i: block i's samples
+        whole = zeros[:block]
+        pos = head
+        i = sampled.find(0)
+        while i >= 0:
+            # Blocks i..j-1 all sampled 0: one compare for the lot, else block by block.
+            j = count - len(sampled[i:].lstrip(b"\0"))
+            at, end = head + i * block, head + j * block
+            if buf.startswith(zeros[: end - at], at, end):
+                emit(pos, at, True)
+                emit(at, end, False)
+                pos = end
+            else:
+                for b in range(at, end, block):
+                    if buf.startswith(whole, b, stop):
+                        emit(pos, b, True)
+                        emit(b, b + block, False)
+                        pos = b + block
+            i = sampled.find(0, j)
+        emit(pos, stop, True)
+    if stop < n:
+        emit(stop, n, not buf.startswith(zeros[: n - stop], stop, n))
+    return runs
 
 
 def _backing_size(src: Source, top_only: bool) -> int:
@@ -388,7 +432,7 @@ class _Copier:
                 p.source.readinto(view[at : at + p.length], p.src_offset)
             cs = target.cluster_size
             if self.sparse_size:
-                runs = zero_runs(view, step.dst_offset, cs)
+                runs = zero_runs(buf, step.dst_offset, cs, step.length)
             else:
                 runs = [(0, step.length, True)]
             items: _Writes = []
@@ -434,7 +478,7 @@ class _Copier:
             raise
         if not self.sparse_size:
             return buf, [(step.dst_offset, view, step.length)]
-        runs = zero_runs(view, step.dst_offset, self.sparse_size)
+        runs = zero_runs(buf, step.dst_offset, self.sparse_size, step.length)
         return buf, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
 
     def _salvage(self, step: _Copy, view: memoryview) -> None:
@@ -474,6 +518,67 @@ class _Copier:
             self.write(step, buf, items)
             return None, []
         return buf, items
+
+
+_Result = tuple[bytearray | None, _Writes]
+
+
+class _Task:
+    """One step handed to a worker: the outcome, ready once ``result`` can return."""
+
+    __slots__ = ("cancelled", "done", "error", "value")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.value: _Result = (None, [])
+        self.error: BaseException | None = None
+        self.done = threading.Lock()
+        self.done.acquire()  # released by the worker
+
+    def result(self) -> _Result:
+        with self.done:
+            if self.error is not None:
+                raise self.error
+            return self.value
+
+
+class _Pool:
+    """The copy's worker threads, started as steps arrive (concurrent.futures would do, but
+    importing it, and logging with it, costs each ``vdisk convert`` more than the empty copy)."""
+
+    def __init__(self, workers: int, run: Callable[[_Step], _Result]) -> None:
+        self.workers = workers
+        self.run = run
+        self.queue: queue.SimpleQueue[tuple[_Step, _Task] | None] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, step: _Step) -> _Task:
+        task = _Task()
+        self.queue.put((step, task))
+        if len(self.threads) < self.workers:
+            thread = threading.Thread(
+                target=self._work, name=f"vdisk-convert_{len(self.threads)}", daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+        return task
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            step, task = item
+            if not task.cancelled:
+                try:
+                    task.value = self.run(step)
+                except BaseException as exc:  # handed to the caller by result()
+                    task.error = exc
+            task.done.release()
+
+    def close(self) -> None:
+        """Wait for the workers; steps not started yet are skipped if cancelled."""
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
 
 
 class _FlushClock:
@@ -536,29 +641,30 @@ def convert(
     )  # fmt: skip
     clock = _FlushClock(target, flush_interval)
     stopped = False
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vdisk-convert") as pool:
-        pending: deque[tuple[_Step, Future[tuple[bytearray | None, _Writes]]]] = deque()
+    pool = _Pool(workers, copier.task)
+    pending: deque[tuple[_Step, _Task]] = deque()
 
-        def finish() -> None:
-            step, fut = pending.popleft()
-            buf, items = fut.result()
-            if not out_of_order:
-                copier.write(step, buf, items)  # in guest order, as qemu-img without -W
+    def finish() -> None:
+        step, task = pending.popleft()
+        buf, items = task.result()
+        if not out_of_order:
+            copier.write(step, buf, items)  # in guest order, as qemu-img without -W
 
-        try:
-            for step in steps:
-                if stop is not None and stop.is_set():
-                    stopped = True
-                    break
-                pending.append((step, pool.submit(copier.task, step)))
-                while len(pending) >= limit:
-                    finish()
-                clock.tick()
-            while pending:
+    try:
+        for step in steps:
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            pending.append((step, pool.submit(step)))
+            while len(pending) >= limit:
                 finish()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
+            clock.tick()
+        while pending:
+            finish()
+    finally:
+        for _, task in pending:
+            task.cancelled = True
+        pool.close()
     if stopped:
         target.flush()
         raise ConvertInterrupted(

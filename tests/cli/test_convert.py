@@ -371,3 +371,35 @@ def test_convert_salvage(tmp_path: Path, vdisk_cli: VdiskRunner) -> None:
     assert ours.err.count("warning: error while reading offset") == 128
     assert theirs.err.count("warning: error while reading offset") == 128
     assert (d / "ours.raw").read_bytes() == (d / "theirs.raw").read_bytes()
+
+
+def _zero_block_raw(path: Path) -> None:
+    """Data with zeros inside: whole 4 KiB blocks, runs not block aligned, a zero 512-byte
+    sector, alternating blocks, 64 KiB of zeros mid-chunk, blocks whose first and last bytes
+    are 0 around data, and a size that ends mid-block."""
+    import random
+
+    rng = random.Random(7)
+    out = bytearray(rng.randbytes(3 << 20))
+    zeros = ((4096, 4096), (20480, 12288), (1000, 7000), (70000, 512), (1 << 20, 65536),
+             ((2 << 20) - 4096, 8192), (300000, 4095))  # fmt: skip
+    for start, length in zeros:
+        out[start : start + length] = bytes(length)
+    for block in range(160, 200, 2):  # alternating zero and data blocks
+        out[block * 4096 : (block + 1) * 4096] = bytes(4096)
+    for block in range(210, 220):  # data between a zero first and last byte of each block
+        out[block * 4096] = out[block * 4096 + 4095] = 0
+        out[block * 4096 + 2000 : block * 4096 + 2095] = bytes(95)
+    out[-3000:] = bytes(3000)  # a zero tail in the last, partial block
+    path.write_bytes(bytes(out[:-1000]))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_convert_zero_blocks_inside_data(tmp_path: Path, vdisk_cli: VdiskRunner, fmt: str) -> None:
+    """-S: zero blocks inside data stay holes exactly where qemu-img leaves them (raw and
+    qcow2 sources, several sparse sizes)."""
+    _zero_block_raw(tmp_path / "data.img")
+    _ok(qemu_img(["convert", "-f", "raw", "-O", "qcow2", "data.img", "data.qcow2"], tmp_path))
+    for sparse in ("4k", "512", "8k", "64k"):
+        for src_args in (["-f", "raw", "data.img"], ["data.qcow2"]):
+            _same_as_qemu(tmp_path, vdisk_cli, ["-O", fmt, "-S", sparse, *src_args], fmt)

@@ -180,3 +180,23 @@ def test_probe_magic_is_the_codec_magic() -> None:
     from vdisk.qcow2.format import MAGIC
 
     assert vdisk.QCOW2_MAGIC == MAGIC
+
+
+def test_convert_imports_no_heavy_module(tmp_path: Path) -> None:
+    """A plain `vdisk convert` (qcow2 with data, zeros and holes to raw and to qcow2, raw to
+    qcow2) loads none of numpy, zstandard, cryptography, prometheus_client, tqdm: the copy,
+    its zero detection and the qcow2 read and write paths need none of them."""
+    image = tmp_path / "disk.qcow2"
+    assert qemu_img(["create", "-q", "-f", "qcow2", image.name, "8M"], tmp_path).rc == 0
+    write = ["-c", "write -P 7 0 1M", "-c", "write -z 1M 1M", "-c", "write -P 9 3M 64k"]
+    assert subprocess.run(["qemu-io", *write, str(image)], capture_output=True).returncode == 0
+    raw, out = tmp_path / "disk.raw", tmp_path / "out.qcow2"
+    assert (
+        _loaded_heavy_modules(
+            ["convert", "-O", "raw", str(image), str(raw)],
+            ["convert", "-O", "qcow2", str(image), str(out)],
+            ["convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)],
+        )
+        == []
+    )
+    assert qemu_img(["compare", "-q", str(out), str(image)], tmp_path).rc == 0

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,7 +24,9 @@ from ..block import BlockDevice, SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..sizes import SECTOR_SIZE, parse_size
 from .options import ParsedOpt, create_opts, parse_opts
-from .progress import Progress
+
+if TYPE_CHECKING:
+    from .progress import Progress
 
 _MAX_SPARSE = 32768 * SECTOR_SIZE  # qemu-img's limit for -S (16 MiB)
 _MAX_WORKERS = 16  # qemu-img's limit for -m
@@ -393,7 +396,11 @@ def convert_cmd(
             from ..qcow2.bitmap import check_copy_target
 
             check_copy_target(target)
-        show = Progress() if progress and not quiet else None
+        show = None
+        if progress and not quiet:
+            from .progress import Progress  # shutil and the terminal code, only for -p
+
+            show = Progress()
         if show is not None:
             show(0, total)
         # A target with a backing file reads what it shows, not zeros (qemu-img's has_zero_init).

@@ -23,8 +23,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ..block import DirtyBitmap
 from ..errors import (
     CorruptImageError,
@@ -471,6 +469,8 @@ class BitmapSet:
 
     def merge(self, name: str, source: PersistentBitmap) -> None:
         """OR ``source``'s dirty ranges (any granularity, same disk size) into ``name``."""
+        import numpy as np
+
         bm = self.find(name)
         if source is bm:
             return

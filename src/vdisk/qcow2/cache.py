@@ -6,8 +6,9 @@ offset, which can therefore only ever find an L2 table. A cluster that two struc
 L1 entry pointing at a refcount block) is a CorruptImageError naming both uses, never a
 refcount block handed out as an L2 table.
 
-Tables are kept decoded (an ``array('Q')`` of native L2 entries, a numpy uint64 array of
-refcounts) so a hit hands back the live object: no copy, no decode. LRU eviction; a dirty
+Tables are kept decoded (an ``array('Q')`` of native L2 entries; refcounts as a
+:class:`RefcountBlock`, an array of the refcount width, or for widths under 8 bits a numpy
+uint8 array) so a hit hands back the live object: no copy, no decode. LRU eviction; a dirty
 table is written back before it leaves, after its dependencies (the owner's ``before_write``
 hook, e.g. "refcounts on disk before any L2 table that uses them").
 
@@ -20,9 +21,9 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import compress
+from operator import not_
 from typing import Any
-
-import numpy as np
 
 from ..errors import CorruptImageError
 from ..fileio import pread_full, pwrite_full
@@ -52,6 +53,77 @@ def encode_l2(table: array[int]) -> bytes:
     return copy.tobytes()
 
 
+# array typecodes of the refcount widths that are whole bytes (refcount_order 3..6).
+_RC_TYPECODES = {3: "B", 4: "H", 5: next(c for c in "IL" if array(c).itemsize == 4), 6: "Q"}
+
+
+class RefcountBlock(array):  # type: ignore[type-arg]  # array[int], told apart from L2's
+    """A decoded refcount block of whole-byte entries (native byte order). A subclass, so a
+    64-bit one is never mistaken for an L2 table (both would be ``array('Q')``)."""
+
+
+def decode_refcount_block(buf: bytes | bytearray | memoryview, refcount_order: int) -> Any:
+    """A refcount block as the cache keeps it; numpy only for widths under 8 bits."""
+    code = _RC_TYPECODES.get(refcount_order)
+    if code is None:
+        dtype = "uint8"
+        return fmt.decode_refcount_block(buf, refcount_order).astype(dtype)
+    block = RefcountBlock(code)
+    block.frombytes(buf)
+    if _NEED_SWAP and block.itemsize > 1:
+        block.byteswap()
+    return block
+
+
+def encode_refcount_block(block: Any, refcount_order: int) -> bytes:
+    if not isinstance(block, array):
+        return fmt.encode_refcount_block(block, refcount_order)
+    if not _NEED_SWAP or block.itemsize == 1:
+        return block.tobytes()
+    copy = array(block.typecode, block)
+    copy.byteswap()
+    return copy.tobytes()
+
+
+def empty_refcount_block(cluster_size: int, refcount_order: int) -> Any:
+    code = _RC_TYPECODES.get(refcount_order)
+    if code is None:
+        import numpy as np
+
+        return np.zeros(cluster_size * 8 >> refcount_order, dtype=np.uint8)
+    return RefcountBlock(code, bytes(cluster_size))
+
+
+def fill_refcounts(block: Any, start: int, stop: int, value: int) -> None:
+    """Set entries [start, stop) of a refcount block to ``value``."""
+    if stop <= start:
+        return
+    if isinstance(block, array):
+        block[start:stop] = array(block.typecode, [value]) * (stop - start)
+    else:
+        block[start:stop] = value
+
+
+def last_nonzero(block: Any) -> int:
+    """Index of a refcount block's last nonzero entry, or -1."""
+    if isinstance(block, array):
+        used = len(block.tobytes().rstrip(b"\0"))
+        return (used - 1) // block.itemsize if used else -1
+    import numpy as np
+
+    nz = np.flatnonzero(block)
+    return int(nz[-1]) if nz.size else -1
+
+
+def zero_entries(block: Any, start: int, stop: int) -> list[int]:
+    """Indices in [start, stop) of a refcount block whose entries are 0."""
+    if isinstance(block, array):
+        return list(compress(range(start, stop), map(not_, block[start:stop])))
+    import numpy as np
+
+    return (np.flatnonzero(block[start:stop] == 0) + start).tolist()  # type: ignore[no-any-return]
+
+
 class _Slot:
     __slots__ = ("dirty", "kind", "table")
 
@@ -78,10 +150,6 @@ class MetadataCache:
         self.capacity = max(capacity, 4)
         self.before_write = before_write
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
-        # Decoded refcount blocks use the narrowest dtype that holds the width.
-        self._rc_dtype = (np.uint8, np.uint8, np.uint8, np.uint8, np.uint16, np.uint32, np.uint64)[
-            refcount_order
-        ]
         self.hits = 0
         self.misses = 0
 
@@ -92,17 +160,17 @@ class MetadataCache:
     def _decode(self, kind: int, buf: bytearray) -> Any:
         if kind == L2:
             return decode_l2(buf)
-        return fmt.decode_refcount_block(buf, self.refcount_order).astype(self._rc_dtype)
+        return decode_refcount_block(buf, self.refcount_order)
 
     def _encode(self, kind: int, table: Any) -> bytes:
         if kind == L2:
             return encode_l2(table)
-        return fmt.encode_refcount_block(table, self.refcount_order)
+        return encode_refcount_block(table, self.refcount_order)
 
     def empty_table(self, kind: int) -> Any:
         if kind == L2:
             return array("Q", bytes(self.cluster_size))
-        return np.zeros(self.cluster_size * 8 >> self.refcount_order, dtype=self._rc_dtype)
+        return empty_refcount_block(self.cluster_size, self.refcount_order)
 
     # -- access ---------------------------------------------------------------------------
     def _claim(self, offset: int, kind: int) -> None:
@@ -150,7 +218,12 @@ class MetadataCache:
         """Mark a table changed. If it was evicted after the caller fetched it (another
         table was loaded meanwhile), the caller's live object is put back: it is newer than
         what the eviction wrote."""
-        kinds = (L2, REFBLOCK) if table is None else (L2 if isinstance(table, array) else REFBLOCK,)
+        kinds: tuple[int, ...]
+        if table is None:
+            kinds = (L2, REFBLOCK)
+        else:
+            is_l2 = isinstance(table, array) and not isinstance(table, RefcountBlock)
+            kinds = (L2 if is_l2 else REFBLOCK,)
         for kind in kinds:
             slot = self._slots.get(offset | kind)
             if slot is not None and (table is None or slot.table is table):

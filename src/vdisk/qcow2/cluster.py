@@ -16,8 +16,6 @@ from array import array
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
-
 from ..errors import CorruptImageError
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
@@ -113,19 +111,20 @@ class ClusterMap:
         buf = bytearray(header.l1_size * 8)
         pread_full(fd, buf, header.l1_table_offset)
         self.l1 = decode_l2(buf)
-        l1 = np.frombuffer(self.l1, dtype=np.uint64)
-        offsets = l1 & np.uint64(fmt.L1E_OFFSET_MASK)
-        bad = np.flatnonzero(offsets & np.uint64(self.cluster_size - 1))
-        if bad.size:
-            raise CorruptImageError(
-                f"L1 entry {int(bad[0])}: L2 table offset is not cluster aligned", path=path
-            )
-        past = np.flatnonzero(offsets + np.uint64(self.cluster_size) > np.uint64(file_size))
-        past = past[offsets[past] != 0]
-        if past.size:
-            raise CorruptImageError(
-                f"L1 entry {int(past[0])}: L2 table lies past the end of the file", path=path
-            )
+        # In Python, not numpy: the table is small (one entry per 512 MiB at 64 KiB clusters)
+        # and a plain read-only open then never loads numpy.
+        mask, cmask = fmt.L1E_OFFSET_MASK, self.cluster_size - 1
+        offsets = [(i, e & mask) for i, e in enumerate(self.l1) if e & mask]
+        for i, off in offsets:
+            if off & cmask:
+                raise CorruptImageError(
+                    f"L1 entry {i}: L2 table offset is not cluster aligned", path=path
+                )
+        for i, off in offsets:
+            if off + self.cluster_size > file_size:
+                raise CorruptImageError(
+                    f"L1 entry {i}: L2 table lies past the end of the file", path=path
+                )
 
     # -- lookups --------------------------------------------------------------------------
     def l2_table(self, l1_index: int) -> array[int] | None:
@@ -465,11 +464,12 @@ class ClusterMap:
 
     def l2_on_metadata(self, non_l2: set[int]) -> int | None:
         """The first L1 index whose L2 table pointer lands on other metadata, or None."""
-        offsets = np.frombuffer(self.l1, dtype=np.uint64) & np.uint64(fmt.L1E_OFFSET_MASK)
-        clusters = offsets >> np.uint64(self.cluster_bits)
-        others = np.fromiter(non_l2, dtype=np.uint64, count=len(non_l2))
-        hits = np.flatnonzero((offsets != 0) & np.isin(clusters, others))
-        return int(hits[0]) if hits.size else None
+        mask, cb = fmt.L1E_OFFSET_MASK, self.cluster_bits
+        for i, e in enumerate(self.l1):
+            off = e & mask
+            if off and off >> cb in non_l2:
+                return i
+        return None
 
     def prepare_write(self, plan: WritePlan, frees: list[int]) -> None:
         """Make the L2 tables of a checked plan ours and restore stale COPIED flags.

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import FormatError, RequestError, VdiskError, from_oserror
 from ..fileio import pwrite_full
@@ -14,8 +13,10 @@ from ..filenames import resolve_backing
 from ..sizes import parse_size, round_up_to_sector
 from . import datafile
 from . import format as fmt
-from .cache import encode_l2
-from .encryption import EncryptOptions, new_luks_area, pop_encrypt_options, warn_legacy_aes
+from .cache import empty_refcount_block, encode_l2, encode_refcount_block, fill_refcounts
+
+if TYPE_CHECKING:
+    from .encryption import EncryptOptions
 
 _TRUE = {"on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
@@ -89,7 +90,11 @@ def create(
     compression_type = opts.pop("compression_type", compression_type)
     data_file = opts.pop("data_file", None) or None
     data_file_raw = _bool("data_file_raw", opts.pop("data_file_raw", False))
-    encrypt = pop_encrypt_options(opts, path)
+    encrypt = None
+    if opts:  # what is left is encryption (or refused): only then load the cipher code
+        from .encryption import pop_encrypt_options
+
+        encrypt = pop_encrypt_options(opts, path)
     _refuse_unsupported(opts, path)
     o = _parse_options(
         path,
@@ -252,6 +257,8 @@ def _encryption_header(header: fmt.Header, encrypt: EncryptOptions | None) -> by
     QEMU orders them); the LUKS header area to write, or b""."""
     if encrypt is None:
         return b""
+    from .encryption import new_luks_area, warn_legacy_aes
+
     if encrypt.format == "aes":
         warn_legacy_aes()
         header.crypt_method = fmt.CRYPT_AES
@@ -406,24 +413,22 @@ def _file_end(lay: _Layout, cs: int) -> int:
 def _write_refcounts(fd: int, header: fmt.Header, lay: _Layout) -> None:
     """The refcount table and blocks: refcount 1 for every cluster of the layout."""
     cs = header.cluster_size
-    cb = np.uint64(header.cluster_bits)
-    blocks = len(lay.block_clusters)
-    table = np.zeros(lay.reftable_clusters * cs // 8, dtype=np.uint64)
-    table[:blocks] = np.array(lay.block_clusters, dtype=np.uint64) << cb
-    pwrite_full(fd, fmt.encode_table(table), lay.reftable_at * cs)
+    cb = header.cluster_bits
+    table = array("Q", (c << cb for c in lay.block_clusters))
+    table.extend([0] * (lay.reftable_clusters * cs // 8 - len(table)))
+    pwrite_full(fd, encode_l2(table), lay.reftable_at * cs)
     rb_entries = 1 << header.refblock_bits
     for b, block_at in enumerate(lay.block_clusters):
-        counts = np.zeros(rb_entries, dtype=np.uint64)
+        block = empty_refcount_block(cs, header.refcount_order)
         lo = b * rb_entries
-        hi = min(lo + rb_entries, lay.total)
-        if hi > lo:
-            counts[: hi - lo] = 1
-        block = fmt.encode_refcount_block(counts, header.refcount_order)
-        pwrite_full(fd, block, block_at * cs)
+        fill_refcounts(block, 0, max(0, min(lo + rb_entries, lay.total) - lo), 1)
+        pwrite_full(fd, encode_refcount_block(block, header.refcount_order), block_at * cs)
 
 
 def _write_preallocated_tables(fd: int, header: fmt.Header, lay: _Layout) -> None:
     """L1 and every L2 table, mapping each guest cluster to its data cluster in order."""
+    import numpy as np
+
     cs = header.cluster_size
     cb = np.uint64(header.cluster_bits)
     l2_entries = 1 << header.l2_bits

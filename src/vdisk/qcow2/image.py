@@ -35,9 +35,9 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from array import array
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from typing_extensions import Buffer
 
 from .. import locking
@@ -58,7 +58,6 @@ from . import datafile
 from . import format as fmt
 from .bitmap import BitmapSet, PersistentBitmap
 from .cache import L2, MetadataCache, default_capacity
-from .check import repair_open_file
 from .cluster import (
     IN_PLACE,
     NEW,
@@ -315,8 +314,8 @@ class Qcow2Image(BlockDeviceBase):
             self.header,
             file_size,
             self.path,
-            l1=np.frombuffer(self.map.l1, dtype=np.uint64),
-            reftable=np.frombuffer(self.refcounts.table, dtype=np.uint64),
+            l1=self.map.l1,
+            reftable=self.refcounts.table,
         )
 
     def _open_data_file(
@@ -376,6 +375,8 @@ class Qcow2Image(BlockDeviceBase):
     def _repair_refcounts(self, header: fmt.Header) -> fmt.Header:
         """The dirty bit is set: refcounts may be wrong. As QEMU, run the check with every
         repair on (the one walk and the one rebuild), then take the repaired header."""
+        from .check import repair_open_file  # numpy: only a dirty image needs the check
+
         result = repair_open_file(self.fd, self.path)
         repaired = read_header(self.fd)
         if repaired.dirty and not result.check_errors:
@@ -776,6 +777,17 @@ class Qcow2Image(BlockDeviceBase):
                 if fua:
                     self.flush()
                 return n
+        if (
+            n > cmask + 1
+            and not (offset | n) & cmask
+            and self._fast_paths
+            and self._write_ready
+            and self.data_fd == self.fd
+            and self._write_new_run(view, offset)
+        ):
+            if fua:
+                self.flush()
+            return n
         if n:
             try:
                 self._write(view, offset)
@@ -784,6 +796,61 @@ class Qcow2Image(BlockDeviceBase):
         if fua:
             self.flush()
         return n
+
+    def _write_new_run(self, view: memoryview, offset: int) -> bool:
+        """Whole clusters, all unallocated in one cached L2 table, written to as many new
+        clusters at the file end: one allocation, one write, one L2 update (as qemu-img
+        convert lays its target out: data in guest order). False, with nothing done, when
+        that does not apply; the general path then takes the write."""
+        cb = self.cluster_bits
+        gc0 = offset >> cb
+        count = len(view) >> cb
+        guest = range(gc0, gc0 + count)
+        with self._lock:
+            if self._readonly or self._pending:
+                return False
+            if (gc0 + count - 1) >> self.map.l2_bits != gc0 >> self.map.l2_bits:
+                return False  # crosses an L2 table
+            l1e = self.map.l1[offset >> self._span_bits]
+            l2_off = l1e & _L1E_OFFSET_MASK
+            slot = self._slots.get(l2_off) if l2_off and l1e & _OFLAG_COPIED else None
+            if slot is None:
+                return False
+            i0 = gc0 & self._l2_mask
+            if any(slot.table[i0 : i0 + count]):
+                return False  # something is mapped: copy-on-write or in place, not here
+            if self._inflight and not self._inflight.isdisjoint(guest):
+                return False
+            first = self.refcounts.allocate_end_fast(count)
+            if first is None:
+                return False
+            self._slots.move_to_end(l2_off)
+            self._inflight.update(guest)
+            ticket = self._take_ticket()
+        host = first << cb
+        ok = False
+        try:
+            pwritev_full(self.fd, [view], host)
+            ok = True
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+        finally:
+            with self._lock:
+                if ok:
+                    table = self.cache.get(l2_off, L2)  # reloaded if evicted meanwhile
+                    start = host | _OFLAG_COPIED
+                    table[i0 : i0 + count] = array(
+                        "Q", range(start, start + (count << cb), 1 << cb)
+                    )
+                    self.cache.mark_dirty(l2_off, table)
+                    self._unsynced = True
+                else:
+                    self._free_later(list(range(first, first + count)))
+                self._inflight.difference_update(guest)
+                self._active.discard(ticket)
+                if self._waiters:
+                    self._cond.notify_all()
+        return True
 
     def write_compressed(self, buf: Buffer, offset: int) -> int:
         """Write whole clusters compressed, as ``qemu-io -c 'write -c'``: ``offset`` cluster
@@ -1294,6 +1361,7 @@ class Qcow2Image(BlockDeviceBase):
         from .snapshot import delete_snapshot
 
         return delete_snapshot(self, name_or_id, by_id, by_name)
+
     # -- persistent dirty bitmaps (logic in bitmap.py) -------------------------------------
     def bitmaps(self) -> list[PersistentBitmap]:
         """The persistent dirty bitmaps, in directory order (bits read on demand)."""

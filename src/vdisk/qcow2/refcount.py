@@ -24,13 +24,27 @@ import os
 import struct
 from array import array
 from collections.abc import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptImageError, NoSpaceError
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
-from .cache import REFBLOCK, MetadataCache, decode_l2, encode_l2
+from .cache import (
+    REFBLOCK,
+    MetadataCache,
+    decode_l2,
+    encode_l2,
+    fill_refcounts,
+    last_nonzero,
+    zero_entries,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# A refcount block as the cache keeps it: cache.RefcountBlock (an array), or a numpy uint8
+# array for widths under 8 bits; both index and assign by entry.
+RefBlock = Any
 
 
 class RefcountManager:
@@ -76,36 +90,39 @@ class RefcountManager:
         buf = bytearray(size)
         pread_full(self.fd, buf, h.refcount_table_offset)
         self.table = decode_l2(buf)
-        entries = np.frombuffer(self.table, dtype=np.uint64)
-        bad = np.flatnonzero(entries & np.uint64(fmt.REFT_RESERVED_MASK | (self.cluster_size - 1)))
-        if bad.size:
-            raise CorruptImageError(
-                f"refcount table entry {int(bad[0])}: refcount block offset is not cluster aligned",
-                path=self.path,
-            )
-        past = np.flatnonzero(entries + np.uint64(self.cluster_size) > np.uint64(file_size))
-        past = past[entries[past] != 0]
-        if past.size:
-            raise CorruptImageError(
-                f"refcount table entry {int(past[0])}: refcount block lies past the end of the file",
-                path=self.path,
-            )
+        # In Python, not numpy (a read-only open then never loads it): one pass over the
+        # table's used entries, 8 KiB of them per cluster of table.
+        used = [(i, e) for i, e in enumerate(self.table) if e]
+        unaligned = fmt.REFT_RESERVED_MASK | (self.cluster_size - 1)
+        for i, e in used:
+            if e & unaligned:
+                raise CorruptImageError(
+                    f"refcount table entry {i}: refcount block offset is not cluster aligned",
+                    path=self.path,
+                )
+        for i, e in used:
+            if e + self.cluster_size > file_size:
+                raise CorruptImageError(
+                    f"refcount table entry {i}: refcount block lies past the end of the file",
+                    path=self.path,
+                )
         # Clusters past the file end may still carry refcounts; find the last one so that
         # allocation at the end only checks refcounts below it.
         self.tail_used = self.end_cluster
         for b in range(len(self.table) - 1, (self.end_cluster >> self.rb_bits) - 1, -1):
             if self.table[b]:
-                nz = np.flatnonzero(self.cache.get(self.table[b], REFBLOCK))
-                if nz.size:
-                    self.tail_used = max(self.end_cluster, (b << self.rb_bits) + int(nz[-1]) + 1)
+                last = last_nonzero(self.cache.get(self.table[b], REFBLOCK))
+                if last >= 0:
+                    self.tail_used = max(self.end_cluster, (b << self.rb_bits) + last + 1)
                     break
 
     # -- lookups --------------------------------------------------------------------------
-    def _block(self, block_index: int, create: bool) -> np.ndarray | None:
+    def _block(self, block_index: int, create: bool) -> RefBlock | None:
+
         if block_index < len(self.table):
             off = self.table[block_index]
             if off:
-                block: np.ndarray = self.cache.get(off, REFBLOCK)
+                block: RefBlock = self.cache.get(off, REFBLOCK)
                 return block
         if not create:
             return None
@@ -117,7 +134,7 @@ class RefcountManager:
         # because the end of the file is covered by the newest block).
         base = block_index << self.rb_bits
         c = self._take_end(1)
-        new: np.ndarray = self.cache.empty_table(REFBLOCK)
+        new: RefBlock = self.cache.empty_table(REFBLOCK)
         self.metadata.add(c)
         if base <= c < base + self.rb_entries:
             new[c - base] = 1
@@ -140,18 +157,15 @@ class RefcountManager:
         Every metadata cluster holds a reference, so one at 0 shows the refcounts themselves
         are wrong (a damaged ``refcount_order``, say): allocating from them is guesswork.
         """
-        clusters = np.fromiter(self.metadata, dtype=np.int64, count=len(self.metadata))
-        clusters.sort()
-        block_indices, starts = np.unique(clusters >> self.rb_bits, return_index=True)
-        ends = [*starts[1:].tolist(), clusters.size]
-        for b, start, end in zip(block_indices.tolist(), starts.tolist(), ends, strict=True):
-            block = self._block(b, create=False)
-            members = clusters[start:end]
-            if block is None:
-                return int(members[0])
-            zero = members[block[members & (self.rb_entries - 1)] == 0]
-            if zero.size:
-                return int(zero[0])
+        mask = self.rb_entries - 1
+        block: RefBlock | None = None
+        block_index = -1
+        for c in sorted(self.metadata):
+            if c >> self.rb_bits != block_index:
+                block_index = c >> self.rb_bits
+                block = self._block(block_index, create=False)
+            if block is None or not block[c & mask]:
+                return c
         return None
 
     def add(self, cluster: int, delta: int) -> int:
@@ -203,7 +217,7 @@ class RefcountManager:
         if block is None:
             found = list(range(start, stop))
         else:
-            found = (np.flatnonzero(block[start - base : stop - base] == 0) + start).tolist()
+            found = [base + i for i in zero_entries(block, start - base, stop - base)]
         self.scan_cursor = stop
         if found:
             self.free_heap.extend(found)
@@ -246,17 +260,21 @@ class RefcountManager:
         self.end_cluster = start + count
         return start
 
-    def allocate_end_fast(self) -> int | None:
-        """One cluster at the file end when that is trivial (no free clusters to reuse, the
-        refcount block cached); None means: use :meth:`allocate`."""
+    def allocate_end_fast(self, count: int = 1) -> int | None:
+        """The first of ``count`` contiguous clusters at the file end when that is trivial
+        (no free clusters to reuse, no metadata among them, one cached refcount block covers
+        them); None means: use :meth:`allocate`."""
         c = self.end_cluster
+        end = c + count
         if (
             self.free_heap
             or self.scan_cursor < c
             or c < self.tail_used
-            or c in self.metadata
             or self.move_failed is not None
+            or (end - 1) >> self.rb_bits != c >> self.rb_bits
         ):
+            return None
+        if c in self.metadata if count == 1 else not self.metadata.isdisjoint(range(c, end)):
             return None
         bi = c >> self.rb_bits
         if bi >= len(self.table):
@@ -265,9 +283,13 @@ class RefcountManager:
         slot = self.cache.cached(off, REFBLOCK) if off else None
         if slot is None:
             return None
-        slot.table[c & (self.rb_entries - 1)] = 1
+        first = c & (self.rb_entries - 1)
+        if count == 1:
+            slot.table[first] = 1
+        else:
+            fill_refcounts(slot.table, first, first + count, 1)
         slot.dirty = True
-        self.end_cluster = self.scan_cursor = c + 1
+        self.end_cluster = self.scan_cursor = end
         return c
 
     def refuse_after_failed_move(self) -> None:
@@ -313,6 +335,7 @@ class RefcountManager:
         The new table and any refcount blocks needed to describe it (and themselves) are
         laid out together, written and synced before the header switches to them.
         """
+
         cs = self.cluster_size
         per_cluster = cs // 8
         old_clusters = self.header.refcount_table_clusters
@@ -328,7 +351,7 @@ class RefcountManager:
             self.scan_cursor = self.end_cluster
         table = array("Q", self.table)
         table.extend([0] * (t_clusters * per_cluster - len(table)))
-        block_arrays: dict[int, np.ndarray] = {}
+        block_arrays: dict[int, RefBlock] = {}
         for i, b in enumerate(new_blocks):
             c = start + t_clusters + i
             table[b] = c << self.cluster_bits
@@ -437,6 +460,8 @@ def rebuild_refcount_structure(fd: int, header: fmt.Header, counts: np.ndarray, 
     clusters are merely leaked (the caller's second check pass frees them). ``header`` is
     updated to the new table.
     """
+    import numpy as np
+
     if counts.size and int(counts.max()) > (1 << header.refcount_bits) - 1:
         bad = int(np.argmax(counts > (1 << header.refcount_bits) - 1))
         raise CorruptImageError(
@@ -459,6 +484,8 @@ def _write_header_table(fd: int, header: fmt.Header, offset: int, clusters: int)
 def _first_free_run(free: np.ndarray, count: int) -> int:
     """Index of the first run of ``count`` True values in ``free``, or -1 (memory: one byte
     per cluster plus the run edges)."""
+    import numpy as np
+
     pad = np.zeros(1, dtype=np.int8)
     edges = np.flatnonzero(np.diff(np.concatenate((pad, free.view(np.int8), pad))))
     starts, ends = edges[0::2], edges[1::2]
@@ -470,6 +497,8 @@ class _FirstFitRebuild:
     """Refcount blocks and table placed first-fit over an in-memory refcount array."""
 
     def __init__(self, fd: int, header: fmt.Header, counts: np.ndarray, path: str) -> None:
+        import numpy as np
+
         self.fd = fd
         self.path = path
         self.cs = header.cluster_size
@@ -482,6 +511,8 @@ class _FirstFitRebuild:
     def alloc(self, count: int, first_free: int) -> tuple[int, int]:
         """First run of ``count`` free clusters at or after ``first_free`` (growing the array
         when there is none); marks it used. Returns (cluster, updated first_free)."""
+        import numpy as np
+
         arr = self.arr
         free = arr[first_free:] == 0
         any_free = bool(free.any())
@@ -508,6 +539,8 @@ class _FirstFitRebuild:
     def _next_used(self, cluster: int, end: int) -> int | None:
         """The first cluster in [cluster, end) with a nonzero count (scanned in windows, so
         the whole rebuild stays linear in the file's extent)."""
+        import numpy as np
+
         window = 1 << (self.rb_bits + 4)
         while cluster < end:
             stop = min(end, cluster + window)
@@ -519,6 +552,8 @@ class _FirstFitRebuild:
 
     def write_refblocks(self, first: int, end: int) -> bool:
         """Write the blocks covering used clusters in [first, end); True if the table grew."""
+        import numpy as np
+
         rb = 1 << self.rb_bits
         first_free = 0
         grown = False
@@ -551,6 +586,8 @@ class _FirstFitRebuild:
 
     def run(self) -> tuple[int, int]:
         """Write blocks and table (synced); returns the table's (offset, clusters)."""
+        import numpy as np
+
         self.write_refblocks(0, self.arr.size)
         while True:
             length = len(self.reftable) * 8

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 from ..errors import CorruptImageError, VdiskError
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cluster import read_snapshots
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_GROW_CLUSTERS = 1 << 24  # how far past the end a refcount block may pull the file (repair)
 _INT64_MAX = (1 << 63) - 1
@@ -70,6 +72,7 @@ class StoredRefcounts:
     """The refcounts as stored on disk, read one refcount block at a time."""
 
     def __init__(self, fd: int, header: fmt.Header) -> None:
+
         self.fd = fd
         self.header = header
         self.cluster_size = header.cluster_size
@@ -81,6 +84,7 @@ class StoredRefcounts:
 
     def block(self, index: int) -> np.ndarray | None:
         """Refcount block ``index`` (None: not allocated). OSError(EIO) if it cannot be read."""
+
         if index in self.blocks:
             return self.blocks[index]
         block: np.ndarray | None = None
@@ -99,6 +103,8 @@ class StoredRefcounts:
 
     def _by_block(self, clusters: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """(block index, positions in ``clusters``) per refcount block, in one sort."""
+        import numpy as np
+
         bidx = clusters >> np.uint64(self.rb_bits)
         order = np.argsort(bidx, kind="stable")
         ordered = bidx[order]
@@ -110,6 +116,8 @@ class StoredRefcounts:
     def range_values(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Stored refcounts of clusters 0..count-1 and a mask of those that could not be read
         (one block at a time: linear in ``count``)."""
+        import numpy as np
+
         out = np.zeros(count, dtype=np.uint64)
         bad = np.zeros(count, dtype=bool)
         per_block = 1 << self.rb_bits
@@ -129,6 +137,8 @@ class StoredRefcounts:
 
     def values(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stored refcounts of ``clusters`` and a mask of those that could not be read."""
+        import numpy as np
+
         out = np.zeros(clusters.size, dtype=np.uint64)
         bad = np.zeros(clusters.size, dtype=bool)
         if not clusters.size:
@@ -146,6 +156,8 @@ class StoredRefcounts:
 
     def set(self, clusters: np.ndarray, values: np.ndarray) -> None:
         """Write new refcounts (their blocks exist: only nonzero refcounts get fixed)."""
+        import numpy as np
+
         mask = np.uint64((1 << self.rb_bits) - 1)
         for index, where in self._by_block(clusters):
             block = self.block(index)
@@ -157,7 +169,8 @@ class StoredRefcounts:
 
 # A repair hook for a misaligned preallocated L2 entry: (l2_offset, index, raw table, active)
 # -> True when the entry was rewritten (it then references nothing).
-PreallocRepair = Callable[[int, int, np.ndarray, bool], bool]
+PreallocRepair = Callable[[int, int, "np.ndarray", bool], bool]
+L1Entries = Union["np.ndarray", "array[int]"]  # a table decoded by numpy, or an image's own
 
 
 class _Walk:
@@ -196,7 +209,7 @@ class _Walk:
         pread_full(self.fd, buf, offset)
         return buf
 
-    def _structures(self, l1: np.ndarray | None = None) -> None:
+    def _structures(self, l1: L1Entries | None = None) -> None:
         """Header, L1/L2 (active, then snapshots), snapshot table, bitmaps, crypto, reftable."""
         h = self.h
         self._inc(0, self.cs)
@@ -208,14 +221,15 @@ class _Walk:
             self._inc(crypto.offset, crypto.length)
         self._inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
 
-    def _l1(self, offset: int, size: int, active: bool, l1: np.ndarray | None = None) -> None:
+    def _l1(self, offset: int, size: int, active: bool, l1: L1Entries | None = None) -> None:
         if not size:
             return
         self._inc(offset, size * 8)
         if l1 is None:
             l1 = fmt.decode_table(self._read(offset, size * 8))
-        for i in np.flatnonzero(l1).tolist():
-            entry = int(l1[i])
+        # An image's own (native) table is walked in Python: opening needs no numpy.
+        used = [e for e in l1 if e] if isinstance(l1, array) else l1[l1 != 0].tolist()
+        for entry in used:
             if entry & fmt.L1E_RESERVED_MASK:
                 self.found.corruption(f"ERROR found L1 entry with reserved bits set: {entry:x}")
             l2_off = entry & fmt.L1E_OFFSET_MASK
@@ -312,6 +326,7 @@ class ReferenceWalk(_Walk):
         fix_errors: bool = False,
         repair_prealloc: PreallocRepair | None = None,
     ) -> None:
+
         super().__init__(fd, header, file_size, path)
         self.fix_errors = fix_errors
         self.repair_prealloc = repair_prealloc
@@ -336,6 +351,8 @@ class ReferenceWalk(_Walk):
         return True
 
     def _inc(self, offset: int, size: int) -> None:
+        import numpy as np
+
         if size <= 0 or self._past_eof(offset, size):
             return
         first, last = offset >> self.cb, (offset + size - 1) >> self.cb
@@ -343,12 +360,16 @@ class ReferenceWalk(_Walk):
 
     def _inc_clusters(self, hosts: np.ndarray) -> None:
         """One reference to each cluster at the (cluster-sized) host offsets ``hosts``."""
+        import numpy as np
+
         past = hosts >= np.uint64(self.file_size)
         for off in hosts[past].tolist():
             self._past_eof(off, self.cs)
         self.refs.append((hosts[~past] >> np.uint64(self.cb)).astype(np.int64))
 
     def _count(self) -> np.ndarray:
+        import numpy as np
+
         if not self.refs:
             return np.zeros(self.file_clusters, dtype=np.uint64)
         refs = np.concatenate(self.refs)
@@ -357,6 +378,8 @@ class ReferenceWalk(_Walk):
 
     # -- L2 tables ------------------------------------------------------------------------
     def _l2(self, l2_off: int, active: bool) -> None:
+        import numpy as np
+
         raw = fmt.decode_table(self._read(l2_off, self.cs))
         ext = self.h.extended_l2
         ent = raw[0::2] if ext else raw
@@ -369,6 +392,8 @@ class ReferenceWalk(_Walk):
         self._standard(l2_off, raw, ent, bm, std, active)
 
     def _compressed(self, ent: np.ndarray, bm: np.ndarray, comp: np.ndarray, active: bool) -> None:
+        import numpy as np
+
         found = self.found
         for i in np.flatnonzero(comp).tolist():  # rare enough for a loop
             e = int(ent[i])
@@ -405,6 +430,8 @@ class ReferenceWalk(_Walk):
         active: bool,
     ) -> None:
         """Standard clusters with a host offset (normal data and preallocated zeros)."""
+        import numpy as np
+
         found, cs = self.found, self.cs
         host = ent & np.uint64(fmt.L2E_OFFSET_MASK)
         alloc = std & (host != 0)
@@ -453,6 +480,8 @@ class ReferenceWalk(_Walk):
         active: bool,
     ) -> np.ndarray:
         """Report misaligned host offsets; returns which allocated entries still reference."""
+        import numpy as np
+
         found = self.found
         host = ent[alloc] & np.uint64(fmt.L2E_OFFSET_MASK)
         where = np.flatnonzero(alloc)
@@ -485,6 +514,8 @@ class ReferenceWalk(_Walk):
     # -- the refcount structure -------------------------------------------------------------
     def _refcount_blocks(self, counts: np.ndarray) -> np.ndarray:
         """Each refcount block must be referenced exactly once; then overflowing counts."""
+        import numpy as np
+
         found = self.found
         table = StoredRefcounts(self.fd, self.h).table
         for i in np.flatnonzero(table).tolist():
@@ -522,6 +553,8 @@ class ReferenceWalk(_Walk):
 
     def _grow_to(self, counts: np.ndarray, index: int, off: int) -> np.ndarray:
         """As QEMU: grow the file so that refcount block ``index`` lies inside it."""
+        import numpy as np
+
         self.found.messages.append(f"Repairing refcount block {index} is outside image")
         os.ftruncate(self.fd, off + self.cs)
         self.file_size = off + self.cs
@@ -551,7 +584,7 @@ class _MetadataScan(_Walk):
     def _bad(self, message: str) -> None:
         raise CorruptImageError(message.removeprefix("ERROR "), path=self.path)
 
-    def _l1(self, offset: int, size: int, active: bool, l1: np.ndarray | None = None) -> None:
+    def _l1(self, offset: int, size: int, active: bool, l1: L1Entries | None = None) -> None:
         if active:
             super()._l1(offset, size, active, l1)
         elif size:
@@ -562,9 +595,10 @@ class _MetadataScan(_Walk):
     def _l2(self, l2_off: int, active: bool) -> None:
         pass  # the L2 table itself was counted by _inc; its entries point at data
 
-    def _refcount_blocks(self, reftable: np.ndarray) -> None:
-        offsets = reftable & np.uint64(fmt.REFT_OFFSET_MASK)
-        self.clusters.update((offsets[offsets != 0] >> np.uint64(self.cb)).tolist())
+    def _refcount_blocks(self, reftable: L1Entries) -> None:
+        mask = fmt.REFT_OFFSET_MASK
+        entries = reftable if isinstance(reftable, array) else reftable.tolist()
+        self.clusters.update((e & mask) >> self.cb for e in entries if e & mask)
 
 
 class MetadataClusters(NamedTuple):
@@ -584,8 +618,8 @@ def metadata_clusters(
     header: fmt.Header,
     file_size: int,
     path: str,
-    l1: np.ndarray | None = None,
-    reftable: np.ndarray | None = None,
+    l1: L1Entries | None = None,
+    reftable: L1Entries | None = None,
 ) -> MetadataClusters:
     """Host clusters that hold metadata, for the allocator and the write guard.
 

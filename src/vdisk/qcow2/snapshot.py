@@ -166,8 +166,8 @@ def _refcounts_of(img: Qcow2Image, clusters: np.ndarray) -> np.ndarray:
     mask = _U64(rc.rb_entries - 1)
     for bi, pos in _by_block(img, clusters):
         block = rc._block(bi, create=False)
-        if block is not None:
-            out[pos] = block[clusters[pos] & mask]
+        if block is not None:  # an array: np.asarray is a view of it
+            out[pos] = np.asarray(block)[clusters[pos] & mask]
     return out
 
 
@@ -198,7 +198,8 @@ def _add_references(img: Qcow2Image, refs: np.ndarray) -> None:
     for bi, pos in _by_block(img, clusters):
         block = rc._block(bi, create=False)
         assert block is not None  # every cluster here has a refcount
-        block[clusters[pos] & mask] += counts[pos].astype(block.dtype)
+        view = np.asarray(block)  # writes through to the cached block
+        view[clusters[pos] & mask] += counts[pos].astype(view.dtype)
         rc.cache.mark_dirty(rc.table[bi], block)
 
 
@@ -246,7 +247,8 @@ def _drop_references(img: Qcow2Image, refs: np.ndarray, tables: list[int]) -> No
         for bi, pos in _by_block(img, clusters):
             block = rc._block(bi, create=False)
             assert block is not None  # every cluster here has a refcount
-            block[clusters[pos] & mask] -= counts[pos].astype(block.dtype)
+            view = np.asarray(block)  # writes through to the cached block
+            view[clusters[pos] & mask] -= counts[pos].astype(view.dtype)
             rc.cache.mark_dirty(rc.table[bi], block)
         for c in clusters[current == counts.astype(np.uint64)].tolist():
             rc._released(c)  # free for reuse; no longer metadata
