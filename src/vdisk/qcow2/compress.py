@@ -24,16 +24,16 @@ import os
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
-
-from typing_extensions import Buffer
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import format as fmt
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import zstandard
+    from typing_extensions import Buffer
 
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
@@ -92,6 +92,10 @@ def codec_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
+            # Here: concurrent.futures (and logging with it) is a start-up cost readers of
+            # uncompressed images need not pay.
+            from concurrent.futures import ThreadPoolExecutor
+
             _pool = ThreadPoolExecutor(
                 max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="vdisk-codec"
             )

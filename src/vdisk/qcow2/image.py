@@ -38,8 +38,6 @@ import threading
 from array import array
 from typing import TYPE_CHECKING, Any
 
-from typing_extensions import Buffer
-
 from .. import locking
 from ..backends.raw import write_zeroes_fd
 from ..block import BlockDevice, BlockDeviceBase, Extent, merge_extents
@@ -77,6 +75,8 @@ from .references import MetadataClusters, metadata_clusters
 from .summary import read_header
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from .encryption import ImageCipher
 
 MAX_CHAIN_DEPTH = 64
