@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from docs_section import replace_section  # bench/ is the script's directory
+from installed import compile_package
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
@@ -83,16 +84,6 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     return wall, cpu
-
-
-def compile_package() -> None:
-    """Byte-compile vdisk once, as an installed package is (PYTHONDONTWRITEBYTECODE would
-    otherwise make every fresh vdisk process compile its modules again)."""
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "vdisk")],
-        check=True,
-        capture_output=True,
-    )
 
 
 def rows(work: Path, raw: Path) -> list[tuple[str, list[str], list[str]]]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from docs_section import replace_section  # bench/ is the script's directory
+from installed import compile_package
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
@@ -230,6 +231,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"convert_bench: {tool} is not installed", file=sys.stderr)
             return 1
+    compile_package()
     from vdisk.sizes import parse_size
 
     size = parse_size(args.size)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from docs_section import replace_section  # bench/ is the script's directory
+from installed import compile_package
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
@@ -53,16 +54,6 @@ def _timed(cmd: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-
-
-def compile_package() -> None:
-    """Byte-compile vdisk once, as an installed package is (PYTHONDONTWRITEBYTECODE would
-    otherwise make every fresh vdisk process compile its modules again)."""
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "vdisk")],
-        check=True,
-        capture_output=True,
-    )
 
 
 def _image_opts(path: str) -> list[str]:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from installed import compile_package  # bench/ is the script's directory
+
 
 def _vdisk_command() -> list[str]:
     script = Path(sys.executable).with_name("vdisk")
@@ -77,11 +79,7 @@ def main() -> None:
         sys.exit("startup_bench: qemu-img is not installed")
     if args.callgrind and shutil.which("valgrind") is None:
         sys.exit("startup_bench: --callgrind needs valgrind")
-    import compileall
-
-    import vdisk as package
-
-    compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
+    compile_package()
     vdisk = _vdisk_command()
     bare = [sys.executable, "-c", "pass"]
     with tempfile.TemporaryDirectory() as tmp:
