@@ -277,9 +277,10 @@ Reading the numbers:
 - Neither side syncs: qemu-img convert's default cache mode is `unsafe`, and vdisk's is too
   (`-t unsafe`: even a qcow2 target's metadata is written back without fdatasync, through
   `Qcow2Image.durable = False`). `-t writeback` and the others sync as docs/cli.md says.
-- The command's gap to the library column is Python's start-up (interpreter, click, numpy and
-  the package's imports): a fixed cost per run that no copy speed can hide where qemu-img
-  needs a few milliseconds in all (the empty source: nothing to copy).
+- The command's gap to the library column is Python's start-up (the interpreter, click, and the
+  package's imports; numpy, zstandard and cryptography no longer load for these rows, which
+  `tests/cli/test_startup.py` asserts): a fixed cost per run that no copy speed can hide where
+  qemu-img needs a few milliseconds in all (the empty source: nothing to copy).
 """
 
 
