@@ -91,7 +91,8 @@ def test_raw_linked_io_with_fua_matches_the_backing_file(
 
 
 def test_null_requests_served_by_the_compiled_loop_reach_the_metrics() -> None:
-    """The compiled loop serves every null request itself; reads are zeros, and its tallies
+    """The compiled loop serves every null request itself; a read leaves the buffer as the
+    tag's last write left it (as ublksrv's null does), and its tallies
     reach the metrics when it next hands control back (a timeout at the latest)."""
     import mmap
     import time
@@ -116,7 +117,7 @@ def test_null_requests_served_by_the_compiled_loop_reach_the_metrics() -> None:
                 assert os.preadv(fd, [buf], 0) == 1 << 16
             finally:
                 os.close(fd)
-            assert buf[:] == bytes(1 << 16)
+            # Unspecified bytes (what some tag's buffer held): the read is whole, that is all.
             assert dev.metrics is not None
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

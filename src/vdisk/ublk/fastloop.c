@@ -2,7 +2,7 @@
  *
  * fl_run() is the queue loop of vdisk/ublk/queue.py for the requests that need no Python:
  * a READ/WRITE linked to its commit on the backing file (the file target's templates) and
- * every request of the null backend. It submits, waits in io_uring_enter and queues commits
+ * every request of the null backend (whose READs leave the buffer unwritten, as ublksrv's do). It submits, waits in io_uring_enter and queues commits
  * without the GIL (ctypes releases it around the call), and returns to Python only with the
  * CQEs Python must handle (anything else: inline backends, failed or short I/O, aborts,
  * NEED_GET_DATA, refused commits), on a timeout or EINTR, or after max_requests requests
@@ -32,7 +32,7 @@
 
 #define FL_TIMEOUT 1u   /* wait with a timeout (IORING_FEAT_EXT_ARG) */
 #define FL_TIMING 2u    /* measure each batch's service time (for the metrics) */
-#define FL_NULL 4u      /* the null backend: reads are zeros, everything else succeeds */
+#define FL_NULL 4u      /* the null backend: every request succeeds, reads leave the buffer as it is */
 
 struct cqe {
 	uint64_t user_data;
@@ -115,12 +115,11 @@ static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *don
 		(*tail)++;
 		res = (int32_t)len;
 	} else if (s->flags & FL_NULL) {
-		if (op == OP_READ) {
+		/* As ublksrv's null target: a READ returns the tag's buffer as it is (zeros until
+		 * that tag first carries a WRITE), not a fresh memset; the mem backend reads zeros. */
+		if (op == OP_READ || op == OP_WRITE) {
 			if (len > s->buf_size)
 				return 0;
-			memset(s->bufs + (size_t)tag * s->buf_size, 0, len);
-			res = (int32_t)len;
-		} else if (op == OP_WRITE) {
 			res = (int32_t)len;
 		} else if (op == OP_FLUSH || op == OP_DISCARD || op == OP_WRITE_ZEROES) {
 			res = 0;

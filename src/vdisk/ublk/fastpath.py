@@ -78,8 +78,10 @@ class _State(ctypes.Structure):
 
 
 def is_null_backend(backend: object) -> bool:
-    """Is this vdisk's null backend (reads zeros, ignores writes)? Told by name: the ublk
-    package imports no backend."""
+    """Is this vdisk's null backend (ignores writes)? The compiled loop then serves all its
+    requests, and like ublksrv's null target leaves a READ's buffer as it is (the bytes a
+    WRITE of the same tag last left there, zeros before any); the ``mem`` backend is the one
+    that reads zeros. Told by name: the ublk package imports no backend."""
     cls = type(backend)
     return cls.__name__ == "NullDevice" and cls.__module__ == "vdisk.backends.null"
 
