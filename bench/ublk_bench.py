@@ -344,8 +344,8 @@ def write_docs(results: dict[str, Any], host_load: str) -> None:
                      + " | ".join(cells) + " |")
     lines += [
         "",
-        "ublksrv's null target leaves read buffers as they are; ours zeroes them (a memset in",
-        "the compiled loop), which the null read rows pay for, most at 1 MiB. Absolute rates",
+        "Both null targets leave read buffers as they are (what the tag's last write left, zeros",
+        "before any); the mem backend is the one that reads zeros. Absolute rates",
         "scale with the host's load (TCG is CPU-bound), so compare ratios within one run only.",
         "",
         "![ublk bench ratios](img/ublk_bench.png)",
