@@ -320,6 +320,23 @@ def test_codec_pool_matches_serial() -> None:
         assert decompress_many(packed, ctype, cs) == want
 
 
+def test_zstd_batch_padding_and_odd_frames() -> None:
+    # The batched zstd path: sector padding after each frame is ignored, and a batch with a
+    # frame of another size (or none declared) goes the one-by-one way, bounded as before.
+    rng = random.Random(3)
+    cs = 65536
+    zstd = zstandard.ZstdCompressor()
+    data = [_compressible(rng, cs) for _ in range(5)]
+    padded = [zstd.compress(d) + bytes(300) for d in data]
+    assert decompress_many(padded, fmt.COMPRESSION_ZSTD, cs) == data
+    huge = zstd.compress(bytes(4 * cs))
+    assert decompress_many([*padded, huge], fmt.COMPRESSION_ZSTD, cs)[-1] == bytes(cs)
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(data[0])
+    assert decompress_many([*padded, unsized], fmt.COMPRESSION_ZSTD, cs)[-1] == data[0]
+    with pytest.raises(CorruptImageError):
+        decompress_many([*padded, padded[0][:100]], fmt.COMPRESSION_ZSTD, cs)
+
+
 # Ops: (kind, cluster, sectors or length in clusters, seed)
 _OPS = st.lists(
     st.tuples(
