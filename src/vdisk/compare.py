@@ -17,9 +17,10 @@ import numpy as np
 from .block import SectorPadded
 from .convert import Source
 from .errors import VdiskError
+from .qcow2.image import Qcow2Image
 from .sizes import SECTOR_SIZE
 
-CHUNK = 4 << 20  # bytes compared per read
+CHUNK = 2 << 20  # bytes compared per read (qemu-img's IO_BUF_SIZE: -p moves by this much)
 PROBE = 1 << 30  # block status window
 
 IDENTICAL, DIFFERENT, STATUS_FAILED, READ_FAILED = 0, 1, 3, 4  # qemu-img's exit statuses
@@ -27,11 +28,19 @@ IDENTICAL, DIFFERENT, STATUS_FAILED, READ_FAILED = 0, 1, 3, 4  # qemu-img's exit
 
 @dataclass
 class CompareResult:
-    """``status`` as qemu-img exits; ``lines`` for stdout; ``error`` for stderr (3 and 4)."""
+    """``status`` as qemu-img exits; ``lines`` for stdout, each also passed to ``on_line`` as
+    it is found (qemu-img prints a size warning between progress lines); ``error`` for stderr
+    (3 and 4)."""
 
     status: int = IDENTICAL
     lines: list[str] = field(default_factory=list)
     error: str | None = None
+    on_line: Callable[[str], None] | None = None
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        if self.on_line is not None:
+            self.on_line(line)
 
 
 class _Stop(Exception):
@@ -45,22 +54,24 @@ class _Side:
     result: CompareResult
     buf: bytearray
 
+    @property
+    def status_span(self) -> int:
+        """How far one block status answer of QEMU's reaches: a qcow2 image's answers stop at
+        the end of an L2 table, so qemu-img compare's progress moves at most that far a step."""
+        if isinstance(self.dev, Qcow2Image):
+            return self.dev.cluster_size << self.dev.header.l2_bits
+        return PROBE
+
     def zero_map(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """(start, end, known_zero) runs of [offset, offset+length)."""
+        """(start, end, known_zero) of each extent of [offset, offset+length)."""
         try:
             extents = self.dev.block_status(offset, length)
         except VdiskError as exc:
             self.result.error = f"Sector allocation test failed for {self.name}: {exc}"
             self.result.status = STATUS_FAILED
             raise _Stop from None
-        runs: list[tuple[int, int, bool]] = []
-        for e in extents:
-            z = e.zero and not e.data
-            if runs and runs[-1][2] == z and runs[-1][1] == e.offset:
-                runs[-1] = (runs[-1][0], e.end, z)
-            else:
-                runs.append((e.offset, e.end, z))
-        return runs
+        # Not merged: qemu-img steps (and shows progress) extent by extent.
+        return [(e.offset, e.end, e.zero and not e.data) for e in extents]
 
     def read(self, offset: int, n: int) -> np.ndarray:
         view = memoryview(self.buf)[:n]
@@ -83,7 +94,7 @@ def _first_diff(a: np.ndarray, b: np.ndarray | None) -> int:
 
 def _mismatch(result: CompareResult, chunk_start: int, index: int) -> None:
     sector = chunk_start + index // SECTOR_SIZE * SECTOR_SIZE
-    result.lines.append(f"Content mismatch at offset {sector}!")
+    result.say(f"Content mismatch at offset {sector}!")
     result.status = DIFFERENT
     raise _Stop
 
@@ -95,44 +106,53 @@ def compare(
     name2: str,
     strict: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> CompareResult:
     """Compare ``a`` with ``b`` as ``qemu-img compare [-s]`` does; ``progress(done, total)``
-    is called as the comparison moves on (total: the larger size)."""
-    result = CompareResult()
+    is called as the comparison moves on (total: the larger size), ``on_line`` with each
+    line of the outcome as it is found."""
+    result = CompareResult(on_line=on_line)
     if strict and a.size != b.size:
-        result.lines.append("Strict mode: Image size mismatch!")
+        result.say("Strict mode: Image size mismatch!")
         result.status = DIFFERENT
         return result
     common = min(a.size, b.size)
-    if strict:
-        mismatch = _strict_mismatch(a, b, common)
-        if mismatch is not None:
-            result.lines.append(f"Strict mode: Offset {mismatch} block status mismatch!")
-            result.status = DIFFERENT
-            return result
+    # qemu-img checks block status step by step beside the content: what precedes the first
+    # status mismatch is still compared (and may differ first), and progress moves up to it.
+    mismatch = _strict_mismatch(a, b, common) if strict else None
     side1 = _Side(a, name1, result, bytearray(CHUNK))
     side2 = _Side(b, name2, result, bytearray(CHUNK))
     total = max(a.size, b.size)
     report = progress or (lambda done, total: None)
     try:
-        _compare_common(side1, side2, common, lambda done: report(done, total))
+        _compare_common(
+            side1, side2, common if mismatch is None else mismatch, lambda done: report(done, total)
+        )
+        if mismatch is not None:
+            result.say(f"Strict mode: Offset {mismatch} block status mismatch!")
+            result.status = DIFFERENT
+            return result
         if a.size != b.size:
-            result.lines.append("Warning: Image size mismatch!")
-            _check_tail(side1 if a.size > b.size else side2, common)
+            result.say("Warning: Image size mismatch!")
+            _check_tail(
+                side1 if a.size > b.size else side2, common, lambda done: report(done, total)
+            )
     except _Stop:
         return result
     report(total, total)
-    result.lines.append("Images are identical.")
+    result.say("Images are identical.")
     return result
 
 
 def _compare_common(
     side1: _Side, side2: _Side, common: int, moved_to: Callable[[int], None]
 ) -> None:
-    """Compare [0, common) of both sides, skipping what both know to be zero."""
+    """Compare [0, common) of both sides, skipping what both know to be zero. ``moved_to`` is
+    told of every step as qemu-img compare takes them: a zero run up to the next block status
+    boundary, or one read of at most CHUNK."""
+    span = min(side1.status_span, side2.status_span)
     pos = 0
     while pos < common:
-        moved_to(pos)
         window = min(PROBE, common - pos)
         runs1 = side1.zero_map(pos, window)
         runs2 = side2.zero_map(pos, window)
@@ -142,10 +162,11 @@ def _compare_common(
                 i += 1
             while runs2[j][1] <= pos:
                 j += 1
-            end = min(runs1[i][1], runs2[j][1])
+            end = min(runs1[i][1], runs2[j][1], (pos // span + 1) * span)
             z1, z2 = runs1[i][2], runs2[j][2]
             if z1 and z2:
                 pos = end
+                moved_to(pos)
                 continue
             while pos < end:
                 n = min(CHUNK, end - pos)
@@ -159,23 +180,26 @@ def _compare_common(
                 if idx >= 0:
                     _mismatch(side1.result, pos, idx)
                 pos += n
+                moved_to(pos)
 
 
-def _check_tail(over: _Side, pos: int) -> None:
+def _check_tail(over: _Side, pos: int, moved_to: Callable[[int], None]) -> None:
     """The larger side past the smaller one's end must read as zeros."""
     size = over.dev.size
+    span = over.status_span
     while pos < size:
         window = min(PROBE, size - pos)
         for start, end, z in over.zero_map(pos, window):
-            if z:
-                continue
             off = start
             while off < end:
-                n = min(CHUNK, end - off)
-                idx = _first_diff(over.read(off, n), None)
-                if idx >= 0:
-                    _mismatch(over.result, off, idx)
-                off += n
+                step = min(end, (off // span + 1) * span) - off
+                if not z:
+                    step = min(CHUNK, step)
+                    idx = _first_diff(over.read(off, step), None)
+                    if idx >= 0:
+                        _mismatch(over.result, off, idx)
+                off += step
+                moved_to(off)
         pos += window
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
 from ..block import BlockDevice, SectorPadded
@@ -17,7 +19,13 @@ from .progress import Progress
 @click.option("-s", "strict", is_flag=True, help="Strict mode: sizes and allocation must match.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet: print nothing, only set the exit status.")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
-@click.option("-U", "--force-share", "force_share", is_flag=True, help="Force share: open read-only beside a writer (no write lock).")
+@click.option(
+    "-U",
+    "--force-share",
+    "force_share",
+    is_flag=True,
+    help="Force share: open read-only beside a writer (no write lock).",
+)
 @click.argument("file1")
 @click.argument("file2")
 def compare_cmd(
@@ -47,23 +55,29 @@ def compare_cmd(
             click.echo(f"vdisk: {exc}", err=True)
             return 2
         a, b = (SectorPadded(d) if isinstance(d, RawDevice) else d for d in devs)
-        show = Progress() if progress and not quiet else None
+        show = Progress(min_step=2.0, stepwise=True) if progress and not quiet else None
         if show is not None:
             show(0, max(a.size, b.size))
-        result = compare(a, b, file1, file2, strict, show)
+        result = compare(a, b, file1, file2, strict, show, None if quiet else _say(show))
     finally:
         for dev in devs:
             dev.close()
-    if show is not None:
-        show.close_bar()
-    if not quiet:
-        for line in result.lines:
-            click.echo(line)
     if show is not None:
         show.close()  # qemu-img ends its progress output after the verdict
     if result.error is not None:
         click.echo(f"vdisk: {result.error}", err=True)
     return result.status
+
+
+def _say(show: Progress | None) -> Callable[[str], None]:
+    """Print a line of the outcome where it falls among the progress output."""
+
+    def say(line: str) -> None:
+        if show is not None:
+            show.close_bar()
+        click.echo(line)
+
+    return say
 
 
 COMMANDS: tuple[click.Command, ...] = (compare_cmd,)
