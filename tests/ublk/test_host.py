@@ -162,3 +162,49 @@ def test_holds_sees_a_process_descriptor(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert not _holds(2**22 + 1, str(path))  # no such process
+
+
+def test_device_sees_queues_that_end_together_as_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queue threads that finish at the same moment (STOP_DEV aborts every tag of every queue
+    at once) are each still alive while the others report their end: the device must still
+    learn that all of them ended (a 2-queue server once hung after STOP_DEV this way)."""
+    import threading
+
+    from vdisk.backends.null import NullDevice
+    from vdisk.ublk import device
+
+    queues = 4
+    all_ending = threading.Barrier(queues)
+    reported = threading.Barrier(queues)
+
+    class EndingQueue(threading.Thread):
+        def __init__(self, q_id: int, *args: object) -> None:
+            super().__init__()
+            self.q_id = q_id
+            self.on_exit = args[6]
+            self.ready = threading.Event()
+            self.error: BaseException | None = None
+
+        def run(self) -> None:
+            self.ready.set()
+            all_ending.wait(10)
+            self.on_exit(self)  # type: ignore[operator]
+            reported.wait(10)  # each is alive until all have reported
+
+    class NoAffinity:
+        def get_queue_affinity(self, dev_id: int, q_id: int) -> None:
+            return None
+
+    char = tmp_path / "ublkc"
+    char.touch()
+    monkeypatch.setattr(device, "Queue", EndingQueue)
+    monkeypatch.setattr(device.Device, "char_path", property(lambda self: str(char)))
+    dev = device.Device(NoAffinity(), uapi.DevInfo(nr_hw_queues=queues),  # type: ignore[arg-type]
+                        NullDevice(1 << 20), UblkParams(queues=queues), 1 << 20, None, False, None)
+    dev._start_queues()
+    assert dev.wait(10)
+    for q in dev.queues:
+        q.join(10)
+    os.close(dev._cdev_fd or -1)

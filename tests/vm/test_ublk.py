@@ -364,11 +364,31 @@ def _server_pid(dev_id: int, env: dict[str, str]) -> int:
     return int(json.loads(out)[0]["pid"])
 
 
+def _server_state(pid: int, env: dict[str, str]) -> str:
+    """What a server that failed to finish was doing: its threads' wait channels and kernel
+    stacks, and its log (for a failure seen only on a loaded CI host)."""
+    lines = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")) if os.path.isdir(f"/proc/{pid}") else []:
+        for name in ("comm", "wchan", "stack"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    lines.append(f"{tid} {name}: {f.read().strip()}")
+            except OSError as exc:
+                lines.append(f"{tid} {name}: {exc}")
+    try:
+        with open(env["VDISK_UBLK_LOG"]) as f:
+            lines.append("log:\n" + f.read())
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
 def test_cli_add_list_del_and_kill9_recover(tmp_path: Path) -> None:
     image = tmp_path / "cli.raw"
     with open(image, "wb") as f:
         f.truncate(32 << 20)
-    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"))
+    env = dict(os.environ, VDISK_UBLK_RUN_DIR=str(tmp_path / "run"),
+               VDISK_UBLK_LOG=str(tmp_path / "server.log"))
     out = sh_env(env, "vdisk", "ublk", "add", "-t", "raw", "-f", str(image), "-r", "-q", "2",
                  "-n", "7")
     assert out.returncode == 0, out.stderr
@@ -385,7 +405,7 @@ def test_cli_add_list_del_and_kill9_recover(tmp_path: Path) -> None:
     os.fsync(fd)
     os.close(fd)
     os.kill(_server_pid(7, env), 9)
-    out = sh_env(env, "vdisk", "ublk", "recover", "-n", "7")
+    out = sh_env(env, "vdisk", "ublk", "recover", "-v", "-n", "7")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "/dev/ublkb7"
     fd = os.open("/dev/ublkb7", os.O_RDWR)
@@ -397,8 +417,9 @@ def test_cli_add_list_del_and_kill9_recover(tmp_path: Path) -> None:
         os.close(fd)
     assert image.read_bytes()[:500] == b"after" * 100
     # The recovered device deletes like any other (the server sends the one DEL_DEV).
+    server = _server_pid(7, env)
     out = sh_env(env, "vdisk", "ublk", "del", "-n", "7")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, (out.stderr, _server_state(server, env))
     assert_gone(7, env)
     one_line_error(sh_env(env, "vdisk", "ublk", "del", "-n", "7"), "no such device")
     one_line_error(sh_env(env, "vdisk", "ublk", "recover", "-n", "7"), "no such device")

@@ -296,6 +296,8 @@ class Device:
         self._cdev_fd: int | None = None
         self._lock = threading.RLock()
         self._exited = threading.Event()
+        self._exit_lock = threading.Lock()
+        self._queues_serving = 0
         self._stop_requested = threading.Event()
         self._logging = False
         #: close the backend too when the device closes (the CLI's devices own theirs)
@@ -489,6 +491,7 @@ class Device:
             _IoLogging.acquire()
             self._logging = True
         backing_fd = _async_fd(self.backend)
+        self._queues_serving = self.info.nr_hw_queues
         for q_id in range(self.info.nr_hw_queues):
             q = Queue(q_id, self._cdev_fd, self.info, self.backend, self.metrics,
                       bool(encoded_mode()), backing_fd, self._queue_exited,
@@ -513,10 +516,14 @@ class Device:
         return cpus if cpus and cpus != os.sched_getaffinity(0) else None
 
     def _queue_exited(self, q: Queue) -> None:
+        """Called by each queue thread as it ends. Counted, not told by is_alive(): queues that
+        end together are all still alive here, and each would wait for the others."""
         if q.error is not None and self.state is DeviceState.LIVE:
             self.state = DeviceState.FAILED
-        if all(not other.is_alive() or other is q for other in self.queues):
-            self._exited.set()
+        with self._exit_lock:
+            self._queues_serving -= 1
+            if self._queues_serving <= 0:
+                self._exited.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the device stops serving (stopped here, deleted from outside, or a queue
