@@ -14,9 +14,13 @@ whole blocks; fresh multi-MiB arrays per call cost a page fault per 4 KiB).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from typing_extensions import Buffer
@@ -120,6 +124,14 @@ class _XtsThreadState:
         self.ivs = np.zeros((_XTS_BATCH, 2), dtype="<u8")
         self.first_tweaks = bytearray(_XTS_BATCH * 16 + 15)  # update_into wants 15 spare
         self.ecb_out = bytearray(_XTS_BATCH * SECTOR_SIZE + 15)
+        # For the compiled passes: the tweak of every block, and the scratch buffers'
+        # addresses (the arrays pin the bytearrays' memory).
+        self.tweak_table = np.empty(_XTS_BATCH * SECTOR_SIZE, dtype=np.uint8)
+        self._pins = (np.frombuffer(self.first_tweaks, np.uint8),
+                      np.frombuffer(self.ecb_out, np.uint8))
+        self.tweak_table_at: int = self.tweak_table.ctypes.data
+        self.first_tweaks_at: int = self._pins[0].ctypes.data
+        self.ecb_out_at: int = self._pins[1].ctypes.data
 
 
 class SectorCipher:
@@ -167,6 +179,18 @@ class SectorCipher:
             self._local.xts = state
         return state
 
+    def _first_tweaks(self, state: _XtsThreadState, sector: int, count: int) -> None:
+        """T_0 of each of ``count`` sectors (its IV under the tweak key) into
+        ``state.first_tweaks``."""
+        ivs = state.ivs[:count]
+        if self.spec.ivgen == "essiv":
+            ivs[:] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(
+                count, 2
+            )
+        else:
+            self._fill_ivs(ivs, sector)
+        state.tweak_encryptor.update_into(ivs.data.cast("B"), state.first_tweaks)
+
     def _xts_tweaks(
         self, state: _XtsThreadState, sector: int, count: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -176,14 +200,7 @@ class SectorCipher:
         Block j's tweak is t0 * x^j (t0: the sector's IV encrypted with the tweak key): t0
         shifted left by j, the j bits shifted out of the top folded back in times
         x^7 + x^2 + x + 1 (j < 32, so the fold cannot overflow)."""
-        ivs = state.ivs[:count]
-        if self.spec.ivgen == "essiv":
-            ivs[:] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(
-                count, 2
-            )
-        else:
-            self._fill_ivs(ivs, sector)
-        state.tweak_encryptor.update_into(ivs.data.cast("B"), state.first_tweaks)
+        self._first_tweaks(state, sector, count)
         t0 = np.frombuffer(state.first_tweaks, dtype="<u8", count=count * 2).reshape(count, 2)
         lo, hi = t0[:, 0:1], t0[:, 1:2]
         new_lo, new_hi, out = state.tweak_lo[:count], state.tweak_hi[:count], state.carry[:count]
@@ -206,6 +223,23 @@ class SectorCipher:
         state = self._xts_state()
         ecb = state.encryptor if encrypt else state.decryptor
         total = len(src) // SECTOR_SIZE
+        native = _compiled_xts()
+        if native is not None:
+            tweaks, xor = native
+            # Addresses for the compiled passes; the arrays hold the buffers while they run.
+            src_array = np.frombuffer(src, dtype=np.uint8)
+            dst_array = src_array if dst is src else np.frombuffer(dst, dtype=np.uint8)
+            src_at, dst_at = src_array.ctypes.data, dst_array.ctypes.data
+            table, ecb_out = state.tweak_table_at, state.ecb_out_at
+            for first in range(0, total, _XTS_BATCH):
+                count = min(_XTS_BATCH, total - first)
+                self._first_tweaks(state, sector + first, count)
+                tweaks(table, state.first_tweaks_at, count, BLOCKS_PER_SECTOR)
+                at, words = first * SECTOR_SIZE, count * SECTOR_SIZE // 8
+                xor(dst_at + at, src_at + at, table, words)
+                ecb.update_into(dst[at : at + count * SECTOR_SIZE], state.ecb_out)
+                xor(dst_at + at, ecb_out, table, words)
+            return
         for first in range(0, total, _XTS_BATCH):
             count = min(_XTS_BATCH, total - first)
             lo, hi = self._xts_tweaks(state, sector + first, count)
@@ -263,6 +297,28 @@ class SectorCipher:
             prev = c.reshape(count, 2)
             ciphertext[:, j] = prev
         return dst
+
+
+@functools.cache
+def _compiled_xts() -> tuple[Callable[[int, int, int, int], None],
+                             Callable[[int, int, int, int], None]] | None:
+    """``xts.c``'s ``xts_tweaks(table, first_tweaks, sectors, blocks)`` and ``xor_words(dst,
+    a, b, words)``, built on first use; None (numpy does the work) with
+    ``VDISK_NATIVE_XTS=0``, without a compiler, or on a big-endian host."""
+    if sys.byteorder != "little":
+        return None
+    import ctypes
+
+    from . import native
+
+    lib = native.load(Path(__file__).with_name("xts.c"), "VDISK_NATIVE_XTS", "-O3")
+    if lib is None:
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_size_t
+    lib.xts_tweaks.argtypes = [pointer, pointer, size, size]
+    lib.xor_words.argtypes = [pointer, pointer, pointer, size]
+    lib.xts_tweaks.restype = lib.xor_words.restype = None
+    return lib.xts_tweaks, lib.xor_words
 
 
 def _as_bytes(array: np.ndarray) -> memoryview:

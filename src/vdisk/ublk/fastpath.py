@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import mmap
-import os
-import platform
-import shutil
 import struct
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import native
 from ..uring.ring import IORING_FEAT_EXT_ARG, buffer_address
 
 if TYPE_CHECKING:
@@ -86,61 +81,13 @@ def is_null_backend(backend: object) -> bool:
     return cls.__name__ == "NullDevice" and cls.__module__ == "vdisk.backends.null"
 
 
-def _cache_dirs() -> list[Path]:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [Path(base) / "vdisk", Path(tempfile.gettempdir()) / f"vdisk-{os.getuid()}"]
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded fast loop, built first if needed; None when off or not buildable."""
-    if os.environ.get("VDISK_UBLK_FASTPATH", "1") == "0":
-        return None
-    try:
-        source = SOURCE.read_bytes()
-    except OSError:
-        return None
-    digest = hashlib.sha256(source + platform.machine().encode()).hexdigest()[:16]
-    name = f"ublk-fastloop-{digest}.so"
-    for folder in _cache_dirs():
-        lib = _load(folder / name)
-        if lib is not None:
-            return lib
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.info("ublk fast path off: no C compiler (the queues run in Python)")
-        return None
-    for folder in _cache_dirs():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
-            os.close(fd)
-        except OSError:
-            continue
-        try:
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                           check=True, capture_output=True, timeout=120)
-            os.replace(tmp, folder / name)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.info("ublk fast path off: building %s failed: %s", SOURCE.name, exc)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            return None
-        return _load(folder / name)
-    return None
-
-
-def _load(path: Path) -> ctypes.CDLL | None:
-    if not path.exists():
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError:
-        return None
-    lib.fl_run.argtypes = [ctypes.POINTER(_State)]
-    lib.fl_run.restype = ctypes.c_long
+    lib = native.load(SOURCE, "VDISK_UBLK_FASTPATH")
+    if lib is not None:
+        lib.fl_run.argtypes = [ctypes.POINTER(_State)]
+        lib.fl_run.restype = ctypes.c_long
     return lib
 
 
