@@ -8,8 +8,12 @@ chained inside a sector, so it runs one ECB pass per block position over all sec
 
 XTS, the LUKS default, is the hot path of encrypted images: it goes through ``_XTS_BATCH``
 sectors at a time (so the tweaks, the data and the ECB output stay in the CPU cache), with the
-ECB contexts and scratch arrays of each thread made once and reused (ECB keeps no state between
-whole blocks; fresh multi-MiB arrays per call cost a page fault per 4 KiB).
+ECB contexts and scratch buffers of each thread made once and reused (ECB keeps no state between
+whole blocks; fresh multi-MiB buffers per call cost a page fault per 4 KiB). The IVs and tweaks
+of plain and plain64 XTS are made by a compiled helper (``xts.c``, through ``vdisk.native``),
+without the GIL and without numpy, whose import alone costs a short ``vdisk convert`` more
+than a tenth of a second; numpy does that work where the helper cannot be built, and for essiv
+and CBC.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from typing_extensions import Buffer
 
 from .errors import FormatError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SECTOR_SIZE = 512
 BLOCKS_PER_SECTOR = SECTOR_SIZE // 16
@@ -33,10 +40,6 @@ CIPHER_MODES = ("xts", "cbc")
 IVGEN_ALGS = ("plain", "plain64", "essiv")
 HASH_ALGS = ("sha1", "sha224", "sha256", "sha384", "sha512")
 AES_KEY_BITS = (128, 192, 256)
-# XTS's GF(2^128): x^128 = x^7 + x^2 + x + 1.
-_BLOCK_INDEX = np.arange(BLOCKS_PER_SECTOR, dtype="<u8")
-_BITS_SHIFTED_OUT = np.uint64(64) - _BLOCK_INDEX  # numpy shifts by 64 give 0, as wanted
-_ONE, _FIVE = np.uint64(1), np.uint64(5)
 _XTS_BATCH = 512  # sectors per pass (256 KiB): fewest CPU seconds per GiB, measured
 
 
@@ -109,29 +112,55 @@ def _ecb(key: bytes, encrypt: bool):  # type: ignore[no-untyped-def]
     return cipher.encryptor() if encrypt else cipher.decryptor()
 
 
-class _XtsThreadState:
-    """One thread's XTS contexts (ECB keeps no state between whole blocks, so they are made
-    once) and its scratch arrays for a batch of up to ``_XTS_BATCH`` sectors."""
+class _XtsContexts:
+    """One thread's XTS ECB contexts (made once: ECB keeps no state between whole blocks) and
+    the scratch buffers of a batch of up to ``_XTS_BATCH`` sectors."""
 
     def __init__(self, data_key: bytes, tweak_key: bytes) -> None:
         self.tweak_encryptor = _ecb(tweak_key, True)
         self.encryptor = _ecb(data_key, True)
         self.decryptor = _ecb(data_key, False)
+        self.first_tweaks = bytearray(_XTS_BATCH * 16 + 15)  # update_into wants 15 spare
+        self.ecb_out = bytearray(_XTS_BATCH * SECTOR_SIZE + 15)
+
+
+class _CompiledXts(_XtsContexts):
+    """... with the IV and tweak tables of the compiled helper, and their addresses."""
+
+    def __init__(self, data_key: bytes, tweak_key: bytes) -> None:
+        super().__init__(data_key, tweak_key)
+        self.ivs = bytearray(_XTS_BATCH * 16)
+        self.tweaks = bytearray(_XTS_BATCH * SECTOR_SIZE)
+        self._pins = [_Pinned(b) for b in (self.ivs, self.tweaks, self.first_tweaks,
+                                           self.ecb_out)]
+        self.ivs_at, self.tweaks_at, self.first_tweaks_at, self.ecb_out_at = (
+            pin.address for pin in self._pins
+        )
+
+
+class _NumpyXts(_XtsContexts):
+    """... with numpy's planes of the tweak halves."""
+
+    def __init__(self, data_key: bytes, tweak_key: bytes) -> None:
+        import numpy as np
+
+        super().__init__(data_key, tweak_key)
         shape = (_XTS_BATCH, BLOCKS_PER_SECTOR)
         self.tweak_lo = np.empty(shape, dtype="<u8")  # low and high halves of every tweak
         self.tweak_hi = np.empty(shape, dtype="<u8")
         self.carry = np.empty(shape, dtype="<u8")
         self.ivs = np.zeros((_XTS_BATCH, 2), dtype="<u8")
-        self.first_tweaks = bytearray(_XTS_BATCH * 16 + 15)  # update_into wants 15 spare
-        self.ecb_out = bytearray(_XTS_BATCH * SECTOR_SIZE + 15)
-        # For the compiled passes: the tweak of every block, and the scratch buffers'
-        # addresses (the arrays pin the bytearrays' memory).
-        self.tweak_table = np.empty(_XTS_BATCH * SECTOR_SIZE, dtype=np.uint8)
-        self._pins = (np.frombuffer(self.first_tweaks, np.uint8),
-                      np.frombuffer(self.ecb_out, np.uint8))
-        self.tweak_table_at: int = self.tweak_table.ctypes.data
-        self.first_tweaks_at: int = self._pins[0].ctypes.data
-        self.ecb_out_at: int = self._pins[1].ctypes.data
+
+
+class _Pinned:
+    """The address of a writable buffer, valid while this lives (it holds an export, so a
+    bytearray cannot move)."""
+
+    def __init__(self, buf: Buffer) -> None:
+        import ctypes
+
+        self._export = ctypes.c_char.from_buffer(buf)  # type: ignore[arg-type]
+        self.address: int = ctypes.addressof(self._export)
 
 
 class SectorCipher:
@@ -156,6 +185,8 @@ class SectorCipher:
     # -- IVs ---------------------------------------------------------------------------
     def _ivs(self, sector: int, count: int) -> np.ndarray:
         """(count, 16) uint8: the IV of each sector."""
+        import numpy as np
+
         ivs = np.zeros((count, 2), dtype="<u8")
         self._fill_ivs(ivs, sector)
         raw = ivs.view(np.uint8).reshape(count, 16)
@@ -167,82 +198,58 @@ class SectorCipher:
     def _fill_ivs(self, ivs: np.ndarray, sector: int) -> None:
         """The sector numbers of a plain or plain64 IV into ``ivs`` ((count, 2) uint64,
         the high word zero)."""
+        import numpy as np
+
         numbers = np.arange(sector, sector + len(ivs), dtype="<u8")
         if self.spec.ivgen == "plain":
             numbers &= np.uint64(0xFFFFFFFF)
         ivs[:, 0] = numbers
 
-    def _xts_state(self) -> _XtsThreadState:
-        state: _XtsThreadState | None = getattr(self._local, "xts", None)
-        if state is None:
-            state = _XtsThreadState(self._data_key, self._tweak_key)
-            self._local.xts = state
-        return state
-
-    def _first_tweaks(self, state: _XtsThreadState, sector: int, count: int) -> None:
-        """T_0 of each of ``count`` sectors (its IV under the tweak key) into
-        ``state.first_tweaks``."""
-        ivs = state.ivs[:count]
-        if self.spec.ivgen == "essiv":
-            ivs[:] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(
-                count, 2
-            )
-        else:
-            self._fill_ivs(ivs, sector)
-        state.tweak_encryptor.update_into(ivs.data.cast("B"), state.first_tweaks)
-
-    def _xts_tweaks(
-        self, state: _XtsThreadState, sector: int, count: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) halves of the tweak of every block of ``count`` sectors, each
-        (count, 32) uint64 (views of ``state``'s scratch arrays).
-
-        Block j's tweak is t0 * x^j (t0: the sector's IV encrypted with the tweak key): t0
-        shifted left by j, the j bits shifted out of the top folded back in times
-        x^7 + x^2 + x + 1 (j < 32, so the fold cannot overflow)."""
-        self._first_tweaks(state, sector, count)
-        t0 = np.frombuffer(state.first_tweaks, dtype="<u8", count=count * 2).reshape(count, 2)
-        lo, hi = t0[:, 0:1], t0[:, 1:2]
-        new_lo, new_hi, out = state.tweak_lo[:count], state.tweak_hi[:count], state.carry[:count]
-        np.left_shift(lo, _BLOCK_INDEX, out=new_lo)
-        np.right_shift(hi, _BITS_SHIFTED_OUT, out=out)  # the bits shifted out of the top
-        new_lo ^= out
-        out <<= _ONE
-        new_lo ^= out
-        out <<= _ONE
-        new_lo ^= out
-        out <<= _FIVE
-        new_lo ^= out
-        np.left_shift(hi, _BLOCK_INDEX, out=new_hi)
-        np.right_shift(lo, _BITS_SHIFTED_OUT, out=out)
-        new_hi |= out
-        return new_lo, new_hi
-
+    # -- XTS ---------------------------------------------------------------------------
     def _xts(self, src: memoryview, dst: memoryview, sector: int, encrypt: bool) -> None:
-        """XTS of ``src`` into ``dst`` (the same length; may be the same buffer)."""
-        state = self._xts_state()
+        """XTS of ``src`` into ``dst`` (writable, the same length; may be ``src``)."""
+        helper = _compiled_xts() if self.spec.ivgen != "essiv" else None
+        if helper is not None:
+            self._xts_compiled(helper, src, dst, sector, encrypt)
+        else:
+            self._xts_numpy(src, dst, sector, encrypt)
+
+    def _xts_compiled(
+        self, helper: _XtsHelper, src: memoryview, dst: memoryview, sector: int, encrypt: bool
+    ) -> None:
+        state: _CompiledXts | None = getattr(self._local, "compiled", None)
+        if state is None:
+            state = self._local.compiled = _CompiledXts(self._data_key, self._tweak_key)
         ecb = state.encryptor if encrypt else state.decryptor
+        ivs, tweaks, xor = helper
+        mask = 0xFFFFFFFF if self.spec.ivgen == "plain" else (1 << 64) - 1
+        if src is not dst:
+            dst[:] = src  # then in place: the source may be read-only, the target is not
+        target = _Pinned(dst)
+        ivs_view = memoryview(state.ivs)
         total = len(src) // SECTOR_SIZE
-        native = _compiled_xts()
-        if native is not None:
-            tweaks, xor = native
-            # Addresses for the compiled passes; the arrays hold the buffers while they run.
-            src_array = np.frombuffer(src, dtype=np.uint8)
-            dst_array = src_array if dst is src else np.frombuffer(dst, dtype=np.uint8)
-            src_at, dst_at = src_array.ctypes.data, dst_array.ctypes.data
-            table, ecb_out = state.tweak_table_at, state.ecb_out_at
-            for first in range(0, total, _XTS_BATCH):
-                count = min(_XTS_BATCH, total - first)
-                self._first_tweaks(state, sector + first, count)
-                tweaks(table, state.first_tweaks_at, count, BLOCKS_PER_SECTOR)
-                at, words = first * SECTOR_SIZE, count * SECTOR_SIZE // 8
-                xor(dst_at + at, src_at + at, table, words)
-                ecb.update_into(dst[at : at + count * SECTOR_SIZE], state.ecb_out)
-                xor(dst_at + at, ecb_out, table, words)
-            return
         for first in range(0, total, _XTS_BATCH):
             count = min(_XTS_BATCH, total - first)
-            lo, hi = self._xts_tweaks(state, sector + first, count)
+            ivs(state.ivs_at, (sector + first) & ((1 << 64) - 1), count, mask)
+            state.tweak_encryptor.update_into(ivs_view[: count * 16], state.first_tweaks)
+            tweaks(state.tweaks_at, state.first_tweaks_at, count, BLOCKS_PER_SECTOR)
+            at, words = target.address + first * SECTOR_SIZE, count * SECTOR_SIZE // 8
+            xor(at, at, state.tweaks_at, words)
+            ecb.update_into(dst[first * SECTOR_SIZE : (first + count) * SECTOR_SIZE],
+                            state.ecb_out)
+            xor(at, state.ecb_out_at, state.tweaks_at, words)
+
+    def _xts_numpy(self, src: memoryview, dst: memoryview, sector: int, encrypt: bool) -> None:
+        import numpy as np
+
+        state: _NumpyXts | None = getattr(self._local, "numpy", None)
+        if state is None:
+            state = self._local.numpy = _NumpyXts(self._data_key, self._tweak_key)
+        ecb = state.encryptor if encrypt else state.decryptor
+        total = len(src) // SECTOR_SIZE
+        for first in range(0, total, _XTS_BATCH):
+            count = min(_XTS_BATCH, total - first)
+            lo, hi = self._numpy_tweaks(state, sector + first, count)
             part = slice(first * SECTOR_SIZE, (first + count) * SECTOR_SIZE)
             plain = np.frombuffer(src[part], dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
             out_view = dst[part]
@@ -254,6 +261,40 @@ class SectorCipher:
             np.bitwise_xor(y[:, :, 0], lo, out=out[:, :, 0])
             np.bitwise_xor(y[:, :, 1], hi, out=out[:, :, 1])
 
+    def _numpy_tweaks(
+        self, state: _NumpyXts, sector: int, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) halves of the tweak of every block of ``count`` sectors, each
+        (count, 32) uint64 (views of ``state``'s scratch arrays).
+
+        Block j's tweak is t0 * x^j (t0: the sector's IV encrypted with the tweak key): t0
+        shifted left by j, the j bits shifted out of the top folded back in times
+        x^7 + x^2 + x + 1 (j < 32, so the fold cannot overflow)."""
+        import numpy as np
+
+        ivs = state.ivs[:count]
+        if self.spec.ivgen == "essiv":
+            ivs[:] = np.frombuffer(_as_bytes(self._ivs(sector, count)), dtype="<u8").reshape(
+                count, 2
+            )
+        else:
+            self._fill_ivs(ivs, sector)
+        state.tweak_encryptor.update_into(ivs.data.cast("B"), state.first_tweaks)
+        t0 = np.frombuffer(state.first_tweaks, dtype="<u8", count=count * 2).reshape(count, 2)
+        lo, hi = t0[:, 0:1], t0[:, 1:2]
+        new_lo, new_hi, out = state.tweak_lo[:count], state.tweak_hi[:count], state.carry[:count]
+        index = np.arange(BLOCKS_PER_SECTOR, dtype="<u8")
+        np.left_shift(lo, index, out=new_lo)
+        np.right_shift(hi, np.uint64(64) - index, out=out)  # the bits shifted out of the top
+        new_lo ^= out  # times x^7 + x^2 + x + 1: shifted by 0, 1, 2 and 7
+        for shift in (1, 1, 5):
+            out <<= np.uint64(shift)
+            new_lo ^= out
+        np.left_shift(hi, index, out=new_hi)
+        np.right_shift(lo, np.uint64(64) - index, out=out)  # numpy shifts by 64 give 0
+        new_hi |= out
+        return new_lo, new_hi
+
     # -- en/decryption -----------------------------------------------------------------
     def decrypt(self, buf: Buffer, sector: int) -> None:
         """Decrypt ``buf`` (writable, a whole number of sectors) in place."""
@@ -264,6 +305,8 @@ class SectorCipher:
         if self.spec.mode == "xts":
             self._xts(view, view, sector, False)
             return
+        import numpy as np
+
         data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
         dec = _ecb(self._data_key, False)
         prev = np.empty_like(data)
@@ -288,6 +331,8 @@ class SectorCipher:
         if self.spec.mode == "xts":
             self._xts(view, dst, sector, True)
             return dst
+        import numpy as np
+
         data = np.frombuffer(view, dtype="<u8").reshape(count, BLOCKS_PER_SECTOR, 2)
         ciphertext = np.frombuffer(dst, dtype="<u8").reshape(data.shape)
         enc = _ecb(self._data_key, True)
@@ -299,11 +344,15 @@ class SectorCipher:
         return dst
 
 
+#: xts.c's xts_ivs(ivs, first_sector, count, mask), xts_tweaks(table, first_tweaks, sectors,
+#: blocks) and xor_words(dst, a, b, words)
+_XtsHelper = tuple[Callable[[int, int, int, int], None], Callable[[int, int, int, int], None],
+                   Callable[[int, int, int, int], None]]
+
+
 @functools.cache
-def _compiled_xts() -> tuple[Callable[[int, int, int, int], None],
-                             Callable[[int, int, int, int], None]] | None:
-    """``xts.c``'s ``xts_tweaks(table, first_tweaks, sectors, blocks)`` and ``xor_words(dst,
-    a, b, words)``, built on first use; None (numpy does the work) with
+def _compiled_xts() -> _XtsHelper | None:
+    """``xts.c``'s functions, built on first use; None (numpy does the work) with
     ``VDISK_NATIVE_XTS=0``, without a compiler, or on a big-endian host."""
     if sys.byteorder != "little":
         return None
@@ -315,14 +364,17 @@ def _compiled_xts() -> tuple[Callable[[int, int, int, int], None],
     if lib is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_size_t
+    lib.xts_ivs.argtypes = [pointer, ctypes.c_uint64, size, ctypes.c_uint64]
     lib.xts_tweaks.argtypes = [pointer, pointer, size, size]
     lib.xor_words.argtypes = [pointer, pointer, pointer, size]
-    lib.xts_tweaks.restype = lib.xor_words.restype = None
-    return lib.xts_tweaks, lib.xor_words
+    lib.xts_ivs.restype = lib.xts_tweaks.restype = lib.xor_words.restype = None
+    return lib.xts_ivs, lib.xts_tweaks, lib.xor_words
 
 
 def _as_bytes(array: np.ndarray) -> memoryview:
     """A contiguous array as the byte buffer cryptography takes (no copy if contiguous)."""
+    import numpy as np
+
     return np.ascontiguousarray(array).data.cast("B")
 
 

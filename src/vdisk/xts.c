@@ -13,6 +13,16 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The plain64 IVs of `count` sectors from `sector` (plain: mask 0xffffffff), 16 bytes each:
+ * the sector number, little-endian, zero-padded. */
+void xts_ivs(uint64_t *ivs, uint64_t sector, size_t count, uint64_t mask)
+{
+	for (size_t i = 0; i < count; i++) {
+		*ivs++ = (sector + i) & mask;
+		*ivs++ = 0;
+	}
+}
+
 /* tweaks[2 * (s * blocks + j) ...] = T_j of sector s, from first[16 * s] = its T_0. */
 void xts_tweaks(uint64_t *tweaks, const uint8_t *first, size_t sectors, size_t blocks)
 {
