@@ -5,15 +5,17 @@ and reads its bytes; this module turns them into one cluster of guest data. The 
 ``compression_type`` picks the codec: deflate (raw, no zlib header, a 4 KiB window as QEMU
 writes it) or zstd (one or more frames). Output is bounded by the cluster size whatever the
 input claims, and the input may carry padding after the compressed data (the stored length is
-rounded up to 512-byte sectors).
+rounded up to 512-byte sectors). Decoding inflates with ISA-L (the ``isal`` package, about
+twice as fast as zlib) when it is installed, else with zlib; :func:`decompress_into` writes a
+cluster straight into the caller's buffer (a whole zstd frame is decoded there in place).
 
 The compress side follows QEMU's rules: deflate at the default level with a 4 KiB window,
 zstd at its default level; a cluster whose compressed form does not fit in ``cluster_size - 1``
 bytes is not compressed (the caller stores it as a normal cluster). A short last cluster of the
 image is padded with zeros to a whole cluster first, as QEMU does.
 
-zlib and zstandard release the GIL while they work, so :func:`compress_many` and
-:func:`decompress_many` spread independent clusters over a small thread pool (one thread per
+zlib, ISA-L and zstandard release the GIL while they work, so :func:`compress_many` and
+:func:`decompress_many` (and ``_into``) spread independent clusters over a small thread pool (one thread per
 core): the data plane of ``convert -c`` and of reading compressed images.
 """
 
