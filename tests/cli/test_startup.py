@@ -15,7 +15,15 @@ from cli_helpers import VdiskRunner, qemu_img
 import vdisk
 from vdisk.cli import COMMAND_TABLE, cli
 
-HEAVY = ("numpy", "zstandard", "cryptography", "prometheus_client", "tqdm", "importlib.metadata")
+HEAVY = (
+    "numpy",
+    "zstandard",
+    "isal",
+    "cryptography",
+    "prometheus_client",
+    "tqdm",
+    "importlib.metadata",
+)
 # What the quick commands must not load either: each costs a good part of a bare start.
 STDLIB_HEAVY = (
     "click",

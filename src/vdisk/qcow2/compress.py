@@ -5,15 +5,17 @@ and reads its bytes; this module turns them into one cluster of guest data. The 
 ``compression_type`` picks the codec: deflate (raw, no zlib header, a 4 KiB window as QEMU
 writes it) or zstd (one or more frames). Output is bounded by the cluster size whatever the
 input claims, and the input may carry padding after the compressed data (the stored length is
-rounded up to 512-byte sectors).
+rounded up to 512-byte sectors). Decoding inflates with ISA-L (the ``isal`` package, about
+twice as fast as zlib) when it is installed, else with zlib; :func:`decompress_into` writes a
+cluster straight into the caller's buffer (a whole zstd frame is decoded there in place).
 
 The compress side follows QEMU's rules: deflate at the default level with a 4 KiB window,
 zstd at its default level; a cluster whose compressed form does not fit in ``cluster_size - 1``
 bytes is not compressed (the caller stores it as a normal cluster). A short last cluster of the
 image is padded with zeros to a whole cluster first, as QEMU does.
 
-zlib and zstandard release the GIL while they work, so :func:`compress_many` and
-:func:`decompress_many` spread independent clusters over a small thread pool (one thread per
+zlib, ISA-L and zstandard release the GIL while they work, so :func:`compress_many` and
+:func:`decompress_many` (and ``_into``) spread independent clusters over a small thread pool (one thread per
 core): the data plane of ``convert -c`` and of reading compressed images.
 """
 
@@ -24,7 +26,7 @@ import os
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import format as fmt
@@ -134,6 +136,25 @@ def decompress_many(
     return _spread(lambda r: decompress_cluster(r, compression_type, cluster_size), raws)
 
 
+def decompress_many_into(
+    raws: Sequence[Buffer], compression_type: int, outs: Sequence[memoryview]
+) -> None:
+    """:func:`decompress_into` of each (input, output) pair; spread over the cores."""
+    pairs = list(zip(raws, outs, strict=True))
+    _spread(lambda pair: decompress_into(pair[0], compression_type, pair[1]), pairs)
+
+
+def decompress_into(raw: Buffer, compression_type: int, out: memoryview) -> None:
+    """:func:`decompress_cluster` of ``raw`` (a cluster of ``len(out)`` bytes) into ``out``.
+
+    A zstd frame that says it holds exactly one cluster (as QEMU and we write them) decodes
+    straight into ``out``: no cluster-sized bytes object, no copy. Anything else goes through
+    :func:`decompress_cluster` and is copied in. Raises CorruptImageError as it does."""
+    if compression_type == fmt.COMPRESSION_ZSTD and _zstd_into(raw, out):
+        return
+    out[:] = decompress_cluster(raw, compression_type, len(out))
+
+
 def decompress_cluster(raw: Buffer, compression_type: int, cluster_size: int) -> bytes:
     """One cluster of guest data from its compressed bytes.
 
@@ -151,10 +172,69 @@ def decompress_cluster(raw: Buffer, compression_type: int, cluster_size: int) ->
 
 
 def _inflate(raw: Buffer, cluster_size: int) -> bytes:
+    codec = _inflater()
     try:
-        return zlib.decompressobj(DEFLATE_WBITS).decompress(raw, cluster_size)
-    except zlib.error as exc:
+        data: bytes = codec.decompressobj(DEFLATE_WBITS).decompress(raw, cluster_size)
+    except codec.error as exc:
         raise CorruptImageError(f"deflate: {exc}") from None
+    return data
+
+
+_fast_zlib: Any = None
+
+
+def _inflater() -> Any:
+    """The zlib-compatible module that inflates: ISA-L's (``isal``, about twice as fast as
+    zlib on qcow2 clusters: the bulk of a deflate image's decompression) when installed, else
+    zlib. Both stop at ``cluster_size`` bytes of output and ignore what follows the stream;
+    ISA-L's window is always 32 KiB, so it also decodes streams that reach further back than
+    QEMU's 4 KiB (which QEMU never writes)."""
+    global _fast_zlib
+    if _fast_zlib is None:
+        try:  # imported here: readers of uncompressed images need not pay for it
+            from isal import isal_zlib
+
+            _fast_zlib = isal_zlib
+        except ImportError:
+            _fast_zlib = zlib
+    return _fast_zlib
+
+
+def _zstd_dctx() -> zstandard.ZstdDecompressor:
+    """This thread's ZstdDecompressor (made once: half the cost of a 64 KiB cluster)."""
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "zstd_d", None)
+    if dctx is None:
+        import zstandard
+
+        dctx = zstandard.ZstdDecompressor()
+        _local.zstd_d = dctx
+    return dctx
+
+
+def _zstd_into(raw: Buffer, out: memoryview) -> bool:
+    """Decode a one-cluster zstd frame straight into ``out``; False (nothing done) when the
+    frame does not say it holds exactly ``len(out)`` bytes."""
+    import zstandard
+
+    src = memoryview(raw)
+    try:
+        if zstandard.frame_content_size(src) != len(out):
+            return False
+    except zstandard.ZstdError:
+        return False  # decompress_cluster names the damage
+    reader = _zstd_dctx().stream_reader(src, read_across_frames=False)
+    done = 0
+    try:
+        while done < len(out):
+            n = reader.readinto(out[done:])
+            if not n:
+                break
+            done += n
+    except zstandard.ZstdError as exc:
+        raise CorruptImageError(f"zstd: {exc}") from None
+    if done != len(out):
+        raise CorruptImageError(f"decompresses to {done} bytes, not {len(out)}")
+    return True
 
 
 def _zstd_decompress(raw: Buffer, cluster_size: int) -> bytes:
@@ -162,10 +242,7 @@ def _zstd_decompress(raw: Buffer, cluster_size: int) -> bytes:
 
     # Stop at a cluster's worth of output: the bytes after it are padding or the next
     # cluster, and a hostile frame must not make us inflate more than one cluster.
-    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "zstd_d", None)
-    if dctx is None:  # one per thread: made once (half the cost of a 64 KiB cluster)
-        dctx = zstandard.ZstdDecompressor()
-        _local.zstd_d = dctx
+    dctx = _zstd_dctx()
     try:
         whole = zstandard.frame_content_size(memoryview(raw)) == cluster_size
     except zstandard.ZstdError:
@@ -196,5 +273,7 @@ __all__ = [
     "compress_cluster",
     "compress_many",
     "decompress_cluster",
+    "decompress_into",
     "decompress_many",
+    "decompress_many_into",
 ]

@@ -23,6 +23,7 @@ QEMU keeps it), and that padding lies in the free bytes the next compressed writ
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from ..errors import CorruptImageError, ReadOnlyError, RequestError, Unsupported
 from ..fileio import pread_full, pwritev_full
 from . import format as fmt
 from .cluster import SEG_COMPRESSED, Segment
-from .compress import compress_cluster, compress_many, decompress_many
+from .compress import compress_cluster, compress_many, decompress_many_into
 from .datafile import refuse_on_data_file
 
 if TYPE_CHECKING:
@@ -243,21 +244,30 @@ class CompressedWriter:
                 if image._waiters:
                     image._cond.notify_all()
 
-    def decompress_segments(self, segs: list[Segment]) -> dict[int, bytes]:
-        """The guest data of the compressed clusters among a read's segments, by L2 entry,
-        decompressed on the codec pool when there are enough to share; {} for few."""
-        entries = list(dict.fromkeys(s.arg for s in segs if s.kind == SEG_COMPRESSED))
-        if len(entries) < PARALLEL_READ_MIN:
-            return {}
+    def decompress_segments(self, segs: list[Segment], view: memoryview, offset: int) -> set[int]:
+        """Decode the whole compressed clusters among a read's segments straight into
+        ``view`` (the read's buffer, which starts at guest ``offset``), on the codec pool
+        when there are enough to share. Returns the guest offsets of the segments done:
+        none for few, or when one is damaged (the one-by-one path then names it); a partial
+        cluster (a read's unaligned head or tail) is left to that path too."""
         image = self.image
+        cs = image.cluster_size
+        whole = [
+            s
+            for s in segs
+            if s.kind == SEG_COMPRESSED and s.length == cs and not s.guest_offset & (cs - 1)
+        ]
+        if len(whole) < PARALLEL_READ_MIN:
+            return set()
         raws = _read_spans(
-            image.fd, [fmt.decode_compressed(e, image.cluster_bits) for e in entries]
+            image.fd, [fmt.decode_compressed(s.arg, image.cluster_bits) for s in whole]
         )
+        outs = [view[s.guest_offset - offset : s.guest_offset - offset + cs] for s in whole]
         try:
-            datas = decompress_many(raws, image.header.compression_type, image.cluster_size)
+            decompress_many_into(raws, image.header.compression_type, outs)
         except CorruptImageError:
-            return {}  # the one-by-one path names the damaged cluster
-        return dict(zip(entries, datas, strict=True))
+            return set()
+        return {s.guest_offset for s in whole}
 
     def write_whole_clusters(self, view: memoryview, offset: int) -> None:
         """A write on an image opened with ``compress=True``: its whole clusters (and a short
@@ -287,9 +297,13 @@ def _read_spans(fd: int, places: list[tuple[int, int]]) -> list[memoryview]:
     start = end = 0
 
     def read_stretch() -> None:
-        buf = bytearray(end - start)
-        pread_full(fd, buf, start)
-        view = memoryview(buf)
+        # os.pread: a bytes object filled by the read itself (a bytearray would be zeroed
+        # first, a memset of every compressed byte read).
+        data: bytes | bytearray = os.pread(fd, end - start, start)
+        if len(data) < end - start:  # short: past EOF reads as zeros
+            data = bytearray(end - start)
+            pread_full(fd, data, start)
+        view = memoryview(data)
         for i in members:
             host, length = places[i]
             out[i] = view[host - start : host - start + length]

@@ -628,7 +628,8 @@ class Qcow2Image(BlockDeviceBase):
             self._active.add(ticket)
         try:
             fd = self.data_fd
-            inflated = self._compressed.decompress_segments(segs)  # many: on the codec pool
+            # Many whole compressed clusters: decoded in place, on the codec pool.
+            inflated = self._compressed.decompress_segments(segs, view, offset)
             crypto = self._crypto if self._encrypted else None
             if self._encrypted and crypto is None:
                 raise self._locked_error()
@@ -643,8 +644,8 @@ class Qcow2Image(BlockDeviceBase):
                     _fill_zero(view, b, length)
                 elif kind == SEG_BACKING:
                     self._read_backing(view[b : b + length], g)
-                else:
-                    data = inflated.get(arg) or self._decompress(arg)
+                elif g not in inflated:
+                    data = self._decompress(arg)
                     c = g & (self.cluster_size - 1)
                     view[b : b + length] = data[c : c + length]
         except OSError as exc:
