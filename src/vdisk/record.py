@@ -6,6 +6,11 @@ annotated fields and their defaults, ``__repr__``, ``__eq__``, slots, optionally
 all of its own work (it loads ``inspect``, and with it ``re``, ``ast``, ``dis`` and ``enum``), so
 the header and lock types use this instead. Type checkers see a dataclass: ``record`` carries
 ``dataclass_transform``.
+
+Also here, for the same modules (``vdisk convert`` imports the block, copy and qcow2 code, and
+importing ``typing`` costs about a bare interpreter start): run-time stand-ins for
+``typing.Protocol``, ``runtime_checkable`` and ``NamedTuple``. Modules take them under
+``if not TYPE_CHECKING``, so type checkers still see typing's.
 """
 
 from __future__ import annotations
@@ -106,6 +111,46 @@ def record(cls: type[R] | None = None, *, frozen: bool = False) -> Any:
         return made
 
     return build if cls is None else build(cls)
+
+
+if not TYPE_CHECKING:
+
+    class Protocol:
+        """``typing.Protocol`` at run time: a plain base class (its methods are never called)."""
+
+    class _ByMembers(type):
+        """isinstance() as for a runtime-checkable protocol: the object has every member."""
+
+        def __instancecheck__(cls, obj):
+            return all(getattr(obj, name, None) is not None for name in cls._protocol_members)
+
+    def runtime_checkable(cls):
+        """``typing.runtime_checkable``: isinstance() checks the public members ``cls`` names."""
+        namespace = dict(cls.__dict__)
+        namespace.pop("__dict__", None)
+        namespace.pop("__weakref__", None)
+        members = [n for n in namespace if not n.startswith("_")]
+        namespace["_protocol_members"] = tuple(members)
+        return _ByMembers(cls.__name__, cls.__bases__, namespace)
+
+    class _NamedTupleMeta(type):
+        def __new__(mcls, name, bases, namespace):
+            if not bases:  # NamedTuple itself
+                return super().__new__(mcls, name, bases, namespace)
+            from collections import namedtuple
+
+            fields = tuple(namespace.get("__annotations__", {}))
+            defaults = [namespace[f] for f in fields if f in namespace]
+            made = namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
+            skip = {*fields, "__annotations__", "__module__", "__dict__", "__weakref__"}
+            for key, value in namespace.items():
+                if key not in skip:
+                    setattr(made, key, value)
+            return made
+
+    class NamedTuple(metaclass=_NamedTupleMeta):
+        """``typing.NamedTuple``'s class syntax at run time: a collections.namedtuple of the
+        annotated fields (defaults and methods kept)."""
 
 
 def replace(obj: R, **changes: Any) -> R:
