@@ -23,6 +23,7 @@ def parse_size(text: str | int, default_suffix: str = "") -> int:
     if number.isascii() and number.isdigit() and suffix in "kmgtpeb":
         return int(number) << _SUFFIXES[suffix]
     import re  # here: `vdisk info` formats sizes and never parses one
+
     m = re.match(_SIZE_PATTERN, text, re.IGNORECASE)
     if not m:
         raise RequestError(
