@@ -40,3 +40,31 @@ def test_parse_size_rejects(text: str) -> None:
 )
 def test_format_size_matches_qemu(n: int, text: str) -> None:
     assert format_size(n) == text
+
+
+def test_parse_size_plain_spellings_read_as_the_pattern() -> None:
+    """The spellings parse_size reads without re ("4k", "512") give what its pattern gives."""
+    import re
+
+    from vdisk.sizes import _SIZE_PATTERN, _SUFFIXES
+
+    def by_pattern(text: str, default_suffix: str) -> int:
+        m = re.match(_SIZE_PATTERN, text, re.IGNORECASE)
+        assert m is not None
+        return int(m.group(1)) << _SUFFIXES[(m.group(2) or default_suffix).lower()]
+
+    for number in ("0", "1", "512", "4096", "007"):
+        for suffix in ("", "b", "B", "k", "K", "m", "M", "g", "G", "t", "T", "p", "P", "e", "E"):
+            for default in ("", "M"):
+                text = number + suffix
+                assert parse_size(text, default) == by_pattern(text, default), (text, default)
+    for odd in ("1x", "k", "1kk", "\u0661\u0662", "1 k"):  # not plain: the pattern decides
+        try:
+            expected: int | None = by_pattern(odd, "")
+        except AssertionError:
+            expected = None
+        if expected is None:
+            with pytest.raises(RequestError):
+                parse_size(odd)
+        else:
+            assert parse_size(odd) == expected

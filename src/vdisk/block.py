@@ -11,19 +11,22 @@ file sized as QEMU sizes it, in whole 512-byte sectors).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol, Self, runtime_checkable
 
 from .errors import ClosedError, ReadOnlyError, RequestError
+from .record import record
 from .sizes import round_up_to_sector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Protocol, Self, runtime_checkable
+
     from typing_extensions import Buffer
+else:
+    from .record import Protocol, runtime_checkable  # typing costs `vdisk convert` a start
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True)
 class Extent:
     """One run of a device with uniform status, as ``qemu-img map`` reports it.
 
@@ -233,8 +236,9 @@ class DirtyBitmap:
     stores it.
     """
 
-    def __init__(self, name: str, size: int, granularity: int, bits: bytearray,
-                 enabled: bool = False) -> None:
+    def __init__(
+        self, name: str, size: int, granularity: int, bits: bytearray, enabled: bool = False
+    ) -> None:
         self.name = name
         self.size = size
         self.granularity = granularity

@@ -29,20 +29,27 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
 
 from .block import BlockDevice, Extent, SectorPadded
 from .errors import RequestError, UnsupportedFeatureError, VdiskError
+from .record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any, Protocol, runtime_checkable
+else:
+    # typing and dataclasses cost `vdisk convert` more than copying an empty image.
+    from .record import Protocol, runtime_checkable
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
 _PROBE = 1 << 30  # block status window
 
 FLUSH_INTERVAL = 10.0  # seconds between flushes of a long copy
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-ReadErrorHook = Callable[[int, Exception], None]  # --salvage: (target offset, the error)
+if TYPE_CHECKING:
+    Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+    ReadErrorHook = Callable[[int, Exception], None]  # --salvage: (target offset, the error)
 SECTOR = 512  # what --salvage retries and gives up on
 
 
@@ -76,7 +83,7 @@ class CompressedTarget(Protocol):
     def write_prepared(self, clusters: list[Any]) -> None: ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Copy:
     source: Source
     src_offset: int
@@ -84,14 +91,14 @@ class _Copy:
     length: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Zero:
     dst_offset: int
     length: int
     from_backing: bool = False  # -B: left unallocated, so that the target's backing shows
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Window:
     """A cluster-aligned stretch of the target and the source data in it (the rest reads as
     zeros): the unit of a compressed copy."""
@@ -101,10 +108,11 @@ class _Window:
     pieces: tuple[_Copy, ...]
 
 
-_Step = _Copy | _Zero | _Window
-# What a finished read leaves to write: (target offset, data or None for zeros, length); the
-# data of a compressed copy is the target's prepared clusters (a list).
-_Writes = list[tuple[int, memoryview | list[Any] | None, int]]
+if TYPE_CHECKING:  # type aliases: for the checkers only
+    _Step = _Copy | _Zero | _Window
+    # What a finished read leaves to write: (target offset, data or None for zeros, length);
+    # the data of a compressed copy is the target's prepared clusters (a list).
+    _Writes = list[tuple[int, memoryview | list[Any] | None, int]]
 
 
 _zero_pool = bytes(CHUNK)
@@ -520,7 +528,8 @@ class _Copier:
         return buf, items
 
 
-_Result = tuple[bytearray | None, _Writes]
+if TYPE_CHECKING:
+    _Result = tuple[bytearray | None, _Writes]
 
 
 class _Task:

@@ -10,13 +10,14 @@ the CLI's (``vdisk.cli.map``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .block import BlockDevice, Extent
 from .errors import VdiskError
 from .filenames import resolve_backing
 from .info import display_name
+from .record import replace  # for Extent (a record) and MapEntry (a dataclass) alike
 from .sizes import round_up_to_sector
 
 if TYPE_CHECKING:

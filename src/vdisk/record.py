@@ -6,6 +6,11 @@ annotated fields and their defaults, ``__repr__``, ``__eq__``, slots, optionally
 all of its own work (it loads ``inspect``, and with it ``re``, ``ast``, ``dis`` and ``enum``), so
 the header and lock types use this instead. Type checkers see a dataclass: ``record`` carries
 ``dataclass_transform``.
+
+Also here, for the same modules (``vdisk convert`` imports the block, copy and qcow2 code, and
+importing ``typing`` costs about a bare interpreter start): run-time stand-ins for
+``typing.Protocol``, ``runtime_checkable`` and ``NamedTuple``. Modules take them under
+``if not TYPE_CHECKING``, so type checkers still see typing's.
 """
 
 from __future__ import annotations
@@ -61,6 +66,20 @@ def _make_init(fields: tuple[str, ...], defaults: dict[str, object]) -> Callable
     return init
 
 
+def _first_init(owner: type, fields: tuple[str, ...], defaults: dict[str, object]) -> Any:
+    """``owner.__init__`` until the first record is made: then the generated one replaces it.
+    Compiling an ``__init__`` costs ~0.5 M instructions, and most record classes on the CLI's
+    path (qcow2 header extensions, bitmap and snapshot tables, compressed writes) make no
+    record in a given run."""
+
+    def __init__(self: object, *args: object, **kwargs: object) -> None:
+        init = _make_init(fields, defaults)
+        type.__setattr__(owner, "__init__", init)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
 def _repr(self: Any) -> str:
     fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
     return f"{type(self).__qualname__}({fields})"
@@ -92,7 +111,6 @@ def record(cls: type[R] | None = None, *, frozen: bool = False) -> Any:
             __qualname__=cls.__qualname__,
             __slots__=fields,
             __match_args__=fields,
-            __init__=_make_init(fields, defaults),
             __repr__=_repr,
             __eq__=_eq,
         )
@@ -103,9 +121,50 @@ def record(cls: type[R] | None = None, *, frozen: bool = False) -> Any:
         else:
             namespace["__hash__"] = None  # mutable and comparable: unhashable, like a dataclass
         made: type[R] = type(cls.__name__, cls.__bases__, namespace)
+        type.__setattr__(made, "__init__", _first_init(made, fields, defaults))
         return made
 
     return build if cls is None else build(cls)
+
+
+if not TYPE_CHECKING:
+
+    class Protocol:
+        """``typing.Protocol`` at run time: a plain base class (its methods are never called)."""
+
+    class _ByMembers(type):
+        """isinstance() as for a runtime-checkable protocol: the object has every member."""
+
+        def __instancecheck__(cls, obj):
+            return all(getattr(obj, name, None) is not None for name in cls._protocol_members)
+
+    def runtime_checkable(cls):
+        """``typing.runtime_checkable``: isinstance() checks the public members ``cls`` names."""
+        namespace = dict(cls.__dict__)
+        namespace.pop("__dict__", None)
+        namespace.pop("__weakref__", None)
+        members = [n for n in namespace if not n.startswith("_")]
+        namespace["_protocol_members"] = tuple(members)
+        return _ByMembers(cls.__name__, cls.__bases__, namespace)
+
+    class _NamedTupleMeta(type):
+        def __new__(mcls, name, bases, namespace):
+            if not bases:  # NamedTuple itself
+                return super().__new__(mcls, name, bases, namespace)
+            from collections import namedtuple
+
+            fields = tuple(namespace.get("__annotations__", {}))
+            defaults = [namespace[f] for f in fields if f in namespace]
+            made = namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
+            skip = {*fields, "__annotations__", "__module__", "__dict__", "__weakref__"}
+            for key, value in namespace.items():
+                if key not in skip:
+                    setattr(made, key, value)
+            return made
+
+    class NamedTuple(metaclass=_NamedTupleMeta):
+        """``typing.NamedTuple``'s class syntax at run time: a collections.namedtuple of the
+        annotated fields (defaults and methods kept)."""
 
 
 def replace(obj: R, **changes: Any) -> R:

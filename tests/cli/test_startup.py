@@ -208,3 +208,156 @@ def test_convert_imports_no_heavy_module(tmp_path: Path) -> None:
         == []
     )
     assert qemu_img(["compare", "-q", str(out), str(image)], tmp_path).rc == 0
+
+
+# `convert` spellings the quick path answers, each run in a directory holding src.qcow2 (data,
+# zeros, a hole), src.raw, and old.raw (a target for -n).
+_QUICK_CONVERTS = (
+    ["src.qcow2", "out"],
+    ["-O", "qcow2", "src.qcow2", "out"],
+    ["-f", "qcow2", "-O", "raw", "-S", "0", "src.qcow2", "out"],
+    ["src.qcow2", "-O", "qcow2", "out"],
+    ["-f", "raw", "-O", "qcow2", "-S", "64k", "src.raw", "out"],
+    ["-m", "1", "-W", "-t", "none", "-T", "none", "src.qcow2", "out"],
+    ["-U", "-q", "-r", "100M", "-t", "writeback", "src.qcow2", "out"],
+    ["--force-share", "-O", "raw", "-O", "qcow2", "src.qcow2", "src.raw", "out"],
+    ["-n", "-O", "raw", "src.qcow2", "old.raw"],
+    ["-f", "raw", "src.qcow2", "out"],
+    # qemu-img's refusals, raised by the shared code after either parser
+    ["-S", "3", "src.qcow2", "out"],
+    ["-S", "1x", "src.qcow2", "out"],
+    ["-m", "17", "src.qcow2", "out"],
+    ["-m", "x", "src.qcow2", "out"],
+    ["src.qcow2"],
+    [],
+    ["-f", "vmdk", "src.qcow2", "out"],
+    ["-O", "vmdk", "src.qcow2", "out"],
+    ["-t", "bogus", "src.qcow2", "out"],
+    ["-T", "bogus", "src.qcow2", "out"],
+    ["-r", "fast", "src.qcow2", "out"],
+    ["missing.qcow2", "out"],
+    ["-n", "src.qcow2", "missing.raw"],
+    ["-n", "-O", "qcow2", "src.qcow2", "old.raw"],
+)
+
+# Spellings left to click: flags the quick path does not take, joined or odd forms, help.
+_CLICK_CONVERTS = (
+    ["-Oqcow2", "src.qcow2", "out"],
+    ["-qU", "src.qcow2", "out"],
+    ["-h"],
+    ["--help"],
+    ["-p", "src.qcow2", "out"],
+    ["-o", "cluster_size=4k", "-O", "qcow2", "src.qcow2", "out"],
+    ["-c", "-O", "qcow2", "src.qcow2", "out"],
+    ["-B", "src.qcow2", "-O", "qcow2", "src.qcow2", "out"],
+    ["-l", "s1", "src.qcow2", "out"],
+    ["--salvage", "src.qcow2", "out"],
+    ["--bitmaps", "-O", "qcow2", "src.qcow2", "out"],
+    ["--object", "secret,id=s,data=x", "src.qcow2", "out"],
+    ["--image-opts", "driver=qcow2,file.filename=src.qcow2", "out"],
+    ["--", "src.qcow2", "out"],
+    ["-", "out"],
+    ["-f"],
+    ["src.qcow2", "out", "-O"],
+    ["-S", "-1", "src.qcow2", "out"],
+    ["--force", "src.qcow2", "out"],
+)
+
+
+def _convert_dir(tmp_path: Path) -> Path:
+    assert qemu_img(["create", "-q", "-f", "qcow2", "src.qcow2", "4M"], tmp_path).rc == 0
+    write = ["-c", "write -P 7 0 1M", "-c", "write -z 1M 1M", "-c", "write -P 9 3M 64k"]
+    image = str(tmp_path / "src.qcow2")
+    assert subprocess.run(["qemu-io", *write, image], capture_output=True).returncode == 0
+    assert qemu_img(["convert", "-O", "raw", "src.qcow2", "src.raw"], tmp_path).rc == 0
+    return tmp_path
+
+
+def _run_convert(
+    args: list[str], where: Path, click_only: bool, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str, bytes | None]:
+    """``vdisk convert ARGS`` through main (quick path first, or click alone), in a fresh
+    copy of the directory: exit status, stdout, stderr and the bytes of the target."""
+    import os
+    import shutil
+
+    from vdisk.cli import main, quick
+
+    for name in ("out", "old.raw"):
+        (where / name).unlink(missing_ok=True)
+    shutil.copy(where / "src.raw", where / "old.raw")
+    old_answer = quick.answer
+    if click_only:
+        quick.answer = lambda args: None
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(where)
+    try:
+        rc = main(["convert", *args])
+    finally:
+        os.chdir(cwd)
+        quick.answer = old_answer
+    out, err = capsys.readouterr()
+    target = where / (args[-1] if args and args[-1] in ("out", "old.raw") else "out")
+    return rc, out, err, target.read_bytes() if target.exists() else None
+
+
+def test_quick_convert_is_clicks_convert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each spelling the quick convert answers (copies and refusals) ends as the click
+    command ends: the same exit status, output, messages and target bytes."""
+    from vdisk.cli import quick
+
+    where = _convert_dir(tmp_path)
+    for args in _QUICK_CONVERTS:
+        ours = _run_convert(args, where, False, capsys)
+        theirs = _run_convert(args, where, True, capsys)
+        assert ours == theirs, args
+    monkeypatch.chdir(where)
+    for args in _QUICK_CONVERTS[:3]:  # and the quick path did answer them
+        assert quick.answer(["convert", *args]) == 0
+
+
+def test_quick_convert_leaves_odd_spellings_to_click(tmp_path: Path) -> None:
+    from vdisk.cli import quick
+
+    where = _convert_dir(tmp_path)
+    for args in _CLICK_CONVERTS:
+        assert quick.answer(["convert", *[str(where / a) if "." in a else a for a in args]]) is None
+        assert not (where / "out").exists(), args
+
+
+def test_quick_convert_loads_no_click_nor_typing(tmp_path: Path) -> None:
+    """A plain convert (qcow2 to raw and to qcow2, raw to qcow2) runs on the bare interpreter's
+    modules, vdisk's own, and threading (its copy pool)."""
+    where = _convert_dir(tmp_path)
+    src, raw, out = (str(where / n) for n in ("src.qcow2", "src.raw", "out"))
+    argvs = (
+        ["convert", "-O", "raw", src, out],
+        ["convert", "-O", "qcow2", src, out],
+        ["convert", "-f", "raw", "-O", "qcow2", raw, out],
+    )
+    light = tuple(m for m in HEAVY + STDLIB_HEAVY if m != "threading")
+    assert _loaded_heavy_modules(*argvs, heavy=light) == []
+
+
+def test_quick_commands_end_their_process_cleanly(tmp_path: Path) -> None:
+    """The quick commands end without the interpreter's teardown: as processes they still
+    print everything, exit with their status and leave a complete target."""
+    where = _convert_dir(tmp_path)
+    vdisk_cmd = [sys.executable, "-m", "vdisk"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*vdisk_cmd, *args], cwd=where, capture_output=True, text=True)
+
+    done = run("convert", "-O", "qcow2", "src.qcow2", "out")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert qemu_img(["compare", "-q", "src.qcow2", "out"], where).rc == 0
+    refused = run("convert", "missing.qcow2", "out")
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == "vdisk: missing.qcow2: No such file or directory\n"
+    info = run("info", "--output=json", "src.qcow2")
+    theirs = qemu_img(["info", "--output=json", "src.qcow2"], where)
+    assert info.returncode == 0
+    assert info.stdout == theirs.out

@@ -184,6 +184,7 @@ def create_raw(path: str, size: int, preallocation: str = "off") -> None:
                 os.pwrite(fd, chunk[: min(len(chunk), size - pos)], pos)
         elif preallocation not in ("off", "metadata"):
             raise VdiskError(f"invalid preallocation mode {preallocation!r}", path=path)
-        os.fsync(fd)
+        # No fsync, as qemu-img's raw create has none: whoever needs the file durable syncs
+        # it with its data (convert with -t writeback/none/directsync/writethrough does).
     finally:
         os.close(fd)

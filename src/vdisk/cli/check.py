@@ -105,7 +105,7 @@ def check_cmd(
     import vdisk
 
     from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, check_and_repair
-    from .convert import check_cache_modes
+    from .converting import check_cache_modes
 
     check_output(output)
     check_cache_modes(None, src_cache)

@@ -34,7 +34,7 @@ def commit_cmd(
     import vdisk
 
     from .. import commit
-    from .convert import check_cache_modes, check_rate
+    from .converting import check_cache_modes, check_rate
     from .progress import Progress
 
     vdisk.check_format(fmt, file)

@@ -10,6 +10,7 @@ import click
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
 from ..filenames import resolve_backing
 from ..sizes import parse_size
+from .converting import write_first_block
 from .options import (
     FORMAT_OPTS,
     INT64_MAX,
@@ -150,17 +151,6 @@ def _create_on_export(uri: str, fmt: str, size: int) -> None:
         )
     with vdisk.open(uri, format="raw", readonly=True):
         pass
-
-
-def write_first_block(path: str, size: int) -> None:
-    """Write the first 4 KiB of a new raw file (or all of a smaller one) as QEMU does (for its
-    alignment probing), so that the file's allocation matches qemu-img's."""
-    import vdisk
-
-    if not size or vdisk.is_uri(path):
-        return
-    with vdisk.open(path, format="raw") as fresh:
-        fresh.write(bytes(min(fresh.size, 4096)), 0)
 
 
 COMMANDS: tuple[click.Command, ...] = (create_cmd,)

@@ -1,7 +1,8 @@
-"""The commands answered without click: ``--version``, ``--help`` and a plain ``info``.
+"""The commands answered without click: ``--version``, ``--help``, a plain ``info`` and a plain
+``convert``.
 
 They are the ones a user (or a script polling images) runs most often, and importing click
-alone costs several bare interpreter starts. Each answers exactly as the click tree would, byte
+alone costs several bare interpreter starts (for an empty convert, more than its copy). Each answers exactly as the click tree would, byte
 for byte (tests compare the two); anything unusual (another flag, a bad value, a narrow
 terminal's odd wrap) returns None and goes to click, which owns every error message.
 """
@@ -37,9 +38,21 @@ def answer(args: list[str]) -> int | None:
             return None
         _write(text)
         return 0
-    if args and args[0] == "info":
-        return _info(args[1:])
+    if args and args[0] in ("info", "convert"):
+        _forget_secrets()
+        return _info(args[1:]) if args[0] == "info" else _convert(args[1:])
     return None
+
+
+def _forget_secrets() -> None:
+    """What each click command does first: the secrets (``--object``) and passphrases of an
+    earlier command run in this process are dropped. Neither module is loaded in a fresh one."""
+    options = sys.modules.get("vdisk.cli.options")
+    if options is not None:
+        options.SECRETS.clear()
+    encryption = sys.modules.get("vdisk.qcow2.encryption")
+    if encryption is not None:
+        encryption.forget_passphrases()
 
 
 def _write(text: str) -> None:
@@ -80,6 +93,61 @@ def _info(args: list[str]) -> int | None:
 
     _write(info.report(files[0], fmt, output, chain, force_share))
     return 0
+
+
+# convert's flags answered here (as cli/convert.py declares them): keyword of
+# converting.run, and whether the flag takes a value. The others (-o, -B, -F, -c, -l, -p,
+# --salvage, --bitmaps, --object, ...) and every odd spelling are click's.
+_CONVERT_FLAGS = {
+    "-f": ("fmt", True),
+    "-O": ("out_fmt", True),
+    "-S": ("sparse", True),
+    "-m": ("workers", True),
+    "-r": ("rate", True),
+    "-t": ("cache", True),
+    "-T": ("src_cache", True),
+    "-n": ("skip_create", False),
+    "-W": ("out_of_order", False),
+    "-q": ("quiet", False),
+    "-U": ("force_share", False),
+    "--force-share": ("force_share", False),
+}
+
+
+def _convert(args: list[str]) -> int | None:
+    """``convert`` with the flags of ``_CONVERT_FLAGS``, each a word of its own, a value in
+    the next word (not one starting with ``-``), the last of a repeated flag winning, the
+    files anywhere among them: as click parses those."""
+    given: dict[str, object] = {}
+    files = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            files.append(arg)
+            i += 1
+            continue
+        flag = _CONVERT_FLAGS.get(arg)
+        if flag is None:
+            return None
+        name, takes_value = flag
+        if not takes_value:
+            given[name] = True
+            i += 1
+            continue
+        if i + 1 == len(args) or args[i + 1].startswith("-"):
+            return None  # a missing value, or one click may read as a flag: click's to say
+        given[name] = args[i + 1]
+        i += 2
+    from .converting import run
+
+    try:
+        return run(files, **given)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        # What click does with ^C outside the copy: a blank line, then run_click's message.
+        sys.stderr.write("\nvdisk: aborted\n")
+        sys.stderr.flush()
+        return 1
 
 
 def help_width() -> int:

@@ -20,8 +20,6 @@ The structures are encoded by ``format.py``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..block import DirtyBitmap
 from ..errors import (
@@ -34,7 +32,10 @@ from ..errors import (
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 
+TYPE_CHECKING = False  # typing itself costs `vdisk convert` about a bare start
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .image import Qcow2Image
 
 BitmapEntry = fmt.BitmapDirectoryEntry

@@ -23,11 +23,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from itertools import compress
 from operator import not_
-from typing import Any
 
 from ..errors import CorruptImageError
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 L2 = 0
 REFBLOCK = 1

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import struct
 from array import array
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from ..errors import CorruptImageError
 from ..fileio import pread_full, pwrite_full
+from ..record import field, record
 from . import format as fmt
 from .cache import L2, MetadataCache, decode_l2
 from .refcount import RefcountManager
 from .summary import read_snapshots
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple  # typing costs `vdisk convert` about a bare start
 
 # Segment kinds.
 SEG_ZERO = 0  # arg: host offset of a preallocated zero cluster, or 0
@@ -45,7 +50,7 @@ NEW = 1  # allocate a new host cluster; free the old one afterwards
 REUSE = 2  # keep the host cluster (preallocated / partially allocated) but rewrite the entry
 
 
-@dataclass(slots=True)
+@record
 class PlannedCluster:
     """How a write lands on one guest cluster. ``host_offset`` of a NEW cluster is 0 until
     the image allocates it; ``set_copied`` asks for the stale COPIED flag to be restored."""
@@ -64,7 +69,7 @@ class PlannedCluster:
     new_bitmap: int = fmt.SUBCLUSTER_ALLOC_MASK
 
 
-@dataclass(slots=True)
+@record
 class WritePlan:
     """The planned clusters of one write, in guest order; ``new_count`` of them are NEW."""
 

@@ -25,20 +25,21 @@ import io
 import os
 import threading
 import zlib
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import format as fmt
 
+TYPE_CHECKING = False  # typing itself costs `vdisk convert` about a bare start
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
     from concurrent.futures import ThreadPoolExecutor
+    from typing import Any, TypeVar
 
     import zstandard
     from typing_extensions import Buffer
 
-_In = TypeVar("_In")
-_Out = TypeVar("_Out")
+    _In = TypeVar("_In")
+    _Out = TypeVar("_Out")
 
 # QEMU's deflate: raw stream (negative wbits), 2^12-byte window.
 DEFLATE_WBITS = -12

@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptImageError, ReadOnlyError, RequestError, UnsupportedFeatureError
 from ..fileio import pread_full, pwritev_full
+from ..record import record
 from . import format as fmt
 from .cluster import SEG_COMPRESSED, Segment
 from .compress import compress_cluster, compress_many, decompress_many_into
 from .datafile import refuse_on_data_file
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from typing_extensions import Buffer
 
     from .image import Qcow2Image
@@ -46,7 +48,7 @@ SPAN_GAP = 4096  # bytes between compressed clusters still read in the same prea
 _PAD = bytes(SECTOR)
 
 
-@dataclass(slots=True)
+@record
 class PreparedCluster:
     """One guest cluster ready to write: its data and, if it shrank, its compressed form."""
 

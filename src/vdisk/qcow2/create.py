@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import os
 from array import array
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import FormatError, RequestError, VdiskError, from_oserror
 from ..fileio import pwrite_full
 from ..filenames import resolve_backing
+from ..record import record, replace
 from ..sizes import parse_size, round_up_to_sector
 from . import datafile
 from . import format as fmt
 from .cache import empty_refcount_block, encode_l2, encode_refcount_block, fill_refcounts
 
+TYPE_CHECKING = False  # typing and dataclasses cost `vdisk convert -O qcow2` a bare start
 if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+
     from .encryption import EncryptOptions
+else:
+    from ..record import NamedTuple
 
 _TRUE = {"on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
@@ -42,7 +46,7 @@ def _version(compat: Any) -> int:
     raise RequestError(f"invalid compat {compat!r}: expected 0.10 (v2) or 1.1 (v3)")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Options:
     """qemu-img's qcow2 creation options, parsed and checked against each other."""
 

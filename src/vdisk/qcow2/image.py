@@ -36,7 +36,6 @@ import os
 import struct
 import threading
 from array import array
-from typing import TYPE_CHECKING, Any
 
 from .. import locking
 from ..backends.raw import write_zeroes_fd
@@ -74,7 +73,10 @@ from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
 from .summary import read_header
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from typing_extensions import Buffer
 
     from .encryption import ImageCipher

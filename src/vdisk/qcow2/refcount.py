@@ -23,8 +23,6 @@ import heapq
 import os
 import struct
 from array import array
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptImageError, NoSpaceError
 from ..fileio import pread_full, pwrite_full
@@ -39,12 +37,16 @@ from .cache import (
     zero_entries,
 )
 
+TYPE_CHECKING = False  # typing itself costs `vdisk convert` about a bare start
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     import numpy as np
 
-# A refcount block as the cache keeps it: cache.RefcountBlock (an array), or a numpy uint8
-# array for widths under 8 bits; both index and assign by entry.
-RefBlock = Any
+    # A refcount block as the cache keeps it: cache.RefcountBlock (an array), or a numpy
+    # uint8 array for widths under 8 bits; both index and assign by entry.
+    RefBlock = Any
 
 
 class RefcountManager:

@@ -25,17 +25,21 @@ from __future__ import annotations
 import errno as _errno
 import os
 from array import array
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Union
 
 from ..errors import CorruptImageError, VdiskError
 from ..fileio import pread_full, pwrite_full
+from ..record import field, record
 from . import format as fmt
 from .cluster import read_snapshots
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import NamedTuple
+
     import numpy as np
+else:
+    from ..record import NamedTuple  # typing costs `vdisk convert` about a bare start
 
 MAX_GROW_CLUSTERS = 1 << 24  # how far past the end a refcount block may pull the file (repair)
 _INT64_MAX = (1 << 63) - 1
@@ -50,7 +54,7 @@ def table_ok(offset: int, entries: int, entry_len: int, cluster_size: int) -> bo
     return entries * entry_len <= _INT64_MAX - offset and offset % cluster_size == 0
 
 
-@dataclass
+@record
 class Findings:
     """What the walk found, in qemu-img check's terms; ``messages`` as qemu prints them."""
 
@@ -169,8 +173,9 @@ class StoredRefcounts:
 
 # A repair hook for a misaligned preallocated L2 entry: (l2_offset, index, raw table, active)
 # -> True when the entry was rewritten (it then references nothing).
-PreallocRepair = Callable[[int, int, "np.ndarray", bool], bool]
-L1Entries = Union["np.ndarray", "array[int]"]  # a table decoded by numpy, or an image's own
+if TYPE_CHECKING:
+    PreallocRepair = Callable[[int, int, np.ndarray, bool], bool]
+    L1Entries = np.ndarray | array[int]  # a table decoded by numpy, or an image's own
 
 
 class _Walk:
