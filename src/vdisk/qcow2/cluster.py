@@ -14,13 +14,16 @@ from __future__ import annotations
 import struct
 from array import array
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import CorruptImageError
 from ..fileio import pread_full, pwrite_full
 from . import format as fmt
 from .cache import L2, MetadataCache, decode_l2
 from .refcount import RefcountManager
+
+if TYPE_CHECKING:
+    from .extents import HostExtents
 from .summary import read_snapshots
 
 # Segment kinds.
@@ -107,6 +110,9 @@ class ClusterMap:
         # External data file: COPIED marks an allocated cluster even at host offset 0, and
         # data clusters have no refcounts (guest offset == host offset in the data file).
         self.data_file = False
+        #: the image's host-extent table, whose entry of a cluster is cleared before its L2
+        #: entry changes (extents.py)
+        self.extents: HostExtents | None = None
         self.l1_dirty: set[int] = set()
         buf = bytearray(header.l1_size * 8)
         pread_full(fd, buf, header.l1_table_offset)
@@ -488,6 +494,8 @@ class ClusterMap:
                     last = l1_index
 
     def _set_copied(self, gc: int, e: int) -> int:
+        if self.extents is not None:
+            self.extents.forget(gc)
         l2, off = self.writable_l2(gc >> self.l2_bits, [])
         i = gc & self.l2_mask
         e |= fmt.OFLAG_COPIED
@@ -497,6 +505,8 @@ class ClusterMap:
 
     def set_entry(self, gc: int, entry: int, bitmap: int, frees: list[int]) -> int:
         """Store a new L2 entry; returns the old one. The table is made ours first."""
+        if self.extents is not None:
+            self.extents.forget(gc)
         l2, off = self.writable_l2(gc >> self.l2_bits, frees)
         i = gc & self.l2_mask
         if self.extended:

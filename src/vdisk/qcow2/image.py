@@ -70,6 +70,7 @@ from .cluster import (
 )
 from .compress import decompress_cluster
 from .compressed_write import CompressedWriter, PreparedCluster, prepare
+from .extents import HostExtents, entry_flags
 from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
 from .summary import read_header
@@ -274,6 +275,8 @@ class Qcow2Image(BlockDeviceBase):
         self.map = ClusterMap(
             fd, header, self.cache, self.refcounts, self.metadata, file_size, path
         )
+        #: the host-extent table an exporter asked for (``host_extents``), else None
+        self._extents: HostExtents | None = None
         self._open_data_file(path, header, readonly, open_backing)
         found = self._find_metadata(file_size)
         self.metadata.update(found.all)
@@ -450,6 +453,7 @@ class Qcow2Image(BlockDeviceBase):
         except OSError:
             pass
         self._readonly = True
+        self._forget_extents()
         return CorruptImageError(f"{message}; image marked corrupt", path=self.path)
 
     # -- tickets and pending frees ------------------------------------------------------
@@ -1408,6 +1412,7 @@ class Qcow2Image(BlockDeviceBase):
             except OSError as exc:
                 raise from_oserror(exc, self.path) from None
             self._write_ready = False  # the next write goes through begin_write again
+            self._forget_extents()
 
     def _change_bitmaps(self, change: Any) -> None:
         """Run ``change(bitmap_set, frees)`` and store the result durably."""
@@ -1417,6 +1422,7 @@ class Qcow2Image(BlockDeviceBase):
             if not self._write_ready:
                 self._prepare_first_write()
             frees: list[int] = []
+            self._forget_extents()  # a bitmap to mark ends writes that skip the image
             try:
                 change(self._bitmaps, frees)
                 self._bitmaps.store(final=False)
@@ -1424,6 +1430,37 @@ class Qcow2Image(BlockDeviceBase):
                 raise from_oserror(exc, self.path) from None
             finally:
                 self._free_later(frees)
+
+    # -- host extents (see extents.py) ----------------------------------------------------
+    def host_extents(self) -> HostExtents | None:
+        """The guest-cluster -> host-offset table through which an exporter may read and
+        overwrite data clusters in the image file itself, or None where this image has no
+        such clusters to offer (encrypted, extended L2, an external data file, a read-only
+        snapshot view). One table per image, shared by its users."""
+        with self._lock:
+            if not self._fast_paths or self.data_fd != self.fd or self.snapshot is not None:
+                return None
+            if self._extents is None:
+                self._extents = HostExtents(self)
+                self.map.extents = self._extents
+            return self._extents
+
+    def _learn_extents(self, ext: HostExtents, gc0: int, gc1: int) -> None:
+        """Under the lock: fill the entries of guest clusters gc0..gc1 whose L2 table is
+        cached (others stay unknown)."""
+        table = ext.table
+        inflight = self._inflight
+        for gc in range(gc0, gc1 + 1):
+            l2_off = self.map.l1[gc >> self.map.l2_bits] & _L1E_OFFSET_MASK
+            slot = self._slots.get(l2_off) if l2_off else None
+            if slot is None or (inflight and gc in inflight):
+                continue
+            table[gc] = entry_flags(self, slot.table[gc & self._l2_mask])
+
+    def _forget_extents(self) -> None:
+        """Under the lock: the rules changed for every cluster; the table starts over."""
+        if self._extents is not None:
+            self._extents.forget_all()
 
     def allocated_clusters(self) -> int:
         with self._lock:
