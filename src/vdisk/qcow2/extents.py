@@ -58,6 +58,8 @@ class HostExtents:
         self.table = memoryview(self._map).cast("Q")
         #: tickets held by users (their I/O may still run on hosts they looked up)
         self.holders = 0
+        #: L1 indexes whose whole L2 table was learned (later misses learn single entries)
+        self.learned_tables: set[int] = set()
         self._users_lock = threading.Lock()
 
     def address(self) -> int:
@@ -74,6 +76,7 @@ class HostExtents:
     def forget_all(self) -> None:
         # Private anonymous memory: MADV_DONTNEED gives back zero pages.
         self._map.madvise(mmap.MADV_DONTNEED)
+        self.learned_tables.clear()
 
     # -- used by exporters ---------------------------------------------------------------
     def lookup(self, offset: int, length: int, write: bool) -> int:
@@ -90,12 +93,22 @@ class HostExtents:
 
     def learn(self, offset: int, length: int) -> None:
         """Fill the entries of the clusters of [offset, offset+length) from the image's
-        cached L2 tables (call after the image served a request there)."""
+        cached L2 tables (call after the image served a request there). The first time, the
+        whole L2 table of each cluster is learned: one pass instead of one request per
+        cluster through the image."""
         img = self.image
         cb = self.cluster_bits
         gc0, gc1 = offset >> cb, min((offset + max(length, 1) - 1) >> cb, self.count - 1)
+        l2_bits = img.map.l2_bits
         with img._lock:
-            img._learn_extents(self, gc0, gc1)
+            for l1_index in range(gc0 >> l2_bits, (gc1 >> l2_bits) + 1):
+                first, last = l1_index << l2_bits, ((l1_index + 1) << l2_bits) - 1
+                if l1_index in self.learned_tables:
+                    first, last = max(first, gc0), min(last, gc1)
+                elif img._learn_extents(self, first, min(last, self.count - 1)):
+                    self.learned_tables.add(l1_index)
+                    continue
+                img._learn_extents(self, max(first, gc0), min(last, gc1))
 
     def hold(self) -> int:
         """A ticket for the I/O this user may run from now on."""

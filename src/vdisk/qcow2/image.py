@@ -428,6 +428,7 @@ class Qcow2Image(BlockDeviceBase):
                 self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
                 self._set_dirty = True
         self._write_ready = True
+        self._forget_extents()  # learned before: relearned writable
 
     def _write_hazard(self) -> str | None:
         """Why writing would damage this image, judged before anything is written: an L2
@@ -1445,17 +1446,21 @@ class Qcow2Image(BlockDeviceBase):
                 self.map.extents = self._extents
             return self._extents
 
-    def _learn_extents(self, ext: HostExtents, gc0: int, gc1: int) -> None:
-        """Under the lock: fill the entries of guest clusters gc0..gc1 whose L2 table is
-        cached (others stay unknown)."""
+    def _learn_extents(self, ext: HostExtents, gc0: int, gc1: int) -> bool:
+        """Under the lock: fill the entries of guest clusters gc0..gc1 (in one L2 table)
+        if that table is cached; returns whether it was."""
         table = ext.table
         inflight = self._inflight
+        l2_off = self.map.l1[gc0 >> self.map.l2_bits] & _L1E_OFFSET_MASK
+        slot = self._slots.get(l2_off) if l2_off else None
+        if slot is None:
+            return False
+        entries = slot.table
+        mask = self._l2_mask
         for gc in range(gc0, gc1 + 1):
-            l2_off = self.map.l1[gc >> self.map.l2_bits] & _L1E_OFFSET_MASK
-            slot = self._slots.get(l2_off) if l2_off else None
-            if slot is None or (inflight and gc in inflight):
-                continue
-            table[gc] = entry_flags(self, slot.table[gc & self._l2_mask])
+            if not (inflight and gc in inflight):
+                table[gc] = entry_flags(self, entries[gc & mask])
+        return True
 
     def _forget_extents(self) -> None:
         """Under the lock: the rules changed for every cluster; the table starts over."""
