@@ -40,6 +40,8 @@ SOURCE = Path(__file__).with_name("fastloop.c")
 NOPS = 8
 FL_TIMEOUT, FL_TIMING, FL_NULL = 1, 2, 4
 _CQE = struct.Struct("<QiI")
+#: with host extents, the compiled loop returns to Python at least every this many requests
+EXTENT_RENEW_REQUESTS = 4096
 
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -245,6 +247,10 @@ class FastLoop:
         s.cluster_bits = cluster_bits
         s.extent_count = count
         s.extents = address
+        if not s.max_requests:
+            # Come back now and then even when C serves everything, so that the queue can
+            # renew its image ticket and freed clusters do not wait for ever.
+            s.max_requests = EXTENT_RENEW_REQUESTS
 
     def extent_done(self, tag: int) -> None:
         """Python saw the end of ``tag``'s extent I/O (it failed or came up short)."""
