@@ -25,6 +25,8 @@ from .summary import read_snapshots
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NamedTuple
+
+    from .extents import HostExtents
 else:
     from ..record import NamedTuple  # typing costs `vdisk convert` about a bare start
 
@@ -112,6 +114,9 @@ class ClusterMap:
         # External data file: COPIED marks an allocated cluster even at host offset 0, and
         # data clusters have no refcounts (guest offset == host offset in the data file).
         self.data_file = False
+        #: the image's host-extent table, whose entry of a cluster is cleared before its L2
+        #: entry changes (extents.py)
+        self.extents: HostExtents | None = None
         self.l1_dirty: set[int] = set()
         buf = bytearray(header.l1_size * 8)
         pread_full(fd, buf, header.l1_table_offset)
@@ -493,6 +498,8 @@ class ClusterMap:
                     last = l1_index
 
     def _set_copied(self, gc: int, e: int) -> int:
+        if self.extents is not None:
+            self.extents.forget(gc)
         l2, off = self.writable_l2(gc >> self.l2_bits, [])
         i = gc & self.l2_mask
         e |= fmt.OFLAG_COPIED
@@ -502,6 +509,8 @@ class ClusterMap:
 
     def set_entry(self, gc: int, entry: int, bitmap: int, frees: list[int]) -> int:
         """Store a new L2 entry; returns the old one. The table is made ours first."""
+        if self.extents is not None:
+            self.extents.forget(gc)
         l2, off = self.writable_l2(gc >> self.l2_bits, frees)
         i = gc & self.l2_mask
         if self.extended:

@@ -69,6 +69,7 @@ from .cluster import (
 )
 from .compress import decompress_cluster
 from .compressed_write import CompressedWriter, PreparedCluster, prepare
+from .extents import HostExtents, entry_flags
 from .refcount import RefcountManager
 from .references import MetadataClusters, metadata_clusters
 from .summary import read_header
@@ -276,6 +277,8 @@ class Qcow2Image(BlockDeviceBase):
         self.map = ClusterMap(
             fd, header, self.cache, self.refcounts, self.metadata, file_size, path
         )
+        #: the host-extent table an exporter asked for (``host_extents``), else None
+        self._extents: HostExtents | None = None
         self._open_data_file(path, header, readonly, open_backing)
         found = self._find_metadata(file_size)
         self.metadata.update(found.all)
@@ -427,6 +430,7 @@ class Qcow2Image(BlockDeviceBase):
                 self._write_features(incompatible=h.incompatible_features | fmt.INCOMPAT_DIRTY)
                 self._set_dirty = True
         self._write_ready = True
+        self._forget_extents()  # learned before: relearned writable
 
     def _write_hazard(self) -> str | None:
         """Why writing would damage this image, judged before anything is written: an L2
@@ -452,6 +456,7 @@ class Qcow2Image(BlockDeviceBase):
         except OSError:
             pass
         self._readonly = True
+        self._forget_extents()
         return CorruptImageError(f"{message}; image marked corrupt", path=self.path)
 
     # -- tickets and pending frees ------------------------------------------------------
@@ -1411,6 +1416,7 @@ class Qcow2Image(BlockDeviceBase):
             except OSError as exc:
                 raise from_oserror(exc, self.path) from None
             self._write_ready = False  # the next write goes through begin_write again
+            self._forget_extents()
 
     def _change_bitmaps(self, change: Any) -> None:
         """Run ``change(bitmap_set, frees)`` and store the result durably."""
@@ -1420,6 +1426,7 @@ class Qcow2Image(BlockDeviceBase):
             if not self._write_ready:
                 self._prepare_first_write()
             frees: list[int] = []
+            self._forget_extents()  # a bitmap to mark ends writes that skip the image
             try:
                 change(self._bitmaps, frees)
                 self._bitmaps.store(final=False)
@@ -1427,6 +1434,41 @@ class Qcow2Image(BlockDeviceBase):
                 raise from_oserror(exc, self.path) from None
             finally:
                 self._free_later(frees)
+
+    # -- host extents (see extents.py) ----------------------------------------------------
+    def host_extents(self) -> HostExtents | None:
+        """The guest-cluster -> host-offset table through which an exporter may read and
+        overwrite data clusters in the image file itself, or None where this image has no
+        such clusters to offer (encrypted, extended L2, an external data file, a read-only
+        snapshot view). One table per image, shared by its users."""
+        with self._lock:
+            if not self._fast_paths or self.data_fd != self.fd or self.snapshot is not None:
+                return None
+            if self._extents is None:
+                self._extents = HostExtents(self)
+                self.map.extents = self._extents
+            return self._extents
+
+    def _learn_extents(self, ext: HostExtents, gc0: int, gc1: int) -> bool:
+        """Under the lock: fill the entries of guest clusters gc0..gc1 (in one L2 table)
+        if that table is cached; returns whether it was."""
+        table = ext.table
+        inflight = self._inflight
+        l2_off = self.map.l1[gc0 >> self.map.l2_bits] & _L1E_OFFSET_MASK
+        slot = self._slots.get(l2_off) if l2_off else None
+        if slot is None:
+            return False
+        entries = slot.table
+        mask = self._l2_mask
+        for gc in range(gc0, gc1 + 1):
+            if not (inflight and gc in inflight):
+                table[gc] = entry_flags(self, entries[gc & mask])
+        return True
+
+    def _forget_extents(self) -> None:
+        """Under the lock: the rules changed for every cluster; the table starts over."""
+        if self._extents is not None:
+            self._extents.forget_all()
 
     def allocated_clusters(self) -> int:
         with self._lock:

@@ -290,6 +290,7 @@ def _abandon(img: Qcow2Image) -> None:
     img.refcounts.table_dirty.clear()
     img._pending.clear()
     img._readonly = True
+    img._forget_extents()
     img._opened_rw = False  # close() neither flushes nor clears the dirty bit
 
 
@@ -299,6 +300,10 @@ def _begin(img: Qcow2Image) -> bool:
     if img._readonly:
         raise ReadOnlyError("image is read-only", path=img.path)
     refuse_on_data_file(img.header, img.path)
+    if img._extents is not None and img._extents.holders:
+        # Its I/O runs outside the image (extents.py) and holds tickets: no drain would end.
+        raise RequestError("image is being exported with host extents: stop the export first",
+                           path=img.path)
     # Drain guest I/O, as QEMU drains before a snapshot: allocating writes (notified) and
     # every request holding a ticket (in-place writes, reads; returned without a notify).
     # New requests wait meanwhile (Qcow2Image._admit), or a busy writer would starve us.

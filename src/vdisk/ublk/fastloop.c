@@ -2,7 +2,9 @@
  *
  * fl_run() is the queue loop of vdisk/ublk/queue.py for the requests that need no Python:
  * a READ/WRITE linked to its commit on the backing file (the file target's templates) and
- * every request of the null backend (whose READs leave the buffer unwritten, as ublksrv's do). It submits, waits in io_uring_enter and queues commits
+ * every request of the null backend (whose READs leave the buffer unwritten, as ublksrv's do),
+ * and a READ/WRITE whose guest range the host-extent table (qcow2, see vdisk/qcow2/extents.py)
+ * maps to one host range of the image file. It submits, waits in io_uring_enter and queues commits
  * without the GIL (ctypes releases it around the call), and returns to Python only with the
  * CQEs Python must handle (anything else: inline backends, failed or short I/O, aborts,
  * NEED_GET_DATA, refused commits), on a timeout or EINTR, or after max_requests requests
@@ -33,6 +35,10 @@
 #define FL_TIMEOUT 1u   /* wait with a timeout (IORING_FEAT_EXT_ARG) */
 #define FL_TIMING 2u    /* measure each batch's service time (for the metrics) */
 #define FL_NULL 4u      /* the null backend: every request succeeds, reads leave the buffer as it is */
+#define KIND_EXTENT 4u  /* user_data kind of an extent READ/WRITE (ring_layout.EXTENT) */
+#define EXTENT_READABLE 1u
+#define EXTENT_WRITABLE 2u
+#define EXTENT_FLAGS 511u
 
 struct cqe {
 	uint64_t user_data;
@@ -76,6 +82,19 @@ struct fl_state {
 	uint64_t bytes[NOPS];
 	uint64_t latency_ns[NOPS];   /* sum over requests of their batch's service time */
 	uint64_t max_latency_ns[NOPS];
+	/* Host extents: entry per guest cluster, host | READABLE [| WRITABLE], or 0 (ask Python).
+	 * An extent READ/WRITE is linked to its commit but posts its success CQE, so that its
+	 * end is known: inflight[] counts them per epoch (the queue renews its image ticket once
+	 * the old epoch's count is 0, see queue.py). */
+	const uint64_t *extents;     /* NULL: no table */
+	uint64_t extent_count;
+	uint32_t cluster_bits;
+	uint32_t epoch;              /* 0 or 1: the epoch new extent I/O counts in */
+	uint64_t inflight[2];
+	uint8_t *tag_epoch;          /* per tag: the epoch of its extent I/O in flight */
+	uint32_t *tag_len;           /* per tag: the length its extent I/O must complete */
+	const uint8_t *extent_tpl[2];/* READ, WRITE: 64 bytes per tag, or NULL (not through the ring) */
+	uint64_t extent_ios;         /* extent READs/WRITEs queued (for tests) */
 };
 
 static uint64_t now_ns(void)
@@ -89,6 +108,26 @@ static long enter(int fd, unsigned to_submit, unsigned min_complete, unsigned fl
 		  size_t argsz)
 {
 	return syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
+}
+
+/* The host offset of guest range [off, off+len) when the extent table maps it to one
+ * contiguous host range allowing `need`, else -1. */
+static int64_t extent_host(const struct fl_state *s, uint64_t off, uint32_t len, uint64_t need)
+{
+	uint32_t cb = s->cluster_bits;
+	uint64_t gc = off >> cb, last = (off + len - 1) >> cb;
+	if (!len || last >= s->extent_count)
+		return -1;
+	uint64_t e = __atomic_load_n(&s->extents[gc], __ATOMIC_ACQUIRE);
+	if (!(e & need))
+		return -1;
+	uint64_t host = e & ~(uint64_t)EXTENT_FLAGS;
+	for (uint64_t i = gc + 1; i <= last; i++) {
+		uint64_t f = __atomic_load_n(&s->extents[i], __ATOMIC_ACQUIRE);
+		if (!(f & need) || (f & ~(uint64_t)EXTENT_FLAGS) != host + ((i - gc) << cb))
+			return -1;
+	}
+	return (int64_t)(host + (off & (((uint64_t)1 << cb) - 1)));
 }
 
 /* One new request on tag: queue its SQEs, or return 0 when Python must serve it. */
@@ -111,6 +150,26 @@ static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *don
 		memcpy(sqe + 8, &off, 8);
 		memcpy(sqe + 24, &len, 4);
 		memcpy(sqe + 28, &rw_flags, 4);
+		s->sq_array[*tail & s->sq_mask] = tag * 2;
+		(*tail)++;
+		res = (int32_t)len;
+	} else if (op <= OP_WRITE && s->extent_tpl[op] && !(op == OP_WRITE && (op_flags & FUA_FLAG))) {
+		/* A FUA write goes to Python: the image's flush makes the mapping durable too. */
+		int64_t host = extent_host(s, start << 9, len,
+					   op == OP_READ ? EXTENT_READABLE : EXTENT_WRITABLE);
+		if (host < 0)
+			return 0;
+		uint8_t *sqe = s->sqes + (size_t)tag * 128;
+		uint64_t off = (uint64_t)host;
+		uint32_t rw_flags = 0;
+		memcpy(sqe, s->extent_tpl[op] + (size_t)tag * 64, 64);
+		memcpy(sqe + 8, &off, 8);
+		memcpy(sqe + 24, &len, 4);
+		memcpy(sqe + 28, &rw_flags, 4);
+		s->tag_epoch[tag] = (uint8_t)s->epoch;
+		s->tag_len[tag] = len;
+		s->inflight[s->epoch]++;
+		s->extent_ios++;
 		s->sq_array[*tail & s->sq_mask] = tag * 2;
 		(*tail)++;
 		res = (int32_t)len;
@@ -182,6 +241,14 @@ long fl_run(struct fl_state *s)
 			    serve(s, (uint32_t)c->user_data, &tail, done_ops)) {
 				handled++;
 				continue;
+			}
+			if (c->user_data >> 16 == KIND_EXTENT && s->extents) {
+				uint32_t tag = (uint32_t)(c->user_data & 0xffff);
+				if (tag < s->depth && c->res >= 0 && (uint32_t)c->res == s->tag_len[tag]) {
+					/* done in full; its linked commit runs now */
+					s->inflight[s->tag_epoch[tag]]--;
+					continue;
+				}
 			}
 			if (out == s->out_cap)
 				break; /* the rest waits for the next call */

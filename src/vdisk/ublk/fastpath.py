@@ -35,6 +35,8 @@ SOURCE = Path(__file__).with_name("fastloop.c")
 NOPS = 8
 FL_TIMEOUT, FL_TIMING, FL_NULL = 1, 2, 4
 _CQE = struct.Struct("<QiI")
+#: with host extents, the compiled loop returns to Python at least every this many requests
+EXTENT_RENEW_REQUESTS = 4096
 
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -69,6 +71,15 @@ class _State(ctypes.Structure):
         ("bytes", ctypes.c_uint64 * NOPS),
         ("latency_ns", ctypes.c_uint64 * NOPS),
         ("max_latency_ns", ctypes.c_uint64 * NOPS),
+        ("extents", ctypes.c_void_p),
+        ("extent_count", ctypes.c_uint64),
+        ("cluster_bits", ctypes.c_uint32),
+        ("epoch", ctypes.c_uint32),
+        ("inflight", ctypes.c_uint64 * 2),
+        ("tag_epoch", ctypes.c_void_p),
+        ("tag_len", ctypes.c_void_p),
+        ("extent_tpl", ctypes.c_void_p * 2),
+        ("extent_ios", ctypes.c_uint64),
     ]
 
 
@@ -162,6 +173,35 @@ class FastLoop:
         s.timeout_ns = int(timeout * 1e9)
         self.state = s
         self._ref = ctypes.byref(s)
+
+    def set_extents(
+        self, address: int, count: int, cluster_bits: int, templates: list[list[bytes]]
+    ) -> None:
+        """Serve READs/WRITEs (those with ``templates[op]``) through the host-extent table
+        at ``address`` (``count`` entries, see qcow2/extents.py)."""
+        s = self.state
+        depth = s.depth
+        self._tag_epoch = (ctypes.c_uint8 * depth)()
+        self._tag_len = (ctypes.c_uint32 * depth)()
+        s.tag_epoch = ctypes.addressof(self._tag_epoch)
+        s.tag_len = ctypes.addressof(self._tag_len)
+        self._extent_tpl: list[ctypes.Array[ctypes.c_char]] = []
+        for op in (0, 1):
+            if templates[op]:
+                tpl = ctypes.create_string_buffer(b"".join(templates[op]), 64 * depth)
+                self._extent_tpl.append(tpl)
+                s.extent_tpl[op] = ctypes.addressof(tpl)
+        s.cluster_bits = cluster_bits
+        s.extent_count = count
+        s.extents = address
+        if not s.max_requests:
+            # Come back now and then even when C serves everything, so that the queue can
+            # renew its image ticket and freed clusters do not wait for ever.
+            s.max_requests = EXTENT_RENEW_REQUESTS
+
+    def extent_done(self, tag: int) -> None:
+        """Python saw the end of ``tag``'s extent I/O (it failed or came up short)."""
+        self.state.inflight[self._tag_epoch[tag]] -= 1
 
     def set_linked(self, linked: list[bool]) -> None:
         """Serve only the linked ops ``linked`` says (the file target's probe outcome)."""

@@ -11,8 +11,16 @@ handed over once per batch.
 
 A backend that offers its file (``block.FileBacked``) gets a ``FileTarget``, which serves
 READ, WRITE and FLUSH on that file: READ/WRITE linked to their commit on this ring (the fast
-loop copies the target's templates), FLUSH as an FSYNC (see ``file_target``). Everything else
-is served by calling the backend in this thread.
+loop copies the target's templates), FLUSH as an FSYNC (see ``file_target``). A backend that
+offers host extents (a qcow2 image's ``host_extents``) gets an ``ExtentTarget``: READs and
+overwrites of clusters its table knows run on the image file the same way (see
+``extent_target``). Everything else is served by calling the backend in this thread.
+
+Host extents and tickets: the queue holds one of the image's I/O tickets at all times, so that
+a host cluster whose table entry is cleared (a discard from another queue, say) is not reused
+while this queue's I/O may still run on it. The compiled loop counts its extent I/O per epoch;
+when freed clusters wait, the queue takes a new ticket, switches the epoch, and gives the old
+ticket back once the old epoch's count is 0 (``_renew_ticket``).
 
 Linux 6.12 reads a URING_CMD's SQE only when it issues the command, so every tag keeps its
 SQEs in two fixed slots (see ``_build_templates`` and ``ring_layout``).
@@ -33,13 +41,14 @@ from ..uring import Ring, UringError, ops
 from ..uring.ring import IORING_FEAT_CQE_SKIP, buffer_address
 from . import fastpath, uapi
 from .errors import UblkError, errno_of
+from .extent_target import ExtentTarget
 from .file_target import FileTarget, ServeFn
 from .ring_layout import (
     BACKING,
     CDEV_SLOT,
     CMD,
+    EXTENT,
     KIND_SHIFT,
-    LINKED_BACKING,
     RESULT_OFFSET,
     RETRY,
     SQE_IO,
@@ -53,6 +62,7 @@ from .ring_layout import (
 if TYPE_CHECKING:
     from ..block import BlockDevice
     from ..metrics import IoMetrics
+    from ..qcow2.extents import HostExtents
 
 log = logging.getLogger("vdisk.ublk.io")
 
@@ -113,6 +123,12 @@ class Queue(threading.Thread):
         self.slots: list[int] = []
         #: the compiled loop (``fastpath``), or None: the pure-Python loop serves everything
         self.fast: fastpath.FastLoop | None = None
+        #: the backend's host-extent table (qcow2), and this queue's tickets on the image:
+        #: the current epoch's, and the previous epoch's until its I/O has ended
+        self.extents: HostExtents | None = None
+        self._ticket: int | None = None
+        self._old_ticket: int | None = None
+        self._old_epoch = 0
         # Per-batch metric tallies, indexed by op code (any u8: unknown ops fail, but count).
         self._counts = [0] * 256
         self._bytes = [0] * 256
@@ -149,7 +165,12 @@ class Queue(threading.Thread):
         self.ring = Ring(entries)
         if self.ring.sq_entries < 2 * depth or self.ring.sqe_size != 64:
             raise UblkError(errno.EINVAL, f"queue {self.q_id}: io_uring too small for depth {depth}")
-        files = [self.cdev_fd] + ([self.backing_fd] if self.backing_fd is not None else [])
+        if self.backing_fd is None:
+            offer = getattr(self.backend, "host_extents", None)
+            self.extents = offer() if callable(offer) else None
+        extents = self.extents
+        file_fd = self.backing_fd if extents is None else extents.fd
+        files = [self.cdev_fd] + ([file_fd] if file_fd is not None else [])
         self.ring.register_files(files)
         try:
             self.descs = mmap.mmap(
@@ -174,7 +195,16 @@ class Queue(threading.Thread):
         self._build_templates()
         if self.backing_fd is not None:
             self._set_up_file(self.backing_fd)
+        elif extents is not None:
+            self._set_up_extents(extents)
         self.fast = self._fast_loop()
+        if extents is not None:
+            self._ticket = extents.hold()
+            if self.fast is not None and isinstance(self.file, ExtentTarget):
+                through = self.file.through_ring
+                self.fast.set_extents(
+                    extents.address(), extents.count, extents.cluster_bits,
+                    [self.file.extent_sqe[op] if through[op] else [] for op in (0, 1)])
         for tag in range(depth):
             self._queue_cmd(self.op_fetch, tag, -1)
         self.ring.push(self.slots)
@@ -192,6 +222,36 @@ class Queue(threading.Thread):
         self.linked = file.linked
         self.linked_sqe = file.linked_sqe
         self.serve_inline = file.serve
+
+    def _set_up_extents(self, extents: HostExtents) -> None:
+        """Serve READs and overwrites at the image's host extents (registered file 1)."""
+        file = ExtentTarget(extents.fd, self.backend, self.ring, self.buf_addr, self.buf_view,
+                            self.slots, self._serve_backend, f"ublk{self.dev_id} q{self.q_id}")
+        file.set_extents(extents)
+        if self.ring.features & IORING_FEAT_CQE_SKIP:  # as the file target: same kernels
+            file.probe()
+        self.file = file
+        self.linked = file.linked
+        self.linked_sqe = file.linked_sqe
+        self.serve_inline = file.serve
+
+    def _renew_ticket(self) -> None:
+        """Move this queue to a newer image ticket (freed clusters wait for the old one):
+        take the new one and switch the epoch; give the old one back once no I/O of the old
+        epoch is in flight (checked again on later calls)."""
+        extents = self.extents
+        assert extents is not None
+        fast = self.fast
+        if self._old_ticket is None:
+            new = extents.hold()
+            if fast is not None:
+                self._old_epoch = fast.state.epoch
+                fast.state.epoch = self._old_epoch ^ 1
+            self._old_ticket, self._ticket = self._ticket, new
+        if fast is None or fast.state.inflight[self._old_epoch] == 0:
+            old, self._old_ticket = self._old_ticket, None
+            if old is not None:
+                extents.release(old)
 
     def _fast_loop(self) -> fastpath.FastLoop | None:
         """The compiled loop for this queue, when it can be built (see ``fastpath``)."""
@@ -257,6 +317,7 @@ class Queue(threading.Thread):
         fua = uapi.UBLK_IO_F_FUA
         fast = self.fast
         metrics = self.metrics
+        extents = self.extents
         while self.active > 0:
             try:
                 if slots:
@@ -266,6 +327,8 @@ class Queue(threading.Thread):
             except UringError as exc:
                 raise UblkError(exc.errno, f"queue {self.q_id}: io_uring_enter") from None
             t0 = clock()
+            if extents is not None and (self._old_ticket is not None or extents.frees_waiting()):
+                self._renew_ticket()
             if fast is not None and metrics is not None:
                 for op, count, done, mean_ns in fast.take_tallies():
                     metrics.record_many(uapi.IO_OP_NAMES.get(op, "other"), count, done, mean_ns)
@@ -356,7 +419,9 @@ class Queue(threading.Thread):
         """Everything but a plain new request: backing completions, refused or cancelled
         commits, NEED_GET_DATA, aborts."""
         if kind >= BACKING:
-            self._backing_done(tag, res, kind == LINKED_BACKING)
+            if kind == EXTENT and self.fast is not None:
+                self.fast.extent_done(tag)
+            self._backing_done(tag, res, kind != BACKING)
         elif res == uapi.UBLK_IO_RES_OK:  # a new request after a re-issued commit
             self._dispatch(tag)
         elif res == uapi.UBLK_IO_RES_NEED_GET_DATA:
@@ -426,6 +491,11 @@ class Queue(threading.Thread):
         ring = getattr(self, "ring", None)
         if ring is not None:
             ring.close()
+        if self.extents is not None:  # the ring is gone: none of its I/O runs any more
+            for ticket in (self._ticket, self._old_ticket):
+                if ticket is not None:
+                    self.extents.release(ticket)
+            self._ticket = self._old_ticket = None
         for view in getattr(self, "buf_view", []):
             view.release()
         for name in ("whole", "desc_view"):

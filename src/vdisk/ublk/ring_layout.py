@@ -19,6 +19,7 @@ CMD = 0  # FETCH_REQ, COMMIT_AND_FETCH_REQ or NEED_GET_DATA of a tag
 RETRY = 1  # a commit re-issued from the queue thread after the kernel refused its linked twin
 BACKING = 2  # an unlinked op on the backing file (its commit follows its CQE), or a probe
 LINKED_BACKING = 3  # READ or WRITE linked to its commit: a CQE only on failure or short I/O
+EXTENT = 4  # READ or WRITE at a host extent (extent_target), linked to its commit: always a CQE
 
 CDEV_SLOT = 0
 BACKING_SLOT = 1
