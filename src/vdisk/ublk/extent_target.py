@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..uring import ops
 from . import uapi
-from .file_target import FileTarget
+from .file_target import _RW_OPCODE, _WRITE, FileTarget
 from .ring_layout import BACKING_SLOT, EXTENT, KIND_SHIFT
 
 if TYPE_CHECKING:
@@ -28,10 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vdisk.ublk.io")
 
-_READ = uapi.UBLK_IO_OP_READ
-_WRITE = uapi.UBLK_IO_OP_WRITE
 _FUA = uapi.UBLK_IO_F_FUA
-_RW_OPCODE = (ops.IORING_OP_READ, ops.IORING_OP_WRITE)
 _LINKED_WITH_CQE = ops.IOSQE_FIXED_FILE | ops.IOSQE_IO_LINK
 
 
