@@ -277,10 +277,12 @@ Reading the numbers:
 - Neither side syncs: qemu-img convert's default cache mode is `unsafe`, and vdisk's is too
   (`-t unsafe`: even a qcow2 target's metadata is written back without fdatasync, through
   `Qcow2Image.durable = False`). `-t writeback` and the others sync as docs/cli.md says.
-- The command's gap to the library column is Python's start-up (the interpreter, click, and the
-  package's imports; numpy, zstandard and cryptography no longer load for these rows, which
-  `tests/cli/test_startup.py` asserts): a fixed cost per run that no copy speed can hide where
-  qemu-img needs a few milliseconds in all (the empty source: nothing to copy).
+- The command's gap to the library column is Python's start-up: the interpreter and the
+  package's imports. A plain convert loads neither click nor typing, numpy, zstandard or
+  cryptography, which `tests/cli/test_startup.py` asserts. That is a fixed cost per run, and no
+  copy speed can hide it. qemu-img needs a few milliseconds in all, and the empty source has
+  nothing to copy, so on that row a bare `python -c pass` alone costs more than qemu-img's
+  whole run.
 """
 
 

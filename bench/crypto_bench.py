@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from docs_section import replace_section  # bench/ is the script's directory
+from docs_section import plot_ratios, replace_section  # bench/ is the script's directory
 from installed import compile_package
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,32 +134,13 @@ def table(results: list[dict[str, object]], size: int, rounds: int) -> str:
 
 
 def plot(results: list[dict[str, object]], path: Path) -> None:
-    """Bars: the median wall and CPU ratios per case; dots: the pairwise wall ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = list(range(len(results)))
-    w = 0.38
-    ax.bar([x - w / 2 for x in xs], [float(r["ratio"]) for r in results], w,  # type: ignore[arg-type]
-           color="#4c72b0", label="wall")  # fmt: skip
-    ax.bar([x + w / 2 for x in xs], [float(r["cpu_ratio"]) for r in results], w,  # type: ignore[arg-type]
-           color="#55a868", label="CPU seconds")  # fmt: skip
-    for x, r in zip(xs, results, strict=True):
-        pts = list(r["ratios"])  # type: ignore[call-overload]
-        ax.scatter([x - w / 2] * len(pts), pts, color="black", s=8, zorder=3)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(r["case"]) for r in results])
-    ax.set_ylabel("qemu-img / vdisk")
-    ax.set_title("LUKS convert: qemu-img time / vdisk time (bars: median, dots: pairs)")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_ratios(
+        [str(r["case"]) for r in results],
+        [float(r["ratio"]) for r in results],  # type: ignore[arg-type]
+        [float(r["cpu_ratio"]) for r in results],  # type: ignore[arg-type]
+        [list(r["ratios"]) for r in results],  # type: ignore[call-overload]
+        "LUKS convert: qemu-img time / vdisk time (bars: median, dots: pairs)", path,
+    )
 
 
 def write_docs(body: str) -> None:
