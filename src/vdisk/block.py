@@ -291,3 +291,14 @@ class FileBacked(Protocol):
     def file_descriptor(self) -> int | None:
         """The open file, or None when this device must be served through its own methods."""
         ...
+
+
+@runtime_checkable
+class FileRanges(Protocol):
+    """A device that can say where a range of its bytes is stored as it is, in one run of a
+    host file, so that a copy may map that file instead of reading it (``vdisk convert``)."""
+
+    def file_range(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, file offset) of guest bytes [offset, offset+length), or None when they are not
+        stored so, or when the file may shrink under a mapping (another user may resize it)."""
+        ...

@@ -38,6 +38,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
     from typing import Any, Protocol, runtime_checkable
+
+    from .zeroscan import Mapping, ZeroScan
 else:
     # typing and dataclasses cost `vdisk convert` more than copying an empty image.
     from .record import Protocol, runtime_checkable
@@ -46,6 +48,7 @@ CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
 _PROBE = 1 << 30  # block status window
 
 FLUSH_INTERVAL = 10.0  # seconds between flushes of a long copy
+NATIVE_SCAN_FROM = 32 << 20  # smaller copies scan in Python: loading the helper costs more
 
 if TYPE_CHECKING:
     Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -113,6 +116,8 @@ if TYPE_CHECKING:  # type aliases: for the checkers only
     # What a finished read leaves to write: (target offset, data or None for zeros, length);
     # the data of a compressed copy is the target's prepared clusters (a list).
     _Writes = list[tuple[int, memoryview | list[Any] | None, int]]
+    # What a step's data is in until it is written: a reused buffer or a file mapping.
+    _Held = bytearray | Mapping | None
 
 
 _zero_pool = bytes(CHUNK)
@@ -420,12 +425,14 @@ class _Copier:
         self.sparse_size = sparse_size
         self.out_of_order = out_of_order
         self.buffers = _Buffers(limit)
+        self.scan: ZeroScan | None = None
+        self.scan_loaded = False
         self.progress = progress
         self.total = total
         self.done = 0
         self.lock = threading.Lock()
 
-    def read_window(self, step: _Window) -> tuple[bytearray | None, _Writes]:
+    def read_window(self, step: _Window) -> tuple[_Held, _Writes]:
         """Read a window and compress its clusters (in a worker); zero clusters are skipped
         on a zeroed target (unless ``sparse_size`` is 0, as ``-S 0``)."""
         target = self.target
@@ -462,7 +469,7 @@ class _Copier:
             raise
         return buf, items
 
-    def read(self, step: _Step) -> tuple[bytearray | None, _Writes]:
+    def read(self, step: _Step) -> tuple[_Held, _Writes]:
         """Read a step's data (in a worker); what to write for it."""
         if isinstance(step, _Window):
             return self.read_window(step)
@@ -472,22 +479,61 @@ class _Copier:
             return None, [(step.dst_offset, None, step.length)]
         if self.offload.copy(step):
             return None, []
-        buf = self.buffers.take()
-        view = memoryview(buf)[: step.length]
+        scan = self._scanner()
+        mapping = self._map(scan, step) if scan is not None else None
+        held: bytearray | Mapping
+        if mapping is not None:
+            held, view = mapping, mapping.view
+        else:
+            held = buf = self.buffers.take()
+            view = memoryview(buf)[: step.length]
         try:
-            try:
-                step.source.readinto(view, step.src_offset)
-            except (VdiskError, OSError):
-                if not self.salvage:
-                    raise
-                self._salvage(step, view)
+            if mapping is None:
+                self._read_into(step, view)
+            if not self.sparse_size:
+                return held, [(step.dst_offset, view, step.length)]
+            if scan is not None:
+                runs = scan.runs(held, step.dst_offset, self.sparse_size, step.length)
+            else:
+                assert isinstance(held, bytearray)
+                runs = zero_runs(held, step.dst_offset, self.sparse_size, step.length)
         except BaseException:
-            self.buffers.give_back(buf)
+            self._release(held)
             raise
-        if not self.sparse_size:
-            return buf, [(step.dst_offset, view, step.length)]
-        runs = zero_runs(buf, step.dst_offset, self.sparse_size, step.length)
-        return buf, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
+        return held, [(step.dst_offset + a, view[a:b] if nz else None, b - a) for a, b, nz in runs]
+
+    def _read_into(self, step: _Copy, view: memoryview) -> None:
+        try:
+            step.source.readinto(view, step.src_offset)
+        except (VdiskError, OSError):
+            if not self.salvage:
+                raise
+            self._salvage(step, view)
+
+    def _scanner(self) -> ZeroScan | None:
+        """The compiled zero scan, loaded at the first data step of a copy big enough to pay
+        for loading it and ctypes (an empty copy never loads them)."""
+        if not self.scan_loaded:
+            if self.total >= NATIVE_SCAN_FROM:
+                from . import zeroscan
+
+                self.scan = zeroscan.load()
+            self.scan_loaded = True
+        return self.scan
+
+    def _map(self, scan: ZeroScan, step: _Copy) -> Mapping | None:
+        """The step's source bytes as a mapping of the file that holds them, where they lie
+        in one run of a file that its lock keeps from shrinking (``file_range``)."""
+        src = step.source.dev if isinstance(step.source, SectorPadded) else step.source
+        file_range = getattr(src, "file_range", None)
+        found = file_range(step.src_offset, step.length) if file_range is not None else None
+        return scan.map(found[0], found[1], step.length) if found is not None else None
+
+    def _release(self, held: _Held) -> None:
+        if isinstance(held, bytearray):
+            self.buffers.give_back(held)
+        elif held is not None:
+            held.release()
 
     def _salvage(self, step: _Copy, view: memoryview) -> None:
         """``--salvage``: read the step sector by sector; what fails reads as zeros."""
@@ -500,7 +546,7 @@ class _Copier:
                 if self.on_read_error is not None:
                     self.on_read_error(step.dst_offset + pos, exc)
 
-    def write(self, step: _Step, buf: bytearray | None, items: _Writes) -> None:
+    def write(self, step: _Step, buf: _Held, items: _Writes) -> None:
         try:
             for off, data, n in items:
                 if isinstance(data, list):
@@ -513,14 +559,14 @@ class _Copier:
                 elif not self.target_is_zero:
                     self.target.write_zeroes(off, n, may_unmap=True)
         finally:
-            if buf is not None:
-                self.buffers.give_back(buf)
+            items.clear()  # the views go before their mapping does
+            self._release(buf)
         with self.lock:
             self.done += step.length
             if self.progress is not None:
                 self.progress(self.done, self.total)
 
-    def task(self, step: _Step) -> tuple[bytearray | None, _Writes]:
+    def task(self, step: _Step) -> tuple[_Held, _Writes]:
         buf, items = self.read(step)
         if self.out_of_order:
             self.write(step, buf, items)
@@ -529,7 +575,7 @@ class _Copier:
 
 
 if TYPE_CHECKING:
-    _Result = tuple[bytearray | None, _Writes]
+    _Result = tuple[_Held, _Writes]
 
 
 class _Task:

@@ -161,6 +161,15 @@ class RawDevice(BlockDeviceBase):
         (which may give the bytes another meaning)."""
         return self.fd if type(self) is RawDevice and not self._closed else None
 
+    def file_range(self, offset: int, length: int) -> tuple[int, int] | None:
+        """``block.FileRanges``: a raw file's bytes are at their own offsets. Not offered under
+        force-share (-U), where QEMU's users may shrink the file at will."""
+        if self.file_descriptor() is None or offset < 0 or offset + length > self.size:
+            return None
+        if self.lock_mode is None or self.lock_mode.force_share:
+            return None
+        return self.fd, offset
+
     def resize(self, new_size: int) -> None:
         if self.is_blockdev:
             raise VdiskError("cannot resize a block device", path=self.path)

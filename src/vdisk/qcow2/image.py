@@ -626,6 +626,26 @@ class Qcow2Image(BlockDeviceBase):
         self._read(view, offset)
         return n
 
+    def file_range(self, offset: int, length: int) -> tuple[int, int] | None:
+        """``block.FileRanges``: only a read-only open, whose lock keeps QEMU's users from
+        resizing the file (not under force-share), offers its plain data clusters; a
+        writable image may move or free clusters under the caller."""
+        if not self.readonly or self._encrypted or self._closed or self.data_fd != self.fd:
+            return None
+        if self.lock_mode is None or self.lock_mode.force_share:
+            return None
+        if offset < 0 or length <= 0 or offset + length > self._size:
+            return None
+        segs: list[Segment] = []
+        with self._lock:
+            self.map.map_range(offset, length, segs)
+        if len(segs) != 1 or segs[0][0] != SEG_DATA:
+            return None
+        host = segs[0][3]
+        if host + length > os.fstat(self.fd).st_size:
+            return None  # past the file's end (a damaged image): readinto says so
+        return self.fd, host
+
     def _read(self, view: memoryview, offset: int) -> None:
         segs: list[Segment] = []
         with self._lock:
