@@ -60,7 +60,7 @@ try:
     scan.runs(mapping, 0, 4096, 2 << 20)
 except zeroscan.SourceShrankError as exc:
     print("error:", exc)
-mapping.release()
+mapping.unmap()
 if sys.argv[2:] == ["touch"]:  # a fault outside the guard is not swallowed
     mapping = scan.map(fd, 0, 1 << 20)
     os.truncate(path, 0)

@@ -10,7 +10,7 @@ file sized as QEMU sizes it, in whole 512-byte sectors).
 
 from __future__ import annotations
 
-import threading
+from _thread import allocate_lock  # threading.Lock, without threading's imports
 
 from .errors import ClosedError, ReadOnlyError, RequestError
 from .record import record
@@ -244,7 +244,7 @@ class DirtyBitmap:
         self.granularity = granularity
         self.bits = bits
         self.enabled = enabled
-        self._lock = threading.Lock()
+        self._lock = allocate_lock()
 
     def dirty_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """(length, dirty) runs covering [offset, offset+length) within the bitmap's size."""

@@ -23,11 +23,11 @@ flushed and ``ConvertInterrupted`` is raised; the target keeps what was copied, 
 
 from __future__ import annotations
 
+import _thread  # threading's C part: threading and queue cost a plain convert ~7 M instructions
 import errno
 import os
-import queue
-import threading
 import time
+from _queue import Empty, SimpleQueue  # queue's
 from collections import deque
 
 from .block import BlockDevice, Extent, SectorPadded
@@ -60,6 +60,12 @@ class ConvertInterrupted(VdiskError):
     """The copy was stopped (``stop`` was set); the target holds what was copied, flushed."""
 
     errno = errno.EINTR
+
+
+class Stop(Protocol):
+    """What ends a copy early once set (a ``threading.Event`` is one)."""
+
+    def is_set(self) -> bool: ...
 
 
 class Source(Protocol):
@@ -299,15 +305,15 @@ class _Buffers:
     most ``limit`` exist, as at most ``limit`` steps are in flight."""
 
     def __init__(self, limit: int) -> None:
-        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.free: SimpleQueue[bytearray] = SimpleQueue()
         self.limit = limit
         self.made = 0
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def take(self) -> bytearray:
         try:
             return self.free.get_nowait()
-        except queue.Empty:
+        except Empty:
             pass
         with self.lock:
             if self.made < self.limit:
@@ -427,10 +433,11 @@ class _Copier:
         self.buffers = _Buffers(limit)
         self.scan: ZeroScan | None = None
         self.scan_loaded = False
+        self.retired: deque[Mapping] = deque()  # written, to unmap
         self.progress = progress
         self.total = total
         self.done = 0
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def read_window(self, step: _Window) -> tuple[_Held, _Writes]:
         """Read a window and compress its clusters (in a worker); zero clusters are skipped
@@ -479,7 +486,7 @@ class _Copier:
             return None, [(step.dst_offset, None, step.length)]
         if self.offload.copy(step):
             return None, []
-        scan = self._scanner()
+        scan = self.scanner()
         mapping = self._map(scan, step) if scan is not None else None
         held: bytearray | Mapping
         if mapping is not None:
@@ -510,7 +517,7 @@ class _Copier:
                 raise
             self._salvage(step, view)
 
-    def _scanner(self) -> ZeroScan | None:
+    def scanner(self) -> ZeroScan | None:
         """The compiled zero scan, loaded at the first data step of a copy big enough to pay
         for loading it and ctypes (an empty copy never loads them)."""
         if not self.scan_loaded:
@@ -529,11 +536,26 @@ class _Copier:
         found = file_range(step.src_offset, step.length) if file_range is not None else None
         return scan.map(found[0], found[1], step.length) if found is not None else None
 
-    def _release(self, held: _Held) -> None:
+    def _release(self, held: _Held, later: bool = False) -> None:
+        """Done with a step's data: a buffer goes back to the pool, a mapping is unmapped, or
+        with ``later`` (in the writing thread, which is the copy's bottleneck) closed and
+        left for a worker to unmap (``unmap_retired``)."""
         if isinstance(held, bytearray):
             self.buffers.give_back(held)
         elif held is not None:
-            held.release()
+            held.view.release()
+            if later:
+                self.retired.append(held)
+            else:
+                held.unmap()
+
+    def unmap_retired(self) -> None:
+        retired = self.retired
+        while retired:
+            try:
+                retired.popleft().unmap()
+            except IndexError:  # another thread took the last one
+                break
 
     def _salvage(self, step: _Copy, view: memoryview) -> None:
         """``--salvage``: read the step sector by sector; what fails reads as zeros."""
@@ -560,13 +582,14 @@ class _Copier:
                     self.target.write_zeroes(off, n, may_unmap=True)
         finally:
             items.clear()  # the views go before their mapping does
-            self._release(buf)
+            self._release(buf, later=True)
         with self.lock:
             self.done += step.length
             if self.progress is not None:
                 self.progress(self.done, self.total)
 
     def task(self, step: _Step) -> tuple[_Held, _Writes]:
+        self.unmap_retired()
         buf, items = self.read(step)
         if self.out_of_order:
             self.write(step, buf, items)
@@ -587,7 +610,7 @@ class _Task:
         self.cancelled = False
         self.value: _Result = (None, [])
         self.error: BaseException | None = None
-        self.done = threading.Lock()
+        self.done = _thread.allocate_lock()
         self.done.acquire()  # released by the worker
 
     def result(self) -> _Result:
@@ -598,42 +621,45 @@ class _Task:
 
 
 class _Pool:
-    """The copy's worker threads, started as steps arrive (concurrent.futures would do, but
-    importing it, and logging with it, costs each ``vdisk convert`` more than the empty copy)."""
+    """The copy's worker threads, started as steps arrive (concurrent.futures, or even
+    threading, would do, but importing them costs each ``vdisk convert`` more than the empty
+    copy). ``close`` waits for them: each holds its ``exited`` lock until it returns."""
 
     def __init__(self, workers: int, run: Callable[[_Step], _Result]) -> None:
         self.workers = workers
         self.run = run
-        self.queue: queue.SimpleQueue[tuple[_Step, _Task] | None] = queue.SimpleQueue()
-        self.threads: list[threading.Thread] = []
+        self.queue: SimpleQueue[tuple[_Step, _Task] | None] = SimpleQueue()
+        self.exited: list[_thread.LockType] = []
 
     def submit(self, step: _Step) -> _Task:
         task = _Task()
         self.queue.put((step, task))
-        if len(self.threads) < self.workers:
-            thread = threading.Thread(
-                target=self._work, name=f"vdisk-convert_{len(self.threads)}", daemon=True
-            )
-            thread.start()
-            self.threads.append(thread)
+        if len(self.exited) < self.workers:
+            exited = _thread.allocate_lock()
+            exited.acquire()
+            _thread.start_new_thread(self._work, (exited,))
+            self.exited.append(exited)
         return task
 
-    def _work(self) -> None:
-        while (item := self.queue.get()) is not None:
-            step, task = item
-            if not task.cancelled:
-                try:
-                    task.value = self.run(step)
-                except BaseException as exc:  # handed to the caller by result()
-                    task.error = exc
-            task.done.release()
+    def _work(self, exited: _thread.LockType) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                step, task = item
+                if not task.cancelled:
+                    try:
+                        task.value = self.run(step)
+                    except BaseException as exc:  # handed to the caller by result()
+                        task.error = exc
+                task.done.release()
+        finally:
+            exited.release()
 
     def close(self) -> None:
         """Wait for the workers; steps not started yet are skipped if cancelled."""
-        for _ in self.threads:
+        for _ in self.exited:
             self.queue.put(None)
-        for thread in self.threads:
-            thread.join()
+        for exited in self.exited:
+            exited.acquire()
 
 
 class _FlushClock:
@@ -660,7 +686,7 @@ def convert(
     out_of_order: bool = False,
     progress: Progress | None = None,
     flush: bool = True,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     flush_interval: float | None = FLUSH_INTERVAL,
     compress: bool = False,
     fua: bool = False,
@@ -710,6 +736,8 @@ def convert(
             if stop is not None and stop.is_set():
                 stopped = True
                 break
+            if not copier.scan_loaded and isinstance(step, _Copy):
+                copier.scanner()  # here, not in a worker that other workers would wait for
             pending.append((step, pool.submit(step)))
             while len(pending) >= limit:
                 finish()
@@ -720,6 +748,7 @@ def convert(
         for _, task in pending:
             task.cancelled = True
         pool.close()
+        copier.unmap_retired()
     if stopped:
         target.flush()
         raise ConvertInterrupted(
@@ -737,6 +766,7 @@ __all__ = [
     "ConvertInterrupted",
     "RateLimit",
     "Source",
+    "Stop",
     "convert",
     "plan",
     "windows",

@@ -24,8 +24,8 @@ class SourceShrankError(VdiskError):
 
 
 class Mapping:
-    """``length`` bytes of a file, mapped read-only; ``release`` unmaps them, and no view of
-    them may be used after that."""
+    """``length`` bytes of a file, mapped read-only through ``view``; ``unmap`` releases the
+    view and unmaps them, and no slice of the view may be used after that."""
 
     __slots__ = ("_lib", "address", "length", "view")
 
@@ -35,7 +35,7 @@ class Mapping:
         self.length = length
         self.view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
 
-    def release(self) -> None:
+    def unmap(self) -> None:
         self.view.release()
         self._lib.vdisk_unmap(self.address, self.length)
 

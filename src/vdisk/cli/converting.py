@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 from ..block import SectorPadded
 from ..errors import RequestError, UnsupportedFeatureError, VdiskError
@@ -209,24 +208,28 @@ def _check_export_target(dst: str, out_fmt: str, total: int) -> None:
 
 
 class _StopOnSignals:
-    """While the block runs, SIGTERM and SIGINT set ``stop`` (and are kept in ``caught``) rather
-    than kill; the previous handlers come back at its end. A plain class, not contextlib's
-    decorator: this module is on the quick command's import path."""
+    """While the block runs, SIGTERM and SIGINT set the copy's stop flag (and are kept in
+    ``caught``) rather than kill; the previous handlers come back at its end. A plain class,
+    not contextlib's decorator nor threading's Event: this module is on the quick command's
+    import path. It is the copy's ``convert.Stop``: the handler runs in the main thread, which
+    runs the copy's loop too."""
 
     def __init__(self) -> None:
-        self.stop = threading.Event()
         self.caught: list[int] = []
         self._previous: dict[int, Any] = {}
 
+    def is_set(self) -> bool:
+        return bool(self.caught)
+
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.caught.append(signum)
-        self.stop.set()
 
     def __enter__(self) -> _StopOnSignals:
-        # Signals reach only the main thread; elsewhere there is nothing to install.
-        if threading.current_thread() is threading.main_thread():
+        try:
             for sig in (_signal.SIGTERM, _signal.SIGINT):
                 self._previous[sig] = _signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: signals reach only that one
+            pass
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -281,7 +284,7 @@ def _copy(
                 out_of_order=settings.out_of_order,
                 progress=show,
                 flush=settings.flush,
-                stop=signals.stop,
+                stop=signals,
                 compress=settings.compress,
                 flush_interval=conv.FLUSH_INTERVAL if settings.flush else None,
                 fua=settings.fua,

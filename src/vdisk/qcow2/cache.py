@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
 from itertools import compress
 from operator import not_
 
@@ -30,6 +29,7 @@ from . import format as fmt
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 L2 = 0

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 import zlib
+from _thread import _local as thread_local  # threading.local, without threading's imports
+from _thread import allocate_lock
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import format as fmt
@@ -72,7 +73,7 @@ def compress_cluster(data: Buffer, compression_type: int, cluster_size: int) -> 
     return out if len(out) < cluster_size else None
 
 
-_local = threading.local()
+_local = thread_local()
 
 
 def _zstd_compressor() -> zstandard.ZstdCompressor:
@@ -87,7 +88,7 @@ def _zstd_compressor() -> zstandard.ZstdCompressor:
 
 
 _pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_pool_lock = allocate_lock()
 # Read once: os.cpu_count() costs ~0.1 ms a call, and _spread runs once per 2 MiB read.
 _CORES = max(1, os.cpu_count() or 1)
 

@@ -24,7 +24,7 @@ QEMU keeps it), and that padding lies in the free bytes the next compressed writ
 from __future__ import annotations
 
 import os
-import threading
+from _thread import allocate_lock  # threading.Lock, without threading's imports
 
 from ..errors import CorruptImageError, ReadOnlyError, RequestError, UnsupportedFeatureError
 from ..fileio import pread_full, pwritev_full
@@ -105,7 +105,7 @@ class CompressedWriter:
 
     def __init__(self, image: Qcow2Image) -> None:
         self.image = image
-        self.lock = threading.Lock()
+        self.lock = allocate_lock()
         # Byte offset where the next compressed cluster may start; 0: start a new cluster.
         self.tail = 0
 

@@ -27,7 +27,7 @@ older I/O has finished (the ublk queue counts its I/O per epoch, see ``vdisk.ubl
 from __future__ import annotations
 
 import mmap
-import threading
+from _thread import allocate_lock  # threading.Lock, without threading's imports
 
 from . import format as fmt
 
@@ -60,7 +60,7 @@ class HostExtents:
         self.holders = 0
         #: L1 indexes whose whole L2 table was learned (later misses learn single entries)
         self.learned_tables: set[int] = set()
-        self._users_lock = threading.Lock()
+        self._users_lock = allocate_lock()
 
     def address(self) -> int:
         """The table's address, for compiled code (valid while this object lives)."""

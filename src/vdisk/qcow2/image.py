@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
+from _thread import allocate_lock  # threading.Lock, without threading's imports
 from array import array
 
 from .. import locking
@@ -76,6 +76,7 @@ from .summary import read_header
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from threading import Condition
     from typing import Any
 
     from typing_extensions import Buffer
@@ -250,8 +251,8 @@ class Qcow2Image(BlockDeviceBase):
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.granularity = self.cluster_size >> (5 if header.extended_l2 else 0)
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._lock = allocate_lock()
+        self._condition: Condition | None = None  # on _lock, made by the first wait
         self.metadata: set[int] = set()
         capacity = default_capacity(
             header.size,
@@ -494,6 +495,16 @@ class Qcow2Image(BlockDeviceBase):
                 keep.append((bound, clusters))
         self._pending = keep
         return released
+
+    @property
+    def _cond(self) -> Condition:
+        """Under the lock: the condition on it (threading costs an image's open more than the
+        rest of it, and only a request that must wait needs it)."""
+        if self._condition is None:
+            import threading
+
+            self._condition = threading.Condition(self._lock)
+        return self._condition
 
     def _wait(self, timeout: float | None = None) -> None:
         """Under the lock: wait on the condition, counted so that finishing requests notify."""
