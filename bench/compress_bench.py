@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 from docs_section import plot_ratios, replace_section  # bench/ is the script's directory
-from installed import compile_package
+from installed import compile_package, vdisk_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "compress_bench.png"
 SECTION = "## Compressed convert: `vdisk convert -c` vs `qemu-img convert -c`"
-VDISK = [sys.executable, "-m", "vdisk"]
+VDISK = vdisk_command()
 MIB = 1 << 20
 
 

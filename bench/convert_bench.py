@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from docs_section import replace_section  # bench/ is the script's directory
-from installed import compile_package
+from installed import compile_package, vdisk_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "convert_bench.png"
 SECTION = "## `vdisk convert` vs `qemu-img convert`"
-VDISK = [sys.executable, "-m", "vdisk"]
+VDISK = vdisk_command()
 
 MIB = 1 << 20
 STRIPE = 4 * MIB
@@ -255,7 +255,7 @@ def main() -> int:
         "by qemu-io in 4 MiB stripes: all data (full), or data, zero clusters, data, "
         "unallocated (half), or nothing (empty); the raw case uses the half one's (sparse) "
         "raw conversion. Both commands run with their defaults (`-m 8`, "
-        "in-order writes, `-S 4k`, no flush), each as a fresh process, overwriting its own "
+        "in-order writes, `-S 4k`, no flush), each as a fresh process (vdisk through its console script), overwriting its own "
         f"output; {args.rounds} runs per side in the order A B B A ... after one warm-up run "
         f"each. vdisk's process start-up (`vdisk --version`) takes {startup:.3f} s and is "
         "included in the command's times; the library column times the same work called in "

@@ -19,19 +19,18 @@ import os
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from docs_section import plot_ratios, replace_section  # bench/ is the script's directory
-from installed import compile_package
+from installed import compile_package, vdisk_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "crypto_bench.png"
 SECTION = "## Encrypted images: `vdisk convert` vs `qemu-img convert` (LUKS)"
-VDISK = [sys.executable, "-m", "vdisk"]
+VDISK = vdisk_command()
 SECRET = ["--object", "secret,id=s0,data=bench-passphrase"]
 LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100"
 MIB = 1 << 20

@@ -25,14 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from installed import compile_package  # bench/ is the script's directory
-
-
-def _vdisk_command() -> list[str]:
-    script = Path(sys.executable).with_name("vdisk")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vdisk"]
+from installed import compile_package, vdisk_command  # bench/ is the script's directory
 
 
 def _instructions(argv: list[str]) -> float:
@@ -80,7 +74,7 @@ def main() -> None:
     if args.callgrind and shutil.which("valgrind") is None:
         sys.exit("startup_bench: --callgrind needs valgrind")
     compile_package()
-    vdisk = _vdisk_command()
+    vdisk = vdisk_command()
     bare = [sys.executable, "-c", "pass"]
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "disk.raw")
