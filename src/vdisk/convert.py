@@ -432,6 +432,10 @@ class _Copier:
         self.out_of_order = out_of_order
         self.buffers = _Buffers(limit)
         self.scan: ZeroScan | None = None
+        # Sources are mapped only for a target that hands the bytes to the kernel (a write
+        # fails with EFAULT if the file shrinks under the mapping); an encrypting one reads
+        # them itself, where the fault would kill the process.
+        self.map_sources = not getattr(target, "encrypted", False)
         self.scan_loaded = False
         self.retired: deque[Mapping] = deque()  # written, to unmap
         self.progress = progress
@@ -487,7 +491,7 @@ class _Copier:
         if self.offload.copy(step):
             return None, []
         scan = self.scanner()
-        mapping = self._map(scan, step) if scan is not None else None
+        mapping = self._map(scan, step) if scan is not None and self.map_sources else None
         held: bytearray | Mapping
         if mapping is not None:
             held, view = mapping, mapping.view

@@ -1361,6 +1361,11 @@ class Qcow2Image(BlockDeviceBase):
 
     # -- information --------------------------------------------------------------------
     @property
+    def encrypted(self) -> bool:
+        """Whether the data clusters are encrypted (LUKS or legacy AES)."""
+        return self._encrypted
+
+    @property
     def snapshots(self) -> list[fmt.SnapshotEntry]:
         """The internal snapshot table (read from disk)."""
         with self._lock:
