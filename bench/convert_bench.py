@@ -10,8 +10,8 @@ Cases (sources made once by qemu-img/qemu-io, in 4 MiB stripes): qcow2 sources a
 empty, each to a raw file; the half one to a new qcow2 image; and its raw conversion (a sparse
 file) to a new qcow2 image.
 
-Each side overwrites its own output in place (convert re-creates it). Runs alternate A B B A;
-each pair gives a ratio (vdisk rate / qemu-img rate, i.e. qemu-img time / vdisk time) and the
+Each run writes a new target: the last run's output is deleted first, untimed. Runs alternate
+A B B A; each pair gives a ratio (vdisk rate / qemu-img rate, i.e. qemu-img time / vdisk time) and the
 table reports the median of those ratios.
 
 Usage: python bench/convert_bench.py [--rounds N] [--size 1G] [--write-docs]
@@ -136,6 +136,10 @@ def run_case(case: Case, sources: dict[str, str], workdir: str, rounds: int) -> 
     }
 
     def one(side: str) -> float:
+        # A fresh target path, as a user's usually is: truncating the last run's output (its
+        # dirty pages maybe under writeback) would cost a random part of a second.
+        if os.path.exists(outs[side]):
+            os.unlink(outs[side])
         if side == "lib":
             return library_convert(case, src, outs["lib"])
         return timed(cmds[side])
@@ -256,8 +260,8 @@ def main() -> int:
         "unallocated (half), or nothing (empty); the raw case uses the half one's (sparse) "
         "raw conversion. Both commands run with their defaults (`-m 8`, "
         "in-order writes, `-S 4k`, no flush), each as a fresh process (vdisk through its "
-        "console script), overwriting its own "
-        f"output; {args.rounds} runs per side in the order A B B A ... after one warm-up run "
+        "console script), into a new file (the last run's output deleted first, untimed); "
+        f"{args.rounds} runs per side in the order A B B A ... after one warm-up run "
         f"each. vdisk's process start-up (`vdisk --version`) takes {startup:.3f} s and is "
         "included in the command's times; the library column times the same work called in "
         "the benchmark's own process (open, create, copy, close), as a third side in the "
