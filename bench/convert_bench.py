@@ -10,8 +10,8 @@ Cases (sources made once by qemu-img/qemu-io, in 4 MiB stripes): qcow2 sources a
 empty, each to a raw file; the half one to a new qcow2 image; and its raw conversion (a sparse
 file) to a new qcow2 image.
 
-Each run writes a new target: the last run's output is deleted first, untimed. Runs alternate
-A B B A; each pair gives a ratio (vdisk rate / qemu-img rate, i.e. qemu-img time / vdisk time) and the
+Each run writes a new target: the last run's output is deleted and the page cache synced first,
+untimed. Runs alternate A B B A; each pair gives a ratio (vdisk rate / qemu-img rate, i.e. qemu-img time / vdisk time) and the
 table reports the median of those ratios.
 
 Usage: python bench/convert_bench.py [--rounds N] [--size 1G] [--write-docs]
@@ -136,10 +136,12 @@ def run_case(case: Case, sources: dict[str, str], workdir: str, rounds: int) -> 
     }
 
     def one(side: str) -> float:
-        # A fresh target path, as a user's usually is: truncating the last run's output (its
-        # dirty pages maybe under writeback) would cost a random part of a second.
+        # A fresh target path, as a user's usually is, and no dirty pages from earlier runs:
+        # truncating an output under writeback, or the kernel's writeback throttling, would
+        # cost a run a random part of a second.
         if os.path.exists(outs[side]):
             os.unlink(outs[side])
+        os.sync()
         if side == "lib":
             return library_convert(case, src, outs["lib"])
         return timed(cmds[side])
@@ -260,7 +262,7 @@ def main() -> int:
         "unallocated (half), or nothing (empty); the raw case uses the half one's (sparse) "
         "raw conversion. Both commands run with their defaults (`-m 8`, "
         "in-order writes, `-S 4k`, no flush), each as a fresh process (vdisk through its "
-        "console script), into a new file (the last run's output deleted first, untimed); "
+        "console script), into a new file (the last run's output deleted, then `sync`, untimed); "
         f"{args.rounds} runs per side in the order A B B A ... after one warm-up run "
         f"each. vdisk's process start-up (`vdisk --version`) takes {startup:.3f} s and is "
         "included in the command's times; the library column times the same work called in "
