@@ -45,7 +45,7 @@ else:
     from .record import Protocol, runtime_checkable
 
 CHUNK = 2 << 20  # bytes per read (qemu-img convert's buffer size)
-_PROBE = 1 << 30  # block status window
+_PROBE = 128 << 20  # block status window: small, so that the copy starts at once
 
 FLUSH_INTERVAL = 10.0  # seconds between flushes of a long copy
 NATIVE_SCAN_FROM = 32 << 20  # smaller copies scan in Python: loading the helper costs more
