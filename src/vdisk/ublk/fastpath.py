@@ -80,6 +80,9 @@ class _State(ctypes.Structure):
         ("tag_len", ctypes.c_void_p),
         ("extent_tpl", ctypes.c_void_p * 2),
         ("extent_ios", ctypes.c_uint64),
+        ("inline_fd", ctypes.c_int32),
+        ("inline_ops", ctypes.c_uint32),
+        ("inline_ios", ctypes.c_uint64),
     ]
 
 
@@ -171,6 +174,7 @@ class FastLoop:
         self._out_view = memoryview(self._out).cast("B")
         s.max_requests = 256 if timing else 0
         s.timeout_ns = int(timeout * 1e9)
+        s.inline_fd = -1
         self.state = s
         self._ref = ctypes.byref(s)
 
@@ -198,6 +202,14 @@ class FastLoop:
             # Come back now and then even when C serves everything, so that the queue can
             # renew its image ticket and freed clusters do not wait for ever.
             s.max_requests = EXTENT_RENEW_REQUESTS
+
+    def set_inline(self, fd: int, inline: list[bool]) -> None:
+        """Run the READs/WRITEs ``inline`` says with pread/pwrite on ``fd`` (at the host
+        extent when there is a table), as the file target's ``serve`` would: the ops the
+        kernel would hand to an io-wq worker."""
+        s = self.state
+        s.inline_fd = fd
+        s.inline_ops = sum(1 << op for op in (0, 1) if inline[op])
 
     def extent_done(self, tag: int) -> None:
         """Python saw the end of ``tag``'s extent I/O (it failed or came up short)."""
