@@ -178,7 +178,9 @@ def guest(
                 anchor_ids.append(dev_id)
                 paths[name] = path
                 results["anchors"][name] = template
-        order = [t for t in ("loop", "raw", "ublksrv-loop", "null", "ublksrv-null", "qcow2",
+        # Each pair that makes a target ratio runs back to back (raw beside ublksrv-loop and
+        # qcow2, null beside ublksrv-null): the host's load moves within seconds.
+        order = [t for t in ("loop", "ublksrv-loop", "raw", "qcow2", "null", "ublksrv-null",
                              "mem", "raw-pinned") if t in paths]
         for job in jobs:
             rw, bs, qd = JOBS[job]

@@ -209,3 +209,48 @@ def test_inline_requests_run_on_the_file_and_failures_go_back_to_python(lib: obj
     bufs.close()
     os.close(descs)
     os.close(image)
+
+
+def test_inline_extent_writes_go_to_the_host_offset_or_back_to_python(lib: object) -> None:
+    """With a host-extent table, an inline WRITE lands at the host offset of a writable
+    entry; one to a read-only entry goes back to Python and the file is untouched."""
+    cb = 16  # 64 KiB clusters
+    image = os.memfd_create("image")
+    os.ftruncate(image, 256 << 10)
+    descs = os.memfd_create("descs")
+    os.ftruncate(descs, 4096)
+    requests = [
+        (uapi.UBLK_IO_OP_WRITE, 8, (1 << 7) + 2),  # cluster 1 -> host 192 KiB, at +1 KiB
+        (uapi.UBLK_IO_OP_WRITE, 8, 0),  # cluster 0: readable only
+    ]
+    depth = len(requests)
+    os.pwrite(descs, b"".join(uapi.IO_DESC.pack(f, n, s, 0) for f, n, s in requests), 0)
+    bufs = mmap.mmap(-1, depth * BUF)
+    bufs[:] = b"\x77" * len(bufs)
+    table = mmap.mmap(-1, 8 * 2)
+    table[:] = struct.pack("<2Q", (64 << 10) | 1, (192 << 10) | 3)
+    with Ring(16) as ring:
+        fast = fastpath.FastLoop(
+            lib, ring, descs, 4096, 0, bufs, BUF, depth,  # type: ignore[arg-type]
+            [nop_sqe(RETRY << 16 | tag) for tag in range(depth)], None, False, RESULT_OFFSET,
+            ops.RWF_DSYNC, 5.0, False,
+        )
+        fast.set_extents(buffer_address(table), 2, cb, [[], []])
+        fast.set_inline(image, [False, True])
+        try:
+            for tag in range(depth):
+                ring.sqes[(8 + tag) * 64 : (9 + tag) * 64] = nop_sqe(tag)
+            ring.push([8, 9])
+            got: list[tuple[int, int, int]] = []
+            while not any(c[0] == 1 for c in got):
+                got += fast.run()
+            assert (1, 0, 0) in got
+            assert os.pread(image, 4096, (192 << 10) + 1024) == b"\x77" * 4096
+            assert os.pread(image, 256 << 10, 0).count(0) == (256 << 10) - 4096
+            assert fast.state.inline_ios == 1 and fast.state.extent_ios == 0
+        finally:
+            fast.close()
+    table.close()
+    bufs.close()
+    os.close(descs)
+    os.close(image)
