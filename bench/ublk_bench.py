@@ -178,7 +178,9 @@ def guest(
                 anchor_ids.append(dev_id)
                 paths[name] = path
                 results["anchors"][name] = template
-        order = [t for t in ("loop", "raw", "ublksrv-loop", "null", "ublksrv-null", "qcow2",
+        # Each pair that makes a target ratio runs back to back (raw beside ublksrv-loop and
+        # qcow2, null beside ublksrv-null): the host's load moves within seconds.
+        order = [t for t in ("loop", "ublksrv-loop", "raw", "qcow2", "null", "ublksrv-null",
                              "mem", "raw-pinned") if t in paths]
         for job in jobs:
             rw, bs, qd = JOBS[job]
@@ -283,7 +285,7 @@ def loop(mode: str, batches: int, qd: int = 32) -> None:
         print(f"{mode}: {sum(q._counts)} requests")
 
 
-def write_docs(results: dict[str, Any], host_load: str) -> None:
+def write_docs(results: dict[str, Any], host_load: str, when: str = "time not recorded") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,7 +317,7 @@ def write_docs(results: dict[str, Any], host_load: str) -> None:
 
     q = results["params"]["queues"]
     lines = [
-        "`bench/ublk_bench.py` (one VM run, Linux " + results.get("kernel", "?") + ", "
+        f"`bench/ublk_bench.py` (one VM run, {when}, Linux " + results.get("kernel", "?") + ", "
         f"{results['rounds']} rounds, {results['runtime']} s per fio run; host load: {host_load}): "
         f"fio (libaio, O_DIRECT) on vdisk ublk devices ({q} queue, depth "
         f"{results['params']['depth']}), on a loop device over the same "
@@ -383,7 +385,7 @@ def write_docs(results: dict[str, Any], host_load: str) -> None:
     old = "## ublk vs the kernel loop device (in the test VM)"
     if old in text:  # the section's former title
         perf.write_text(text.replace(old, heading))
-    replace_section(heading, "\n".join(lines).rstrip("\n"), perf)
+    replace_section(heading, "\n".join(lines).rstrip("\n") + "\n", perf)
 
 
 DATA_PLANE_NOTES = """Where the QD1 time went, and what changed (diagnosis runs in the same VM before this run,
@@ -411,6 +413,29 @@ nanosecond-exact; strace -c on the server):
   on (so C-served requests reach the metrics within a second). In one diagnosis run: null QD1
   420 IOPS with it, 107 without (queue thread 1422 us against 6566 us of CPU per request).
   `VDISK_UBLK_FASTPATH=0`, or no compiler, keeps the pure-Python loop, with the same outcome.
+- Buffered WRITEs (2026-12-04): Linux 6.1 punts every buffered WRITE through io_uring to an
+  io-wq worker (the file target's probe), so raw WRITEs, and qcow2 overwrites at a host
+  extent, ran inline in the Python loop, one GIL-holding `os.pwritev` each: raw/ublksrv-loop
+  4k randwrite QD32 was 0.63 in the 2026-12-03 full run. The compiled loop now runs what the
+  kernel would punt with pread/pwrite itself, without the GIL (FUA writes, and short or failed
+  I/O, go back to Python, which runs them whole, fdatasync and error log included). Guest CPU
+  per 4k randwrite QD32 after it, one VM run (17:58-18:03 UTC, load 1.3 -> 7.4): raw
+  40/115/112 us against ublksrv-loop's 73/285/336 (ublksrv pays the io-wq hop).
+- Null 4k randread QD1/QD32 (0.79/0.76 in a null-only run on 2026-12-03): in the same VM run
+  the guest CPU per I/O was at par (QD1: ours 331/2415/1085 us, ublksrv-null 353/2260/1153),
+  and one fio run's rate moved 2-17 MB/s with the host's load, so that gap was run-to-run
+  spread; the pairs of each target ratio now run back to back to narrow it. Metrics' timing
+  costs two clock_gettime per batch, 3.5 us each on the guest's hpet clock (perf_counter_ns
+  4.5 us against a 1.0 us empty call): under 1% of a QD1 request, left as it is.
+
+Earlier runs, condensed (docs history): 2026-12-03 full run (load 1.5 -> 6.0): raw/ublksrv-loop
+worst 0.63 (4k randwrite QD32), null/ublksrv-null worst 0.42 (1M seq read: our null zeroed
+read buffers then; since it leaves them as ublksrv does, a null-only run gave 1.28). Two
+queues (`--queues 2 --numjobs 2`, 2026-12-03, load 5-7): null / ublksrv-null 0.99 and 1.10 at
+4k randread/randwrite QD32, raw / ublksrv-loop 0.75 and 0.44 (raw WRITEs then held the GIL);
+no scaling was measurable for either server at that load. qcow2 host extents (2026-12-04
+02:15-02:46, six alternating before/after VM runs, load 2.8-7): qcow2/raw 4k randread QD32
+0.43-0.47 -> 0.92-1.09, randwrite QD32 0.60-0.86 -> 0.77-1.11.
 """
 
 
@@ -440,8 +465,10 @@ def main() -> int:
     if args.from_results:
         text = Path(args.from_results).read_text()
         loads = re.findall(r"^HOSTLOAD (.*)$", text, re.M)
+        times = re.findall(r"^HOSTTIME (.*)$", text, re.M)
         write_docs(json.loads(re.findall(r"^RESULTS (.*)$", text, re.M)[-1]),
-                   loads[-1] if loads else "not recorded")
+                   loads[-1] if loads else "not recorded",
+                   times[-1] if times else "time not recorded")
         return 0
     anchors = {name: t for name, t in (("ublksrv-loop", args.anchor),
                                        ("ublksrv-null", args.anchor_null)) if t}
@@ -465,8 +492,11 @@ def main() -> int:
     if binary:
         argv += ["--ublk", binary]
     before = os.getloadavg()
+    started = time.gmtime()
     r = vm.run(argv, timeout=3600, cwd=ROOT, stream=sys.stderr)
     after = os.getloadavg()
+    when = (time.strftime("%Y-%m-%d %H:%M", started) + "-"
+            + time.strftime("%H:%M UTC", time.gmtime()))
     r.check()
     match = re.search(r"^RESULTS (.*)$", r.output, re.M)
     if not match:
@@ -474,9 +504,10 @@ def main() -> int:
         return 1
     load = f"{before[0]:.2f} at the start, {after[0]:.2f} at the end (1-min average)"
     print("HOSTLOAD " + load)
+    print("HOSTTIME " + when)
     results = json.loads(match.group(1))
     if not args.no_docs:
-        write_docs(results, load)
+        write_docs(results, load, when)
     print("RESULTS " + json.dumps(results))
     return 0
 

@@ -162,3 +162,95 @@ def test_extent_requests_run_at_the_host_offset_the_table_gives(lib: object) -> 
     bufs.close()
     os.close(descs)
     os.close(image)
+
+
+def test_inline_requests_run_on_the_file_and_failures_go_back_to_python(lib: object) -> None:
+    """READ/WRITE the kernel would punt to a worker run in C with pread/pwrite on the file (at
+    the host offset when there is an extent table); a FUA WRITE, a READ of the file's end (short)
+    and an op not set inline go back to Python, untouched, which serves them whole."""
+    image = os.memfd_create("image")
+    os.pwrite(image, bytes(range(256)) * 64, 0)  # 16 KiB of a known pattern
+    descs = os.memfd_create("descs")
+    os.ftruncate(descs, 4096)
+    requests = [  # op_flags, nr_sectors, start_sector per tag
+        (uapi.UBLK_IO_OP_WRITE, 8, 8),  # 4 KiB at 4 KiB: C
+        (uapi.UBLK_IO_OP_READ, 8, 16),  # 4 KiB at 8 KiB: C
+        (uapi.UBLK_IO_OP_WRITE | uapi.UBLK_IO_F_FUA, 8, 0),  # FUA: Python's
+        (uapi.UBLK_IO_OP_READ, 16, 24),  # 8 KiB at 12 KiB, past the end: short, Python's
+    ]
+    os.pwrite(descs, b"".join(uapi.IO_DESC.pack(f, n, s, 0) for f, n, s in requests), 0)
+    bufs = mmap.mmap(-1, DEPTH * BUF)
+    bufs[:] = b"\x5a" * len(bufs)
+    with Ring(16) as ring:
+        fast = fastpath.FastLoop(
+            lib, ring, descs, 4096, 0, bufs, BUF, DEPTH,  # type: ignore[arg-type]
+            [nop_sqe(RETRY << 16 | tag) for tag in range(DEPTH)], None, False, RESULT_OFFSET,
+            ops.RWF_DSYNC, 5.0, True,
+        )
+        fast.set_inline(image, [True, True])
+        try:
+            for tag in range(DEPTH):
+                ring.sqes[(8 + tag) * 64 : (9 + tag) * 64] = nop_sqe(tag)
+            ring.push([8, 9, 10, 11])
+            got: list[tuple[int, int, int]] = []
+            while len(got) < 2:
+                got += [c for c in fast.run() if c[0] < DEPTH]
+            assert sorted(got) == [(2, 0, 0), (3, 0, 0)]  # handed back as new requests
+            assert os.pread(image, 4096, 4096) == b"\x5a" * 4096  # tag 0's buffer, written
+            assert bufs[BUF : BUF + 4096] == (bytes(range(256)) * 16)  # tag 1 read the file
+            assert os.pread(image, 4096, 0) == bytes(range(256)) * 16  # the FUA write: not yet
+            assert fast.state.inline_ios == 2
+            results = {tag: struct.unpack_from("<i", ring.sqes, (2 * tag + 1) * 64 + RESULT_OFFSET)[0]
+                       for tag in (0, 1)}
+            assert results == {0: 4096, 1: 4096}
+            assert [t[:3] for t in fast.take_tallies()] == [(0, 1, 4096), (1, 1, 4096)]
+        finally:
+            fast.close()
+    bufs.close()
+    os.close(descs)
+    os.close(image)
+
+
+def test_inline_extent_writes_go_to_the_host_offset_or_back_to_python(lib: object) -> None:
+    """With a host-extent table, an inline WRITE lands at the host offset of a writable
+    entry; one to a read-only entry goes back to Python and the file is untouched."""
+    cb = 16  # 64 KiB clusters
+    image = os.memfd_create("image")
+    os.ftruncate(image, 256 << 10)
+    descs = os.memfd_create("descs")
+    os.ftruncate(descs, 4096)
+    requests = [
+        (uapi.UBLK_IO_OP_WRITE, 8, (1 << 7) + 2),  # cluster 1 -> host 192 KiB, at +1 KiB
+        (uapi.UBLK_IO_OP_WRITE, 8, 0),  # cluster 0: readable only
+    ]
+    depth = len(requests)
+    os.pwrite(descs, b"".join(uapi.IO_DESC.pack(f, n, s, 0) for f, n, s in requests), 0)
+    bufs = mmap.mmap(-1, depth * BUF)
+    bufs[:] = b"\x77" * len(bufs)
+    table = mmap.mmap(-1, 8 * 2)
+    table[:] = struct.pack("<2Q", (64 << 10) | 1, (192 << 10) | 3)
+    with Ring(16) as ring:
+        fast = fastpath.FastLoop(
+            lib, ring, descs, 4096, 0, bufs, BUF, depth,  # type: ignore[arg-type]
+            [nop_sqe(RETRY << 16 | tag) for tag in range(depth)], None, False, RESULT_OFFSET,
+            ops.RWF_DSYNC, 5.0, False,
+        )
+        fast.set_extents(buffer_address(table), 2, cb, [[], []])
+        fast.set_inline(image, [False, True])
+        try:
+            for tag in range(depth):
+                ring.sqes[(8 + tag) * 64 : (9 + tag) * 64] = nop_sqe(tag)
+            ring.push([8, 9])
+            got: list[tuple[int, int, int]] = []
+            while not any(c[0] == 1 for c in got):
+                got += fast.run()
+            assert (1, 0, 0) in got
+            assert os.pread(image, 4096, (192 << 10) + 1024) == b"\x77" * 4096
+            assert os.pread(image, 256 << 10, 0).count(0) == (256 << 10) - 4096
+            assert fast.state.inline_ios == 1 and fast.state.extent_ios == 0
+        finally:
+            fast.close()
+    table.close()
+    bufs.close()
+    os.close(descs)
+    os.close(image)

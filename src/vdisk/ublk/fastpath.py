@@ -6,8 +6,9 @@ Why: under the test VM's TCG, every Python bytecode and every ctypes call is emu
 QD1 request spent ~900 us of the queue thread's CPU in Python on top of what ublksrv's C loop
 spends in all (measured with /proc/PID/task/TID/schedstat; see docs/performance.md). The C
 loop serves the requests that need no Python (READ/WRITE linked to their commit on a backing
-file; every request of the null backend) and hands everything else back to the queue's
-Python loop, which stays the one place that knows the rest of the protocol.
+file or at a qcow2 host extent; READ/WRITE the kernel would punt to an io-wq worker, with
+pread/pwrite; every request of the null backend) and hands everything else back to the
+queue's Python loop, which stays the one place that knows the rest of the protocol.
 
 ``VDISK_UBLK_FASTPATH=0`` turns it off; so does a missing compiler (``CC``, else ``cc``):
 the queue then runs its pure-Python loop, with the same outcome.
@@ -80,6 +81,9 @@ class _State(ctypes.Structure):
         ("tag_len", ctypes.c_void_p),
         ("extent_tpl", ctypes.c_void_p * 2),
         ("extent_ios", ctypes.c_uint64),
+        ("inline_fd", ctypes.c_int32),
+        ("inline_ops", ctypes.c_uint32),
+        ("inline_ios", ctypes.c_uint64),
     ]
 
 
@@ -171,6 +175,7 @@ class FastLoop:
         self._out_view = memoryview(self._out).cast("B")
         s.max_requests = 256 if timing else 0
         s.timeout_ns = int(timeout * 1e9)
+        s.inline_fd = -1
         self.state = s
         self._ref = ctypes.byref(s)
 
@@ -198,6 +203,14 @@ class FastLoop:
             # Come back now and then even when C serves everything, so that the queue can
             # renew its image ticket and freed clusters do not wait for ever.
             s.max_requests = EXTENT_RENEW_REQUESTS
+
+    def set_inline(self, fd: int, inline: list[bool]) -> None:
+        """Run the READs/WRITEs ``inline`` says with pread/pwrite on ``fd`` (at the host
+        extent when there is a table), as the file target's ``serve`` would: the ops the
+        kernel would hand to an io-wq worker."""
+        s = self.state
+        s.inline_fd = fd
+        s.inline_ops = sum(1 << op for op in (0, 1) if inline[op])
 
     def extent_done(self, tag: int) -> None:
         """Python saw the end of ``tag``'s extent I/O (it failed or came up short)."""

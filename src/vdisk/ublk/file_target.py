@@ -12,8 +12,10 @@ behaviours that shape this:
 - Where the kernel cannot run a READ or WRITE on the file without blocking, io_uring hands
   each one to a worker thread (6.1 does so for every buffered write, 6.12 for buffered I/O on
   tmpfs and overlayfs), and that hop costs far more than the page-cache copy (measured in the
-  test VM: 0.4-3 ms against 40-70 us). ``probe`` asks at start-up, and ``serve`` does such ops
-  inline with ``preadv``/``pwritev`` instead, as the loop driver does.
+  test VM: 0.4-3 ms against 40-70 us). ``probe`` asks at start-up, and such ops run inline
+  instead, as the loop driver does: in the compiled loop (pread/pwrite, without the GIL), or
+  in ``serve`` (``preadv``/``pwritev``) for what the compiled loop hands back (FUA writes,
+  short or failed I/O, which it runs again whole) and when there is no compiled loop.
 - Linux 6.1 refuses (EINVAL) a ublk command run by an io_uring worker thread, which is where a
   linked commit lands when a READ/WRITE still gets punted (say, an uncached page). The queue
   then re-issues the commit from its own thread.

@@ -205,6 +205,15 @@ class Queue(threading.Thread):
                 self.fast.set_extents(
                     extents.address(), extents.count, extents.cluster_bits,
                     [self.file.extent_sqe[op] if through[op] else [] for op in (0, 1)])
+        if self.fast is not None and self.file is not None and not self.file.readonly:
+            # What the file target would run inline (the kernel would punt it to a worker),
+            # the compiled loop runs with pread/pwrite, without the GIL.
+            file = self.file
+            if isinstance(file, ExtentTarget):
+                inline = [not file.through_ring[0], not file.through_ring[1]]
+            else:
+                inline = [not file.linked[0], not file.linked[1]]
+            self.fast.set_inline(file.fd, inline)
         for tag in range(depth):
             self._queue_cmd(self.op_fetch, tag, -1)
         self.ring.push(self.slots)
