@@ -166,6 +166,20 @@ def run_case(case: Case, sources: dict[str, str], workdir: str, rounds: int) -> 
     return result
 
 
+def drop_page_cache() -> bool:
+    """Write back and drop the host's clean page cache (root only), so that every run finds
+    free memory for its target's pages: with the cache full of other files, each new page
+    costs a reclaim first, and how much varies from run to run by tenths of a second. The
+    warm-up runs read the sources back in. False where it cannot be done."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def startup_seconds(rounds: int) -> float:
     """Median wall time of ``vdisk --version`` (interpreter and import start-up)."""
     return statistics.median(timed([*VDISK, "--version"]) for _ in range(max(3, rounds)))
@@ -245,6 +259,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         print(f"making a {args.size} source with qemu-io...", flush=True)
         sources = make_sources(workdir, size)
+        dropped = drop_page_cache()
         results = []
         for case in CASES:
             if case.name in wanted:
@@ -254,6 +269,12 @@ def main() -> int:
     version = subprocess.run(
         ["qemu-img", "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
+    cache_note = (
+        "The host's page cache was dropped after making the sources, so that the targets find "
+        "free memory (the warm-up runs read the sources back in). "
+        if dropped
+        else ""
+    )
     meta = (
         f"`python bench/convert_bench.py --size {args.size}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {version}, Python "
@@ -267,7 +288,7 @@ def main() -> int:
         f"each. vdisk's process start-up (`vdisk --version`) takes {startup:.3f} s and is "
         "included in the command's times; the library column times the same work called in "
         "the benchmark's own process (open, create, copy, close), as a third side in the "
-        f"alternation. Host load average at the end: {os.getloadavg()[0]:.2f}."
+        f"alternation. {cache_note}Host load average at the end: {os.getloadavg()[0]:.2f}."
     )
     text = table(results, meta)
     print(text)
