@@ -27,8 +27,16 @@ def read_header(fd: int) -> fmt.Header:
     """The header of the qcow2 file ``fd``, validated as QEMU's open validates it (against
     the file's size) and refused where it needs an incompatible feature we do not know."""
     file_size = os.fstat(fd).st_size
-    head = bytearray(min(file_size, 1 << 21))
+    # The header, its extensions and the backing file name lie in the first cluster: read
+    # 64 KiB (the usual cluster) and the rest of a bigger first cluster only if it has one.
+    head = bytearray(min(file_size, 1 << 16))
     pread_full(fd, head, 0)
+    if len(head) >= 24:
+        cluster_bits = int.from_bytes(head[20:24], "big")
+        first_cluster = 1 << min(max(cluster_bits, fmt.MIN_CLUSTER_BITS), fmt.MAX_CLUSTER_BITS)
+        if first_cluster > len(head) and file_size > len(head):
+            head += bytearray(min(file_size, first_cluster) - len(head))
+            pread_full(fd, memoryview(head)[1 << 16 :], 1 << 16)
     header = fmt.Header.decode(head)
     header.validate(file_size)
     unknown = header.incompatible_features & ~fmt.INCOMPAT_KNOWN
