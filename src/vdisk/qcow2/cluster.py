@@ -217,6 +217,17 @@ class ClusterMap:
                     _add(segs, SEG_DATA, pos, run_end - pos, host + (pos & cmask))
                     pos = run_end
                     continue
+                if e == 0 or e == fmt.OFLAG_ZERO:
+                    # Unallocated, or zero with no host cluster: one segment for the run of
+                    # equal entries (a long hole costs a compare per cluster).
+                    j = i + 1
+                    last = ((span_end - 1) >> cb) & l2_mask
+                    while j <= last and l2[j] == e:
+                        j += 1
+                    run_end = min(span_end, (gc + j - i) << cb)
+                    _add(segs, SEG_ZERO if e else SEG_BACKING, pos, run_end - pos, 0)
+                    pos = run_end
+                    continue
                 if e & fmt.OFLAG_COMPRESSED:
                     _add(segs, SEG_COMPRESSED, pos, cend - pos, e)
                 elif e & fmt.OFLAG_ZERO:
