@@ -1,0 +1,100 @@
+"""The optional compiled fast path of an NBD connection: ``fastloop.c``, built with the system's
+C compiler on first use, cached, and called through ctypes (which releases the GIL for the whole
+call).
+
+Why: a 4K READ at depth 1 cost ~8.7 us of user CPU in the Python loop against nbdkit's 2.3 us,
+and the round trip is what QD1 measures. The C loop serves the plain READs and WRITEs of a
+host file (raw) exactly as the Python loop's inline path does, and hands everything else back
+to it, with the receive buffer from that request on: Python stays the one place that knows the
+rest of the protocol.
+
+``VDISK_NBD_FASTPATH=0`` turns it off; so does a missing compiler (``CC``, else ``cc``): the
+server then runs its pure-Python loop, with the same bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+from .. import native
+
+SOURCE = Path(__file__).with_name("fastloop.c")
+#: nbd_serve's outcomes (>= 0; below 0 it is -errno of the socket)
+HANDBACK, PAUSE, EOF = 0, 1, 2
+#: the compiled loop returns at least every this many requests, for the metrics
+PAUSE_REQUESTS = 4096
+
+
+class _State(ctypes.Structure):
+    _fields_ = [
+        ("sock", ctypes.c_int32),
+        ("fd", ctypes.c_int32),
+        ("structured", ctypes.c_uint32),
+        ("writes", ctypes.c_uint32),
+        ("size", ctypes.c_uint64),
+        ("read_max", ctypes.c_uint64),
+        ("max_payload", ctypes.c_uint64),
+        ("max_requests", ctypes.c_uint64),
+        ("in_", ctypes.c_void_p),
+        ("in_cap", ctypes.c_uint64),
+        ("in_start", ctypes.c_uint64),
+        ("in_end", ctypes.c_uint64),
+        ("out", ctypes.c_void_p),
+        ("out_cap", ctypes.c_uint64),
+        ("count", ctypes.c_uint64 * 2),
+        ("bytes", ctypes.c_uint64 * 2),
+        ("latency_ns", ctypes.c_uint64 * 2),
+    ]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded fast loop, built first if needed; None when off or not buildable."""
+    lib = native.load(SOURCE, "VDISK_NBD_FASTPATH")
+    if lib is not None:
+        lib.nbd_serve.argtypes = [ctypes.POINTER(_State)]
+        lib.nbd_serve.restype = ctypes.c_long
+        lib.nbd_free.argtypes = [ctypes.POINTER(_State)]
+        lib.nbd_free.restype = None
+    return lib
+
+
+class FastConnection:
+    """One connection's state for ``nbd_serve`` (its buffers are C's, freed by close())."""
+
+    def __init__(self, lib: ctypes.CDLL, sock_fd: int, file_fd: int, size: int, *,
+                 structured: bool, writes: bool, read_max: int, max_payload: int) -> None:
+        self._serve = lib.nbd_serve
+        self._free = lib.nbd_free
+        s = _State()
+        s.sock, s.fd = sock_fd, file_fd
+        s.structured, s.writes = int(structured), int(writes)
+        s.size, s.read_max, s.max_payload = size, read_max, max_payload
+        s.max_requests = PAUSE_REQUESTS
+        self.state = s
+        self._ref = ctypes.byref(s)
+
+    def serve(self) -> tuple[int, bytes]:
+        """Serve what C can: (outcome, the bytes received and not taken, for Python)."""
+        code: int = self._serve(self._ref)
+        s = self.state
+        left = s.in_end - s.in_start
+        rest = ctypes.string_at(s.in_ + s.in_start, left) if left else b""
+        s.in_start = s.in_end = 0
+        return code, rest
+
+    def take_tallies(self) -> list[tuple[str, int, int, int]]:
+        """(op, count, bytes, mean service ns) of what C served since the last call."""
+        s = self.state
+        out = []
+        for op, name in enumerate(("read", "write")):
+            count = s.count[op]
+            if count:
+                out.append((name, count, s.bytes[op], s.latency_ns[op] // count))
+                s.count[op] = s.bytes[op] = s.latency_ns[op] = 0
+        return out
+
+    def close(self) -> None:
+        self._free(self._ref)
