@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 from .. import native
 
 SOURCE = Path(__file__).with_name("fastloop.c")
 #: nbd_serve's outcomes (>= 0; below 0 it is -errno of the socket)
-HANDBACK, PAUSE, EOF = 0, 1, 2
+HANDBACK, PAUSE, EOF, WRITE_FAILED = 0, 1, 2, 3
 #: the compiled loop returns at least every this many requests, for the metrics
 PAUSE_REQUESTS = 4096
 
@@ -46,6 +47,10 @@ class _State(ctypes.Structure):
         ("count", ctypes.c_uint64 * 2),
         ("bytes", ctypes.c_uint64 * 2),
         ("latency_ns", ctypes.c_uint64 * 2),
+        ("async_min", ctypes.c_uint64),
+        ("failed_cookie", ctypes.c_uint8 * 8),
+        ("failed_errno", ctypes.c_int32),
+        ("writer", ctypes.c_void_p),
     ]
 
 
@@ -65,7 +70,8 @@ class FastConnection:
     """One connection's state for ``nbd_serve`` (its buffers are C's, freed by close())."""
 
     def __init__(self, lib: ctypes.CDLL, sock_fd: int, file_fd: int, size: int, *,
-                 structured: bool, writes: bool, read_max: int, max_payload: int) -> None:
+                 structured: bool, writes: bool, read_max: int, max_payload: int,
+                 async_min: int) -> None:
         self._serve = lib.nbd_serve
         self._free = lib.nbd_free
         s = _State()
@@ -73,6 +79,7 @@ class FastConnection:
         s.structured, s.writes = int(structured), int(writes)
         s.size, s.read_max, s.max_payload = size, read_max, max_payload
         s.max_requests = PAUSE_REQUESTS
+        s.async_min = async_min
         self.state = s
         self._ref = ctypes.byref(s)
 
@@ -84,6 +91,13 @@ class FastConnection:
         rest = ctypes.string_at(s.in_ + s.in_start, left) if left else b""
         s.in_start = s.in_end = 0
         return code, rest
+
+    def take_failure(self) -> tuple[int, OSError]:
+        """After WRITE_FAILED: the failed write's cookie and error."""
+        s = self.state
+        code = s.failed_errno
+        s.failed_errno = 0
+        return int.from_bytes(bytes(s.failed_cookie), "big"), OSError(code, os.strerror(code))
 
     def take_tallies(self) -> list[tuple[str, int, int, int]]:
         """(op, count, bytes, mean service ns) of what C served since the last call."""

@@ -50,6 +50,9 @@ SOCKET_SNDBUF = 4 << 20
 #: WRITEs at least this long are streamed (see ServerConnection's stream_writes): the part of
 #: the payload not yet buffered is received straight into a payload buffer.
 STREAM_WRITE_MIN = 128 << 10
+#: WRITEs at least this long are written by the compiled loop's writer thread while the next
+#: request is received (see fastloop.c).
+ASYNC_WRITE_MIN = 128 << 10
 #: One structured READ reply's header in one pack: chunk header, then the data offset.
 READ_CHUNK_HEADER = struct.Struct(">IHHQIQ")
 SIMPLE_REPLY = p.SIMPLE_REPLY
@@ -353,7 +356,7 @@ class _Client:
             fast = self.fast = fastpath.FastConnection(
                 lib, self.sock.fileno(), fd, export.info.size, structured=structured,
                 writes=inline_writes and not export.readonly, read_max=inline_read_max,
-                max_payload=p.MAX_PAYLOAD)
+                max_payload=p.MAX_PAYLOAD, async_min=ASYNC_WRITE_MIN)
         hdr = conn.read_header_size()
         ok_size = SIMPLE_REPLY.size
         pack_data_header = READ_CHUNK_HEADER.pack_into
@@ -443,6 +446,11 @@ class _Client:
                         conn.receive_data(rest)
                     if code < 0:
                         raise OSError(-code, os.strerror(-code))
+                    if code == fastpath.WRITE_FAILED:
+                        cookie, exc = fast.take_failure()
+                        self.fail(conn, metrics, p.NBD_CMD_WRITE, cookie, exc, 0)
+                        arena_view = memoryview(self.arena)
+                        arena_len = len(arena_view)
                     if code != fastpath.EOF:
                         batch_start = clock()
                         continue
