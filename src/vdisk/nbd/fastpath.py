@@ -69,9 +69,19 @@ def library() -> ctypes.CDLL | None:
 class FastConnection:
     """One connection's state for ``nbd_serve`` (its buffers are C's, freed by close())."""
 
-    def __init__(self, lib: ctypes.CDLL, sock_fd: int, file_fd: int, size: int, *,
-                 structured: bool, writes: bool, read_max: int, max_payload: int,
-                 async_min: int) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        sock_fd: int,
+        file_fd: int,
+        size: int,
+        *,
+        structured: bool,
+        writes: bool,
+        read_max: int,
+        max_payload: int,
+        async_min: int,
+    ) -> None:
         self._serve = lib.nbd_serve
         self._free = lib.nbd_free
         s = _State()

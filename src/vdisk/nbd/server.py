@@ -447,8 +447,8 @@ class _Client:
                     if code < 0:
                         raise OSError(-code, os.strerror(-code))
                     if code == fastpath.WRITE_FAILED:
-                        cookie, exc = fast.take_failure()
-                        self.fail(conn, metrics, p.NBD_CMD_WRITE, cookie, exc, 0)
+                        cookie, failure = fast.take_failure()
+                        self.fail(conn, metrics, p.NBD_CMD_WRITE, cookie, failure, 0)
                         arena_view = memoryview(self.arena)
                         arena_len = len(arena_view)
                     if code != fastpath.EOF:
@@ -473,6 +473,9 @@ class _Client:
                         log.info("nbd: dropping client: %s", event.error)
                     return
             assert type(event) is Request
+            if event.type == p.NBD_CMD_DISC:  # no reply: answer the rest, then hang up
+                self.flush_replies()
+                return
             self.serve(conn, export, contexts, event, file_fd)
             arena_view = memoryview(self.arena)  # serve may have grown it
             arena_len = len(arena_view)
