@@ -203,8 +203,8 @@ static int send_all(struct nbd_state *s, uint64_t *pos)
 }
 
 /* Receive until `need` bytes from in_start are buffered, moving or growing the buffer to hold
- * them contiguously. 1: done; 0: EOF; <0: -errno. */
-static int fill(struct nbd_state *s, uint64_t need)
+ * them contiguously, no more than that when `exact`. 1: done; 0: EOF; <0: -errno. */
+static int fill(struct nbd_state *s, uint64_t need, int exact)
 {
 	uint64_t have = s->in_end - s->in_start;
 	if (s->in_cap - s->in_start < need) {
@@ -227,7 +227,10 @@ static int fill(struct nbd_state *s, uint64_t need)
 		s->in_end = have;
 	}
 	while (s->in_end - s->in_start < need) {
-		ssize_t n = recv(s->sock, s->in + s->in_end, s->in_cap - s->in_end, 0);
+		uint64_t room = s->in_cap - s->in_end;
+		if (exact)
+			room = need - (s->in_end - s->in_start);
+		ssize_t n = recv(s->sock, s->in + s->in_end, room, 0);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -391,6 +394,7 @@ long nbd_serve(struct nbd_state *s)
 {
 	uint64_t pos = 0, served = 0, batch[2] = {0, 0}, t0 = 0;
 	uint64_t inflight = 0;  /* the length of the writer's write in flight (0: none) */
+	int streaming = 0;      /* the last request was a long WRITE */
 	uint64_t read_hdr = s->structured ? READ_CHUNK_SIZE : SIMPLE_REPLY_SIZE;
 	long ret = RET_HANDBACK;
 	int rc;
@@ -428,7 +432,9 @@ long nbd_serve(struct nbd_state *s)
 				return RET_PAUSE;
 			if (s->in_start == s->in_end)
 				s->in_start = s->in_end = 0;
-			rc = fill(s, REQUEST_SIZE);
+			/* after a long WRITE, take the next header alone: if it is another, its
+			 * payload is then received straight into a slot, not copied there */
+			rc = fill(s, REQUEST_SIZE, streaming);
 			if (rc <= 0) {
 				ret = rc == 0 ? RET_EOF : rc;
 				break;
@@ -446,7 +452,8 @@ long nbd_serve(struct nbd_state *s)
 		    length > s->size - offset)
 			break;
 		int is_write = type == CMD_WRITE && flags == 0 && s->writes;
-		if (is_write && s->async_min && length >= s->async_min) {
+		streaming = is_write && s->async_min && length >= s->async_min;
+		if (streaming) {
 			long r = async_write(s, &pos, &inflight, batch, offset, length);
 			if (r != 0) {
 				ret = r;
@@ -494,7 +501,7 @@ long nbd_serve(struct nbd_state *s)
 				/* the payload is still coming: answer what is done first */
 				if ((rc = send_all(s, &pos)) < 0)
 					return rc;
-				rc = fill(s, REQUEST_SIZE + length);
+				rc = fill(s, REQUEST_SIZE + length, 0);
 				if (rc <= 0) {
 					ret = rc == 0 ? RET_EOF : rc;
 					break;

@@ -6,6 +6,8 @@ served in order; replies of all requests already buffered are laid end to end in
 arena (headers packed in place, read data read straight into it) and sent with one send, so a
 deep queue costs few system calls and no copies. A device backed by a host file (raw) is read
 and written through its descriptor directly, and long READs go out with sendfile(2) from it.
+Without TLS or extended headers, the plain READs and WRITEs of such a file are served by an
+optional compiled loop (fastpath.py), which hands everything else back to the Python loop.
 """
 
 from __future__ import annotations
