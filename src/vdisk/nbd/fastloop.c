@@ -306,35 +306,30 @@ static int finish_write(struct nbd_state *s, uint64_t *pos, uint64_t *inflight, 
 	return 0;
 }
 
+/* The writer thread, started on the first long WRITE; 0 when it cannot be (the long WRITEs are
+ * then written in line, as the short ones). */
 static int writer_start(struct nbd_state *s)
 {
 	struct writer *w = calloc(1, sizeof(*w));
 	if (w == NULL)
-		return -ENOMEM;
+		return 0;
 	pthread_mutex_init(&w->lock, NULL);
 	pthread_cond_init(&w->cond, NULL);
 	w->fd = s->fd;
 	s->writer = w;
 	if (pthread_create(&w->thread, NULL, writer_main, w) != 0)
-		return -EAGAIN;
+		return 0;
 	w->started = 1;
-	return 0;
+	return 1;
 }
 
 /* Receive a long WRITE (header at in_start) into a free payload slot and hand it to the writer
- * (after the one in flight). RET_* or -errno; -1 - RET_* never: 0 on success. */
+ * (after the one in flight): 0, else RET_* or -errno to return with. */
 static long async_write(struct nbd_state *s, uint64_t *pos, uint64_t *inflight, uint64_t *batch,
 			uint64_t offset, uint64_t length)
 {
 	struct writer *w = s->writer;
 	int rc;
-	if (w == NULL || !w->started) {
-		if (w == NULL && (rc = writer_start(s)) < 0)
-			return rc;
-		if (!s->writer->started)
-			return -EAGAIN;
-		w = s->writer;
-	}
 	int k = w->next_slot;
 	if (w->slot_cap[k] < length) {
 		free(w->slot[k]);
@@ -453,6 +448,8 @@ long nbd_serve(struct nbd_state *s)
 			break;
 		int is_write = type == CMD_WRITE && flags == 0 && s->writes;
 		streaming = is_write && s->async_min && length >= s->async_min;
+		if (streaming && s->writer == NULL && !writer_start(s))
+			s->async_min = streaming = 0;
 		if (streaming) {
 			long r = async_write(s, &pos, &inflight, batch, offset, length);
 			if (r != 0) {
