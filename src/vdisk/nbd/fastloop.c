@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +85,7 @@ struct nbd_state {
 	uint8_t failed_cookie[8];
 	int32_t failed_errno;
 	struct writer *writer;
+	uint64_t poll_ns;        /* with nothing buffered, poll this long before blocking */
 };
 
 static uint32_t be32(const uint8_t *p)
@@ -241,6 +243,30 @@ static int fill(struct nbd_state *s, uint64_t need, int exact)
 		s->in_end += (uint64_t)n;
 	}
 	return 1;
+}
+
+/* Poll the socket for up to poll_ns before fill() blocks: a client in a tight loop (QD1) sends
+ * its next request within microseconds, and catching it awake saves the sleep and the wake-up,
+ * which on an idle host cost more than the request (QEMU's iothreads poll for the same reason).
+ * Yields the CPU at each turn, so runnable threads are not kept waiting. 1: go on (data or
+ * not); 0: EOF; <0: -errno. */
+static int poll_briefly(struct nbd_state *s, uint64_t room)
+{
+	uint64_t deadline = now_ns() + s->poll_ns;
+	for (;;) {
+		ssize_t n = recv(s->sock, s->in + s->in_end, room, MSG_DONTWAIT);
+		if (n > 0) {
+			s->in_end += (uint64_t)n;
+			return 1;
+		}
+		if (n == 0)
+			return 0;
+		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+			return -errno;
+		if (now_ns() >= deadline)
+			return 1;
+		sched_yield();
+	}
 }
 
 static void tally(struct nbd_state *s, const uint64_t batch[2], uint64_t t0)
@@ -417,6 +443,7 @@ long nbd_serve(struct nbd_state *s)
 				}
 			}
 			/* every reply of the batch in one send, then wait for the next requests */
+			int lone_read = batch[0] == 1 && batch[1] == 0 && !inflight;
 			if (batch[0] || batch[1]) {
 				tally(s, batch, t0);
 				batch[0] = batch[1] = 0;
@@ -429,6 +456,16 @@ long nbd_serve(struct nbd_state *s)
 				s->in_start = s->in_end = 0;
 			/* after a long WRITE, take the next header alone: if it is another, its
 			 * payload is then received straight into a slot, not copied there */
+			/* only after a batch of one READ (a QD1 reader): polling between deeper or
+			 * write batches took CPU from the client and the writer (4K and 1M writes QD8:
+			 * 0.90x and 0.82x without it) */
+			if (s->poll_ns && lone_read && s->in_start == s->in_end) {
+				rc = poll_briefly(s, streaming ? REQUEST_SIZE : s->in_cap - s->in_end);
+				if (rc <= 0) {
+					ret = rc == 0 ? RET_EOF : rc;
+					break;
+				}
+			}
 			rc = fill(s, REQUEST_SIZE, streaming);
 			if (rc <= 0) {
 				ret = rc == 0 ? RET_EOF : rc;
