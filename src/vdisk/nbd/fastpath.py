@@ -6,7 +6,8 @@ Why: a 4K READ at depth 1 cost ~8.7 us of user CPU in the Python loop against nb
 and the round trip is what QD1 measures. The C loop serves the plain READs and WRITEs of a
 host file (raw) exactly as the Python loop's inline path does, and hands everything else back
 to it, with the receive buffer from that request on: Python stays the one place that knows the
-rest of the protocol.
+rest of the protocol. Long WRITEs are written by a writer thread while the next request is
+received, and after a lone READ the loop polls the socket briefly before it blocks.
 
 ``VDISK_NBD_FASTPATH=0`` turns it off; so does a missing compiler (``CC``, else ``cc``): the
 server then runs its pure-Python loop, with the same bytes on the wire.
