@@ -269,3 +269,40 @@ def test_off_switch(tmp_path: Path) -> None:
         [*VDISK[:1], "-c", code], capture_output=True, text=True, env=env, check=True, timeout=60
     ).stdout
     assert out.strip() == "True"
+
+
+def test_poll_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VDISK_NBD_POLL_NS sets how long the loop polls after a lone READ (0: never)."""
+    monkeypatch.setenv("VDISK_NBD_POLL_NS", "0")
+    assert fastpath.poll_ns() == 0
+    monkeypatch.setenv("VDISK_NBD_POLL_NS", "not a number")
+    assert fastpath.poll_ns() == fastpath.POLL_NS
+    monkeypatch.delenv("VDISK_NBD_POLL_NS")
+    assert fastpath.poll_ns() == fastpath.POLL_NS
+
+
+def test_same_replies_without_polling(
+    tmp_path: Path,
+    sock_path: str,
+    serve_inproc: Callable[..., NbdServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The script gives the same replies with polling off as with it on."""
+    if fastpath.library() is None:
+        pytest.skip("the NBD fast path is off here (no C compiler, or VDISK_NBD_FASTPATH=0)")
+    make_image(tmp_path / "a.raw")
+    shutil.copy(tmp_path / "a.raw", tmp_path / "b.raw")
+    reqs = script(True)
+    replies = []
+    for name, poll in (("a.raw", "0"), ("b.raw", "50000")):
+        monkeypatch.setenv("VDISK_NBD_POLL_NS", poll)
+        with RawDevice(str(tmp_path / name)) as dev:
+            server = NbdServer([Export(dev)])
+            server.listen_unix(sock_path)
+            server.start()
+            try:
+                replies.append(transcript(sock_path, True, reqs))
+            finally:
+                server.close()
+    assert replies[0] == replies[1]
+    assert (tmp_path / "a.raw").read_bytes() == (tmp_path / "b.raw").read_bytes()
