@@ -370,6 +370,10 @@ class ServerConnection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Convenience for tests and non-buffered transports: copy ``data`` in."""
         view = memoryview(data).cast("B")
+        if len(view) > len(self._buf) - self._end:  # grow once, not by get_buffer's steps
+            self._compact()
+            if len(view) > len(self._buf) - self._end:
+                self._grow(self._end + len(view))
         while view:
             buf = self.get_buffer()
             n = min(len(buf), len(view))
@@ -380,6 +384,12 @@ class ServerConnection:
     @property
     def buffered(self) -> int:
         return self._end - self._start
+
+    @property
+    def at_request_boundary(self) -> bool:
+        """In transmission with nothing buffered and no payload to discard: the next byte
+        received starts a request."""
+        return self.state is _TRANSMISSION and self._start == self._end and not self._drain
 
     def _compact(self) -> None:
         start, end = self._start, self._end

@@ -6,6 +6,8 @@ served in order; replies of all requests already buffered are laid end to end in
 arena (headers packed in place, read data read straight into it) and sent with one send, so a
 deep queue costs few system calls and no copies. A device backed by a host file (raw) is read
 and written through its descriptor directly, and long READs go out with sendfile(2) from it.
+Without TLS or extended headers, the plain READs and WRITEs of such a file are served by an
+optional compiled loop (fastpath.py), which hands everything else back to the Python loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from ..block import BlockDevice, DirtyBitmap, Extent, FileBacked, is_zero
 from ..errors import RequestError, VdiskError
 from ..metrics import IoMetrics, register, unregister
+from . import fastpath
 from . import protocol as p
 from .known_data import KnownData
 
@@ -49,6 +52,9 @@ SOCKET_SNDBUF = 4 << 20
 #: WRITEs at least this long are streamed (see ServerConnection's stream_writes): the part of
 #: the payload not yet buffered is received straight into a payload buffer.
 STREAM_WRITE_MIN = 128 << 10
+#: WRITEs at least this long are written by the compiled loop's writer thread while the next
+#: request is received (see fastloop.c).
+ASYNC_WRITE_MIN = 128 << 10
 #: One structured READ reply's header in one pack: chunk header, then the data offset.
 READ_CHUNK_HEADER = struct.Struct(">IHHQIQ")
 SIMPLE_REPLY = p.SIMPLE_REPLY
@@ -208,6 +214,8 @@ class _Client:
         #: Where streamed WRITE payloads are received (allocated on the first one, grown to
         #: the longest; bounded like the receive buffer by the protocol's maximum payload).
         self.payload_buffer: memoryview | None = None
+        #: The compiled loop serving plain READs/WRITEs of a host file (see fastpath.py).
+        self.fast: fastpath.FastConnection | None = None
 
     # -- I/O helpers ---------------------------------------------------------------------------
 
@@ -344,6 +352,13 @@ class _Client:
         inline_read_max = (SPARSE_READ_MIN if structured else SENDFILE_MIN) if inline else 0
         inline_writes = (inline and not export.always_fua and export.detect_zeroes == "off"
                          and not export.bitmaps)
+        lib = fastpath.library() if inline and not self.tls else None
+        fast = None
+        if lib is not None:
+            fast = self.fast = fastpath.FastConnection(
+                lib, self.sock.fileno(), fd, export.info.size, structured=structured,
+                writes=inline_writes and not export.readonly, read_max=inline_read_max,
+                max_payload=p.MAX_PAYLOAD, async_min=ASYNC_WRITE_MIN)
         hdr = conn.read_header_size()
         ok_size = SIMPLE_REPLY.size
         pack_data_header = READ_CHUNK_HEADER.pack_into
@@ -425,7 +440,25 @@ class _Client:
                     if writes:
                         record_many("write", writes, write_bytes, elapsed)
                         writes = write_bytes = 0
-                n = recv_into(get_buffer())
+                if fast is not None and conn.at_request_boundary:
+                    code, rest = fast.serve()
+                    for op, count, nbytes, latency in fast.take_tallies():
+                        record_many(op, count, nbytes, latency)
+                    if rest:  # from the request C left to Python on
+                        conn.receive_data(rest)
+                    if code < 0:
+                        raise OSError(-code, os.strerror(-code))
+                    if code == fastpath.WRITE_FAILED:
+                        cookie, failure = fast.take_failure()
+                        self.fail(conn, metrics, p.NBD_CMD_WRITE, cookie, failure, 0)
+                        arena_view = memoryview(self.arena)
+                        arena_len = len(arena_view)
+                    if code != fastpath.EOF:
+                        batch_start = clock()
+                        continue
+                    n = 0
+                else:
+                    n = recv_into(get_buffer())
                 if not n:
                     closed = conn.eof()
                     if closed.error:
@@ -442,6 +475,9 @@ class _Client:
                         log.info("nbd: dropping client: %s", event.error)
                     return
             assert type(event) is Request
+            if event.type == p.NBD_CMD_DISC:  # no reply: answer the rest, then hang up
+                self.flush_replies()
+                return
             self.serve(conn, export, contexts, event, file_fd)
             arena_view = memoryview(self.arena)  # serve may have grown it
             arena_len = len(arena_view)
@@ -807,6 +843,8 @@ class NbdServer:
         except Exception:
             log.exception("nbd: client handler failed")
         finally:
+            if client.fast is not None:
+                client.fast.close()
             with contextlib.suppress(OSError):
                 client.sock.close()
             with contextlib.suppress(OSError):
