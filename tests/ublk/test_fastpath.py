@@ -26,6 +26,18 @@ def nop_sqe(user_data: int) -> bytes:
     return ops.RW_SQE.pack(ops.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, user_data, 0, 0, 0)
 
 
+def _fast_loop(
+    lib: object, ring: Ring, descs: int, bufs: mmap.mmap, depth: int = DEPTH,
+    linked: list[list[bytes]] | None = None, null: bool = False, timing: bool = False,
+) -> fastpath.FastLoop:
+    """A loop over ``descs`` whose commits are NOPs tagged RETRY (4 KiB of descriptors)."""
+    return fastpath.FastLoop(
+        lib, ring, descs, 4096, 0, bufs, BUF, depth,  # type: ignore[arg-type]
+        [nop_sqe(RETRY << 16 | tag) for tag in range(depth)], linked, null, RESULT_OFFSET,
+        ops.RWF_DSYNC, 5.0, timing,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def lib() -> object:
     built = fastpath.library()
@@ -47,11 +59,7 @@ def test_serves_null_and_linked_requests_and_hands_back_the_rest(lib: object) ->
     bufs = mmap.mmap(-1, DEPTH * BUF)
     bufs[:] = b"\xaa" * len(bufs)
     with Ring(16) as ring:
-        fast = fastpath.FastLoop(
-            lib, ring, descs, 4096, 0, bufs, BUF, DEPTH,  # type: ignore[arg-type]
-            [nop_sqe(RETRY << 16 | tag) for tag in range(DEPTH)], None, True, RESULT_OFFSET,
-            ops.RWF_DSYNC, 5.0, True,
-        )
+        fast = _fast_loop(lib, ring, descs, bufs, null=True, timing=True)
         try:
             # Four "new requests" (kind 0, res 0), in slots the tags do not own.
             for tag in range(DEPTH):
@@ -84,11 +92,7 @@ def test_linked_read_queues_its_backing_op_with_the_request_patched_in(lib: obje
     bufs = mmap.mmap(-1, DEPTH * BUF)
     with Ring(16) as ring:
         linked = [[nop_sqe(LINKED_BACKING << 16 | tag) for tag in range(DEPTH)], []]
-        fast = fastpath.FastLoop(
-            lib, ring, descs, 4096, 0, bufs, BUF, DEPTH,  # type: ignore[arg-type]
-            [nop_sqe(RETRY << 16 | tag) for tag in range(DEPTH)], linked, False, RESULT_OFFSET,
-            ops.RWF_DSYNC, 5.0, False,
-        )
+        fast = _fast_loop(lib, ring, descs, bufs, linked=linked)
         try:
             ring.sqes[8 * 64 : 9 * 64] = nop_sqe(1)
             ring.push([8])
@@ -132,11 +136,7 @@ def test_extent_requests_run_at_the_host_offset_the_table_gives(lib: object) -> 
     entries = [(128 << 10) | 1, (64 << 10) | 3, (192 << 10) | 3, 0]
     table[: 8 * len(entries)] = struct.pack(f"<{len(entries)}Q", *entries)
     with Ring(32) as ring:
-        fast = fastpath.FastLoop(
-            lib, ring, descs, 4096, 0, bufs, BUF, depth,  # type: ignore[arg-type]
-            [nop_sqe(RETRY << 16 | tag) for tag in range(depth)], None, False, RESULT_OFFSET,
-            ops.RWF_DSYNC, 5.0, False,
-        )
+        fast = _fast_loop(lib, ring, descs, bufs, depth=depth)
         addrs = [buffer_address(bufs) + tag * BUF for tag in range(depth)]
         reads = [ops.RW_SQE.pack(ops.IORING_OP_READ, ops.IOSQE_IO_LINK, 0, image, 0, addr, 0,
                                  0, EXTENT << 16 | tag, 0, 0, 0) for tag, addr in enumerate(addrs)]
@@ -182,11 +182,7 @@ def test_inline_requests_run_on_the_file_and_failures_go_back_to_python(lib: obj
     bufs = mmap.mmap(-1, DEPTH * BUF)
     bufs[:] = b"\x5a" * len(bufs)
     with Ring(16) as ring:
-        fast = fastpath.FastLoop(
-            lib, ring, descs, 4096, 0, bufs, BUF, DEPTH,  # type: ignore[arg-type]
-            [nop_sqe(RETRY << 16 | tag) for tag in range(DEPTH)], None, False, RESULT_OFFSET,
-            ops.RWF_DSYNC, 5.0, True,
-        )
+        fast = _fast_loop(lib, ring, descs, bufs, timing=True)
         fast.set_inline(image, [True, True])
         try:
             for tag in range(DEPTH):
@@ -230,11 +226,7 @@ def test_inline_extent_writes_go_to_the_host_offset_or_back_to_python(lib: objec
     table = mmap.mmap(-1, 8 * 2)
     table[:] = struct.pack("<2Q", (64 << 10) | 1, (192 << 10) | 3)
     with Ring(16) as ring:
-        fast = fastpath.FastLoop(
-            lib, ring, descs, 4096, 0, bufs, BUF, depth,  # type: ignore[arg-type]
-            [nop_sqe(RETRY << 16 | tag) for tag in range(depth)], None, False, RESULT_OFFSET,
-            ops.RWF_DSYNC, 5.0, False,
-        )
+        fast = _fast_loop(lib, ring, descs, bufs, depth=depth)
         fast.set_extents(buffer_address(table), 2, cb, [[], []])
         fast.set_inline(image, [False, True])
         try:
