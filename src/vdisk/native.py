@@ -15,8 +15,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-# Loading a built helper must stay cheap (``vdisk convert`` loads one): hashing, logging and
-# the build's modules are imported only when they are needed.
+# Loading a built helper must stay cheap (``vdisk convert`` loads one): logging and the
+# build's modules are imported only when they are needed, and the digest comes from CPython's
+# own sha256 module rather than hashlib's OpenSSL.
 try:
     from _sha256 import sha256  # type: ignore[import-not-found, unused-ignore]  # no OpenSSL
 except ImportError:  # pragma: no cover - other versions name it otherwise
