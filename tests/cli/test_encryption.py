@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import Run, VdiskRunner, qemu_io
-from cli_helpers import qemu_img as _qemu_img
 
+from oracles import run_qemu_luks
 from vdisk.cli.options import parse_object
 from vdisk.errors import RequestError
 
@@ -22,12 +22,8 @@ LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
 
 
 def qemu_img(args: list[str], cwd: Path) -> Run:
-    for _attempt in range(8):
-        run = _qemu_img(args, cwd)
-        # qemu-img's PBKDF2 benchmark gives up on a busy host for a short iter-time.
-        if "Unable to get accurate CPU usage" not in run.err:
-            break
-    return run
+    proc = run_qemu_luks(["qemu-img", *args], cwd)
+    return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
 def _opts(name: str, secret: str = "s0") -> str:
@@ -268,7 +264,7 @@ def test_nbd_serves_luks_through_image_opts(tmp_path: Path) -> None:
             time.sleep(0.05)
         size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True)
         assert size.stdout.strip() == str(1 << 20), size
-        same = _qemu_img(["compare", "-f", "raw", "-F", "raw", "plain.raw", uri], tmp_path)
+        same = qemu_img(["compare", "-f", "raw", "-F", "raw", "plain.raw", uri], tmp_path)
         assert same.rc == 0, same
     finally:
         server.terminate()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import vdisk
 import vdisk.info
-from oracles import needs_qemu
+from oracles import needs_qemu, run_qemu_luks
 from vdisk.crypto import CipherSpec, SectorCipher
 from vdisk.errors import FormatError, VdiskError
 from vdisk.qcow2 import Qcow2Image, luks
@@ -64,12 +64,7 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     cmd = [str(a) for a in args]
     if cmd[0] == "vdisk":
         cmd[:1] = [sys.executable, "-m", "vdisk"]
-    for _attempt in range(8):
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        # qemu-img's PBKDF2 benchmark gives up on a busy host for a short iter-time.
-        if "Unable to get accurate CPU usage" not in proc.stderr:
-            break
-    return proc
+    return run_qemu_luks(cmd)
 
 
 def _qemu_io(path: Path, *commands: str, pw: str = PW) -> None:
