@@ -12,7 +12,7 @@ import pytest
 
 from vdisk import uring
 from vdisk.ublk import fastpath, uapi
-from vdisk.ublk.ring_layout import LINKED_BACKING, RESULT_OFFSET, RETRY
+from vdisk.ublk.ring_layout import LINKED_BACKING, RESULT_OFFSET, RETRY, RING_RW
 from vdisk.uring import Ring, ops
 from vdisk.uring.ring import buffer_address
 
@@ -200,6 +200,57 @@ def test_inline_requests_run_on_the_file_and_failures_go_back_to_python(lib: obj
                        for tag in (0, 1)}
             assert results == {0: 4096, 1: 4096}
             assert [t[:3] for t in fast.take_tallies()] == [(0, 1, 4096), (1, 1, 4096)]
+        finally:
+            fast.close()
+    bufs.close()
+    os.close(descs)
+    os.close(image)
+
+
+def test_long_inline_requests_go_through_the_ring_and_are_committed_on_their_cqe(
+    lib: object,
+) -> None:
+    """An inline op of ring_min_len bytes or more is queued on the ring unlinked (ublksrv's
+    way: the kernel's worker copies it while the loop serves on); C commits it with its
+    length on a full CQE and hands a short one to Python. A shorter one still runs inline."""
+    image = os.memfd_create("image")
+    os.ftruncate(image, 16 << 10)
+    descs = os.memfd_create("descs")
+    os.ftruncate(descs, 4096)
+    requests = [  # op_flags, nr_sectors, start_sector per tag
+        (uapi.UBLK_IO_OP_WRITE, 16, 0),  # 8 KiB at 0: through the ring
+        (uapi.UBLK_IO_OP_WRITE, 8, 16),  # 4 KiB at 8 KiB: inline
+        (uapi.UBLK_IO_OP_READ, 16, 24),  # 8 KiB at 12 KiB, past the end: short, Python's
+    ]
+    depth = len(requests)
+    os.pwrite(descs, b"".join(uapi.IO_DESC.pack(f, n, s, 0) for f, n, s in requests), 0)
+    bufs = mmap.mmap(-1, depth * BUF)
+    for tag in range(depth):
+        bufs[tag * BUF : (tag + 1) * BUF] = bytes([0x30 + tag]) * BUF
+    base = buffer_address(bufs)
+    ring_sqe = [
+        [ops.RW_SQE.pack(opcode, 0, 0, image, 0, base + tag * BUF, 0, 0,
+                         RING_RW << 16 | tag, 0, 0, 0) for tag in range(depth)]
+        for opcode in (ops.IORING_OP_READ, ops.IORING_OP_WRITE)
+    ]  # fmt: skip
+    with Ring(16) as ring:
+        fast = _fast_loop(lib, ring, descs, bufs, depth=depth)
+        fast.set_inline(image, [True, True], ring_sqe, 8192)
+        try:
+            for tag in range(depth):
+                ring.sqes[(8 + tag) * 64 : (9 + tag) * 64] = nop_sqe(tag)
+            ring.push([8, 9, 10])
+            got: list[tuple[int, int, int]] = []
+            while len(got) < 3:
+                got += fast.run()
+            assert sorted(c[:2] for c in got) == [
+                (RETRY << 16 | 0, 0), (RETRY << 16 | 1, 0), (RING_RW << 16 | 2, 4096)
+            ]  # two commits, and the short READ for Python
+            assert os.pread(image, 12 << 10, 0) == b"\x30" * 8192 + b"\x31" * 4096
+            results = [struct.unpack_from("<i", ring.sqes, (2 * tag + 1) * 64 + RESULT_OFFSET)[0]
+                       for tag in (0, 1)]  # fmt: skip
+            assert results == [8192, 4096]
+            assert fast.state.ring_ios == 2 and fast.state.inline_ios == 1
         finally:
             fast.close()
     bufs.close()

@@ -39,6 +39,7 @@
 #define FL_TIMING 2u    /* measure each batch's service time (for the metrics) */
 #define FL_NULL 4u      /* the null backend: every request succeeds, reads leave the buffer as it is */
 #define KIND_EXTENT 4u  /* user_data kind of an extent READ/WRITE (ring_layout.EXTENT) */
+#define KIND_RING_RW 5u /* user_data kind of an unlinked inline op (ring_layout.RING_RW) */
 #define EXTENT_READABLE 1u
 #define EXTENT_WRITABLE 2u
 #define EXTENT_FLAGS 511u
@@ -105,6 +106,14 @@ struct fl_state {
 	int32_t inline_fd;
 	uint32_t inline_ops;         /* bit 1 << op for READ, WRITE */
 	uint64_t inline_ios;         /* requests served inline here (for tests) */
+	/* An inline op of at least ring_min_len bytes (0: none) goes through the ring instead,
+	 * unlinked (ring_tpl, user_data kind KIND_RING_RW), and is committed here on its CQE:
+	 * the kernel's io-wq worker then copies it while this thread takes the next request, as
+	 * ublksrv's loop target does. A linked commit would run on that worker, which Linux 6.1
+	 * refuses. A failed or short one goes to Python (the file target's finish). */
+	const uint8_t *ring_tpl[2];  /* READ, WRITE: 64 bytes per tag, or NULL */
+	uint32_t ring_min_len;
+	uint64_t ring_ios;           /* requests queued that way (for tests) */
 };
 
 static uint64_t now_ns(void)
@@ -140,6 +149,22 @@ static int64_t extent_host(const struct fl_state *s, uint64_t off, uint32_t len,
 	return (int64_t)(host + (off & (((uint64_t)1 << cb) - 1)));
 }
 
+static void queue_commit(struct fl_state *s, uint32_t tag, int32_t res, uint32_t *tail)
+{
+	uint8_t *cmd = s->sqes + (size_t)tag * 128 + 64;
+	memcpy(cmd, s->commit_tpl + (size_t)tag * 64, 64);
+	memcpy(cmd + s->result_offset, &res, 4);
+	s->sq_array[*tail & s->sq_mask] = tag * 2 + 1;
+	(*tail)++;
+}
+
+static void count(struct fl_state *s, uint32_t op, uint32_t len, uint64_t *done_ops)
+{
+	s->counts[op]++;
+	s->bytes[op] += (op <= OP_WRITE) ? len : 0;
+	done_ops[op]++;
+}
+
 /* One new request on tag: queue its SQEs, or return 0 when Python must serve it. */
 static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *done_ops)
 {
@@ -152,6 +177,22 @@ static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *don
 	uint32_t op = op_flags & 0xff;
 	uint32_t len = nr_sectors << 9;
 	int32_t res;
+	int inline_op = op <= OP_WRITE && (s->inline_ops & (1u << op));
+	if (inline_op && s->ring_tpl[op] && s->ring_min_len && len >= s->ring_min_len &&
+	    len <= s->buf_size && !s->extents) {
+		uint8_t *sqe = s->sqes + (size_t)tag * 128;
+		uint64_t off = start << 9;
+		uint32_t rw_flags = (op_flags & FUA_FLAG) ? s->rwf_dsync : 0;
+		memcpy(sqe, s->ring_tpl[op] + (size_t)tag * 64, 64);
+		memcpy(sqe + 8, &off, 8);
+		memcpy(sqe + 24, &len, 4);
+		memcpy(sqe + 28, &rw_flags, 4);
+		s->sq_array[*tail & s->sq_mask] = tag * 2;
+		(*tail)++;
+		s->ring_ios++;
+		count(s, op, len, done_ops);
+		return 1; /* committed on its CQE */
+	}
 	if (op <= OP_WRITE && s->linked_tpl[op]) {
 		uint8_t *sqe = s->sqes + (size_t)tag * 128;
 		memcpy(sqe, s->linked_tpl[op] + (size_t)tag * 64, 64);
@@ -183,8 +224,7 @@ static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *don
 		s->sq_array[*tail & s->sq_mask] = tag * 2;
 		(*tail)++;
 		res = (int32_t)len;
-	} else if (op <= OP_WRITE && (s->inline_ops & (1u << op)) &&
-		   !(op == OP_WRITE && (op_flags & FUA_FLAG))) {
+	} else if (inline_op && !(op == OP_WRITE && (op_flags & FUA_FLAG))) {
 		uint64_t off = start << 9;
 		if (len > s->buf_size)
 			return 0;
@@ -217,14 +257,8 @@ static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *don
 	} else {
 		return 0;
 	}
-	uint8_t *cmd = s->sqes + (size_t)tag * 128 + 64;
-	memcpy(cmd, s->commit_tpl + (size_t)tag * 64, 64);
-	memcpy(cmd + s->result_offset, &res, 4);
-	s->sq_array[*tail & s->sq_mask] = tag * 2 + 1;
-	(*tail)++;
-	s->counts[op]++;
-	s->bytes[op] += (op <= OP_WRITE) ? len : 0;
-	done_ops[op]++;
+	queue_commit(s, tag, res, tail);
+	count(s, op, len, done_ops);
 	return 1;
 }
 
@@ -270,6 +304,17 @@ long fl_run(struct fl_state *s)
 			    serve(s, (uint32_t)c->user_data, &tail, done_ops)) {
 				handled++;
 				continue;
+			}
+			if (c->user_data >> 16 == KIND_RING_RW) {
+				uint32_t tag = (uint32_t)(c->user_data & 0xffff);
+				uint32_t nr_sectors;
+				if (tag < s->depth) {
+					memcpy(&nr_sectors, s->descs + (size_t)tag * 24 + 4, 4);
+					if (c->res >= 0 && (uint32_t)c->res == nr_sectors << 9) {
+						queue_commit(s, tag, c->res, &tail);
+						continue;
+					}
+				}
 			}
 			if (c->user_data >> 16 == KIND_EXTENT && s->extents) {
 				uint32_t tag = (uint32_t)(c->user_data & 0xffff);

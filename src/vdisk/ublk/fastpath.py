@@ -20,6 +20,7 @@ import ctypes
 import functools
 import logging
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,17 @@ FL_TIMEOUT, FL_TIMING, FL_NULL = 1, 2, 4
 _CQE = struct.Struct("<QiI")
 #: with host extents, the compiled loop returns to Python at least every this many requests
 EXTENT_RENEW_REQUESTS = 4096
+#: a READ/WRITE the kernel would punt of this many bytes and more goes to its io-wq worker
+#: (copying there while the queue thread serves on) rather than inline;
+#: ``VDISK_UBLK_RING_MIN_LEN`` sets it, 0 keeps every one inline
+RING_MIN_LEN = 128 << 10
+
+
+def ring_min_len() -> int:
+    try:
+        return max(0, int(os.environ.get("VDISK_UBLK_RING_MIN_LEN", RING_MIN_LEN)))
+    except ValueError:
+        return RING_MIN_LEN
 
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 
@@ -84,6 +96,9 @@ class _State(ctypes.Structure):
         ("inline_fd", ctypes.c_int32),
         ("inline_ops", ctypes.c_uint32),
         ("inline_ios", ctypes.c_uint64),
+        ("ring_tpl", ctypes.c_void_p * 2),
+        ("ring_min_len", ctypes.c_uint32),
+        ("ring_ios", ctypes.c_uint64),
     ]
 
 
@@ -204,23 +219,28 @@ class FastLoop:
             # renew its image ticket and freed clusters do not wait for ever.
             s.max_requests = EXTENT_RENEW_REQUESTS
 
-    def set_inline(self, fd: int, inline: list[bool]) -> None:
+    def set_inline(
+        self, fd: int, inline: list[bool], ring_sqe: list[list[bytes]] | None = None,
+        ring_min_len: int = 0,
+    ) -> None:
         """Run the READs/WRITEs ``inline`` says with pread/pwrite on ``fd`` (at the host
         extent when there is a table), as the file target's ``serve`` would: the ops the
-        kernel would hand to an io-wq worker."""
+        kernel would hand to an io-wq worker. Those of ``ring_min_len`` bytes and more go to
+        that worker after all, unlinked, through ``ring_sqe`` (a plain file only)."""
         s = self.state
         s.inline_fd = fd
         s.inline_ops = sum(1 << op for op in (0, 1) if inline[op])
+        if ring_sqe is not None and ring_min_len > 0:
+            self._ring_tpl = [
+                ctypes.create_string_buffer(b"".join(ring_sqe[op]), 64 * s.depth) for op in (0, 1)
+            ]
+            for op, tpl in enumerate(self._ring_tpl):
+                s.ring_tpl[op] = ctypes.addressof(tpl)
+            s.ring_min_len = ring_min_len
 
     def extent_done(self, tag: int) -> None:
         """Python saw the end of ``tag``'s extent I/O (it failed or came up short)."""
         self.state.inflight[self._tag_epoch[tag]] -= 1
-
-    def set_linked(self, linked: list[bool]) -> None:
-        """Serve only the linked ops ``linked`` says (the file target's probe outcome)."""
-        for op in (0, 1):
-            if not linked[op]:
-                self.state.linked_tpl[op] = None
 
     def run(self) -> list[tuple[int, int, int]]:
         """Serve what C can; return the CQEs for Python, oldest first (maybe none)."""

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING
 from ..uring import Ring, ops
 from . import uapi
 from .errors import errno_of
-from .ring_layout import BACKING, BACKING_SLOT, KIND_SHIFT, LINKED_BACKING, SQE_SIZE, backing_slot
+from .ring_layout import (
+    BACKING,
+    BACKING_SLOT,
+    KIND_SHIFT,
+    LINKED_BACKING,
+    RING_RW,
+    SQE_SIZE,
+    backing_slot,
+)
 
 if TYPE_CHECKING:
     from ..block import BlockDevice
@@ -91,10 +99,16 @@ class FileTarget:
         self.linked = [False, False]
         #: per op code and tag: the SQE image of the linked READ/WRITE (off/addr/len/flags to
         #: patch, see ring_layout.SQE_IO)
-        self.linked_sqe = [
-            [ops.RW_SQE.pack(opcode, _LINKED, 0, BACKING_SLOT, 0, addr, 0, 0,
-                             LINKED_BACKING << KIND_SHIFT | tag, 0, 0, 0)
-             for tag, addr in enumerate(buf_addr)]
+        self.linked_sqe = self._rw_templates(_LINKED, LINKED_BACKING)
+        #: the same, unlinked: what the compiled loop queues for a long op the kernel
+        #: would punt (fastpath.RING_MIN_LEN), committing it on its CQE
+        self.ring_sqe = self._rw_templates(ops.IOSQE_FIXED_FILE, RING_RW)
+
+    def _rw_templates(self, flags: int, kind: int) -> list[list[bytes]]:
+        return [
+            [ops.RW_SQE.pack(opcode, flags, 0, BACKING_SLOT, 0, addr, 0, 0,
+                             kind << KIND_SHIFT | tag, 0, 0, 0)
+             for tag, addr in enumerate(self.buf_addr)]
             for opcode in _RW_OPCODE
         ]
 

@@ -210,10 +210,10 @@ class Queue(threading.Thread):
             # the compiled loop runs with pread/pwrite, without the GIL.
             file = self.file
             if isinstance(file, ExtentTarget):
-                inline = [not file.through_ring[0], not file.through_ring[1]]
+                self.fast.set_inline(file.fd, [not file.through_ring[0], not file.through_ring[1]])
             else:
-                inline = [not file.linked[0], not file.linked[1]]
-            self.fast.set_inline(file.fd, inline)
+                self.fast.set_inline(file.fd, [not file.linked[0], not file.linked[1]],
+                                     file.ring_sqe, fastpath.ring_min_len())
         for tag in range(depth):
             self._queue_cmd(self.op_fetch, tag, -1)
         self.ring.push(self.slots)

@@ -20,6 +20,7 @@ RETRY = 1  # a commit re-issued from the queue thread after the kernel refused i
 BACKING = 2  # an unlinked op on the backing file (its commit follows its CQE), or a probe
 LINKED_BACKING = 3  # READ or WRITE linked to its commit: a CQE only on failure or short I/O
 EXTENT = 4  # READ or WRITE at a host extent (extent_target), linked to its commit: always a CQE
+RING_RW = 5  # READ or WRITE the compiled loop queued unlinked; it commits a full one itself
 
 CDEV_SLOT = 0
 BACKING_SLOT = 1
