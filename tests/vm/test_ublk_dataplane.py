@@ -78,6 +78,11 @@ def test_raw_linked_io_with_fua_matches_the_backing_file(
             # O_SYNC writes reach the server with FUA.
             fio_verify(path, "--sync=1")
             fio_verify(path, "--offset=4m")
+            fio_verify(path, "--offset=8m", "--bsrange=128k-1m")  # long ones: their own path
+            queue = dev.queues[0]
+            if queue.fast is not None and not queue.linked[1]:
+                # punted WRITEs of 128 KiB and more go to the kernel's worker, unlinked
+                assert queue.fast.state.ring_ios > 0 and queue.fast.state.inline_ios > 0
             fd = os.open(path, os.O_RDONLY)
             try:
                 device_bytes = b"".join(
