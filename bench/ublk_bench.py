@@ -421,12 +421,48 @@ nanosecond-exact; strace -c on the server):
   I/O, go back to Python, which runs them whole, fdatasync and error log included). Guest CPU
   per 4k randwrite QD32 after it, one VM run (17:58-18:03 UTC, load 1.3 -> 7.4): raw
   40/115/112 us against ublksrv-loop's 73/285/336 (ublksrv pays the io-wq hop).
+- Long punted I/O goes to the worker after all (2026-12-06): with every WRITE run inline, one
+  queue thread both took each 1 MiB WRITE's data from the kernel and copied it into the page
+  cache, while the other vCPU idled. raw/ublksrv-loop 1M seq write QD8 was 0.90 in a full run
+  that evening (21:36-21:47 UTC, load 0.4 -> 1.2; every other raw cell 0.92-1.99). Now a
+  READ/WRITE the kernel would punt, of `fastpath.RING_MIN_LEN` (128 KiB) and more, goes on the
+  ring unlinked, as ublksrv's loop target sends all of them. Its io-wq worker copies while the
+  queue thread takes the next request, and the compiled loop commits it on its CQE. A linked
+  commit would run on that worker, and Linux 6.1 refuses it there. Shorter ones stay inline,
+  where 4k randwrite QD32 is 1.95x ublksrv's. One VM run, the two settings alternated
+  (`VDISK_UBLK_RING_MIN_LEN=0` against the default, 0 N N 0 twice, 21:51-21:56 UTC, load
+  0.2-0.7): raw 1M seq write QD8 rose from 379-444 to 476-505 MB/s (median of the 4 pairwise
+  ratios 1.14x), and the guest's idle time per I/O fell from 2900 to 1810 us. The full run
+  above, after the change, has the row at 1.15x.
 - Null 4k randread QD1/QD32 (0.79/0.76 in a null-only run on 2026-12-03): in the same VM run
   the guest CPU per I/O was at par (QD1: ours 331/2415/1085 us, ublksrv-null 353/2260/1153),
   and one fio run's rate moved 2-17 MB/s with the host's load, so that gap was run-to-run
   spread; the pairs of each target ratio now run back to back to narrow it. Metrics' timing
   costs two clock_gettime per batch, 3.5 us each on the guest's hpet clock (perf_counter_ns
   4.5 us against a 1.0 us empty call): under 1% of a QD1 request, left as it is.
+
+Two queues (2026-12-06 22:17-22:24 UTC, load 0.2 -> 1.5; one VM run of `--queues 1 --numjobs 1`
+and `--queues 2 --numjobs 2` alternated 1 2 2 1 twice, one round each; each queue pinned to its
+blk-mq CPU, as ublksrv pins its own). Scaling is the two-queue rate over the one-queue rate,
+as the median of the 4 pairs:
+
+| job | loop | ublksrv-loop | raw | ublksrv-null | null | raw / ublksrv-loop, 2 queues | null / ublksrv-null, 2 queues |
+|---|---:|---:|---:|---:|---:|---:|---:|
+| 4k randread QD32 | 0.99 | 1.62 | 1.06 | 0.69 | 0.74 | **0.70** | 1.04 |
+| 4k randwrite QD32 | 0.98 | 0.63 | 1.03 | 0.40 | 0.40 | 3.10 | 1.01 |
+| 1M seq write QD8 | 1.01 | 1.10 | 1.29 | 1.45 | 1.70 | 1.01 | 0.99 |
+
+- The two vCPUs are full at two queues: the null targets of both servers lose rate, and in a
+  diagnosis run (22:29 UTC, raw, 4k randread QD32, per-thread schedstat) each of our two
+  queue threads ran 1.45-1.50 s of a 3 s fio run and waited 1.35 s runnable, and slept
+  only about 600 times a second. The GIL does not cap this: the compiled loop serves raw
+  and null without it and hardly returns to Python. So one process per queue would not help
+  here.
+- One cell is behind, raw 4k randread QD32 at two queues: 0.70x ublksrv-loop (pairs
+  0.63-0.75), and 0.77x in a follow-up run (22:31 UTC, 127 against 165 MB/s). ublksrv's
+  system time per read fell from 54 to 38 us going to two queues, and ours rose from 49 to
+  55 us (user 15, idle 13 against its 10 and 9). Why is not found yet: a kernel-side profile
+  of the two servers (perf is not in this guest) is the next step.
 
 Earlier runs, condensed (docs history): 2026-12-03 full run (load 1.5 -> 6.0): raw/ublksrv-loop
 worst 0.63 (4k randwrite QD32), null/ublksrv-null worst 0.42 (1M seq read: our null zeroed
