@@ -409,8 +409,9 @@ nanosecond-exact; strace -c on the server):
   ctypes, so without the GIL, it waits in io_uring_enter, copies the SQE templates and queues
   the commits for linked raw READ/WRITE and every null request, and returns to the Python loop
   only for what needs it (inline backends such as qcow2 and mem, failed or short I/O, aborts,
-  refused commits, NEED_GET_DATA), on its 1 s timeout, or every 256 requests when metrics are
-  on (so C-served requests reach the metrics within a second). In one diagnosis run: null QD1
+  refused commits, NEED_GET_DATA), on its 1 s timeout, or every 250 ms when metrics are on
+  (so C-served requests reach the metrics; every 256 requests before 2026-12-06, see the two
+  queues below). In one diagnosis run: null QD1
   420 IOPS with it, 107 without (queue thread 1422 us against 6566 us of CPU per request).
   `VDISK_UBLK_FASTPATH=0`, or no compiler, keeps the pure-Python loop, with the same outcome.
 - Buffered WRITEs (2026-12-04): Linux 6.1 punts every buffered WRITE through io_uring to an
@@ -461,8 +462,19 @@ as the median of the 4 pairs:
 - One cell is behind, raw 4k randread QD32 at two queues: 0.70x ublksrv-loop (pairs
   0.63-0.75), and 0.77x in a follow-up run (22:31 UTC, 127 against 165 MB/s). ublksrv's
   system time per read fell from 54 to 38 us going to two queues, and ours rose from 49 to
-  55 us (user 15, idle 13 against its 10 and 9). Why is not found yet: a kernel-side profile
-  of the two servers (perf is not in this guest) is the next step.
+  55 us (user 15, idle 13 against its 10 and 9).
+- A kernel-side profile of the two servers (`perf record -a -e cpu-clock` in the guest, 3 s
+  of the same fio job each, 22:44 UTC) found 1.1% of the samples in
+  `_PyEval_EvalFrameDefault`, 1.3% in `__vdso_clock_gettime` and 6.0% in
+  `finish_task_switch` for us, against 3.0% for ublksrv (26.3k against 38.4k IOPS). So
+  Python still ran, and threads switched often. With metrics on, the compiled loop came back
+  to Python every 256 requests, which is over a hundred times a second per queue, and the two
+  queues then took turns at the GIL. It now comes back every 250 ms. One VM run, old and new
+  code alternated (old new new old twice, 22:46-22:51 UTC, load ~1.3): raw 4k randread QD32
+  at two queues went from 102-132 to 111-143 MB/s (median pair 1.11x), and raw /
+  ublksrv-loop from 0.78 to 0.87 (ublksrv-loop itself 124-184 MB/s in that run). At 4k
+  randwrite QD32 raw / ublksrv-loop went from 2.60 to 2.92, and the null rows stayed at
+  0.97-1.03. So that cell is still short of 0.9x, at 0.87x.
 
 Earlier runs, condensed (docs history): 2026-12-03 full run (load 1.5 -> 6.0): raw/ublksrv-loop
 worst 0.63 (4k randwrite QD32), null/ublksrv-null worst 0.42 (1M seq read: our null zeroed

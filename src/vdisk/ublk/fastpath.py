@@ -37,6 +37,8 @@ SOURCE = Path(__file__).with_name("fastloop.c")
 NOPS = 8
 FL_TIMEOUT, FL_TIMING, FL_NULL = 1, 2, 4
 _CQE = struct.Struct("<QiI")
+#: with metrics on, the compiled loop returns to Python this often while it serves
+REPORT_NS = 250_000_000
 #: with host extents, the compiled loop returns to Python at least every this many requests
 EXTENT_RENEW_REQUESTS = 4096
 #: a READ/WRITE the kernel would punt of this many bytes and more goes to its io-wq worker
@@ -99,6 +101,7 @@ class _State(ctypes.Structure):
         ("ring_tpl", ctypes.c_void_p * 2),
         ("ring_min_len", ctypes.c_uint32),
         ("ring_ios", ctypes.c_uint64),
+        ("report_ns", ctypes.c_uint64),
     ]
 
 
@@ -188,7 +191,7 @@ class FastLoop:
         self._out = ctypes.create_string_buffer(16 * ring.cq_entries)
         s.out = ctypes.addressof(self._out)
         self._out_view = memoryview(self._out).cast("B")
-        s.max_requests = 256 if timing else 0
+        s.report_ns = REPORT_NS if timing else 0
         s.timeout_ns = int(timeout * 1e9)
         s.inline_fd = -1
         self.state = s
