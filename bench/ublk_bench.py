@@ -464,13 +464,13 @@ as the median of the 4 pairs:
   system time per read fell from 54 to 38 us going to two queues, and ours rose from 49 to
   55 us (user 15, idle 13 against its 10 and 9).
 - A kernel-side profile of the two servers (`perf record -a -e cpu-clock` in the guest, 3 s
-  of the same fio job each, 22:44 UTC) found 1.1% of the samples in
+  of the same fio job each, 22:45 UTC) found 1.1% of the samples in
   `_PyEval_EvalFrameDefault`, 1.3% in `__vdso_clock_gettime` and 6.0% in
   `finish_task_switch` for us, against 3.0% for ublksrv (26.3k against 38.4k IOPS). So
   Python still ran, and threads switched often. With metrics on, the compiled loop came back
   to Python every 256 requests, which is over a hundred times a second per queue, and the two
   queues then took turns at the GIL. It now comes back every 250 ms. One VM run, old and new
-  code alternated (old new new old twice, 22:46-22:51 UTC, load ~1.3): raw 4k randread QD32
+  code alternated (old new new old twice, 22:46-22:51 UTC): raw 4k randread QD32
   at two queues went from 102-132 to 111-143 MB/s (median pair 1.11x), and raw /
   ublksrv-loop from 0.78 to 0.87 (ublksrv-loop itself 124-184 MB/s in that run). At 4k
   randwrite QD32 raw / ublksrv-loop went from 2.60 to 2.92, and the null rows stayed at
