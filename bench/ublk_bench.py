@@ -456,9 +456,9 @@ as the median of the 4 pairs:
 - The two vCPUs are full at two queues: the null targets of both servers lose rate, and in a
   diagnosis run (22:29 UTC, raw, 4k randread QD32, per-thread schedstat) each of our two
   queue threads ran 1.45-1.50 s of a 3 s fio run and waited 1.35 s runnable, and slept
-  only about 600 times a second. The GIL does not cap this: the compiled loop serves raw
-  and null without it and hardly returns to Python. So one process per queue would not help
-  here.
+  only about 600 times a second. The GIL is not what caps the rate: the compiled loop serves
+  raw and null without it, and one process per queue would add no CPU time. It did come back
+  to Python more often than it needed to, though (below).
 - One cell is behind, raw 4k randread QD32 at two queues: 0.70x ublksrv-loop (pairs
   0.63-0.75), and 0.77x in a follow-up run (22:31 UTC, 127 against 165 MB/s). ublksrv's
   system time per read fell from 54 to 38 us going to two queues, and ours rose from 49 to
