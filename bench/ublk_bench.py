@@ -433,8 +433,10 @@ nanosecond-exact; strace -c on the server):
   where 4k randwrite QD32 is 1.95x ublksrv's. One VM run, the two settings alternated
   (`VDISK_UBLK_RING_MIN_LEN=0` against the default, 0 N N 0 twice, 21:51-21:56 UTC, load
   0.2-0.7): raw 1M seq write QD8 rose from 379-444 to 476-505 MB/s (median of the 4 pairwise
-  ratios 1.14x), and the guest's idle time per I/O fell from 2900 to 1810 us. The full run
-  above, after the change, has the row at 1.15x.
+  ratios 1.14x), and the guest's idle time per I/O fell from 2900 to 1810 us. A full run
+  after it (22:05-22:16 UTC) had the row at 1.15x and every target met (raw worst 0.97x, null
+  worst 0.91x); the table above (23:35-23:45 UTC, also after the 250 ms change below) has it
+  at 1.00x, and raw 4k randread QD1 at 0.90x, just under the bar.
 - Null 4k randread QD1/QD32 (0.79/0.76 in a null-only run on 2026-12-03): in the same VM run
   the guest CPU per I/O was at par (QD1: ours 331/2415/1085 us, ublksrv-null 353/2260/1153),
   and one fio run's rate moved 2-17 MB/s with the host's load, so that gap was run-to-run

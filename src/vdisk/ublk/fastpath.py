@@ -7,7 +7,7 @@ QD1 request spent ~900 us of the queue thread's CPU in Python on top of what ubl
 spends in all (measured with /proc/PID/task/TID/schedstat; see docs/performance.md). The C
 loop serves the requests that need no Python (READ/WRITE linked to their commit on a backing
 file or at a qcow2 host extent; READ/WRITE the kernel would punt to an io-wq worker, with
-pread/pwrite; every request of the null backend) and hands everything else back to the
+pread/pwrite, or the long ones back on the ring unlinked; every request of the null backend) and hands everything else back to the
 queue's Python loop, which stays the one place that knows the rest of the protocol.
 
 ``VDISK_UBLK_FASTPATH=0`` turns it off; so does a missing compiler (``CC``, else ``cc``):
