@@ -76,7 +76,7 @@ def run_qemu_luks(cmd: list[str], cwd: Path | None = None) -> subprocess.Complet
 
     The benchmark times 2^15 iterations by the thread's user CPU time, which moves only on a
     scheduler tick, and fails with "Unable to get accurate CPU usage" when none landed. With
-    SHA-NI the round takes about 2 ms, and sha1 failed 42 of 60 creates on our 250 Hz host.
+    SHA-NI that round is shorter than a tick: sha1 failed 42 of 60 creates on our host.
     Turning off nettle's SHA-NI path (4 of 60 failed) and retrying makes a failure negligible."""
     env = {**os.environ, "NETTLE_FAT_OVERRIDE": "none"}
     for _attempt in range(50):

@@ -154,6 +154,19 @@ static int64_t extent_host(const struct fl_state *s, uint64_t off, uint32_t len,
 	return (int64_t)(host + (off & (((uint64_t)1 << cb) - 1)));
 }
 
+/* Queue tag's READ/WRITE on the backing file: its template with off, len and rw_flags. */
+static void queue_rw(struct fl_state *s, uint32_t tag, const uint8_t *tpl, uint64_t off,
+		     uint32_t len, uint32_t rw_flags, uint32_t *tail)
+{
+	uint8_t *sqe = s->sqes + (size_t)tag * 128;
+	memcpy(sqe, tpl + (size_t)tag * 64, 64);
+	memcpy(sqe + 8, &off, 8);
+	memcpy(sqe + 24, &len, 4);
+	memcpy(sqe + 28, &rw_flags, 4);
+	s->sq_array[*tail & s->sq_mask] = tag * 2;
+	(*tail)++;
+}
+
 static void queue_commit(struct fl_state *s, uint32_t tag, int32_t res, uint32_t *tail)
 {
 	uint8_t *cmd = s->sqes + (size_t)tag * 128 + 64;
@@ -185,29 +198,15 @@ static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *don
 	int inline_op = op <= OP_WRITE && (s->inline_ops & (1u << op));
 	if (inline_op && s->ring_tpl[op] && s->ring_min_len && len >= s->ring_min_len &&
 	    len <= s->buf_size && !s->extents) {
-		uint8_t *sqe = s->sqes + (size_t)tag * 128;
-		uint64_t off = start << 9;
-		uint32_t rw_flags = (op_flags & FUA_FLAG) ? s->rwf_dsync : 0;
-		memcpy(sqe, s->ring_tpl[op] + (size_t)tag * 64, 64);
-		memcpy(sqe + 8, &off, 8);
-		memcpy(sqe + 24, &len, 4);
-		memcpy(sqe + 28, &rw_flags, 4);
-		s->sq_array[*tail & s->sq_mask] = tag * 2;
-		(*tail)++;
+		queue_rw(s, tag, s->ring_tpl[op], start << 9, len,
+			 (op_flags & FUA_FLAG) ? s->rwf_dsync : 0, tail);
 		s->ring_ios++;
 		count(s, op, len, done_ops);
 		return 1; /* committed on its CQE */
 	}
 	if (op <= OP_WRITE && s->linked_tpl[op]) {
-		uint8_t *sqe = s->sqes + (size_t)tag * 128;
-		memcpy(sqe, s->linked_tpl[op] + (size_t)tag * 64, 64);
-		uint64_t off = start << 9;
-		uint32_t rw_flags = (op_flags & FUA_FLAG) ? s->rwf_dsync : 0;
-		memcpy(sqe + 8, &off, 8);
-		memcpy(sqe + 24, &len, 4);
-		memcpy(sqe + 28, &rw_flags, 4);
-		s->sq_array[*tail & s->sq_mask] = tag * 2;
-		(*tail)++;
+		queue_rw(s, tag, s->linked_tpl[op], start << 9, len,
+			 (op_flags & FUA_FLAG) ? s->rwf_dsync : 0, tail);
 		res = (int32_t)len;
 	} else if (op <= OP_WRITE && s->extent_tpl[op] && !(op == OP_WRITE && (op_flags & FUA_FLAG))) {
 		/* A FUA write goes to Python: the image's flush makes the mapping durable too. */
@@ -215,19 +214,11 @@ static int serve(struct fl_state *s, uint32_t tag, uint32_t *tail, uint64_t *don
 					   op == OP_READ ? EXTENT_READABLE : EXTENT_WRITABLE);
 		if (host < 0)
 			return 0;
-		uint8_t *sqe = s->sqes + (size_t)tag * 128;
-		uint64_t off = (uint64_t)host;
-		uint32_t rw_flags = 0;
-		memcpy(sqe, s->extent_tpl[op] + (size_t)tag * 64, 64);
-		memcpy(sqe + 8, &off, 8);
-		memcpy(sqe + 24, &len, 4);
-		memcpy(sqe + 28, &rw_flags, 4);
+		queue_rw(s, tag, s->extent_tpl[op], (uint64_t)host, len, 0, tail);
 		s->tag_epoch[tag] = (uint8_t)s->epoch;
 		s->tag_len[tag] = len;
 		s->inflight[s->epoch]++;
 		s->extent_ios++;
-		s->sq_array[*tail & s->sq_mask] = tag * 2;
-		(*tail)++;
 		res = (int32_t)len;
 	} else if (inline_op && !(op == OP_WRITE && (op_flags & FUA_FLAG))) {
 		uint64_t off = start << 9;
